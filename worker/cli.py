@@ -1,0 +1,289 @@
+"""``ingest-worker`` (= ``python -m worker``): run, migrate, produce, search, dev.
+
+Every setting is an environment variable with an equal ``--flag`` (flags win). Bad
+configuration exits 2 with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from worker import logs
+from worker.errors import ConfigError, DependencyError, WorkerError
+from worker.settings import Settings, describe
+
+log = structlog.get_logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    flags = {name.lower(): getattr(args, name.lower(), None) for name, _, _ in describe()}
+    try:
+        settings = Settings.load(os.environ, flags)
+    except ConfigError as exc:
+        print(f"ingest-worker: error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = args.command
+    try:
+        return _run_async(command(settings, args))
+    except ConfigError as exc:
+        print(f"ingest-worker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings_flags = argparse.ArgumentParser(add_help=False)
+    group = settings_flags.add_argument_group("settings (each also an environment variable)")
+    for name, default, help_text in describe():
+        shown = f" [{default}]" if default else ""
+        group.add_argument(f"--{name.lower().replace('_', '-')}", dest=name.lower(), metavar="VALUE",
+                           help=f"{name}: {help_text}{shown}")
+
+    parser = argparse.ArgumentParser(prog="ingest-worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[settings_flags], help="join the group and ingest until stopped")
+    run.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
+                     help="exit 0 once caught up, committed and idle this long")
+    run.add_argument("--no-migrate", action="store_true", help="do not create the schema at start")
+    run.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    run.set_defaults(command=_cmd_run)
+
+    migrate = commands.add_parser("migrate", parents=[settings_flags], help="create extension, tables, indexes")
+    migrate.set_defaults(command=_cmd_migrate)
+
+    produce = commands.add_parser("produce", parents=[settings_flags], help="publish JSON-lines events")
+    produce.add_argument("file", help="JSON-lines file, or - for standard input")
+    produce.set_defaults(command=_cmd_produce)
+
+    search = commands.add_parser("search", parents=[settings_flags], help="print the chunks nearest a query")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5, help="how many hits [5]")
+    search.set_defaults(command=_cmd_search)
+
+    dev = commands.add_parser("dev", parents=[settings_flags], help="start the embedded stack")
+    dev.add_argument("--partitions", type=int, default=4, help="partitions of the topic it creates [4]")
+    dev.add_argument("--workdir", type=Path, default=Path(".run/dev"), help="where its data lives [.run/dev]")
+    dev.set_defaults(command=_cmd_dev)
+    return parser
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.consume import KafkaSource
+    from worker.dlq import KafkaDeadLetterSink
+    from worker.embed import OpenAIEmbedder
+    from worker.health import HealthServer
+    from worker.kafka import ensure_topic, make_producer
+    from worker.retry import ShuttingDown, backoff, sleep_unless
+    from worker.store import Store
+    from worker.worker import Worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    store = Store(settings)
+    attempt = 0
+    while True:  # a database that is not up yet is waited for, not a crash loop
+        try:
+            if not args.no_migrate:
+                await store.migrate()
+            await store.open()
+            await ensure_topic(settings, settings.dlq_topic, partitions=1)
+            break
+        except (DependencyError, OSError, asyncio.TimeoutError) as exc:
+            attempt += 1
+            log.warning("waiting_for_dependencies", error=str(exc)[:300], attempt=attempt)
+            try:
+                await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
+            except ShuttingDown:
+                return 0
+        except Exception as exc:
+            if type(exc).__module__.startswith("aiokafka"):
+                attempt += 1
+                log.warning("waiting_for_dependencies", error=repr(exc)[:300], attempt=attempt)
+                try:
+                    await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
+                except ShuttingDown:
+                    return 0
+                continue
+            raise
+
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        async with OpenAIEmbedder(settings) as embedder:
+            worker = Worker(
+                source=KafkaSource(settings), store=store, embedder=embedder,
+                dead_letters=KafkaDeadLetterSink(producer, settings), settings=settings,
+                stop_when_idle=args.stop_when_idle,
+            )
+            loop.add_signal_handler(signal.SIGTERM, worker.stop)
+            loop.add_signal_handler(signal.SIGINT, worker.stop)
+            if stop.is_set():
+                return 0
+            health = HealthServer(worker, {"database": store.ping, "embedding": embedder.ping},
+                                  port=settings.health_port)
+            await health.start()
+            log.info("health_listening", port=health.port)
+            side = [asyncio.create_task(_progress(worker), name="progress")] if args.progress else []
+            for task in side:
+                task.add_done_callback(lambda t: _side_task_done(t, worker))
+            try:
+                await worker.run()
+            finally:
+                for task in side:
+                    task.cancel()
+                await asyncio.gather(*side, return_exceptions=True)
+                await health.stop()
+    finally:
+        await producer.stop()
+        await store.close()
+    return 0
+
+
+def _side_task_done(task: asyncio.Task[None], worker: Any) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("side_task_died", task=task.get_name(), error=repr(task.exception()))
+        worker.stop()
+
+
+async def _progress(worker: Any) -> None:
+    from tqdm import tqdm
+
+    with tqdm(desc="ingesting", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+        while True:
+            lag = worker.lag()
+            if lag is not None:
+                bar.total = worker.records_done + lag
+            bar.n = worker.records_done
+            bar.refresh()
+            await asyncio.sleep(0.25)
+
+
+# -- migrate, produce, search -------------------------------------------------------------
+
+
+async def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
+    from worker.store import Store
+
+    try:
+        await Store(settings).migrate()
+    except WorkerError as exc:
+        print(f"ingest-worker: migrate failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema {settings.database_schema} is ready ({settings.vector_type}({settings.embedding_dimensions}))")
+    return 0
+
+
+async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+    from tqdm import tqdm
+
+    from worker.kafka import make_producer
+
+    topic = settings.kafka_topic[0]
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115, ASYNC230
+    total = None if args.file == "-" else sum(1 for _ in open(args.file, "rb"))  # noqa: SIM115, ASYNC230
+    producer = make_producer(settings)
+    await producer.start()
+    sent = 0
+    try:
+        pending = []
+        with stream, tqdm(total=total, desc=f"producing to {topic}", unit="rec", file=sys.stderr) as bar:
+            for number, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    event = orjson.loads(line)
+                    doc_id = event["id"]
+                    if not isinstance(doc_id, str):
+                        raise TypeError
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    print(f"ingest-worker: line {number}: not a JSON object with a string `id`", file=sys.stderr)
+                    return 1
+                pending.append(await producer.send(topic, key=doc_id.encode(), value=orjson.dumps(event)))
+                if len(pending) >= 1000:
+                    await asyncio.gather(*pending)
+                    bar.update(len(pending))
+                    sent += len(pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+            bar.update(len(pending))
+            sent += len(pending)
+    finally:
+        await producer.stop()
+    print(f"published {sent} events to {topic}")
+    return 0
+
+
+async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.embed import OpenAIEmbedder
+    from worker.store import Store
+
+    async with OpenAIEmbedder(settings) as embedder, Store(settings) as store:
+        [vector] = await embedder.embed([args.query])
+        hits = await store.search(vector, args.k)
+    if not hits:
+        print("no chunks stored yet")
+    for rank, hit in enumerate(hits, 1):
+        snippet = " ".join(hit.content.split())[:160]
+        print(f"{rank:2}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n    {snippet}")
+    return 0
+
+
+# -- dev --------------------------------------------------------------------------------------
+
+
+async def _cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dev.stack import embedded_stack
+    from worker.kafka import ensure_topic
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with embedded_stack(args.workdir.resolve()) as stack:
+        env = stack.env()
+        stack_settings = Settings.load(env, {"kafka_topic": ",".join(settings.kafka_topic)})
+        for topic in settings.kafka_topic:
+            await ensure_topic(stack_settings, topic, args.partitions)
+        print("# the embedded stack is up; paste these into another shell, then `ingest-worker run`:")
+        for key, value in env.items():
+            print(f"export {key}='{value}'")
+        print(f"export KAFKA_TOPIC='{','.join(settings.kafka_topic)}'", flush=True)
+        started = time.monotonic()
+        await stop.wait()
+        print(f"# stopping after {time.monotonic() - started:.0f}s", file=sys.stderr)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    return 0

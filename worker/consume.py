@@ -1,0 +1,207 @@
+"""The Kafka side of the worker: group membership, fetching, and offsets.
+
+Offsets are committed only for what is stored: the worker marks a partition's next offset as
+stored after the batch's transaction (and its dead letters) succeeded; ``commit`` sends exactly
+those, and only for partitions still assigned. A commit refused because of a rebalance is
+logged and survived: the partition's new owner re-processes, and idempotent writes make that safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from worker import metrics
+from worker.kafka import client_options
+from worker.settings import Settings
+
+log = structlog.get_logger()
+
+Headers = Sequence[tuple[str, bytes]]
+PartitionsCallback = Callable[[set[TopicPartition]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    size: int = field(default=0, compare=False)
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+class RecordSource(Protocol):
+    """What the Worker needs of Kafka (a fake implements it in unit tests)."""
+
+    def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def fetch(self, timeout: float) -> list[Record]: ...
+    def mark_stored(self, offsets: dict[TopicPartition, int]) -> None: ...
+    async def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None: ...
+    def rewind(self, offsets: dict[TopicPartition, int]) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def caught_up(self) -> bool: ...
+    def lag(self) -> int | None: ...
+
+
+class KafkaSource:
+    def __init__(self, settings: Settings, *, stop_timeout: float = 10.0) -> None:
+        self._settings = settings
+        self._stop_timeout = stop_timeout
+        # A revoke waits for the in-flight batch for up to the grace period: the group must wait longer.
+        rebalance_ms = int(max(60_000, 2_000 * settings.shutdown_grace_seconds + 10_000))
+        self._consumer = AIOKafkaConsumer(
+            **client_options(settings),
+            group_id=settings.kafka_group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=settings.kafka_max_poll_records,
+            max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
+            fetch_max_bytes=max(settings.kafka_max_partition_fetch_bytes * 4, 16 * 1_048_576),
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 10),
+            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            rebalance_timeout_ms=rebalance_ms,
+        )
+        self._stored: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._revoked: PartitionsCallback | None = None
+        self._assigned: PartitionsCallback | None = None
+
+    def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
+        self._revoked, self._assigned = revoked, assigned
+
+    async def start(self) -> None:
+        self._consumer.subscribe(list(self._settings.kafka_topic), listener=_Listener(self))
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        """Leave the group; bounded, since a dead broker must not hold shutdown forever."""
+        try:
+            await asyncio.wait_for(self._consumer.stop(), self._stop_timeout)
+        except TimeoutError:
+            log.warning("consumer_stop_timeout", seconds=self._stop_timeout)
+
+    async def fetch(self, timeout: float) -> list[Record]:
+        batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
+        return [
+            Record(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()),
+                   (len(m.key) if m.key else 0) + (len(m.value) if m.value else 0))
+            for messages in batches.values()
+            for m in messages
+        ]
+
+    def mark_stored(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            if offset > self._stored.get(tp, -1):
+                self._stored[tp] = offset
+
+    async def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        assigned = self.assignment()
+        wanted = assigned if partitions is None else set(partitions) & assigned
+        offsets = {
+            tp: offset for tp, offset in self._stored.items()
+            if tp in wanted and offset > self._committed.get(tp, -1)
+        }
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            metrics.COMMIT_FAILURES.inc()
+            log.warning("commit_refused", reason=type(exc).__name__, partitions=len(offsets))
+            return
+        except KafkaError as exc:
+            metrics.COMMIT_FAILURES.inc()
+            log.warning("commit_failed", reason=repr(exc)[:300], partitions=len(offsets))
+            return
+        self._committed.update(offsets)
+        self._update_lag()
+
+    def rewind(self, offsets: dict[TopicPartition, int]) -> None:
+        assigned = self.assignment()
+        for tp, offset in offsets.items():
+            if tp in assigned:
+                self._consumer.seek(tp, offset)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    def caught_up(self) -> bool:
+        """Every assigned partition's committed offset has reached its high watermark."""
+        assigned = self.assignment()
+        if not assigned:
+            return False
+        for tp in assigned:
+            highwater = self._consumer.highwater(tp)
+            if highwater is None or self._committed.get(tp, 0) < highwater:
+                return False
+        return True
+
+    def lag(self) -> int | None:
+        total = 0
+        for tp in self.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                return None
+            total += max(0, highwater - self._committed.get(tp, 0))
+        return total
+
+    def _update_lag(self) -> None:
+        for tp in self.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - self._committed.get(tp, 0))
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+    async def _partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            with contextlib.suppress(KafkaError):
+                committed = await self._consumer.committed(tp)
+                if committed is not None:
+                    self._committed[tp] = committed
+                    self._stored[tp] = max(self._stored.get(tp, -1), committed)
+        metrics.ASSIGNED_PARTITIONS.set(len(self.assignment()))
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        if self._assigned is not None:
+            await self._assigned(assigned)
+
+    async def _partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self._revoked is not None:
+            await self._revoked(revoked)
+        await self.commit(revoked)
+        for tp in revoked:
+            self._stored.pop(tp, None)
+            self._committed.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
+
+    @property
+    def consumer(self) -> Any:
+        return self._consumer
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._source._partitions_revoked(set(revoked))  # noqa: SLF001
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._source._partitions_assigned(set(assigned))  # noqa: SLF001

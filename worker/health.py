@@ -1,0 +1,76 @@
+"""``GET /healthz`` (the loop is alive), ``/readyz`` (partitions assigned, dependencies answer), ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from worker import metrics
+
+Check = Callable[[], Awaitable[None]]
+
+LOOP_STALL_SECONDS = 120.0
+
+
+class Watched(Protocol):
+    heartbeat: float
+    last_error: str | None
+
+    def assignment(self) -> set[object]: ...
+
+
+class HealthServer:
+    def __init__(self, worker: Watched, checks: dict[str, Check], *, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104
+        self._worker = worker
+        self._checks = checks
+        self._host, self._port = host, port
+        self._runner: web.AppRunner | None = None
+        self.port = port
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._app = app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the only way to learn the port picked for 0
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        stalled = time.monotonic() - self._worker.heartbeat
+        if stalled > LOOP_STALL_SECONDS:
+            return web.json_response({"status": "stalled", "seconds": round(stalled, 1)}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        failures: dict[str, str] = {}
+        results = await asyncio.gather(
+            *(asyncio.wait_for(check(), 3.0) for check in self._checks.values()), return_exceptions=True
+        )
+        for name, result in zip(self._checks, results, strict=True):
+            if isinstance(result, BaseException):
+                failures[name] = f"{type(result).__name__}: {str(result)[:200]}"
+        partitions = len(self._worker.assignment())
+        if partitions == 0:
+            failures["partitions"] = "none assigned"
+        ready = not failures
+        metrics.READY.set(1 if ready else 0)
+        body = {"ready": ready, "partitions": partitions, "failing": failures, "last_error": self._worker.last_error}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,47 @@
+"""structlog set up once: one JSON object per line on stdout, context from contextvars."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import orjson
+import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(level: str = "info", *, stream: object = None) -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.BytesLoggerFactory(stream or sys.stdout.buffer),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    # aiokafka and asyncpg log through the standard library: keep their warnings, as JSON lines too.
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.WARNING)
+
+
+class _ToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log = structlog.get_logger()
+        log.log(record.levelno, "library_log", logger=record.name, message=record.getMessage()[:2000])
+
+
+def trace_id_from(headers: object) -> str | None:
+    """The trace id of a W3C ``traceparent`` header (version-traceid-parentid-flags), if any."""
+    for key, value in headers or ():  # type: ignore[attr-defined]
+        if key == "traceparent" and value:
+            parts = bytes(value).decode("ascii", "replace").split("-")
+            if len(parts) == 4 and len(parts[1]) == 32:
+                return parts[1]
+    return None

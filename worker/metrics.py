@@ -1,0 +1,31 @@
+"""Prometheus metrics, served on ``HEALTH_PORT`` at ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS: Final = Counter(
+    "ingest_records", "Records finished, by outcome (stored, stale, dead_lettered)", ["topic", "outcome"]
+)
+DOCUMENTS_WRITTEN: Final = Counter("ingest_documents_written", "Document events applied", ["op"])
+CHUNKS_WRITTEN: Final = Counter("ingest_chunks_written", "Chunk rows written")
+EMBEDDING_REQUESTS: Final = Counter("ingest_embedding_requests", "Embedding requests by HTTP status", ["status"])
+EMBEDDING_INPUTS: Final = Counter("ingest_embedding_inputs", "Texts embedded")
+EMBEDDING_SECONDS: Final = Histogram(
+    "ingest_embedding_request_seconds",
+    "Embedding request latency",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BATCH_SECONDS: Final = Histogram(
+    "ingest_batch_seconds",
+    "Time from fetch to stored for one batch",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+DEAD_LETTERS: Final = Counter("ingest_dead_letters", "Records sent to the dead-letter topic", ["stage"])
+CONSUMER_LAG: Final = Gauge("ingest_consumer_lag", "High watermark minus committed offset", ["topic", "partition"])
+ASSIGNED_PARTITIONS: Final = Gauge("ingest_assigned_partitions", "Partitions this worker owns")
+COMMIT_FAILURES: Final = Counter("ingest_commit_failures", "Offset commits refused (rebalance) or failed")
+RETRIES: Final = Counter("ingest_retries", "Retried attempts, by dependency", ["dependency"])
+READY: Final = Gauge("ingest_ready", "1 when partitions are assigned and dependencies answer")

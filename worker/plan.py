@@ -1,0 +1,59 @@
+"""Which event of a batch wins for each document, given what is stored. Pure: no I/O.
+
+The CONTRACT's rule, applied as if every event arrived one by one in partition order: an event
+whose version is lower than the stored one changes nothing, nor does an equal version over a
+deleted document (so a late redelivery cannot bring a deleted document back); an event without
+a version applies and keeps the stored version. Only each document's last applying event is
+written, so Postgres touches each row once per batch and no superseded version is embedded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from worker.decode import DocumentEvent
+
+
+@dataclass(frozen=True, slots=True)
+class DocState:
+    version: int | None
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The winning event for one document and the state it leaves behind."""
+
+    event: DocumentEvent
+    before: DocState | None
+    after: DocState
+
+
+def apply(state: DocState | None, event: DocumentEvent) -> DocState | None:
+    """The state after ``event``, or None when the event changes nothing."""
+    if state is not None and state.version is not None and event.version is not None:
+        if event.version < state.version:
+            return None
+        if event.version == state.version and state.deleted:
+            return None
+    version = event.version if event.version is not None else (state.version if state else None)
+    return DocState(version, deleted=event.op == "delete")
+
+
+def plan(events: Iterable[DocumentEvent], stored: Mapping[str, DocState]) -> list[Change]:
+    """Fold ``events`` (in partition order) over ``stored``; one Change per changed document, by id."""
+    state: dict[str, DocState | None] = {}
+    winner: dict[str, DocumentEvent] = {}
+    for event in events:
+        current = state[event.doc_id] if event.doc_id in state else stored.get(event.doc_id)
+        after = apply(current, event)
+        if after is not None:
+            state[event.doc_id] = after
+            winner[event.doc_id] = event
+    changes = []
+    for doc_id in sorted(winner):
+        after = state[doc_id]
+        assert after is not None
+        changes.append(Change(winner[doc_id], stored.get(doc_id), after))
+    return changes

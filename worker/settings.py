@@ -1,0 +1,227 @@
+"""Every setting, read once from the environment and the command line into a frozen object.
+
+No other module reads ``os.environ``. Each field's environment variable is its upper-case
+name; its flag is the same name in kebab case (``KAFKA_TOPIC`` <-> ``--kafka-topic``), and
+flags win. A bad value raises :class:`~worker.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from worker.errors import ConfigError
+
+IDENTIFIER: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS: Final = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+VECTOR_TYPES: Final = {"vector": 2000, "halfvec": 4000}  # type -> most dimensions HNSW can index
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def _setting(default: Any, help: str, **bounds: Any) -> Any:
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    # Kafka
+    kafka_bootstrap_servers: str = _setting("127.0.0.1:9092", "comma-separated host:port list")
+    kafka_topic: tuple[str, ...] = _setting(("documents",), "topic(s) to consume; comma list")
+    kafka_group_id: str = _setting("embedding-ingest", "consumer group id")
+    kafka_dlq_topic: str = _setting("", "dead-letter topic [<first topic>.dlq]")
+    kafka_security_protocol: str = _setting("PLAINTEXT", "/".join(SECURITY_PROTOCOLS))
+    kafka_sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_sasl_username: str = _setting("", "SASL user name")
+    kafka_sasl_password: Secret = _setting(Secret(""), "SASL password")
+    kafka_ssl_cafile: str = _setting("", "CA bundle for SSL/SASL_SSL (system default if empty)")
+    kafka_producer_idempotence: bool = _setting(True, "idempotent dead-letter/produce producer")
+    kafka_max_poll_records: int = _setting(500, "records fetched per poll", low=1, high=100_000)
+    kafka_max_partition_fetch_bytes: int = _setting(
+        1_048_576, "fetch size per partition", low=1024, high=1 << 30
+    )
+    kafka_session_timeout_ms: int = _setting(45_000, "group session timeout", low=1000, high=3_600_000)
+    kafka_max_poll_interval_ms: int = _setting(
+        300_000, "longest a batch may take before the group evicts us", low=1000, high=86_400_000
+    )
+    # PostgreSQL
+    database_url: Secret = _setting(
+        Secret("postgresql://postgres@127.0.0.1:5432/postgres"), "libpq URL (sslmode honoured)"
+    )
+    database_schema: str = _setting("public", "schema of the documents and chunks tables")
+    database_pool_size: int = _setting(4, "asyncpg pool size", low=1, high=1000)
+    database_statement_cache_size: int = _setting(
+        100, "prepared statements cached per connection; 0 behind pgbouncer", low=0, high=100_000
+    )
+    vector_type: str = _setting("vector", "pgvector column type: vector or halfvec")
+    # Embedding API
+    embedding_url: str = _setting("http://127.0.0.1:8000/v1", "base URL of an OpenAI-compatible API")
+    embedding_model: str = _setting("text-embedding-3-small", "model name sent with each request")
+    embedding_dimensions: int = _setting(1536, "vector dimensions", low=1, high=16_000)
+    embedding_send_dimensions: bool = _setting(True, "send `dimensions` in requests")
+    embedding_api_key: Secret = _setting(Secret(""), "bearer token")
+    embedding_api_key_file: str = _setting("", "file holding the bearer token")
+    embedding_batch_size: int = _setting(64, "inputs per embedding request", low=1, high=2048)
+    embedding_concurrency: int = _setting(4, "embedding requests in flight", low=1, high=1024)
+    embedding_timeout: float = _setting(60.0, "seconds per embedding request", low=0.1, high=3600)
+    embedding_encoding: str = _setting("base64", "encoding_format asked for: base64 or float")
+    # Chunking and limits
+    chunk_size: int = _setting(1000, "characters per chunk", low=16, high=1_000_000)
+    chunk_overlap: int = _setting(100, "characters shared by neighbouring chunks", low=0, high=1_000_000)
+    max_text_bytes: int = _setting(1_048_576, "largest document text accepted", low=1, high=1 << 30)
+    # Operations
+    health_port: int = _setting(8080, "HTTP port for /healthz /readyz /metrics; 0 picks one", low=0, high=65535)
+    log_level: str = _setting("info", "debug, info, warning or error")
+    shutdown_grace_seconds: float = _setting(30.0, "time to finish in-flight work on stop", low=0, high=3600)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, message: str) -> ConfigError:
+            return ConfigError(name.upper(), message)
+
+        if not self.kafka_bootstrap_servers.strip():
+            raise bad("kafka_bootstrap_servers", "must not be empty")
+        if not self.kafka_topic or any(not t for t in self.kafka_topic):
+            raise bad("kafka_topic", "must name at least one topic")
+        if not self.kafka_group_id:
+            raise bad("kafka_group_id", "must not be empty")
+        if self.kafka_dlq_topic in self.kafka_topic:
+            raise bad("kafka_dlq_topic", "must differ from the consumed topic")
+        if self.kafka_security_protocol not in SECURITY_PROTOCOLS:
+            raise bad("kafka_security_protocol", f"must be one of {', '.join(SECURITY_PROTOCOLS)}")
+        if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise bad("kafka_sasl_mechanism", f"is required with {self.kafka_security_protocol}")
+        url = urllib.parse.urlsplit(self.database_url.reveal())
+        if url.scheme not in ("postgres", "postgresql"):
+            raise bad("database_url", "must be a postgresql:// URL")
+        if not IDENTIFIER.match(self.database_schema):
+            raise bad("database_schema", "must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        if self.vector_type not in VECTOR_TYPES:
+            raise bad("vector_type", "must be vector or halfvec")
+        if self.embedding_dimensions > VECTOR_TYPES[self.vector_type]:
+            raise bad(
+                "embedding_dimensions",
+                f"{self.embedding_dimensions} is more than an HNSW index on {self.vector_type} takes "
+                f"({VECTOR_TYPES[self.vector_type]}); use VECTOR_TYPE=halfvec (up to 4000)",
+            )
+        emb = urllib.parse.urlsplit(self.embedding_url)
+        if emb.scheme not in ("http", "https") or not emb.netloc:
+            raise bad("embedding_url", "must be an http:// or https:// URL")
+        if not self.embedding_model:
+            raise bad("embedding_model", "must not be empty")
+        if self.embedding_encoding not in ("base64", "float"):
+            raise bad("embedding_encoding", "must be base64 or float")
+        if self.chunk_overlap >= self.chunk_size // 2:
+            raise bad("chunk_overlap", f"must be less than half of CHUNK_SIZE ({self.chunk_size})")
+        if self.log_level not in LOG_LEVELS:
+            raise bad("log_level", "must be debug, info, warning or error")
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.kafka_dlq_topic or f"{self.kafka_topic[0]}.dlq"
+
+    @property
+    def api_key(self) -> str:
+        return self.embedding_api_key.reveal()
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> Settings:
+        """Build settings from environment variables overlaid with command-line flags.
+
+        ``flags`` maps field names to the raw strings given on the command line (None: not given).
+        """
+        raw: dict[str, str] = {}
+        for f in dataclasses.fields(cls):
+            value = (flags or {}).get(f.name)
+            if value is None:
+                value = environ.get(f.name.upper())
+            if value is not None:
+                raw[f.name] = value
+        values = {name: _parse(name, text) for name, text in raw.items()}
+        key_file = values.get("embedding_api_key_file")
+        if key_file:
+            try:
+                values["embedding_api_key"] = Secret(Path(key_file).read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ConfigError("EMBEDDING_API_KEY_FILE", f"cannot read {key_file}: {exc.strerror}") from exc
+        return cls(**values)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(VARIABLE, default, help) for every setting: the CLI's flags and the README's table."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            shown = ",".join(default)
+        elif isinstance(default, Secret):
+            shown = "" if f.name != "database_url" else default.reveal()
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        else:
+            shown = str(default)
+        rows.append((f.name.upper(), shown, f.metadata["help"]))
+    return rows
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(name: str, text: str) -> Any:
+    f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    env = name.upper()
+    kind = f.type
+    text = text.strip()
+    if kind == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(env, f"must be true or false, got {text!r}")
+    if kind in ("int", "float"):
+        try:
+            number: int | float = int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise ConfigError(env, f"must be a{'n integer' if kind == 'int' else ' number'}, got {text!r}") from None
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if low is not None and not low <= number <= high:
+            raise ConfigError(env, f"must be between {low} and {high}, got {text}")
+        return number
+    if kind == "Secret":
+        return Secret(text)
+    if kind == "tuple[str, ...]":
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text

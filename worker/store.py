@@ -1,0 +1,302 @@
+"""PostgreSQL with pgvector: schema, the batch write, search. All SQL lives here.
+
+A batch is written in one transaction: lock the batch's document rows in key order, check
+that nothing changed since the batch was planned, upsert the documents, replace their chunks
+(binary COPY). Rows are always touched in key order so concurrent workers cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+import orjson
+from pgvector.asyncpg import register_vector
+
+from worker.chunk import Chunk
+from worker.embed import Vector
+from worker.errors import ConfigError, DatabaseUnavailable, StaleRead, StoreRejected
+from worker.plan import Change, DocState
+from worker.settings import Settings
+
+MIGRATION_LOCK: Final = 0x656D6265  # pg_advisory_xact_lock key: concurrent `migrate`s queue up
+
+SCHEMA_SQL: Final = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.documents (
+    id              text PRIMARY KEY,
+    version         bigint,
+    deleted         boolean NOT NULL DEFAULT false,
+    metadata        jsonb,
+    tenant          text,
+    chunk_count     integer NOT NULL DEFAULT 0,
+    content_sha256  bytea,
+    source_topic    text,
+    source_partition integer,
+    source_offset   bigint,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {schema}.chunks (
+    doc_id          text NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
+    chunk_index     integer NOT NULL,
+    content         text NOT NULL,
+    embedding       {vector_type}({dimensions}) NOT NULL,
+    char_start      integer NOT NULL,
+    char_end        integer NOT NULL,
+    model           text NOT NULL,
+    content_sha256  bytea NOT NULL,
+    PRIMARY KEY (doc_id, chunk_index)
+);
+CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted;
+"""
+HNSW_INDEX_SQL: Final = """
+CREATE INDEX IF NOT EXISTS chunks_embedding_hnsw_idx
+    ON {schema}.chunks USING hnsw (embedding {vector_type}_cosine_ops)
+"""
+EMBEDDING_TYPE_SQL: Final = """
+SELECT format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdropped
+"""
+EXTENSION_SCHEMA_SQL: Final = """
+SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'
+"""
+READ_STATES_SQL: Final = "SELECT id, version, deleted FROM {schema}.documents WHERE id = ANY($1::text[])"
+LOCK_STATES_SQL: Final = READ_STATES_SQL + " ORDER BY id FOR UPDATE"
+UPSERT_DOCUMENTS_SQL: Final = """
+INSERT INTO {schema}.documents AS d (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
+                                     source_topic, source_partition, source_offset, updated_at)
+SELECT u.id, u.version, u.deleted, u.metadata::jsonb, u.tenant, u.chunk_count, u.content_sha256,
+       u.source_topic, u.source_partition, u.source_offset, now()
+FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::text[], $5::text[], $6::integer[], $7::bytea[],
+            $8::text[], $9::integer[], $10::bigint[])
+     AS u (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
+           source_topic, source_partition, source_offset)
+ON CONFLICT (id) DO UPDATE SET
+    version = EXCLUDED.version, deleted = EXCLUDED.deleted, metadata = EXCLUDED.metadata,
+    tenant = EXCLUDED.tenant, chunk_count = EXCLUDED.chunk_count, content_sha256 = EXCLUDED.content_sha256,
+    source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
+    source_offset = EXCLUDED.source_offset, updated_at = now()
+"""
+DELETE_CHUNKS_SQL: Final = "DELETE FROM {schema}.chunks WHERE doc_id = ANY($1::text[])"
+CHUNK_COLUMNS: Final = (
+    "doc_id", "chunk_index", "content", "embedding", "char_start", "char_end", "model", "content_sha256"
+)
+SEARCH_SQL: Final = """
+SELECT c.doc_id, c.chunk_index, c.content, 1 - (c.embedding <=> $1) AS score
+FROM {schema}.chunks c
+ORDER BY c.embedding <=> $1
+LIMIT $2
+"""
+
+# Errors that say "the database is not there right now", as opposed to "it refuses this data".
+_OUTAGE_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.QueryCanceledError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentWrite:
+    """One document's change with its chunks and their embeddings, ready to store."""
+
+    change: Change
+    source: Source
+    chunks: Sequence[Chunk]
+    embeddings: Sequence[Vector]
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    doc_id: str
+    chunk_index: int
+    content: str
+    score: float
+
+
+def sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+class Store:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._schema = _quote(settings.database_schema)
+        self._pool: asyncpg.Pool | None = None
+        self._vector_schema = "public"
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        try:
+            self._vector_schema = await self._extension_schema()
+            self._pool = await asyncpg.create_pool(
+                self._settings.database_url.reveal(),
+                min_size=1,
+                max_size=self._settings.database_pool_size,
+                statement_cache_size=self._settings.database_statement_cache_size,
+                init=self._init_connection,
+                command_timeout=120,
+            )
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        await register_vector(conn, schema=self._vector_schema)
+
+    async def _extension_schema(self) -> str:
+        conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+        try:
+            schema = await conn.fetchval(EXTENSION_SCHEMA_SQL)
+        finally:
+            await conn.close()
+        if schema is None:
+            raise ConfigError("DATABASE_URL", "the pgvector extension is not installed there; run `migrate`")
+        return str(schema)
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def migrate(self, *, ann_index: bool = True) -> None:
+        """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently."""
+        s = self._settings
+        sql = SCHEMA_SQL.format(schema=self._schema, vector_type=s.vector_type, dimensions=s.embedding_dimensions)
+        try:
+            conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await conn.execute(sql)
+                existing = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
+                wanted = f"{s.vector_type}({s.embedding_dimensions})"
+                if existing != wanted:
+                    raise ConfigError(
+                        "EMBEDDING_DIMENSIONS",
+                        f"the existing {s.database_schema}.chunks.embedding column is {existing}, "
+                        f"not {wanted} (VECTOR_TYPE, EMBEDDING_DIMENSIONS); use another DATABASE_SCHEMA",
+                    )
+                if ann_index:
+                    await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
+        except asyncpg.PostgresError as exc:
+            raise StoreRejected(f"migration failed: {_describe(exc)}") from exc
+        finally:
+            await conn.close()
+
+    # -- the write path -------------------------------------------------------------------
+
+    async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]:
+        """What is stored for these documents (no lock): used to plan a batch before embedding."""
+        rows = await self._fetch(READ_STATES_SQL.format(schema=self._schema), list(doc_ids))
+        return {row["id"]: DocState(row["version"], row["deleted"]) for row in rows}
+
+    async def write(self, writes: Sequence[DocumentWrite]) -> None:
+        """Apply a planned batch in one transaction; StaleRead if a document moved since planning."""
+        if not writes:
+            return
+        writes = sorted(writes, key=lambda w: w.change.event.doc_id)
+        ids = [w.change.event.doc_id for w in writes]
+        model = self._settings.embedding_model
+        chunk_rows = [
+            (w.change.event.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, sha256(c.content))
+            for w in writes
+            if not w.change.after.deleted
+            for c, e in zip(w.chunks, w.embeddings, strict=True)
+        ]
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                locked = await conn.fetch(LOCK_STATES_SQL.format(schema=self._schema), ids)
+                now = {row["id"]: DocState(row["version"], row["deleted"]) for row in locked}
+                moved = [w.change.event.doc_id for w in writes if now.get(w.change.event.doc_id) != w.change.before]
+                if moved:
+                    raise StaleRead(f"{len(moved)} document(s) changed since the batch was planned")
+                await conn.execute(UPSERT_DOCUMENTS_SQL.format(schema=self._schema), *_document_columns(writes))
+                await conn.execute(DELETE_CHUNKS_SQL.format(schema=self._schema), ids)
+                if chunk_rows:
+                    await conn.copy_records_to_table(
+                        "chunks", schema_name=self._settings.database_schema, columns=CHUNK_COLUMNS,
+                        records=chunk_rows,
+                    )
+        except asyncpg.UniqueViolationError as exc:
+            # Another worker inserted one of these documents after our lock read: re-plan.
+            raise StaleRead(_describe(exc)) from exc
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"database write failed: {_describe(exc)}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreRejected(f"database refused the batch: {_describe(exc)}") from exc
+
+    async def search(self, embedding: Vector, k: int) -> list[Hit]:
+        rows = await self._fetch(SEARCH_SQL.format(schema=self._schema), embedding, k)
+        return [Hit(r["doc_id"], r["chunk_index"], r["content"], float(r["score"])) for r in rows]
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        assert self._pool is not None
+        try:
+            return list(await self._pool.fetch(sql, *args))
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"database query failed: {_describe(exc)}") from exc
+
+
+def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(10))
+    for w in writes:
+        event, after = w.change.event, w.change.after
+        live = not after.deleted
+        row = (
+            event.doc_id,
+            after.version,
+            after.deleted,
+            orjson.dumps(event.metadata).decode() if event.metadata is not None and live else None,
+            event.tenant,
+            len(w.chunks) if live else 0,
+            sha256(event.text) if live else None,
+            w.source.topic,
+            w.source.partition,
+            w.source.offset,
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _describe(exc: BaseException) -> str:
+    """An error's class and message, never the connection URL (it may hold a password)."""
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
