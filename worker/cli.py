@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from worker import logs
-from worker.errors import ConfigError, DependencyError, WorkerError
+from worker.errors import ConfigError, WorkerError
 from worker.settings import Settings, describe
 
 log = structlog.get_logger()
@@ -97,97 +97,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.consume import KafkaSource
-    from worker.dlq import KafkaDeadLetterSink
-    from worker.embed import OpenAIEmbedder
-    from worker.health import HealthServer
-    from worker.kafka import ensure_topic, make_producer
-    from worker.retry import ShuttingDown, backoff, sleep_unless
-    from worker.store import Store
-    from worker.worker import Worker
+    from worker.app import serve
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    store = Store(settings)
-    attempt = 0
-    while True:  # a database that is not up yet is waited for, not a crash loop
-        try:
-            if not args.no_migrate:
-                await store.migrate()
-            await store.open()
-            await ensure_topic(settings, settings.dlq_topic, partitions=1)
-            break
-        except (DependencyError, OSError, asyncio.TimeoutError) as exc:
-            attempt += 1
-            log.warning("waiting_for_dependencies", error=str(exc)[:300], attempt=attempt)
-            try:
-                await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
-            except ShuttingDown:
-                return 0
-        except Exception as exc:
-            if type(exc).__module__.startswith("aiokafka"):
-                attempt += 1
-                log.warning("waiting_for_dependencies", error=repr(exc)[:300], attempt=attempt)
-                try:
-                    await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
-                except ShuttingDown:
-                    return 0
-                continue
-            raise
-
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        async with OpenAIEmbedder(settings) as embedder:
-            worker = Worker(
-                source=KafkaSource(settings), store=store, embedder=embedder,
-                dead_letters=KafkaDeadLetterSink(producer, settings), settings=settings,
-                stop_when_idle=args.stop_when_idle,
-            )
-            loop.add_signal_handler(signal.SIGTERM, worker.stop)
-            loop.add_signal_handler(signal.SIGINT, worker.stop)
-            if stop.is_set():
-                return 0
-            health = HealthServer(worker, {"database": store.ping, "embedding": embedder.ping},
-                                  port=settings.health_port)
-            await health.start()
-            log.info("health_listening", port=health.port)
-            side = [asyncio.create_task(_progress(worker), name="progress")] if args.progress else []
-            for task in side:
-                task.add_done_callback(lambda t: _side_task_done(t, worker))
-            try:
-                await worker.run()
-            finally:
-                for task in side:
-                    task.cancel()
-                await asyncio.gather(*side, return_exceptions=True)
-                await health.stop()
-    finally:
-        await producer.stop()
-        await store.close()
+    await serve(settings, stop=stop, stop_when_idle=args.stop_when_idle, migrate=not args.no_migrate,
+                progress=args.progress)
     return 0
-
-
-def _side_task_done(task: asyncio.Task[None], worker: Any) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("side_task_died", task=task.get_name(), error=repr(task.exception()))
-        worker.stop()
-
-
-async def _progress(worker: Any) -> None:
-    from tqdm import tqdm
-
-    with tqdm(desc="ingesting", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
-        while True:
-            lag = worker.lag()
-            if lag is not None:
-                bar.total = worker.records_done + lag
-            bar.n = worker.records_done
-            bar.refresh()
-            await asyncio.sleep(0.25)
 
 
 # -- migrate, produce, search -------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import asyncpg
 import orjson
@@ -132,6 +132,13 @@ class Hit:
     chunk_index: int
     content: str
     score: float
+
+
+class DocumentStore(Protocol):
+    """What the Worker needs of the database (a fake implements it in unit tests)."""
+
+    async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]: ...
+    async def write(self, writes: Sequence[DocumentWrite]) -> None: ...
 
 
 def sha256(text: str) -> bytes:

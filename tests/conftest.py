@@ -1,0 +1,1 @@
+"""Shared by unit and integration tests."""

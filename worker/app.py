@@ -1,0 +1,114 @@
+"""Wire the real parts (Kafka, PostgreSQL, the embedding API, the health server) into a Worker."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+
+import structlog
+from aiokafka.errors import KafkaError
+
+from worker.consume import KafkaSource
+from worker.dlq import KafkaDeadLetterSink
+from worker.embed import OpenAIEmbedder
+from worker.errors import DependencyError
+from worker.health import HealthServer
+from worker.kafka import ensure_topic, make_producer
+from worker.retry import ShuttingDown, backoff, sleep_unless
+from worker.settings import Settings
+from worker.store import Store
+from worker.worker import Worker
+
+log = structlog.get_logger()
+
+
+async def prepare(settings: Settings, store: Store, stop: asyncio.Event, *, migrate: bool) -> None:
+    """Migrate, open the pool, make sure the dead-letter topic exists: waiting out outages, not crashing."""
+    attempt = 0
+    while True:
+        try:
+            if migrate:
+                await store.migrate()
+            await store.open()
+            await ensure_topic(settings, settings.dlq_topic, partitions=1)
+        except (DependencyError, KafkaError, OSError, TimeoutError) as exc:
+            attempt += 1
+            log.warning("waiting_for_dependencies", error_class=type(exc).__name__, error=str(exc)[:300],
+                        attempt=attempt)
+            await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
+        else:
+            return
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    stop_when_idle: float | None = None,
+    migrate: bool = True,
+    progress: bool = False,
+    on_worker: Callable[[Worker], None] | None = None,
+) -> None:
+    """Run a worker until ``stop`` is set (or it is idle, with ``stop_when_idle``)."""
+    store = Store(settings)
+    try:
+        await prepare(settings, store, stop, migrate=migrate)
+    except ShuttingDown:
+        await store.close()
+        return
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        async with OpenAIEmbedder(settings) as embedder:
+            worker = Worker(
+                source=KafkaSource(settings), store=store, embedder=embedder,
+                dead_letters=KafkaDeadLetterSink(producer, settings), settings=settings,
+                stop_when_idle=stop_when_idle,
+            )
+            if on_worker is not None:
+                on_worker(worker)
+            stopper = asyncio.create_task(_stop_on(stop, worker), name="stop-relay")
+            health = HealthServer(worker, {"database": store.ping, "embedding": embedder.ping},
+                                  port=settings.health_port)
+            await health.start()
+            log.info("health_listening", port=health.port)
+            side = [stopper]
+            if progress:
+                side.append(asyncio.create_task(_progress(worker), name="progress"))
+            for task in side:
+                task.add_done_callback(lambda t: _side_task_done(t, worker))
+            try:
+                await worker.run()
+            finally:
+                for task in side:
+                    task.cancel()
+                await asyncio.gather(*side, return_exceptions=True)
+                await health.stop()
+    finally:
+        await producer.stop()
+        await store.close()
+
+
+async def _stop_on(stop: asyncio.Event, worker: Worker) -> None:
+    await stop.wait()
+    worker.stop()
+
+
+def _side_task_done(task: asyncio.Task[None], worker: Worker) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("side_task_died", task=task.get_name(), error=repr(task.exception()))
+        worker.stop()
+
+
+async def _progress(worker: Worker) -> None:
+    from tqdm import tqdm
+
+    with tqdm(desc="ingesting", unit="rec", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+        while True:
+            lag = worker.lag()
+            if lag is not None:
+                bar.total = worker.records_done + lag
+            bar.n = worker.records_done
+            bar.refresh()
+            await asyncio.sleep(0.5)

@@ -1,0 +1,81 @@
+"""``make run``: the whole job on the embedded stack, start to finish, in a few minutes.
+
+Starts the broker, PostgreSQL with pgvector and the local embedding server; creates the topic
+with several partitions; publishes the sample corpus; runs the worker until it is idle with a
+progress bar (its JSON logs go to a file); searches; stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+
+from worker.dev.stack import embedded_stack
+from worker.kafka import ensure_topic
+from worker.settings import Settings
+
+TOPIC = "documents"
+PARTITIONS = 4
+QUERIES = ("how do I parse JSON", "run a coroutine with a timeout", "compress data with gzip")
+
+
+def _say(message: str) -> None:
+    print(f"\n== {message}", flush=True)  # noqa: T201 - the demo talks to a person
+
+
+def _cli(*args: str, env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "worker", *args]
+    return subprocess.run(command, env=env, check=True, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+async def _counts(database_url: str) -> tuple[int, int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        documents = await conn.fetchval("SELECT count(*) FROM documents WHERE NOT deleted")
+        chunks = await conn.fetchval("SELECT count(*) FROM chunks")
+    finally:
+        await conn.close()
+    return int(documents), int(chunks)
+
+
+def main() -> int:
+    workdir = Path(".run/demo").resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
+    _say("starting the embedded stack: Tansu broker, PostgreSQL 18 + pgvector, local embedding server")
+    with embedded_stack(workdir) as stack, resources.as_file(corpus) as corpus_path:
+        env = {**os.environ, **stack.env(), "KAFKA_TOPIC": TOPIC, "HEALTH_PORT": "0"}
+        asyncio.run(ensure_topic(Settings.load(env), TOPIC, PARTITIONS))
+        print(f"   broker {stack.broker.bootstrap}, embeddings {stack.embeddings.url}")  # noqa: T201
+
+        _say(f"publishing the sample corpus to `{TOPIC}` ({PARTITIONS} partitions)")
+        _cli("produce", str(corpus_path), env=env)
+
+        log_path = workdir / "worker.log"
+        _say(f"ingesting until idle (JSON logs: {log_path})")
+        started = time.perf_counter()
+        with open(log_path, "w") as worker_log:
+            _cli("run", "--stop-when-idle", "3", "--progress", env=env, stdout=worker_log)
+        seconds = time.perf_counter() - started
+        documents, chunks = asyncio.run(_counts(stack.postgres.uri))
+        print(f"   stored {documents} documents as {chunks} chunks in {seconds:.1f}s "  # noqa: T201
+              "(including the group join and 3s of idle wait)")
+
+        for query in QUERIES:
+            _say(f'search "{query}"')
+            _cli("search", query, "-k", "3", env=env)
+        _say("stopping the stack")
+    print("done. Point the worker at your own Kafka, Postgres and embedding API: see README.md")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
