@@ -48,46 +48,52 @@ async def serve(
     stop_when_idle: float | None = None,
     migrate: bool = True,
     progress: bool = False,
-    on_worker: Callable[[Worker], None] | None = None,
 ) -> None:
-    """Run a worker until ``stop`` is set (or it is idle, with ``stop_when_idle``)."""
+    """Run a worker until ``stop`` is set (or it is idle, with ``stop_when_idle``).
+
+    The health server comes up first, so that /healthz answers (and /readyz says why not)
+    while the worker waits for a database or broker that is not there yet.
+    """
     store = Store(settings)
-    try:
-        await prepare(settings, store, stop, migrate=migrate)
-    except ShuttingDown:
-        await store.close()
-        return
     producer = make_producer(settings)
-    await producer.start()
-    try:
-        async with OpenAIEmbedder(settings) as embedder:
-            worker = Worker(
-                source=KafkaSource(settings), store=store, embedder=embedder,
-                dead_letters=KafkaDeadLetterSink(producer, settings), settings=settings,
-                stop_when_idle=stop_when_idle,
-            )
-            if on_worker is not None:
-                on_worker(worker)
-            stopper = asyncio.create_task(_stop_on(stop, worker), name="stop-relay")
-            health = HealthServer(worker, {"database": store.ping, "embedding": embedder.ping},
-                                  port=settings.health_port)
-            await health.start()
-            log.info("health_listening", port=health.port)
-            side = [stopper]
-            if progress:
-                side.append(asyncio.create_task(_progress(worker), name="progress"))
+    async with OpenAIEmbedder(settings) as embedder:
+        worker = Worker(
+            source=KafkaSource(settings), store=store, embedder=embedder,
+            dead_letters=KafkaDeadLetterSink(producer, settings), settings=settings,
+            stop_when_idle=stop_when_idle,
+        )
+        health = HealthServer(worker, {"database": store.ping, "embedding": embedder.ping},
+                              port=settings.health_port)
+        await health.start()
+        log.info("health_listening", port=health.port)
+        side = [
+            asyncio.create_task(_stop_on(stop, worker), name="stop-relay"),
+            asyncio.create_task(_watch_readiness(health), name="readiness"),
+        ]
+        if progress:
+            side.append(asyncio.create_task(_progress(worker), name="progress"))
+        for task in side:
+            task.add_done_callback(lambda t: _side_task_done(t, worker))
+        try:
+            await prepare(settings, store, stop, migrate=migrate)
+            await producer.start()
+            await worker.run()
+        except ShuttingDown:
+            pass
+        finally:
             for task in side:
-                task.add_done_callback(lambda t: _side_task_done(t, worker))
-            try:
-                await worker.run()
-            finally:
-                for task in side:
-                    task.cancel()
-                await asyncio.gather(*side, return_exceptions=True)
-                await health.stop()
-    finally:
-        await producer.stop()
-        await store.close()
+                task.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
+            await health.stop()
+            await producer.stop()
+            await store.close()
+
+
+async def _watch_readiness(health: HealthServer, every: float = 10.0) -> None:
+    """Keep the ``ingest_ready`` gauge current even when nothing polls /readyz."""
+    while True:
+        await health.readiness()
+        await asyncio.sleep(every)
 
 
 async def _stop_on(stop: asyncio.Event, worker: Worker) -> None:

@@ -116,6 +116,8 @@ async def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
 
     try:
         await Store(settings).migrate()
+    except ConfigError:
+        raise
     except WorkerError as exc:
         print(f"ingest-worker: migrate failed: {exc}", file=sys.stderr)
         return 1
@@ -125,6 +127,7 @@ async def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
 
 async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
+    from aiokafka.errors import KafkaError
     from tqdm import tqdm
 
     from worker.kafka import make_producer
@@ -133,9 +136,9 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115, ASYNC230
     total = None if args.file == "-" else sum(1 for _ in open(args.file, "rb"))  # noqa: SIM115, ASYNC230
     producer = make_producer(settings)
-    await producer.start()
     sent = 0
     try:
+        await producer.start()
         pending = []
         with stream, tqdm(total=total, desc=f"producing to {topic}", unit="rec", file=sys.stderr) as bar:
             for number, line in enumerate(stream, 1):
@@ -158,6 +161,9 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
             await asyncio.gather(*pending)
             bar.update(len(pending))
             sent += len(pending)
+    except KafkaError as exc:
+        print(f"ingest-worker: cannot publish to {settings.kafka_bootstrap_servers}: {exc}", file=sys.stderr)
+        return 1
     finally:
         await producer.stop()
     print(f"published {sent} events to {topic}")

@@ -57,6 +57,11 @@ class HealthServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
+        body = await self.readiness()
+        return web.json_response(body, status=200 if body["ready"] else 503)
+
+    async def readiness(self) -> dict[str, object]:
+        """Partitions assigned and every dependency answering; also sets the ``ingest_ready`` gauge."""
         failures: dict[str, str] = {}
         results = await asyncio.gather(
             *(asyncio.wait_for(check(), 3.0) for check in self._checks.values()), return_exceptions=True
@@ -69,8 +74,7 @@ class HealthServer:
             failures["partitions"] = "none assigned"
         ready = not failures
         metrics.READY.set(1 if ready else 0)
-        body = {"ready": ready, "partitions": partitions, "failing": failures, "last_error": self._worker.last_error}
-        return web.json_response(body, status=200 if ready else 503)
+        return {"ready": ready, "partitions": partitions, "failing": failures, "last_error": self._worker.last_error}
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -224,4 +224,14 @@ def _parse(name: str, text: str) -> Any:
         return Secret(text)
     if kind == "tuple[str, ...]":
         return tuple(part.strip() for part in text.split(",") if part.strip())
-    return text
+    return _CASE.get(name, lambda value: value)(text)
+
+
+# Enumerated settings are matched without regard to case.
+_CASE = {
+    "kafka_security_protocol": str.upper,
+    "kafka_sasl_mechanism": str.upper,
+    "vector_type": str.lower,
+    "embedding_encoding": str.lower,
+    "log_level": str.lower,
+}

@@ -192,7 +192,7 @@ async def committed_offsets(env: Env, partitions: list[TopicPartition]) -> dict[
         await consumer.stop()
 
 
-async def assert_stored_state(env: Env, expected: dict[str, Expected]) -> None:
+async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolerance: float = 1e-6) -> None:
     """The tables hold exactly CONTRACT's Stored state for ``expected``."""
     conn = await connect(env)
     try:
@@ -224,7 +224,7 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected]) -> None:
                 chunk.content, chunk.char_start, chunk.char_end), doc_id
             covered.update(range(row["char_start"], row["char_end"]))
             stored = np.array(json.loads(row["embedding"]), dtype=np.float32)
-            np.testing.assert_allclose(stored, hash_embedding(row["content"], 384), atol=1e-6)
+            np.testing.assert_allclose(stored, hash_embedding(row["content"], 384), atol=tolerance)
         assert all(i in covered for i, ch in enumerate(want.text) if not ch.isspace()), doc_id
     assert chunks == {}, f"chunks of unknown documents: {sorted(chunks)}"
 
