@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -34,8 +33,12 @@ async def prepare(settings: Settings, store: Store, stop: asyncio.Event, *, migr
             await ensure_topic(settings, settings.dlq_topic, partitions=1)
         except (DependencyError, KafkaError, OSError, TimeoutError) as exc:
             attempt += 1
-            log.warning("waiting_for_dependencies", error_class=type(exc).__name__, error=str(exc)[:300],
-                        attempt=attempt)
+            log.warning(
+                "waiting_for_dependencies",
+                error_class=type(exc).__name__,
+                error=str(exc)[:300],
+                attempt=attempt,
+            )
             await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
         else:
             return
@@ -58,12 +61,16 @@ async def serve(
     producer = make_producer(settings)
     async with OpenAIEmbedder(settings) as embedder:
         worker = Worker(
-            source=KafkaSource(settings), store=store, embedder=embedder,
-            dead_letters=KafkaDeadLetterSink(producer, settings), settings=settings,
+            source=KafkaSource(settings),
+            store=store,
+            embedder=embedder,
+            dead_letters=KafkaDeadLetterSink(producer, settings),
+            settings=settings,
             stop_when_idle=stop_when_idle,
         )
-        health = HealthServer(worker, {"database": store.ping, "embedding": embedder.ping},
-                              port=settings.health_port)
+        health = HealthServer(
+            worker, {"database": store.ping, "embedding": embedder.ping}, port=settings.health_port
+        )
         await health.start()
         log.info("health_listening", port=health.port)
         side = [

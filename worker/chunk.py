@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-_SENTENCE_END: Final = re.compile(r"[.!?。！？…][\"'”’)\]]*(?=\s)|[。！？]")
+# CJK full stops end a sentence with or without a space after them.
+_SENTENCE_END: Final = re.compile(r"[.!?。！？…][\"'”’)\]]*(?=\s)|[。！？]")  # noqa: RUF001 - meant
 _SPACE: Final = re.compile(r"\s")
 
 

@@ -60,21 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     group = settings_flags.add_argument_group("settings (each also an environment variable)")
     for name, default, help_text in describe():
         shown = f" [{default}]" if default else ""
-        group.add_argument(f"--{name.lower().replace('_', '-')}", dest=name.lower(), metavar="VALUE",
-                           help=f"{name}: {help_text}{shown}")
+        group.add_argument(
+            f"--{name.lower().replace('_', '-')}",
+            dest=name.lower(),
+            metavar="VALUE",
+            help=f"{name}: {help_text}{shown}",
+        )
 
-    parser = argparse.ArgumentParser(prog="ingest-worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ingest-worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", parents=[settings_flags], help="join the group and ingest until stopped")
-    run.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
-                     help="exit 0 once caught up, committed and idle this long")
+    run.add_argument(
+        "--stop-when-idle",
+        type=float,
+        metavar="SECONDS",
+        help="exit 0 once caught up, committed and idle this long",
+    )
     run.add_argument("--no-migrate", action="store_true", help="do not create the schema at start")
     run.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     run.set_defaults(command=_cmd_run)
 
-    migrate = commands.add_parser("migrate", parents=[settings_flags], help="create extension, tables, indexes")
+    migrate = commands.add_parser(
+        "migrate", parents=[settings_flags], help="create extension, tables, indexes"
+    )
     migrate.set_defaults(command=_cmd_migrate)
 
     produce = commands.add_parser("produce", parents=[settings_flags], help="publish JSON-lines events")
@@ -103,8 +114,13 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop=stop, stop_when_idle=args.stop_when_idle, migrate=not args.no_migrate,
-                progress=args.progress)
+    await serve(
+        settings,
+        stop=stop,
+        stop_when_idle=args.stop_when_idle,
+        migrate=not args.no_migrate,
+        progress=args.progress,
+    )
     return 0
 
 
@@ -121,7 +137,8 @@ async def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
     except WorkerError as exc:
         print(f"ingest-worker: migrate failed: {exc}", file=sys.stderr)
         return 1
-    print(f"schema {settings.database_schema} is ready ({settings.vector_type}({settings.embedding_dimensions}))")
+    column = f"{settings.vector_type}({settings.embedding_dimensions})"
+    print(f"schema {settings.database_schema} is ready ({column})")
     return 0
 
 
@@ -146,11 +163,13 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
                     continue
                 try:
                     event = orjson.loads(line)
-                    doc_id = event["id"]
-                    if not isinstance(doc_id, str):
-                        raise TypeError
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    print(f"ingest-worker: line {number}: not a JSON object with a string `id`", file=sys.stderr)
+                except orjson.JSONDecodeError:
+                    event = None
+                doc_id = event.get("id") if isinstance(event, dict) else None
+                if not isinstance(doc_id, str) or not doc_id:
+                    print(
+                        f"ingest-worker: line {number}: not a JSON object with a string `id`", file=sys.stderr
+                    )
                     return 1
                 pending.append(await producer.send(topic, key=doc_id.encode(), value=orjson.dumps(event)))
                 if len(pending) >= 1000:

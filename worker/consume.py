@@ -49,7 +49,7 @@ class RecordSource(Protocol):
     def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def fetch(self, timeout: float) -> list[Record]: ...
+    async def fetch(self, max_wait: float) -> list[Record]: ...
     def mark_stored(self, offsets: dict[TopicPartition, int]) -> None: ...
     async def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None: ...
     def rewind(self, offsets: dict[TopicPartition, int]) -> None: ...
@@ -96,11 +96,18 @@ class KafkaSource:
         except TimeoutError:
             log.warning("consumer_stop_timeout", seconds=self._stop_timeout)
 
-    async def fetch(self, timeout: float) -> list[Record]:
-        batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
+    async def fetch(self, max_wait: float) -> list[Record]:
+        batches = await self._consumer.getmany(timeout_ms=int(max_wait * 1000))
         return [
-            Record(m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()),
-                   (len(m.key) if m.key else 0) + (len(m.value) if m.value else 0))
+            Record(
+                m.topic,
+                m.partition,
+                m.offset,
+                m.key,
+                m.value,
+                tuple(m.headers or ()),
+                (len(m.key) if m.key else 0) + (len(m.value) if m.value else 0),
+            )
             for messages in batches.values()
             for m in messages
         ]
@@ -114,7 +121,8 @@ class KafkaSource:
         assigned = self.assignment()
         wanted = assigned if partitions is None else set(partitions) & assigned
         offsets = {
-            tp: offset for tp, offset in self._stored.items()
+            tp: offset
+            for tp, offset in self._stored.items()
             if tp in wanted and offset > self._committed.get(tp, -1)
         }
         if not offsets:
@@ -201,7 +209,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._source = source
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self._source._partitions_revoked(set(revoked))  # noqa: SLF001
+        await self._source._partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self._source._partitions_assigned(set(assigned))  # noqa: SLF001
+        await self._source._partitions_assigned(set(assigned))

@@ -35,6 +35,7 @@ def decode_event(key: bytes | None, value: bytes | None, *, max_text_bytes: int)
     if value is None:
         if key_id is None:
             raise ValidationError("tombstone without a key: no document to delete")
+        _check_id(key_id, "the key of a tombstone")
         return DocumentEvent(key_id, "delete", "", None, None, None)
     if len(value) > max_text_bytes + 64 * 1024:
         raise ValidationError(f"record value is {len(value)} bytes, over MAX_TEXT_BYTES={max_text_bytes}")
@@ -46,10 +47,9 @@ def decode_event(key: bytes | None, value: bytes | None, *, max_text_bytes: int)
         raise ValidationError(f"value must be a JSON object, got {type(payload).__name__}")
 
     doc_id = payload.get("id")
-    if not isinstance(doc_id, str) or not doc_id:
+    if not isinstance(doc_id, str):
         raise ValidationError("`id` must be a non-empty string")
-    if len(doc_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
-        raise ValidationError(f"`id` is longer than {MAX_ID_BYTES} bytes")
+    _check_id(doc_id, "`id`")
     if key_id is not None and key_id != doc_id:
         raise ValidationError("`id` does not equal the record key")
 
@@ -78,10 +78,18 @@ def decode_event(key: bytes | None, value: bytes | None, *, max_text_bytes: int)
         raise ValidationError("`text` must be a string for an upsert")
     elif len(text) > max_text_bytes or len(text.encode("utf-8", "surrogatepass")) > max_text_bytes:
         raise ValidationError(f"`text` is over MAX_TEXT_BYTES={max_text_bytes}")
-    if "\x00" in text or "\x00" in doc_id:
-        # PostgreSQL text cannot hold NUL.
-        raise ValidationError("`id` and `text` must not contain NUL characters")
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL
+        raise ValidationError("`text` must not contain NUL characters")
     return DocumentEvent(doc_id, op, text, version, metadata, tenant)
+
+
+def _check_id(doc_id: str, what: str) -> None:
+    if not doc_id:
+        raise ValidationError(f"{what} must be a non-empty string")
+    if len(doc_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise ValidationError(f"{what} is longer than {MAX_ID_BYTES} bytes")
+    if "\x00" in doc_id:  # PostgreSQL text cannot hold NUL
+        raise ValidationError(f"{what} must not contain NUL characters")
 
 
 def _decode_key(key: bytes | None) -> str | None:

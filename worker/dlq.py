@@ -34,7 +34,9 @@ class DeadLetterSink(Protocol):
         ...
 
 
-def dead_letter_headers(letter: DeadLetter, *, failed_at: dt.datetime | None = None) -> list[tuple[str, bytes]]:
+def dead_letter_headers(
+    letter: DeadLetter, *, failed_at: dt.datetime | None = None
+) -> list[tuple[str, bytes]]:
     failed_at = failed_at or dt.datetime.now(dt.UTC)
     ours = {
         "dlq.original.topic": letter.topic,

@@ -90,7 +90,9 @@ class OpenAIEmbedder:
         """Cheap reachability check for /readyz: any HTTP answer means the API is there."""
         assert self._session is not None
         try:
-            async with self._session.get(self._settings.embedding_url, timeout=aiohttp.ClientTimeout(total=3)):
+            async with self._session.get(
+                self._settings.embedding_url, timeout=aiohttp.ClientTimeout(total=3)
+            ):
                 pass
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EmbeddingUnavailable(f"embedding API unreachable: {type(exc).__name__}") from exc
@@ -104,21 +106,27 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> list[Vector
         for item in data:
             embedding = item["embedding"]
             if isinstance(embedding, str):
-                vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(np.float32, copy=False)
+                vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(
+                    np.float32, copy=False
+                )
             else:
                 vector = np.asarray(embedding, dtype=np.float32)
-            vectors[item["index"]] = vector
+            index = item["index"]
+            if not isinstance(index, int) or not 0 <= index < count:
+                raise ValueError(f"item with index {index!r} does not answer one of {count} inputs")
+            vectors[index] = vector
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise EmbeddingProtocolError(f"embedding answer is not in the OpenAI format: {exc!r:.200}") from exc
     result: list[Vector] = []
-    for index, vector in enumerate(vectors):
-        if vector is None:
+    for index, found in enumerate(vectors):
+        if found is None:
             raise EmbeddingProtocolError(f"embedding answer has no item with index {index}")
-        if vector.shape != (dimensions,):
+        if found.shape != (dimensions,):
             raise EmbeddingProtocolError(
-                f"embedding API returned {vector.shape[0]}-dimensional vectors; EMBEDDING_DIMENSIONS is {dimensions}"
+                f"embedding API returned vectors of shape {found.shape}; "
+                f"EMBEDDING_DIMENSIONS is {dimensions}"
             )
-        result.append(vector)
+        result.append(found)
     return result
 
 

@@ -1,4 +1,4 @@
-"""``GET /healthz`` (the loop is alive), ``/readyz`` (partitions assigned, dependencies answer), ``/metrics``."""
+"""``GET /healthz`` (loop alive), ``/readyz`` (partitions assigned, dependencies answer), ``/metrics``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class Watched(Protocol):
 
 
 class HealthServer:
-    def __init__(self, worker: Watched, checks: dict[str, Check], *, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104
+    def __init__(
+        self, worker: Watched, checks: dict[str, Check], *, port: int, host: str = "0.0.0.0"
+    ) -> None:
         self._worker = worker
         self._checks = checks
         self._host, self._port = host, port
@@ -42,9 +44,9 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server = site._server  # noqa: SLF001 - the only way to learn the port picked for 0
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        sockets = getattr(site._server, "sockets", None)  # how to learn the port picked for 0
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -74,7 +76,12 @@ class HealthServer:
             failures["partitions"] = "none assigned"
         ready = not failures
         metrics.READY.set(1 if ready else 0)
-        return {"ready": ready, "partitions": partitions, "failing": failures, "last_error": self._worker.last_error}
+        return {
+            "ready": ready,
+            "partitions": partitions,
+            "failing": failures,
+            "last_error": self._worker.last_error,
+        }
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -11,7 +11,9 @@ RECORDS: Final = Counter(
 )
 DOCUMENTS_WRITTEN: Final = Counter("ingest_documents_written", "Document events applied", ["op"])
 CHUNKS_WRITTEN: Final = Counter("ingest_chunks_written", "Chunk rows written")
-EMBEDDING_REQUESTS: Final = Counter("ingest_embedding_requests", "Embedding requests by HTTP status", ["status"])
+EMBEDDING_REQUESTS: Final = Counter(
+    "ingest_embedding_requests", "Embedding requests by HTTP status", ["status"]
+)
 EMBEDDING_INPUTS: Final = Counter("ingest_embedding_inputs", "Texts embedded")
 EMBEDDING_SECONDS: Final = Histogram(
     "ingest_embedding_request_seconds",
@@ -24,7 +26,9 @@ BATCH_SECONDS: Final = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 DEAD_LETTERS: Final = Counter("ingest_dead_letters", "Records sent to the dead-letter topic", ["stage"])
-CONSUMER_LAG: Final = Gauge("ingest_consumer_lag", "High watermark minus committed offset", ["topic", "partition"])
+CONSUMER_LAG: Final = Gauge(
+    "ingest_consumer_lag", "High watermark minus committed offset", ["topic", "partition"]
+)
 ASSIGNED_PARTITIONS: Final = Gauge("ingest_assigned_partitions", "Partitions this worker owns")
 COMMIT_FAILURES: Final = Counter("ingest_commit_failures", "Offset commits refused (rebalance) or failed")
 RETRIES: Final = Counter("ingest_retries", "Retried attempts, by dependency", ["dependency"])

@@ -29,7 +29,7 @@ def is_retriable(exc: BaseException) -> bool:
 
 def backoff(attempt: int, *, initial: float = 0.2, cap: float = 30.0) -> float:
     """Full-jitter exponential backoff for the ``attempt``-th retry (1-based)."""
-    return random.uniform(0, min(cap, initial * 2 ** (attempt - 1)))  # noqa: S311 - jitter, not crypto
+    return random.uniform(0, min(cap, initial * 2 ** (attempt - 1)))
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -54,7 +54,7 @@ async def call_with_retry(
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, EmbeddingUnavailable) and exc.retry_after is not None:
-            return exc.retry_after + random.uniform(0, 0.1 * exc.retry_after)  # noqa: S311
+            return exc.retry_after + random.uniform(0, 0.1 * exc.retry_after)
         return backoff(state.attempt_number, cap=cap)
 
     def count(state: RetryCallState) -> None:

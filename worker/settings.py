@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from worker.errors import ConfigError
 
-IDENTIFIER: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # used with fullmatch
 SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS: Final = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 VECTOR_TYPES: Final = {"vector": 2000, "halfvec": 4000}  # type -> most dimensions HNSW can index
@@ -50,6 +50,10 @@ class Secret:
     __str__ = __repr__
 
 
+NO_SECRET: Final = Secret("")
+LOCAL_DATABASE: Final = Secret("postgresql://postgres@127.0.0.1:5432/postgres")
+
+
 def _setting(default: Any, help: str, **bounds: Any) -> Any:
     return field(default=default, metadata={"help": help, **bounds})
 
@@ -64,7 +68,7 @@ class Settings:
     kafka_security_protocol: str = _setting("PLAINTEXT", "/".join(SECURITY_PROTOCOLS))
     kafka_sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     kafka_sasl_username: str = _setting("", "SASL user name")
-    kafka_sasl_password: Secret = _setting(Secret(""), "SASL password")
+    kafka_sasl_password: Secret = _setting(NO_SECRET, "SASL password")  # noqa: RUF009 - Secret is immutable
     kafka_ssl_cafile: str = _setting("", "CA bundle for SSL/SASL_SSL (system default if empty)")
     kafka_producer_idempotence: bool = _setting(True, "idempotent dead-letter/produce producer")
     kafka_max_poll_records: int = _setting(500, "records fetched per poll", low=1, high=100_000)
@@ -76,9 +80,7 @@ class Settings:
         300_000, "longest a batch may take before the group evicts us", low=1000, high=86_400_000
     )
     # PostgreSQL
-    database_url: Secret = _setting(
-        Secret("postgresql://postgres@127.0.0.1:5432/postgres"), "libpq URL (sslmode honoured)"
-    )
+    database_url: Secret = _setting(LOCAL_DATABASE, "libpq URL (sslmode honoured)")  # noqa: RUF009 - Secret is immutable
     database_schema: str = _setting("public", "schema of the documents and chunks tables")
     database_pool_size: int = _setting(4, "asyncpg pool size", low=1, high=1000)
     database_statement_cache_size: int = _setting(
@@ -90,7 +92,7 @@ class Settings:
     embedding_model: str = _setting("text-embedding-3-small", "model name sent with each request")
     embedding_dimensions: int = _setting(1536, "vector dimensions", low=1, high=16_000)
     embedding_send_dimensions: bool = _setting(True, "send `dimensions` in requests")
-    embedding_api_key: Secret = _setting(Secret(""), "bearer token")
+    embedding_api_key: Secret = _setting(NO_SECRET, "bearer token")  # noqa: RUF009 - Secret is immutable
     embedding_api_key_file: str = _setting("", "file holding the bearer token")
     embedding_batch_size: int = _setting(64, "inputs per embedding request", low=1, high=2048)
     embedding_concurrency: int = _setting(4, "embedding requests in flight", low=1, high=1024)
@@ -101,7 +103,9 @@ class Settings:
     chunk_overlap: int = _setting(100, "characters shared by neighbouring chunks", low=0, high=1_000_000)
     max_text_bytes: int = _setting(1_048_576, "largest document text accepted", low=1, high=1 << 30)
     # Operations
-    health_port: int = _setting(8080, "HTTP port for /healthz /readyz /metrics; 0 picks one", low=0, high=65535)
+    health_port: int = _setting(
+        8080, "HTTP port for /healthz /readyz /metrics; 0 picks one", low=0, high=65535
+    )
     log_level: str = _setting("info", "debug, info, warning or error")
     shutdown_grace_seconds: float = _setting(30.0, "time to finish in-flight work on stop", low=0, high=3600)
 
@@ -123,10 +127,10 @@ class Settings:
             raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
             raise bad("kafka_sasl_mechanism", f"is required with {self.kafka_security_protocol}")
-        url = urllib.parse.urlsplit(self.database_url.reveal())
+        url = _split_url(self.database_url.reveal(), "DATABASE_URL")
         if url.scheme not in ("postgres", "postgresql"):
             raise bad("database_url", "must be a postgresql:// URL")
-        if not IDENTIFIER.match(self.database_schema):
+        if not IDENTIFIER.fullmatch(self.database_schema):
             raise bad("database_schema", "must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
         if self.vector_type not in VECTOR_TYPES:
             raise bad("vector_type", "must be vector or halfvec")
@@ -136,7 +140,7 @@ class Settings:
                 f"{self.embedding_dimensions} is more than an HNSW index on {self.vector_type} takes "
                 f"({VECTOR_TYPES[self.vector_type]}); use VECTOR_TYPE=halfvec (up to 4000)",
             )
-        emb = urllib.parse.urlsplit(self.embedding_url)
+        emb = _split_url(self.embedding_url, "EMBEDDING_URL")
         if emb.scheme not in ("http", "https") or not emb.netloc:
             raise bad("embedding_url", "must be an http:// or https:// URL")
         if not self.embedding_model:
@@ -175,8 +179,19 @@ class Settings:
             try:
                 values["embedding_api_key"] = Secret(Path(key_file).read_text(encoding="utf-8").strip())
             except OSError as exc:
-                raise ConfigError("EMBEDDING_API_KEY_FILE", f"cannot read {key_file}: {exc.strerror}") from exc
+                raise ConfigError(
+                    "EMBEDDING_API_KEY_FILE", f"cannot read {key_file}: {exc.strerror}"
+                ) from exc
+            except UnicodeDecodeError:
+                raise ConfigError("EMBEDDING_API_KEY_FILE", f"{key_file} is not UTF-8 text") from None
         return cls(**values)
+
+
+def _split_url(url: str, setting: str) -> urllib.parse.SplitResult:
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError:
+        raise ConfigError(setting, "is not a valid URL") from None
 
 
 def describe() -> list[tuple[str, str, str]]:
@@ -215,9 +230,11 @@ def _parse(name: str, text: str) -> Any:
         try:
             number: int | float = int(text) if kind == "int" else float(text)
         except ValueError:
-            raise ConfigError(env, f"must be a{'n integer' if kind == 'int' else ' number'}, got {text!r}") from None
+            raise ConfigError(
+                env, f"must be a{'n integer' if kind == 'int' else ' number'}, got {text!r}"
+            ) from None
         low, high = f.metadata.get("low"), f.metadata.get("high")
-        if low is not None and not low <= number <= high:
+        if low is not None and high is not None and not low <= number <= high:
             raise ConfigError(env, f"must be between {low} and {high}, got {text}")
         return number
     if kind == "Secret":

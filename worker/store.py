@@ -84,7 +84,14 @@ ON CONFLICT (id) DO UPDATE SET
 """
 DELETE_CHUNKS_SQL: Final = "DELETE FROM {schema}.chunks WHERE doc_id = ANY($1::text[])"
 CHUNK_COLUMNS: Final = (
-    "doc_id", "chunk_index", "content", "embedding", "char_start", "char_end", "model", "content_sha256"
+    "doc_id",
+    "chunk_index",
+    "content",
+    "embedding",
+    "char_start",
+    "char_end",
+    "model",
+    "content_sha256",
 )
 SEARCH_SQL: Final = """
 SELECT c.doc_id, c.chunk_index, c.content, 1 - (c.embedding <=> $1) AS score
@@ -196,7 +203,9 @@ class Store:
     async def migrate(self, *, ann_index: bool = True) -> None:
         """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently."""
         s = self._settings
-        sql = SCHEMA_SQL.format(schema=self._schema, vector_type=s.vector_type, dimensions=s.embedding_dimensions)
+        sql = SCHEMA_SQL.format(
+            schema=self._schema, vector_type=s.vector_type, dimensions=s.embedding_dimensions
+        )
         try:
             conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
         except _OUTAGE_ERRORS as exc:
@@ -245,14 +254,20 @@ class Store:
             async with self._pool.acquire() as conn, conn.transaction():
                 locked = await conn.fetch(LOCK_STATES_SQL.format(schema=self._schema), ids)
                 now = {row["id"]: DocState(row["version"], row["deleted"]) for row in locked}
-                moved = [w.change.event.doc_id for w in writes if now.get(w.change.event.doc_id) != w.change.before]
+                moved = [
+                    w.change.event.doc_id for w in writes if now.get(w.change.event.doc_id) != w.change.before
+                ]
                 if moved:
                     raise StaleRead(f"{len(moved)} document(s) changed since the batch was planned")
-                await conn.execute(UPSERT_DOCUMENTS_SQL.format(schema=self._schema), *_document_columns(writes))
+                await conn.execute(
+                    UPSERT_DOCUMENTS_SQL.format(schema=self._schema), *_document_columns(writes)
+                )
                 await conn.execute(DELETE_CHUNKS_SQL.format(schema=self._schema), ids)
                 if chunk_rows:
                     await conn.copy_records_to_table(
-                        "chunks", schema_name=self._settings.database_schema, columns=CHUNK_COLUMNS,
+                        "chunks",
+                        schema_name=self._settings.database_schema,
+                        columns=CHUNK_COLUMNS,
                         records=chunk_rows,
                     )
         except asyncpg.UniqueViolationError as exc:

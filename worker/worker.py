@@ -6,6 +6,7 @@ Nothing else starts tasks behind its back. ``stop()`` only sets an event; every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -81,7 +82,9 @@ class Worker:
     async def run(self) -> None:
         self._source.on_rebalance(revoked=self._on_revoked, assigned=self._on_assigned)
         await self._source.start()
-        log.info("worker_started", topics=list(self._settings.kafka_topic), group=self._settings.kafka_group_id)
+        log.info(
+            "worker_started", topics=list(self._settings.kafka_topic), group=self._settings.kafka_group_id
+        )
         last_arrival = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -100,7 +103,7 @@ class Worker:
             log.info("worker_stopped", records=self.records_done)
 
     async def _fetch(self) -> list[Record]:
-        fetch = asyncio.ensure_future(self._source.fetch(timeout=0.5))
+        fetch = asyncio.ensure_future(self._source.fetch(max_wait=0.5))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -117,7 +120,10 @@ class Worker:
 
     async def _run_batch(self, records: list[Record]) -> None:
         self._batch = asyncio.create_task(self._process(records), name="batch")
-        await asyncio.wait({self._batch})
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({self._batch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        await self._finish_in_flight()  # returns at once unless stopping: then grace, then abandon
         batch, self._batch = self._batch, None
         if batch.cancelled():
             return  # abandoned by a revoke: the partitions' new owner re-processes
@@ -133,13 +139,16 @@ class Worker:
         self._failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         event = "batch_retry" if is_retriable(exc) else "batch_failed"
-        log.warning(event, error_class=type(exc).__name__, error=str(exc)[:500], attempt=self._failures,
-                    exc_info=not isinstance(exc, RecordError) and not is_retriable(exc))
+        log.warning(
+            event,
+            error_class=type(exc).__name__,
+            error=str(exc)[:500],
+            attempt=self._failures,
+            exc_info=not isinstance(exc, RecordError) and not is_retriable(exc),
+        )
         self._rewind(records)
-        try:
+        with contextlib.suppress(ShuttingDown):
             await sleep_unless(self._stop, backoff(self._failures, initial=0.5, cap=30.0))
-        except ShuttingDown:
-            pass
 
     def _rewind(self, records: Sequence[Record]) -> None:
         first: dict[TopicPartition, int] = {}
@@ -148,11 +157,17 @@ class Worker:
         self._source.rewind(first)
 
     async def _finish_in_flight(self) -> None:
-        if self._batch is not None and not self._batch.done():
-            _, pending = await asyncio.wait({self._batch}, timeout=self._settings.shutdown_grace_seconds)
-            for task in pending:
-                task.cancel()
-                log.warning("batch_abandoned", reason="shutdown grace period over")
+        """Let the in-flight batch finish within the grace period; past it, abandon (cancel) it."""
+        batch = self._batch
+        if batch is None or batch.done():
+            return
+        await asyncio.wait({batch}, timeout=self._settings.shutdown_grace_seconds)
+        if not batch.done():
+            batch.cancel()
+            await asyncio.wait({batch})
+            log.warning(
+                "batch_abandoned", reason="grace period over", seconds=self._settings.shutdown_grace_seconds
+            )
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # Finish (or, past the grace period, abandon) the in-flight batch before the group moves on;
@@ -178,7 +193,8 @@ class Worker:
 
         stored = await call_with_retry(
             lambda: self._store.read_states(sorted({e.doc_id for _, e in decoded})),
-            stop=self._stop, attempts=3,
+            stop=self._stop,
+            attempts=3,
         )
         changes = plan((e for _, e in decoded), stored)
         record_of = {id(e): r for r, e in decoded}
@@ -229,13 +245,27 @@ class Worker:
         self._count(records, result, writes)
         seconds = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(seconds)
-        log.info("batch_stored", records=result.records, documents=result.written, chunks=result.chunks,
-                 stale=result.stale, dead_lettered=result.dead, partitions=len(next_offsets),
-                 seconds=round(seconds, 4))
+        log.info(
+            "batch_stored",
+            records=result.records,
+            documents=result.written,
+            chunks=result.chunks,
+            stale=result.stale,
+            dead_lettered=result.dead,
+            partitions=len(next_offsets),
+            seconds=round(seconds, 4),
+        )
         for letter in dead:
-            log.warning("record_dead_lettered", topic=letter.topic, partition=letter.partition,
-                        offset=letter.offset, stage=letter.error.stage, error_class=type(letter.error).__name__,
-                        error=str(letter.error)[:300], trace_id=trace_id_from(letter.headers))
+            log.warning(
+                "record_dead_lettered",
+                topic=letter.topic,
+                partition=letter.partition,
+                offset=letter.offset,
+                stage=letter.error.stage,
+                error_class=type(letter.error).__name__,
+                error=str(letter.error)[:300],
+                trace_id=trace_id_from(letter.headers),
+            )
         return result
 
     def _chunk(self, event: DocumentEvent) -> list[Chunk]:
@@ -249,17 +279,18 @@ class Worker:
         size = self._settings.embedding_batch_size
         slices = [(i, texts[i : i + size]) for i in range(0, len(texts), size)]
         results: list[Vector | InputRejected] = [InputRejected("not embedded")] * len(texts)
-        async with asyncio.TaskGroup() as group:
-            tasks = [(start, group.create_task(self._embed_isolating(part))) for start, part in slices]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [(start, group.create_task(self._embed_isolating(part))) for start, part in slices]
+        except ExceptionGroup as failed:  # report the cause itself (an outage), not the group
+            raise failed.exceptions[0] from None
         for start, task in tasks:
             results[start : start + len(task.result())] = task.result()
         return results
 
     async def _embed_isolating(self, texts: list[str]) -> list[Vector | InputRejected]:
         try:
-            vectors = await call_with_retry(
-                lambda: self._embedder.embed(texts), stop=self._stop, attempts=5
-            )
+            vectors = await call_with_retry(lambda: self._embedder.embed(texts), stop=self._stop, attempts=5)
         except InputRejected as exc:
             if len(texts) == 1:
                 return [exc]
@@ -283,4 +314,6 @@ class Worker:
 
 
 def _letter(record: Record, error: RecordError) -> DeadLetter:
-    return DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, record.headers, error)
+    return DeadLetter(
+        record.topic, record.partition, record.offset, record.key, record.value, record.headers, error
+    )

@@ -93,9 +93,10 @@ def faults(stack: Services) -> Iterator[Any]:
 def _admin(embedding_url: str, method: str, path: str, body: Any) -> Any:
     base = embedding_url.removesuffix("/v1")
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - our own local server
+    request = urllib.request.Request(
+        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read() or b"null")
 
 
@@ -104,10 +105,13 @@ def _admin(embedding_url: str, method: str, path: str, body: Any) -> Any:
 Event = tuple[str, dict[str, Any] | None]  # (key, value); None is a tombstone
 
 
-async def produce(env: Env, events: list[Event], *, headers: list[tuple[str, bytes]] | None = None) -> dict[TopicPartition, int]:
+async def produce(
+    env: Env, events: list[Event], *, headers: list[tuple[str, bytes]] | None = None
+) -> dict[TopicPartition, int]:
     """Publish in order; returns each partition's end offset (next offset) as the broker acknowledged."""
-    producer = AIOKafkaProducer(bootstrap_servers=env.stack.bootstrap, acks="all",
-                                enable_idempotence=env.stack.producer_idempotence)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.stack.bootstrap, acks="all", enable_idempotence=env.stack.producer_idempotence
+    )
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
@@ -121,9 +125,12 @@ async def produce(env: Env, events: list[Event], *, headers: list[tuple[str, byt
     return ends
 
 
-async def produce_raw(env: Env, records: list[tuple[bytes | None, bytes | None]]) -> dict[TopicPartition, int]:
-    producer = AIOKafkaProducer(bootstrap_servers=env.stack.bootstrap, acks="all",
-                                enable_idempotence=env.stack.producer_idempotence)
+async def produce_raw(
+    env: Env, records: list[tuple[bytes | None, bytes | None]]
+) -> dict[TopicPartition, int]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.stack.bootstrap, acks="all", enable_idempotence=env.stack.producer_idempotence
+    )
     await producer.start()
     ends: dict[TopicPartition, int] = {}
     try:
@@ -151,9 +158,9 @@ def expected_state(events: list[Event]) -> dict[str, Expected]:
         op = "delete" if value is None else value.get("op", "upsert")
         version = None if value is None else value.get("version")
         current = state.get(doc_id)
-        if current is not None and current.version is not None and version is not None:
-            if version < current.version or (version == current.version and current.deleted):
-                continue
+        comparable = current is not None and current.version is not None and version is not None
+        if comparable and (version < current.version or (version == current.version and current.deleted)):  # type: ignore[operator, union-attr]
+            continue
         kept_version = version if version is not None else (current.version if current else None)
         text = "" if op == "delete" else value["text"]  # type: ignore[index]
         state[doc_id] = Expected(kept_version, op == "delete", text)
@@ -163,16 +170,20 @@ def expected_state(events: list[Event]) -> dict[str, Expected]:
 # -- running workers ---------------------------------------------------------------------------
 
 
-async def run_worker(env: Env, *, idle: float = 1.5, timeout: float = 120) -> None:
+async def run_worker(env: Env, *, idle: float = 1.5, within: float = 120) -> None:
     """Run a worker in this process until it is caught up, committed and idle."""
-    await asyncio.wait_for(serve(env.settings, stop=asyncio.Event(), stop_when_idle=idle), timeout)
+    await asyncio.wait_for(serve(env.settings, stop=asyncio.Event(), stop_when_idle=idle), within)
 
 
 def spawn_worker(env: Env, log: Path, *args: str) -> subprocess.Popen[bytes]:
     """A worker in its own process (to be killed), its output in ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "worker", "run", *args],
-                                env={**os.environ, **env.values}, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", "run", *args],
+            env={**os.environ, **env.values},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 # -- checking ----------------------------------------------------------------------------------
@@ -183,8 +194,9 @@ async def connect(env: Env) -> asyncpg.Connection:
 
 
 async def committed_offsets(env: Env, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap, group_id=env.settings.kafka_group_id,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=env.stack.bootstrap, group_id=env.settings.kafka_group_id, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         return {tp: await consumer.committed(tp) for tp in partitions}
@@ -221,7 +233,10 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolera
         for row, chunk in zip(mine, planned, strict=True):
             assert row["content"] == want.text[row["char_start"] : row["char_end"]], doc_id
             assert (row["content"], row["char_start"], row["char_end"]) == (
-                chunk.content, chunk.char_start, chunk.char_end), doc_id
+                chunk.content,
+                chunk.char_start,
+                chunk.char_end,
+            ), doc_id
             covered.update(range(row["char_start"], row["char_end"]))
             stored = np.array(json.loads(row["embedding"]), dtype=np.float32)
             np.testing.assert_allclose(stored, hash_embedding(row["content"], 384), atol=tolerance)
@@ -247,5 +262,3 @@ async def db(env: Env) -> AsyncIterator[asyncpg.Connection]:
     conn = await connect(env)
     yield conn
     await conn.close()
-
-

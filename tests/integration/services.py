@@ -71,8 +71,12 @@ def _embedding_server() -> Iterator[EmbeddingServer]:
 @contextlib.contextmanager
 def _from_environment() -> Iterator[Services]:
     with _embedding_server() as embeddings:
-        yield Services("environment", os.environ["TEST_KAFKA_BOOTSTRAP_SERVERS"], os.environ["TEST_DATABASE_URL"],
-                       embeddings)
+        yield Services(
+            "environment",
+            os.environ["TEST_KAFKA_BOOTSTRAP_SERVERS"],
+            os.environ["TEST_DATABASE_URL"],
+            embeddings,
+        )
 
 
 @contextlib.contextmanager
@@ -85,15 +89,24 @@ def _from_testcontainers() -> Iterator[Services]:
         PostgresContainer(PGVECTOR_IMAGE, driver=None) as postgres,
         _embedding_server() as embeddings,
     ):
-        yield Services("testcontainers", kafka.get_bootstrap_server(), postgres.get_connection_url(), embeddings)
+        yield Services(
+            "testcontainers", kafka.get_bootstrap_server(), postgres.get_connection_url(), embeddings
+        )
 
 
 @contextlib.contextmanager
 def _embedded(workdir: Path) -> Iterator[Services]:
     with embedded_stack(workdir) as stack:
-        yield Services("embedded", stack.broker.bootstrap, stack.postgres.uri, stack.embeddings,
-                       broker=stack.broker, postgres=stack.postgres, producer_idempotence=False,
-                       session_timeout_ms=6000)
+        yield Services(
+            "embedded",
+            stack.broker.bootstrap,
+            stack.postgres.uri,
+            stack.embeddings,
+            broker=stack.broker,
+            postgres=stack.postgres,
+            producer_idempotence=False,
+            session_timeout_ms=6000,
+        )
 
 
 @contextlib.contextmanager

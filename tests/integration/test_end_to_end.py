@@ -39,12 +39,18 @@ def mixed_stream() -> list[Event]:
     events: list[Event] = []
     for i in range(24):
         text = (LOREM * (1 + i % 5)) + f" document number {i}."
-        events.append((f"doc-{i}", {"id": f"doc-{i}", "text": text, "version": 1,
-                                    "metadata": {"n": i}, "tenant": f"t{i % 3}"}))
+        events.append(
+            (
+                f"doc-{i}",
+                {"id": f"doc-{i}", "text": text, "version": 1, "metadata": {"n": i}, "tenant": f"t{i % 3}"},
+            )
+        )
     for i in range(6):
         events.append((f"intl-{i}", {"id": f"intl-{i}", "text": NON_ASCII * (1 + i), "version": 3}))
     for i in range(0, 24, 3):  # newer, shorter versions: leftover chunks must go
-        events.append((f"doc-{i}", {"id": f"doc-{i}", "text": f"Version two of {i}. Short now.", "version": 2}))
+        events.append(
+            (f"doc-{i}", {"id": f"doc-{i}", "text": f"Version two of {i}. Short now.", "version": 2})
+        )
     for i in range(0, 24, 3):  # stale: lower version than stored
         events.append((f"doc-{i}", {"id": f"doc-{i}", "text": "STALE " * 50, "version": 1}))
     for i in (1, 4):  # delete by tombstone
@@ -52,7 +58,9 @@ def mixed_stream() -> list[Event]:
     for i in (2, 5):  # delete by op, with a version
         events.append((f"doc-{i}", {"id": f"doc-{i}", "op": "delete", "version": 7}))
     events.append(("doc-5", {"id": "doc-5", "text": "late and older: must not come back", "version": 6}))
-    events.append(("doc-2", {"id": "doc-2", "text": "same version as the delete: stays deleted", "version": 7}))
+    events.append(
+        ("doc-2", {"id": "doc-2", "text": "same version as the delete: stays deleted", "version": 7})
+    )
     events.append(("doc-7", {"id": "doc-7", "text": "newer than the delete-less history", "version": 9}))
     for round_ in range(3):  # documents without versions: the last in partition order wins
         events.append(("plain", {"id": "plain", "text": f"unversioned round {round_}. " * (4 - round_)}))
@@ -80,10 +88,14 @@ async def test_redelivering_the_whole_stream_changes_nothing(env: Env) -> None:
     await assert_stored_state(env, expected_state(events))
 
 
-async def test_sigkill_mid_stream_then_restart_ends_in_the_same_state(env: Env, faults: object, tmp_path: Path) -> None:
+async def test_sigkill_mid_stream_then_restart_ends_in_the_same_state(
+    env: Env, faults: object, tmp_path: Path
+) -> None:
     events: list[Event] = []
     for i in range(150):
-        events.append((f"k-{i % 60}", {"id": f"k-{i % 60}", "text": LOREM * (1 + i % 3) + str(i), "version": i}))
+        events.append(
+            (f"k-{i % 60}", {"id": f"k-{i % 60}", "text": LOREM * (1 + i % 3) + str(i), "version": i})
+        )
         if i % 17 == 0:
             events.append((f"k-{(i * 7) % 60}", None))
     ends = await produce(env, events)
@@ -112,7 +124,7 @@ async def test_sigkill_mid_stream_then_restart_ends_in_the_same_state(env: Env, 
     stored_before_restart = await committed_offsets(env, list(ends))
     assert stored_before_restart != ends, "the kill came too late to test anything"
     faults(latency_ms=0)  # type: ignore[operator]
-    await run_worker(slow, timeout=180)
+    await run_worker(slow, within=180)
     await assert_stored_state(env, expected_state(events))
     assert await committed_offsets(env, list(ends)) == ends
 
@@ -132,7 +144,10 @@ async def test_sigkill_mid_stream_then_restart_ends_in_the_same_state(env: Env, 
 def test_bad_settings_exit_2_with_one_line_naming_the_setting(env: Env, variable: str, value: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker", "run", "--stop-when-idle", "1"],
-        env={**os.environ, **env.values, variable: value}, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env.values, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -144,7 +159,10 @@ def test_bad_settings_exit_2_with_one_line_naming_the_setting(env: Env, variable
 def test_bad_flag_value_exits_2_naming_the_setting(env: Env) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker", "run", "--embedding-batch-size", "0"],
-        env={**os.environ, **env.values}, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env.values},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

@@ -16,12 +16,14 @@ from worker.errors import EmbeddingProtocolError, InputRejected, RecordError, Va
 
 
 def answer(*items: tuple[int, Any]) -> bytes:
-    return orjson.dumps({
-        "object": "list",
-        "model": "m",
-        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in items],
-        "usage": {"prompt_tokens": 1, "total_tokens": 1},
-    })
+    return orjson.dumps(
+        {
+            "object": "list",
+            "model": "m",
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in items],
+            "usage": {"prompt_tokens": 1, "total_tokens": 1},
+        }
+    )
 
 
 def b64(values: list[float]) -> str:
@@ -62,13 +64,13 @@ def test_empty_request_empty_answer() -> None:
     ],
 )
 def test_missing_index_is_a_protocol_error(payload: bytes) -> None:
-    with pytest.raises(EmbeddingProtocolError, match="index 0|index 1"):
+    with pytest.raises(EmbeddingProtocolError, match=r"index [01]"):
         parse_embeddings(payload, 2, 2)
 
 
 @pytest.mark.parametrize(
     "payload",
-    [answer((0, [1.0, 2.0, 3.0])), answer((0, b64([1.0]))), answer((0, [])), answer((0, [[1.0, 2.0]]))],
+    [answer((0, [1.0, 2.0, 3.0])), answer((0, b64([1.0]))), answer((0, []))],
 )
 def test_wrong_dimension_names_the_setting(payload: bytes) -> None:
     with pytest.raises(EmbeddingProtocolError, match="EMBEDDING_DIMENSIONS is 2"):
@@ -92,6 +94,7 @@ def test_wrong_dimension_names_the_setting(payload: bytes) -> None:
         b'{"data": [{"index": 5, "embedding": [1.0, 2.0]}]}',  # more items than inputs
         b'{"data": [{"index": 0, "embedding": ["a", "b"]}]}',
         b'{"data": [{"index": 0, "embedding": {"x": 1}}]}',
+        b'{"data": [{"index": 0, "embedding": [[1.0, 2.0]]}]}',  # nested
         b'{"data": [{"index": 0, "embedding": "not base64!"}]}',
         b'{"data": [{"index": 0, "embedding": "AAAA="}]}',  # bad padding
         b'{"data": [{"index": 0, "embedding": "AAA="}]}',  # 2 bytes: not whole float32s
@@ -102,23 +105,14 @@ def test_garbage_is_a_protocol_error(payload: bytes) -> None:
         parse_embeddings(payload, 1, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/embed.py parse_embeddings: a scalar or null `embedding` makes a 0-d array; the dimension "
-    "check's `vector.shape[0]` (outside the try) raises IndexError instead of EmbeddingProtocolError",
+@pytest.mark.parametrize(
+    "payload", [b'{"data": [{"index": 0, "embedding": 1.5}]}', b'{"data": [{"index": 0, "embedding": null}]}']
 )
-@pytest.mark.parametrize("payload", [b'{"data": [{"index": 0, "embedding": 1.5}]}',
-                                     b'{"data": [{"index": 0, "embedding": null}]}'])
 def test_scalar_embedding_is_a_protocol_error(payload: bytes) -> None:
     with pytest.raises(EmbeddingProtocolError):
         parse_embeddings(payload, 1, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/embed.py parse_embeddings: `vectors[item['index']] = vector` takes a negative index "
-    "from the end, so index -1 silently fills the last slot with an answer meant for no input",
-)
 def test_negative_index_is_a_protocol_error() -> None:
     with pytest.raises(EmbeddingProtocolError):
         parse_embeddings(answer((0, [1.0, 2.0]), (-1, [3.0, 4.0])), 2, 2)
@@ -127,18 +121,28 @@ def test_negative_index_is_a_protocol_error() -> None:
 # -- dead-letter headers --------------------------------------------------------------------
 
 CONTRACT_HEADERS = {
-    "dlq.original.topic", "dlq.original.partition", "dlq.original.offset", "dlq.error.stage",
-    "dlq.error.class", "dlq.error.message", "dlq.attempts", "dlq.failed.at",
+    "dlq.original.topic",
+    "dlq.original.partition",
+    "dlq.original.offset",
+    "dlq.error.stage",
+    "dlq.error.class",
+    "dlq.error.message",
+    "dlq.attempts",
+    "dlq.failed.at",
 }
 
 
-def letter(error: RecordError, headers: list[tuple[str, bytes]] | None = None, attempts: int = 1) -> DeadLetter:
+def letter(
+    error: RecordError, headers: list[tuple[str, bytes]] | None = None, attempts: int = 1
+) -> DeadLetter:
     return DeadLetter("documents", 3, 1234567, b"doc-1", b'{"id": "doc-1"}', headers or [], error, attempts)
 
 
 def test_every_contract_header_with_its_value() -> None:
     failed_at = dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
-    headers = dead_letter_headers(letter(ValidationError("`text` must be a string"), attempts=3), failed_at=failed_at)
+    headers = dead_letter_headers(
+        letter(ValidationError("`text` must be a string"), attempts=3), failed_at=failed_at
+    )
     ours = {k: v for k, v in headers if k.startswith("dlq.")}
     assert set(ours) == CONTRACT_HEADERS
     assert len(headers) == len(CONTRACT_HEADERS), "each header exactly once"
@@ -185,8 +189,10 @@ def test_original_headers_are_kept_first_and_unchanged() -> None:
 
 
 def test_a_second_failure_replaces_the_first_ones_headers() -> None:
-    first = dead_letter_headers(letter(ValidationError("first")), failed_at=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
-    second = dead_letter_headers(letter(InputRejected("second"), first + [("dlq.replay.count", b"1")]))
+    first = dead_letter_headers(
+        letter(ValidationError("first")), failed_at=dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    )
+    second = dead_letter_headers(letter(InputRejected("second"), [*first, ("dlq.replay.count", b"1")]))
     names = [k for k, _ in second]
     assert sorted(names) == sorted([*CONTRACT_HEADERS, "dlq.replay.count"]), "no header twice"
     values = dict(second)

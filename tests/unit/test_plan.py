@@ -29,8 +29,11 @@ def sequential(events: Sequence[DocumentEvent], stored: Mapping[str, DocState]) 
     for e in events:
         current = state.get(e.doc_id)
         stored_version = current.version if current is not None else None
-        if current is not None and e.version is not None and stored_version is not None and (
-            e.version < stored_version or (e.version == stored_version and current.deleted)
+        if (
+            current is not None
+            and e.version is not None
+            and stored_version is not None
+            and (e.version < stored_version or (e.version == stored_version and current.deleted))
         ):
             continue
         state[e.doc_id] = DocState(e.version if e.version is not None else stored_version, e.op == "delete")
@@ -50,15 +53,27 @@ def sequential(events: Sequence[DocumentEvent], stored: Mapping[str, DocState]) 
         pytest.param(DocState(5, DELETED), event("a", 4), None, id="lower-version-over-deleted-ignored"),
         pytest.param(DocState(5, LIVE), event("a", 4, "delete"), None, id="lower-version-delete-ignored"),
         pytest.param(DocState(5, DELETED), event("a", 5), None, id="equal-version-over-deleted-ignored"),
-        pytest.param(DocState(5, DELETED), event("a", 5, "delete"), None, id="equal-delete-over-deleted-ignored"),
-        pytest.param(DocState(5, LIVE), event("a", 5), DocState(5, LIVE), id="equal-version-over-live-applies"),
-        pytest.param(DocState(5, LIVE), event("a", 5, "delete"), DocState(5, DELETED), id="equal-delete-over-live"),
+        pytest.param(
+            DocState(5, DELETED), event("a", 5, "delete"), None, id="equal-delete-over-deleted-ignored"
+        ),
+        pytest.param(
+            DocState(5, LIVE), event("a", 5), DocState(5, LIVE), id="equal-version-over-live-applies"
+        ),
+        pytest.param(
+            DocState(5, LIVE), event("a", 5, "delete"), DocState(5, DELETED), id="equal-delete-over-live"
+        ),
         pytest.param(DocState(5, DELETED), event("a", 6), DocState(6, LIVE), id="higher-version-revives"),
         pytest.param(DocState(5, LIVE), event("a", None), DocState(5, LIVE), id="unversioned-keeps-version"),
-        pytest.param(DocState(5, DELETED), event("a", None), DocState(5, LIVE), id="unversioned-over-deleted"),
-        pytest.param(DocState(5, LIVE), event("a", None, "delete"), DocState(5, DELETED), id="unversioned-delete"),
+        pytest.param(
+            DocState(5, DELETED), event("a", None), DocState(5, LIVE), id="unversioned-over-deleted"
+        ),
+        pytest.param(
+            DocState(5, LIVE), event("a", None, "delete"), DocState(5, DELETED), id="unversioned-delete"
+        ),
         pytest.param(DocState(None, LIVE), event("a", 0), DocState(0, LIVE), id="versioned-over-unversioned"),
-        pytest.param(DocState(None, DELETED), event("a", 0), DocState(0, LIVE), id="versioned-over-unversioned-del"),
+        pytest.param(
+            DocState(None, DELETED), event("a", 0), DocState(0, LIVE), id="versioned-over-unversioned-del"
+        ),
     ],
 )
 def test_version_rule(state: DocState | None, e: DocumentEvent, expected: DocState | None) -> None:
@@ -132,7 +147,9 @@ STORED = st.dictionaries(IDS, st.builds(DocState, VERSIONS, st.booleans()), max_
 
 @settings(max_examples=500, deadline=None, database=None)
 @given(events=EVENTS, stored=STORED)
-def test_plan_equals_applying_events_one_by_one(events: list[DocumentEvent], stored: dict[str, DocState]) -> None:
+def test_plan_equals_applying_events_one_by_one(
+    events: list[DocumentEvent], stored: dict[str, DocState]
+) -> None:
     changes = plan(events, stored)
 
     folded = dict(stored)
@@ -155,7 +172,7 @@ def test_plan_equals_applying_events_one_by_one(events: list[DocumentEvent], sto
 
 
 def _applies(before: Sequence[DocumentEvent], stored: Mapping[str, DocState], e: DocumentEvent) -> bool:
-    """Whether ``e`` applies after ``before``: it does unless the rule ignores it (an equal state still applies)."""
+    """Whether ``e`` applies after ``before``: unless the rule ignores it (unchanged state counts)."""
     current = sequential(before, stored).get(e.doc_id)
     if current is None or current.version is None or e.version is None:
         return True

