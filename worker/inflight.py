@@ -1,0 +1,119 @@
+"""What is in flight: per-partition watermarks, per-document ordering, and the window's size.
+
+Records of one partition finish out of order; the partition's commit watermark is the lowest
+offset not yet finished (stored or dead-lettered), so committing it never skips a record.
+Events of one document never run together: a document's later events wait until its running
+job finishes, then run as one job (folded, so only the winner is embedded).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+from worker.consume import Record
+from worker.decode import DocumentEvent
+
+
+class PartitionOffsets:
+    """Offsets handed out in fetch order, finished in any order; the watermark is contiguous."""
+
+    __slots__ = ("_done", "_next", "_order")
+
+    def __init__(self) -> None:
+        self._order: deque[int] = deque()
+        self._done: set[int] = set()
+        self._next: int | None = None
+
+    def add(self, offset: int) -> None:
+        self._order.append(offset)
+        self._next = offset + 1
+
+    def finish(self, offset: int) -> None:
+        self._done.add(offset)
+        while self._order and self._order[0] in self._done:
+            self._done.discard(self._order.popleft())
+
+    def watermark(self) -> int | None:
+        """The next offset to commit: everything below it is finished. None before any record."""
+        if self._order:
+            return self._order[0]
+        return self._next
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+@dataclass(eq=False)
+class Job:
+    """One document's pending events (partition order), processed and finished together."""
+
+    doc_id: str
+    events: list[tuple[Record, DocumentEvent]] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for r, _ in self.events]
+
+
+class InFlight:
+    def __init__(self, *, max_records: int, max_bytes: int) -> None:
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.records = 0
+        self.bytes = 0
+        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._running: dict[str, Job] = {}
+        self._waiting: dict[str, Job] = {}
+
+    # -- the window -------------------------------------------------------------------------
+
+    def track(self, record: Record) -> None:
+        self._offsets.setdefault(record.tp, PartitionOffsets()).add(record.offset)
+        self.records += 1
+        self.bytes += record.size
+
+    def finish(self, record: Record) -> None:
+        self._offsets[record.tp].finish(record.offset)
+        self.records -= 1
+        self.bytes -= record.size
+
+    @property
+    def full(self) -> bool:
+        return self.records >= self.max_records or self.bytes >= self.max_bytes
+
+    @property
+    def drained_enough(self) -> bool:
+        """Below half the window: paused partitions may resume."""
+        return self.records < self.max_records // 2 and self.bytes < self.max_bytes // 2
+
+    @property
+    def empty(self) -> bool:
+        return self.records == 0
+
+    def watermarks(self) -> dict[TopicPartition, int]:
+        marks = {tp: offsets.watermark() for tp, offsets in self._offsets.items()}
+        return {tp: mark for tp, mark in marks.items() if mark is not None}
+
+    # -- per-document ordering ---------------------------------------------------------------
+
+    def route(self, record: Record, event: DocumentEvent) -> Job | None:
+        """Queue the event behind its document's running job, or return a new job to start now."""
+        if event.doc_id in self._running:
+            self._waiting.setdefault(event.doc_id, Job(event.doc_id)).events.append((record, event))
+            return None
+        job = Job(event.doc_id, [(record, event)])
+        self._running[event.doc_id] = job
+        return job
+
+    def complete(self, job: Job) -> Job | None:
+        """Finish ``job``'s records; return the document's next job (its waiting events), if any."""
+        for record in job.records:
+            self.finish(record)
+        del self._running[job.doc_id]
+        following = self._waiting.pop(job.doc_id, None)
+        if following is not None:
+            self._running[job.doc_id] = following
+        return following
