@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -113,7 +113,7 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> list[Vector
                 vector = np.asarray(embedding, dtype=np.float32)
             index = item["index"]
             if not isinstance(index, int) or not 0 <= index < count:
-                raise ValueError(f"item with index {index!r} does not answer one of {count} inputs")
+                raise _bad_index(index, count)
             vectors[index] = vector
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise EmbeddingProtocolError(f"embedding answer is not in the OpenAI format: {exc!r:.200}") from exc
@@ -123,11 +123,14 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> list[Vector
             raise EmbeddingProtocolError(f"embedding answer has no item with index {index}")
         if found.shape != (dimensions,):
             raise EmbeddingProtocolError(
-                f"embedding API returned vectors of shape {found.shape}; "
-                f"EMBEDDING_DIMENSIONS is {dimensions}"
+                f"embedding API returned vectors of shape {found.shape}; EMBEDDING_DIMENSIONS is {dimensions}"
             )
         result.append(found)
     return result
+
+
+def _bad_index(index: object, count: int) -> ValueError:
+    return ValueError(f"item with index {index!r} does not answer one of {count} inputs")
 
 
 def _http_error(status: int, headers: Any, payload: bytes, count: int) -> Exception:
@@ -153,3 +156,88 @@ def _error_message(payload: bytes) -> str:
 
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+class EmbeddingBatcher:
+    """Fill embedding requests across documents and partitions; flush on size or a short linger.
+
+    ``submit`` returns a future per text. A request is sent once it holds ``batch_size`` inputs
+    or ``batch_chars`` characters, or ``linger`` seconds after its first input. ``send`` (the
+    embedder call wrapped in the retry policy) runs in a task per request; the embedder's
+    semaphore caps how many are on the wire.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[str]], Awaitable[list[Vector | InputRejected]]],
+        *,
+        batch_size: int,
+        batch_chars: int,
+        linger: float,
+    ) -> None:
+        self._send = send
+        self._batch_size = batch_size
+        self._batch_chars = batch_chars
+        self._linger = linger
+        self._texts: list[str] = []
+        self._futures: list[asyncio.Future[Vector]] = []
+        self._chars = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._requests: set[asyncio.Task[None]] = set()
+
+    def submit(self, text: str) -> asyncio.Future[Vector]:
+        if self._texts and self._chars + len(text) > self._batch_chars:
+            self.flush()
+        future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
+        self._texts.append(text)
+        self._futures.append(future)
+        self._chars += len(text)
+        if len(self._texts) >= self._batch_size or self._chars >= self._batch_chars:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
+        return future
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._texts:
+            return
+        texts, futures = self._texts, self._futures
+        self._texts, self._futures, self._chars = [], [], 0
+        task = asyncio.get_running_loop().create_task(self._request(texts, futures), name="embed-request")
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def _request(self, texts: list[str], futures: list[asyncio.Future[Vector]]) -> None:
+        try:
+            results = await self._send(texts)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting document as-is
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, result in zip(futures, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, InputRejected):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def close(self) -> None:
+        """Cancel queued and running requests (their futures are cancelled too)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future in self._futures:
+            future.cancel()
+        self._texts, self._futures, self._chars = [], [], 0
+        for task in list(self._requests):
+            task.cancel()
+        await asyncio.gather(*self._requests, return_exceptions=True)

@@ -36,3 +36,10 @@ READY: Final = Gauge("ingest_ready", "1 when partitions are assigned and depende
 
 for _stage in ("decode", "validate", "chunk", "embed", "store"):
     DEAD_LETTERS.labels(stage=_stage)  # present at 0 from the start, so increase() sees the first one
+EMBEDDINGS_REUSED: Final = Counter(
+    "ingest_embeddings_reused", "Chunks whose embedding was already stored or in flight: not bought again"
+)
+IN_FLIGHT_RECORDS: Final = Gauge(
+    "ingest_in_flight_records", "Records fetched and not yet stored or dead-lettered"
+)
+PAUSED: Final = Gauge("ingest_paused", "1 while fetching is paused because the in-flight window is full")

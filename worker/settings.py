@@ -98,6 +98,26 @@ class Settings:
     embedding_concurrency: int = _setting(4, "embedding requests in flight", low=1, high=1024)
     embedding_timeout: float = _setting(60.0, "seconds per embedding request", low=0.1, high=3600)
     embedding_encoding: str = _setting("base64", "encoding_format asked for: base64 or float")
+    embedding_batch_chars: int = _setting(
+        100_000, "characters per embedding request at most", low=1000, high=10_000_000
+    )
+    embedding_linger_ms: int = _setting(
+        20, "wait this long to fill a request before sending it", low=0, high=10_000
+    )
+    embedding_max_attempts: int = _setting(
+        5, "attempts per embedding request before pausing", low=1, high=100
+    )
+    # Pipeline
+    max_in_flight_records: int = _setting(
+        4000, "records fetched but not yet stored; past it partitions pause", low=1, high=10_000_000
+    )
+    max_in_flight_bytes: int = _setting(
+        64 * 1_048_576, "bytes of records in flight; past it partitions pause", low=1024, high=1 << 40
+    )
+    write_batch_documents: int = _setting(256, "documents per write transaction", low=1, high=100_000)
+    database_writers: int = _setting(2, "write transactions in flight", low=1, high=64)
+    commit_interval_ms: int = _setting(1000, "how often stored offsets are committed", low=10, high=600_000)
+    index_build_memory: str = _setting("512MB", "maintenance_work_mem for the HNSW build after a backfill")
     # Chunking and limits
     chunk_size: int = _setting(1000, "characters per chunk", low=16, high=1_000_000)
     chunk_overlap: int = _setting(100, "characters shared by neighbouring chunks", low=0, high=1_000_000)
@@ -149,6 +169,10 @@ class Settings:
             raise bad("embedding_encoding", "must be base64 or float")
         if self.chunk_overlap >= self.chunk_size // 2:
             raise bad("chunk_overlap", f"must be less than half of CHUNK_SIZE ({self.chunk_size})")
+        if not re.fullmatch(r"[0-9]+\s*(kB|MB|GB)", self.index_build_memory):
+            raise bad("index_build_memory", "must be a PostgreSQL size such as 512MB or 2GB")
+        if self.database_writers > self.database_pool_size:
+            raise bad("database_writers", f"must not exceed DATABASE_POOL_SIZE ({self.database_pool_size})")
         if self.log_level not in LOG_LEVELS:
             raise bad("log_level", "must be debug, info, warning or error")
 

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS {schema}.chunks (
     PRIMARY KEY (doc_id, chunk_index)
 );
 CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted;
+CREATE INDEX IF NOT EXISTS chunks_content_sha256_idx ON {schema}.chunks (content_sha256);
 """
 HNSW_INDEX_SQL: Final = """
 CREATE INDEX IF NOT EXISTS chunks_embedding_hnsw_idx
@@ -82,7 +83,28 @@ ON CONFLICT (id) DO UPDATE SET
     source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
     source_offset = EXCLUDED.source_offset, updated_at = now()
 """
-DELETE_CHUNKS_SQL: Final = "DELETE FROM {schema}.chunks WHERE doc_id = ANY($1::text[])"
+# Chunks arrive by binary COPY into a per-session temporary table, then merge: unchanged chunks
+# are left alone (no new tuple, no HNSW insert), changed ones updated, surplus ones deleted.
+INCOMING_TABLE_SQL: Final = """
+CREATE TEMP TABLE IF NOT EXISTS incoming_chunks (LIKE {schema}.chunks INCLUDING DEFAULTS)
+    ON COMMIT DELETE ROWS
+"""
+MERGE_CHUNKS_SQL: Final = """
+INSERT INTO {schema}.chunks AS c (doc_id, chunk_index, content, embedding, char_start, char_end, model,
+                                  content_sha256)
+SELECT doc_id, chunk_index, content, embedding, char_start, char_end, model, content_sha256
+FROM incoming_chunks ORDER BY doc_id, chunk_index
+ON CONFLICT (doc_id, chunk_index) DO UPDATE SET
+    content = EXCLUDED.content, embedding = EXCLUDED.embedding, char_start = EXCLUDED.char_start,
+    char_end = EXCLUDED.char_end, model = EXCLUDED.model, content_sha256 = EXCLUDED.content_sha256
+WHERE (c.content_sha256, c.char_start, c.char_end, c.model)
+      IS DISTINCT FROM (EXCLUDED.content_sha256, EXCLUDED.char_start, EXCLUDED.char_end, EXCLUDED.model)
+"""
+TRIM_CHUNKS_SQL: Final = """
+DELETE FROM {schema}.chunks c
+USING unnest($1::text[], $2::integer[]) AS keep (doc_id, count)
+WHERE c.doc_id = keep.doc_id AND c.chunk_index >= keep.count
+"""
 CHUNK_COLUMNS: Final = (
     "doc_id",
     "chunk_index",
@@ -93,6 +115,11 @@ CHUNK_COLUMNS: Final = (
     "model",
     "content_sha256",
 )
+# Embeddings already paid for: the same content embedded by the same model (the table fixes dimensions).
+KNOWN_EMBEDDINGS_SQL: Final = """
+SELECT DISTINCT ON (content_sha256) content_sha256, embedding
+FROM {schema}.chunks WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
+"""
 SEARCH_SQL: Final = """
 SELECT c.doc_id, c.chunk_index, c.content, 1 - (c.embedding <=> $1) AS score
 FROM {schema}.chunks c
@@ -145,7 +172,8 @@ class DocumentStore(Protocol):
     """What the Worker needs of the database (a fake implements it in unit tests)."""
 
     async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]: ...
-    async def write(self, writes: Sequence[DocumentWrite]) -> None: ...
+    async def write(self, writes: Sequence[DocumentWrite]) -> set[str]: ...
+    async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]: ...
 
 
 def sha256(text: str) -> bytes:
@@ -236,10 +264,14 @@ class Store:
         rows = await self._fetch(READ_STATES_SQL.format(schema=self._schema), list(doc_ids))
         return {row["id"]: DocState(row["version"], row["deleted"]) for row in rows}
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> None:
-        """Apply a planned batch in one transaction; StaleRead if a document moved since planning."""
+    async def write(self, writes: Sequence[DocumentWrite]) -> set[str]:
+        """Apply a planned batch in one transaction.
+
+        Returns the ids of documents that changed since they were planned (a rebalance race):
+        those are not written, and must be planned again.
+        """
         if not writes:
-            return
+            return set()
         writes = sorted(writes, key=lambda w: w.change.event.doc_id)
         ids = [w.change.event.doc_id for w in writes]
         model = self._settings.embedding_model
@@ -254,22 +286,24 @@ class Store:
             async with self._pool.acquire() as conn, conn.transaction():
                 locked = await conn.fetch(LOCK_STATES_SQL.format(schema=self._schema), ids)
                 now = {row["id"]: DocState(row["version"], row["deleted"]) for row in locked}
-                moved = [
+                moved = {
                     w.change.event.doc_id for w in writes if now.get(w.change.event.doc_id) != w.change.before
-                ]
+                }
                 if moved:
-                    raise StaleRead(f"{len(moved)} document(s) changed since the batch was planned")
+                    writes = [w for w in writes if w.change.event.doc_id not in moved]
+                    ids = [w.change.event.doc_id for w in writes]
+                    chunk_rows = [row for row in chunk_rows if row[0] not in moved]
                 await conn.execute(
                     UPSERT_DOCUMENTS_SQL.format(schema=self._schema), *_document_columns(writes)
                 )
-                await conn.execute(DELETE_CHUNKS_SQL.format(schema=self._schema), ids)
                 if chunk_rows:
+                    await conn.execute(INCOMING_TABLE_SQL.format(schema=self._schema))
                     await conn.copy_records_to_table(
-                        "chunks",
-                        schema_name=self._settings.database_schema,
-                        columns=CHUNK_COLUMNS,
-                        records=chunk_rows,
+                        "incoming_chunks", columns=CHUNK_COLUMNS, records=chunk_rows
                     )
+                    await conn.execute(MERGE_CHUNKS_SQL.format(schema=self._schema))
+                counts = [0 if w.change.after.deleted else len(w.chunks) for w in writes]
+                await conn.execute(TRIM_CHUNKS_SQL.format(schema=self._schema), ids, counts)
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
             raise StaleRead(_describe(exc)) from exc
@@ -277,6 +311,34 @@ class Store:
             raise DatabaseUnavailable(f"database write failed: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreRejected(f"database refused the batch: {_describe(exc)}") from exc
+        return moved
+
+    async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
+        """Stored embeddings of these content hashes (same model): what need not be embedded again."""
+        if not hashes:
+            return {}
+        sql = KNOWN_EMBEDDINGS_SQL.format(schema=self._schema)
+        rows = await self._fetch(sql, list(hashes), self._settings.embedding_model)
+        return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
+
+    async def build_ann_index(self) -> bool:
+        """Build the HNSW index if it is missing (after a backfill). True when this call built it."""
+        s = self._settings
+        name = f"{s.database_schema}.chunks_embedding_hnsw_idx"
+        conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                if await conn.fetchval("SELECT to_regclass($1)", name) is not None:
+                    return False
+                await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
+                await conn.execute("SET max_parallel_maintenance_workers = 7")
+                await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
+                return True
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        finally:
+            await conn.close()
 
     async def search(self, embedding: Vector, k: int) -> list[Hit]:
         rows = await self._fetch(SEARCH_SQL.format(schema=self._schema), embedding, k)

@@ -1,0 +1,301 @@
+"""Run the real worker (``ingest-worker run --stop-when-idle S``) as subprocesses and time it.
+
+The measured interval leaves out process start, the group join and the idle wait. It starts at
+the first batch's start (the earliest ``batch_stored`` log line's timestamp minus its ``seconds``)
+or, when the worker logs no such lines, at the last ``partitions_assigned`` line before the first
+document row appeared. It ends at the last ``batch_stored`` line or, without them, at the moment a
+poll of ``count(*)`` on the documents table (every 0.1 s) first saw every document stored.
+Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.1 s until it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+POLL_SECONDS = 0.1
+START_LOGS = "first batch_stored line's timestamp - seconds"
+START_ASSIGNED = "last partitions_assigned line before the first stored row"
+START_FIRST_ROW = "first stored row seen by the poll"
+END_LOGS = "last batch_stored line"
+END_POLL = "poll saw every document stored"
+END_EXIT = "last process exit - idle wait"
+
+
+def worker_command() -> list[str]:
+    """The ``ingest-worker`` console script next to this interpreter, else ``python -m worker``."""
+    script = Path(sys.executable).with_name("ingest-worker")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worker"]
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    name: str
+    processes: int
+    docs: int  # records the run had to ingest
+    docs_stored: int  # live documents in the schema afterwards
+    chunks: int  # chunks in the schema afterwards
+    seconds: float  # the measured interval (see the module docstring)
+    timing: str
+    wall_seconds: float  # spawn to the last exit
+    join_seconds: float  # spawn to the first batch's start
+    peak_rss: tuple[int, ...]  # bytes, per process
+    exit_codes: tuple[int | None, ...]
+    timed_out: bool
+    command: str
+    settings: Mapping[str, str] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.chunks / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def max_rss(self) -> int:
+        return max(self.peak_rss, default=0)
+
+
+@dataclass
+class _Log:
+    batches: list[tuple[float, float | None]] = field(default_factory=list)  # (end, seconds)
+    assigned: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _timestamp(line: dict[str, Any]) -> float | None:
+    raw = line.get("timestamp")
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw).timestamp()
+    except ValueError:
+        return None
+
+
+def _parse_log(path: Path) -> _Log:
+    out = _Log()
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(line, dict):
+            continue
+        at = _timestamp(line)
+        event = line.get("event")
+        if event == "batch_stored" and at is not None:
+            seconds = line.get("seconds")
+            out.batches.append((at, float(seconds) if isinstance(seconds, int | float) else None))
+        elif event == "partitions_assigned" and at is not None:
+            out.assigned.append(at)
+        elif line.get("level") in ("error", "critical"):
+            out.errors.append(str(line.get("event")))
+    return out
+
+
+def _log_paths(log_dir: Path, name: str, processes: int) -> list[Path]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return [log_dir / f"{name}-{i}.log" for i in range(processes)]
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """Peak resident set size of a live process in bytes (``VmHWM``), None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+class _StoredPoll:
+    """Counts the schema's live documents; notes when the first appeared and when all had."""
+
+    def __init__(self, database_url: str, schema: str, expected: int) -> None:
+        self._url = database_url
+        self._sql = f'SELECT count(*) FROM "{schema}".documents WHERE NOT deleted'
+        self._chunks_sql = f'SELECT count(*) FROM "{schema}".chunks'
+        self._expected = expected
+        self._conn: asyncpg.Connection | None = None
+        self.first_seen: float | None = None
+        self.complete_at: float | None = None
+        self.docs = 0
+
+    async def tick(self) -> None:
+        if self.complete_at is not None:
+            return
+        try:
+            if self._conn is None:
+                self._conn = await asyncpg.connect(self._url, timeout=5)
+            self.docs = int(await self._conn.fetchval(self._sql))
+        except asyncpg.UndefinedTableError:  # not migrated yet
+            return
+        now = time.time()
+        if self.docs > 0 and self.first_seen is None:
+            self.first_seen = now
+        if self.docs >= self._expected:
+            self.complete_at = now
+
+    async def final(self) -> tuple[int, int]:
+        """Live documents and chunks stored, read once more after the run."""
+        if self._conn is None:
+            self._conn = await asyncpg.connect(self._url, timeout=5)
+        try:
+            docs = int(await self._conn.fetchval(self._sql))
+            chunks = int(await self._conn.fetchval(self._chunks_sql))
+        except asyncpg.UndefinedTableError:
+            return 0, 0
+        return docs, chunks
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+async def _stop(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+def _interval(
+    parsed: Sequence[_Log], poll: _StoredPoll, *, exited: float, idle_seconds: float, spawned: float
+) -> tuple[float, float, str]:
+    """(start, end, how) of the work, from the logs where they tell, else from the poll."""
+    batches = [b for p in parsed for b in p.batches]
+    if batches and all(s is not None for _, s in batches):
+        start, start_how = min(end - (s or 0.0) for end, s in batches), START_LOGS
+    else:
+        first_row = poll.first_seen or min((e for e, _ in batches), default=exited)
+        assigned = [a for p in parsed for a in p.assigned if a <= first_row]
+        if assigned:
+            start, start_how = max(assigned), START_ASSIGNED
+        else:
+            start, start_how = first_row, START_FIRST_ROW
+    if batches:
+        end, end_how = max(e for e, _ in batches), END_LOGS
+    elif poll.complete_at is not None:
+        end, end_how = poll.complete_at, END_POLL
+    else:
+        end, end_how = exited - idle_seconds, END_EXIT
+    return max(start, spawned), end, f"{start_how} -> {end_how}"
+
+
+async def run_workers(
+    name: str,
+    *,
+    env: Mapping[str, str],
+    docs: int,
+    database_url: str,
+    log_dir: Path,
+    processes: int = 1,
+    idle_seconds: float = 2.0,
+    args: Sequence[str] = (),
+    within: float = 300.0,
+    fresh: bool = True,
+) -> WorkerRun:
+    """Start ``processes`` workers at once with ``env``; wait (at most ``within`` seconds) until all exit.
+
+    ``docs`` is how many records the run ingests; ``fresh`` says the schema starts empty, so the
+    poll can tell when all of them are stored.
+    """
+    schema = env["DATABASE_SCHEMA"]
+    command = [*worker_command(), "run", "--stop-when-idle", f"{idle_seconds:g}", *args]
+    logs = _log_paths(log_dir, name, processes)
+    children: list[asyncio.subprocess.Process] = []
+    peaks = [0] * processes
+    poll = _StoredPoll(database_url, schema, docs if fresh else 1 << 62)
+    spawned = time.time()
+    timed_out = False
+    try:
+        for path in logs:
+            with path.open("wb") as out:
+                children.append(
+                    await asyncio.create_subprocess_exec(
+                        *command,
+                        env={**os.environ, **env},
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=asyncio.subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + within
+        while any(c.returncode is None for c in children):
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            for i, child in enumerate(children):
+                if child.returncode is None:
+                    peaks[i] = max(peaks[i], _vm_hwm(child.pid) or 0)
+            if fresh:
+                await poll.tick()
+            await asyncio.sleep(POLL_SECONDS)
+        exited = time.time()
+    finally:
+        await asyncio.gather(*(_stop(c) for c in children))
+    try:
+        if fresh:
+            await poll.tick()
+        stored, chunks = await poll.final()
+    finally:
+        await poll.close()
+
+    parsed = [_parse_log(path) for path in logs]
+    start, end, timing = _interval(parsed, poll, exited=exited, idle_seconds=idle_seconds, spawned=spawned)
+    problems: list[str] = []
+    if timed_out:
+        problems.append(f"timed out after {within:.0f}s")
+    codes = tuple(c.returncode for c in children)
+    if any(code != 0 for code in codes) and not timed_out:
+        problems.append(f"exit codes {list(codes)}")
+    if stored < docs:
+        problems.append(f"only {stored} of {docs} documents stored")
+    errors = sorted({e for p in parsed for e in p.errors})
+    if errors:
+        problems.append("error log lines: " + ", ".join(errors[:5]))
+    return WorkerRun(
+        name=name,
+        processes=processes,
+        docs=docs,
+        docs_stored=stored,
+        chunks=chunks,
+        seconds=max(end - start, 1e-3),
+        timing=timing,
+        wall_seconds=exited - spawned,
+        join_seconds=max(0.0, start - spawned),
+        peak_rss=tuple(peaks),
+        exit_codes=codes,
+        timed_out=timed_out,
+        command=shlex.join(["ingest-worker", *command[len(worker_command()) :]]),
+        settings={k: v for k, v in env.items() if not k.endswith(("URL", "SERVERS"))},
+        problems=tuple(problems),
+    )

@@ -1,0 +1,345 @@
+"""The stages between fetching and committing, for one assignment of partitions.
+
+    admit (decode, order by document) -> prepare (plan, chunk, reuse known embeddings)
+      -> embed (requests filled across documents) -> store (one transaction per batch)
+    and, beside them, dead letters.
+
+Stages are joined by asyncio queues; the in-flight window (records and bytes) bounds what the
+queues can hold, because the Worker pauses fetching while it is full. A dependency outage
+holds work in place (retried with backoff, never dead-lettered, never committed); a record
+that can never succeed goes to the dead-letter topic and its partition goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+
+from worker import metrics
+from worker.chunk import Chunk, chunk_text
+from worker.consume import Record
+from worker.decode import decode_event
+from worker.dlq import DeadLetter, DeadLetterSink
+from worker.embed import Embedder, EmbeddingBatcher, Vector
+from worker.errors import ChunkError, DependencyError, InputRejected, RecordError, StaleRead, StoreRejected
+from worker.inflight import InFlight, Job
+from worker.logs import trace_id_from
+from worker.plan import Change, plan
+from worker.retry import backoff, call_with_retry, sleep_unless
+from worker.settings import Settings
+from worker.store import DocumentStore, DocumentWrite, Source, sha256
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+MAX_CHUNKS_PER_DOCUMENT = 10_000
+
+
+@dataclass(eq=False)
+class Prepared:
+    """A job whose winning change is planned and chunked, waiting for (or holding) its vectors."""
+
+    job: Job
+    change: Change
+    record: Record  # the record of the winning event
+    chunks: list[Chunk]
+    vectors: list[Vector] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Dead:
+    """A dead letter and the records it finishes (a job's, or one undecodable record)."""
+
+    letter: DeadLetter
+    job: Job | None
+    record: Record
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        store: DocumentStore,
+        embedder: Embedder,
+        dead_letters: DeadLetterSink,
+        settings: Settings,
+        stop: asyncio.Event,
+    ) -> None:
+        self._store = store
+        self._embedder = embedder
+        self._dead_letters = dead_letters
+        self._settings = settings
+        self._stop = stop
+        self.inflight = InFlight(
+            max_records=settings.max_in_flight_records, max_bytes=settings.max_in_flight_bytes
+        )
+        self._ready: asyncio.Queue[Job] = asyncio.Queue()
+        self._embedded: asyncio.Queue[Prepared] = asyncio.Queue()
+        self._dead: asyncio.Queue[Dead] = asyncio.Queue()
+        self._batcher = EmbeddingBatcher(
+            self._embed_isolating,
+            batch_size=settings.embedding_batch_size,
+            batch_chars=settings.embedding_batch_chars,
+            linger=settings.embedding_linger_ms / 1000,
+        )
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._waits: set[asyncio.Task[None]] = set()
+        self.failure: BaseException | None = None
+        self.finished_records = 0
+        stages = [("prepare", self._prepare_stage()), ("dead-letters", self._dead_letter_stage())]
+        stages += [(f"store-{n}", self._store_stage()) for n in range(settings.database_writers)]
+        self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
+
+    # -- intake (called by the Worker's fetch loop) ------------------------------------------
+
+    def admit(self, record: Record) -> None:
+        self.inflight.track(record)
+        self._drained.clear()
+        try:
+            event = decode_event(record.key, record.value, max_text_bytes=self._settings.max_text_bytes)
+        except RecordError as exc:
+            self._dead.put_nowait(Dead(_letter(record, exc), None, record))
+            return
+        job = self.inflight.route(record, event)
+        if job is not None:
+            self._ready.put_nowait(job)
+
+    async def drain(self, within: float) -> bool:
+        """Wait until everything admitted is finished; False when ``within`` seconds ran out first."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Abandon what is left (its offsets stay uncommitted) and stop the stages."""
+        await self._batcher.close()
+        tasks = [*self._stages, *self._waits]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- stages --------------------------------------------------------------------------------
+
+    async def _supervised(self, name: str, stage: Awaitable[None]) -> None:
+        try:
+            await stage
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug, not an outage (those are retried inside): stop rather than limp on.
+            log.exception("pipeline_stage_died", stage=name)
+            self.failure = exc
+            self._stop.set()
+
+    async def _prepare_stage(self) -> None:
+        while True:
+            jobs = await _take(self._ready, self._settings.write_batch_documents, linger=0.002)
+            try:
+                await self._prepare(jobs)
+            finally:
+                for _ in jobs:
+                    self._ready.task_done()
+
+    async def _prepare(self, jobs: list[Job]) -> None:
+        ids = sorted({job.doc_id for job in jobs})
+        stored = await self._until_done(lambda: self._store.read_states(ids))
+        prepared: list[Prepared] = []
+        for job in jobs:
+            changes = plan((event for _, event in job.events), stored)
+            if not changes:
+                self._finish(job, outcome=None)
+                continue
+            [change] = changes
+            record = next(r for r, e in job.events if e is change.event)
+            try:
+                chunks = [] if change.after.deleted else self._chunk(change.event.text)
+            except ChunkError as exc:
+                self._dead.put_nowait(Dead(_letter(record, exc), job, record))
+                continue
+            prepared.append(Prepared(job, change, record, chunks))
+
+        # Embeddings already paid for (same content, same model) are reused, not bought again.
+        hashes = {sha256(c.content) for p in prepared for c in p.chunks}
+        known = await self._until_done(lambda: self._store.known_embeddings(sorted(hashes))) if hashes else {}
+        submitted: dict[bytes, asyncio.Future[Vector]] = {}
+        reused = 0
+        for p in prepared:
+            futures: list[asyncio.Future[Vector]] = []
+            for chunk in p.chunks:
+                digest = sha256(chunk.content)
+                if digest in known:
+                    futures.append(_resolved(known[digest]))
+                    reused += 1
+                elif digest in submitted:
+                    futures.append(submitted[digest])
+                    reused += 1
+                else:
+                    submitted[digest] = future = self._batcher.submit(chunk.content)
+                    futures.append(future)
+            task = asyncio.create_task(self._await_vectors(p, futures), name="await-vectors")
+            self._waits.add(task)
+            task.add_done_callback(self._waits.discard)
+        metrics.EMBEDDINGS_REUSED.inc(reused)
+
+    async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
+        try:
+            p.vectors = list(await asyncio.gather(*futures)) if futures else []
+        except InputRejected as exc:
+            self._dead.put_nowait(Dead(_letter(p.record, exc), p.job, p.record))
+            return
+        self._embedded.put_nowait(p)
+
+    async def _store_stage(self) -> None:
+        while True:
+            batch = await _take(self._embedded, self._settings.write_batch_documents, linger=0.005)
+            try:
+                await self._write(batch)
+            finally:
+                for _ in batch:
+                    self._embedded.task_done()
+
+    async def _write(self, batch: list[Prepared]) -> None:
+        writes = [
+            DocumentWrite(
+                p.change, Source(p.record.topic, p.record.partition, p.record.offset), p.chunks, p.vectors
+            )
+            for p in batch
+        ]
+        try:
+            moved = await self._until_done(lambda: self._store.write(writes))
+        except StaleRead:
+            moved = {p.job.doc_id for p in batch}
+        except StoreRejected as exc:
+            if len(batch) == 1:
+                self._dead.put_nowait(Dead(_letter(batch[0].record, exc), batch[0].job, batch[0].record))
+                return
+            half = len(batch) // 2  # isolate the document PostgreSQL refuses
+            await self._write(batch[:half])
+            await self._write(batch[half:])
+            return
+        for p in batch:
+            if p.job.doc_id in moved:
+                self._ready.put_nowait(p.job)  # changed under us since planning: plan again
+                continue
+            metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
+            metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
+            self._finish(p.job, outcome="stored")
+
+    async def _dead_letter_stage(self) -> None:
+        while True:
+            batch = await _take(self._dead, 500, linger=0.002)
+            try:
+                letters = [d.letter for d in batch]
+                await self._until_done(functools.partial(self._dead_letters.send, letters))
+                for dead in batch:
+                    log.warning(
+                        "record_dead_lettered",
+                        topic=dead.record.topic,
+                        partition=dead.record.partition,
+                        offset=dead.record.offset,
+                        stage=dead.letter.error.stage,
+                        error_class=type(dead.letter.error).__name__,
+                        error=str(dead.letter.error)[:300],
+                        trace_id=trace_id_from(dead.record.headers),
+                    )
+                    if dead.job is None:
+                        metrics.RECORDS.labels(topic=dead.record.topic, outcome="dead_lettered").inc()
+                        self._finish_record(dead.record)
+                    else:
+                        self._finish(dead.job, outcome="dead_lettered")
+            finally:
+                for _ in batch:
+                    self._dead.task_done()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _chunk(self, text: str) -> list[Chunk]:
+        chunks = chunk_text(text, size=self._settings.chunk_size, overlap=self._settings.chunk_overlap)
+        if len(chunks) > MAX_CHUNKS_PER_DOCUMENT:
+            raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
+        return chunks
+
+    async def _embed_isolating(self, texts: list[str]) -> list[Vector | InputRejected]:
+        """Embed; on a rejection, split the request to find the inputs the API refuses."""
+        try:
+            return list(await self._until_done(lambda: self._embedder.embed(texts)))
+        except InputRejected as exc:
+            if len(texts) == 1:
+                return [exc]
+            half = len(texts) // 2
+            return [*await self._embed_isolating(texts[:half]), *await self._embed_isolating(texts[half:])]
+
+    async def _until_done(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry a dependency call through an outage, however long: pause, never give up a record."""
+        outage = 0
+        while True:
+            try:
+                return await call_with_retry(
+                    call, stop=self._stop, attempts=self._settings.embedding_max_attempts
+                )
+            except DependencyError as exc:
+                outage += 1
+                log.warning(
+                    "dependency_unavailable", dependency=exc.dependency, error=str(exc)[:300], rounds=outage
+                )
+                await sleep_unless(self._stop, backoff(outage, initial=1.0, cap=30.0))
+
+    def _finish(self, job: Job, *, outcome: str | None) -> None:
+        """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);
+        every other event of the job changed nothing (stale or superseded)."""
+        following = self.inflight.complete(job)
+        self.finished_records += len(job.events)
+        topic = job.events[0][0].topic
+        if outcome is not None:
+            metrics.RECORDS.labels(topic=topic, outcome=outcome).inc()
+        metrics.RECORDS.labels(topic=topic, outcome="stale").inc(len(job.events) - (outcome is not None))
+        if following is not None:
+            self._ready.put_nowait(following)
+        elif self.inflight.empty:
+            self._drained.set()
+
+    def _finish_record(self, record: Record) -> None:
+        self.inflight.finish(record)
+        self.finished_records += 1
+        if self.inflight.empty:
+            self._drained.set()
+
+
+async def _take(queue: asyncio.Queue[T], most: int, *, linger: float) -> list[T]:
+    """Wait for one item, then gather up to ``most`` within ``linger`` seconds."""
+    items = [await queue.get()]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + linger
+    while len(items) < most:
+        try:
+            items.append(queue.get_nowait())
+            continue
+        except asyncio.QueueEmpty:
+            pass
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            items.append(await asyncio.wait_for(queue.get(), remaining))
+    return items
+
+
+def _resolved(vector: Vector) -> asyncio.Future[Vector]:
+    future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
+    future.set_result(vector)
+    return future
+
+
+def _letter(record: Record, error: RecordError) -> DeadLetter:
+    return DeadLetter(
+        record.topic, record.partition, record.offset, record.key, record.value, record.headers, error
+    )
