@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -22,13 +23,15 @@ from worker.worker import Worker
 log = structlog.get_logger()
 
 
-async def prepare(settings: Settings, store: Store, stop: asyncio.Event, *, migrate: bool) -> None:
+async def prepare(
+    settings: Settings, store: Store, stop: asyncio.Event, *, migrate: bool, backfill: bool = False
+) -> None:
     """Migrate, open the pool, make sure the dead-letter topic exists: waiting out outages, not crashing."""
     attempt = 0
     while True:
         try:
             if migrate:
-                await store.migrate()
+                await store.migrate(ann_index=not backfill)
             await store.open()
             await ensure_topic(settings, settings.dlq_topic, partitions=1)
         except (DependencyError, KafkaError, OSError, TimeoutError) as exc:
@@ -50,6 +53,7 @@ async def serve(
     stop: asyncio.Event,
     stop_when_idle: float | None = None,
     migrate: bool = True,
+    backfill: bool = False,
     progress: bool = False,
 ) -> None:
     """Run a worker until ``stop`` is set (or it is idle, with ``stop_when_idle``).
@@ -82,9 +86,11 @@ async def serve(
         for task in side:
             task.add_done_callback(lambda t: _side_task_done(t, worker))
         try:
-            await prepare(settings, store, stop, migrate=migrate)
+            await prepare(settings, store, stop, migrate=migrate, backfill=backfill)
             await producer.start()
             await worker.run()
+            if backfill and stop_when_idle is not None and not stop.is_set() and worker.failure is None:
+                await _build_index(store)
         except ShuttingDown:
             pass
         finally:
@@ -94,6 +100,15 @@ async def serve(
             await health.stop()
             await producer.stop()
             await store.close()
+
+
+async def _build_index(store: Store) -> None:
+    log.info("ann_index_build_started")
+    started = time.perf_counter()
+    built = await store.build_ann_index()
+    log.info(
+        "ann_index_built" if built else "ann_index_exists", seconds=round(time.perf_counter() - started, 2)
+    )
 
 
 async def _watch_readiness(health: HealthServer, every: float = 10.0) -> None:

@@ -80,13 +80,22 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 0 once caught up, committed and idle this long",
     )
     run.add_argument("--no-migrate", action="store_true", help="do not create the schema at start")
+    run.add_argument(
+        "--backfill",
+        action="store_true",
+        help="load without the HNSW index, build it once at the end (with --stop-when-idle)",
+    )
     run.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     run.set_defaults(command=_cmd_run)
 
     migrate = commands.add_parser(
         "migrate", parents=[settings_flags], help="create extension, tables, indexes"
     )
+    migrate.add_argument("--no-ann-index", action="store_true", help="leave the HNSW index out (backfill)")
     migrate.set_defaults(command=_cmd_migrate)
+
+    index = commands.add_parser("build-index", parents=[settings_flags], help="build the HNSW index now")
+    index.set_defaults(command=_cmd_build_index)
 
     produce = commands.add_parser("produce", parents=[settings_flags], help="publish JSON-lines events")
     produce.add_argument("file", help="JSON-lines file, or - for standard input")
@@ -119,6 +128,7 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         stop=stop,
         stop_when_idle=args.stop_when_idle,
         migrate=not args.no_migrate,
+        backfill=args.backfill,
         progress=args.progress,
     )
     return 0
@@ -127,11 +137,21 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 # -- migrate, produce, search -------------------------------------------------------------
 
 
-async def _cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
+async def _cmd_build_index(settings: Settings, _: argparse.Namespace) -> int:
+    from worker.store import Store
+
+    started = time.perf_counter()
+    built = await Store(settings).build_ann_index()
+    state = "built" if built else "already there"
+    print(f"HNSW index on {settings.database_schema}.chunks {state} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from worker.store import Store
 
     try:
-        await Store(settings).migrate()
+        await Store(settings).migrate(ann_index=not args.no_ann_index)
     except ConfigError:
         raise
     except WorkerError as exc:

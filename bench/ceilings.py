@@ -1,0 +1,181 @@
+"""The ceilings: what plain Kafka consumption and a plain binary COPY manage on this machine.
+
+Neither does any of the worker's work but its own part: the consume ceiling fetches the
+benchmark topic (manually assigned, no group) and ``orjson.loads`` each value; the COPY
+ceiling writes the same chunk rows with their embeddings (the local server's hash vectors,
+computed in process) in one ``copy_records_to_table`` into a copy of the worker's own chunks
+table (``CREATE TABLE ... (LIKE chunks INCLUDING ALL)`` of a schema made by ``ingest-worker
+migrate``: same primary key, same HNSW index), and again without the approximate index, as a
+backfill that builds it afterwards would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pgvector.asyncpg import register_vector
+
+from bench.corpus import Published
+from worker.chunk import chunk_text
+from worker.dev.embedserver import embed_texts
+
+APPROXIMATE_INDEXES = ("hnsw", "ivfflat")
+
+
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    name: str
+    items: int  # records or rows
+    docs: int
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.items / self.seconds
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRows:
+    """Every chunk of the corpus as the worker would store it (columns by name)."""
+
+    docs: int
+    rows: list[dict[str, Any]]
+
+
+async def consume_ceiling(
+    bootstrap: str, published: Published, *, max_poll_records: int, passes: int = 3, within: float = 60.0
+) -> Ceiling:
+    """Best of ``passes`` full reads of the topic from offset 0, decoding every value."""
+    best = float("inf")
+    for _ in range(passes):
+        best = min(best, await _consume_once(bootstrap, published, max_poll_records, within))
+    return Ceiling("consume+decode", published.records, published.records, best)
+
+
+async def _consume_once(bootstrap: str, published: Published, max_poll_records: int, within: float) -> float:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=1_048_576,
+        fetch_max_bytes=16 * 1_048_576,
+    )
+    await consumer.start()
+    try:
+        partitions = sorted(published.ends, key=lambda tp: tp.partition)
+        consumer.assign(partitions)
+        for tp in partitions:
+            consumer.seek(tp, 0)
+        position: dict[TopicPartition, int] = dict.fromkeys(partitions, 0)
+        decoded = 0
+        started = time.perf_counter()
+        deadline = started + within
+        while any(position[tp] < end for tp, end in published.ends.items()):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"consumed {decoded} of {published.records} records in {within:.0f}s")
+            batches = await consumer.getmany(timeout_ms=500, max_records=max_poll_records)
+            for tp, messages in batches.items():
+                for message in messages:
+                    orjson.loads(message.value)
+                decoded += len(messages)
+                if messages:
+                    position[tp] = messages[-1].offset + 1
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+def chunk_rows(
+    events: Sequence[dict[str, Any]], *, chunk_size: int, chunk_overlap: int, model: str, dimensions: int
+) -> ChunkRows:
+    """The rows the worker writes for these upserts: chunked the same way, hash-embedded."""
+    rows: list[dict[str, Any]] = []
+    for event in events:
+        chunks = chunk_text(event["text"], size=chunk_size, overlap=chunk_overlap)
+        vectors = embed_texts([c.content for c in chunks], dimensions)
+        for chunk, vector in zip(chunks, vectors, strict=True):
+            rows.append(
+                {
+                    "doc_id": event["id"],
+                    "chunk_index": chunk.index,
+                    "content": chunk.content,
+                    "embedding": np.ascontiguousarray(vector, dtype=np.float32),
+                    "char_start": chunk.char_start,
+                    "char_end": chunk.char_end,
+                    "model": model,
+                    "content_sha256": hashlib.sha256(chunk.content.encode()).digest(),
+                }
+            )
+    return ChunkRows(len(events), rows)
+
+
+async def copy_ceiling(
+    database_url: str, template_schema: str, rows: ChunkRows, *, approximate_index: bool
+) -> Ceiling:
+    """One binary COPY of all rows into a fresh ``LIKE <template>.chunks INCLUDING ALL`` table."""
+    target = "chunks_ann" if approximate_index else "chunks_backfill"
+    schema = "bench_ceiling"
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await register_vector(conn)
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(f"DROP TABLE IF EXISTS {schema}.{target}")
+        await conn.execute(f"CREATE TABLE {schema}.{target} (LIKE {template_schema}.chunks INCLUDING ALL)")
+        if not approximate_index:
+            for index in await _approximate_indexes(conn, f"{schema}.{target}"):
+                await conn.execute(f"DROP INDEX {index}")
+        columns = await _insertable_columns(conn, schema, target, set(rows.rows[0]))
+        records = [tuple(row[c] for c in columns) for row in rows.rows]
+        await conn.execute("CHECKPOINT")  # start both variants from the same quiet state
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table(target, schema_name=schema, columns=columns, records=records)
+        seconds = time.perf_counter() - started
+        await conn.execute(f"DROP TABLE {schema}.{target}")
+    finally:
+        await conn.close()
+    name = "COPY, PK + HNSW" if approximate_index else "COPY, PK only (backfill)"
+    return Ceiling(name, len(rows.rows), rows.docs, seconds)
+
+
+async def _approximate_indexes(conn: asyncpg.Connection, table: str) -> list[str]:
+    found = await conn.fetch(
+        """
+        SELECT i.indexrelid::regclass::text AS name
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+        WHERE i.indrelid = $1::regclass AND am.amname = ANY($2::text[])
+        """,
+        table,
+        list(APPROXIMATE_INDEXES),
+    )
+    return [r["name"] for r in found]
+
+
+async def _insertable_columns(
+    conn: asyncpg.Connection, schema: str, table: str, known: set[str]
+) -> list[str]:
+    """The table's columns we have values for; fail on a required column we cannot fill."""
+    found = await conn.fetch(
+        """
+        SELECT column_name, is_nullable = 'NO' AND column_default IS NULL AS required
+        FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2
+        ORDER BY ordinal_position
+        """,
+        schema,
+        table,
+    )
+    missing = [r["column_name"] for r in found if r["required"] and r["column_name"] not in known]
+    if missing:
+        raise RuntimeError(f"the chunks table has required columns the benchmark cannot fill: {missing}")
+    return [r["column_name"] for r in found if r["column_name"] in known]

@@ -1,0 +1,107 @@
+"""Pipeline behaviour on the real broker and Postgres: dedup, backpressure, backfill.
+
+Speed itself is judged by `make bench`; these tests check behaviour only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import (
+    Env,
+    Event,
+    _admin,
+    assert_stored_state,
+    committed_offsets,
+    connect,
+    expected_state,
+    produce,
+    run_worker,
+)
+from worker.app import serve
+
+pytestmark = pytest.mark.integration
+
+TEXT = (
+    "Chunk-level deduplication keys each chunk by model and content hash. A redelivered document "
+    "costs no embedding; an edited one costs only its changed chunks.\n\n"
+)
+
+
+def stats(env: Env) -> dict[str, Any]:
+    return _admin(env.stack.embeddings.url, "GET", "/admin/stats", None)  # type: ignore[no-any-return]
+
+
+async def test_redelivered_and_lightly_edited_documents_cost_only_changed_chunks(env: Env) -> None:
+    events: list[Event] = [(f"d-{i}", {"id": f"d-{i}", "text": TEXT * 6 + f"Tail {i}."}) for i in range(20)]
+    await produce(env, events)
+    before = stats(env)["inputs"]
+    await run_worker(env)
+    first = stats(env)["inputs"] - before
+    conn = await connect(env)
+    try:
+        chunks = await conn.fetchval(f"SELECT count(*) FROM {env.schema}.chunks")
+        distinct = await conn.fetchval(f"SELECT count(DISTINCT content_sha256) FROM {env.schema}.chunks")
+    finally:
+        await conn.close()
+    assert first == distinct < chunks  # identical chunks across documents were embedded once
+
+    again = env.with_(KAFKA_GROUP_ID=env.values["KAFKA_GROUP_ID"] + "-again")
+    mark = stats(env)["inputs"]
+    await run_worker(again)
+    assert stats(env)["inputs"] - mark == 0, "a redelivered, unchanged stream bought embeddings"
+
+    edited: list[Event] = [("d-3", {"id": "d-3", "text": TEXT * 6 + "A new ending, never seen before."})]
+    await produce(env, edited)
+    mark = stats(env)["inputs"]
+    await run_worker(again)
+    assert 1 <= stats(env)["inputs"] - mark <= 2, "an edit of the last chunk re-embedded more than it changed"
+    await assert_stored_state(env, expected_state(events + edited))
+
+
+async def test_a_small_window_pauses_fetching_and_still_ends_exact(env: Env, faults: Any) -> None:
+    events: list[Event] = []
+    for i in range(200):
+        doc = f"p-{i % 50}"
+        events.append((doc, {"id": doc, "text": f"version {i} of {doc}. " * (2 + i % 9), "version": i}))
+    ends = await produce(env, events)
+    faults(latency_ms=20)
+    tight = env.with_(MAX_IN_FLIGHT_RECORDS="16", KAFKA_MAX_POLL_RECORDS="8", EMBEDDING_BATCH_SIZE="4")
+    paused: list[float] = []
+
+    async def watch() -> None:
+        from worker import metrics
+
+        while True:
+            paused.append(metrics.PAUSED._value.get())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.wait_for(serve(tight.settings, stop=asyncio.Event(), stop_when_idle=1.5), 120)
+    finally:
+        watcher.cancel()
+    assert 1.0 in paused, "the window never filled: fetching was never paused"
+    assert paused[-1] == 0.0 or paused.count(0.0) > 0
+    await assert_stored_state(env, expected_state(events))
+    assert await committed_offsets(env, list(ends)) == ends
+
+
+async def test_backfill_loads_without_the_ann_index_then_builds_it(env: Env) -> None:
+    events: list[Event] = [(f"b-{i}", {"id": f"b-{i}", "text": f"backfill document {i}. " * 12}) for i in range(30)]
+    await produce(env, events)
+    await asyncio.wait_for(serve(env.settings, stop=asyncio.Event(), stop_when_idle=1.5, backfill=True), 120)
+    conn = await connect(env)
+    try:
+        index = await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.chunks_embedding_hnsw_idx")
+        method = await conn.fetchval(
+            "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam WHERE c.oid = $1::regclass",
+            f"{env.schema}.chunks_embedding_hnsw_idx",
+        )
+    finally:
+        await conn.close()
+    assert index is not None and method == "hnsw"
+    await assert_stored_state(env, expected_state(events))
