@@ -91,7 +91,9 @@ async def test_a_small_window_pauses_fetching_and_still_ends_exact(env: Env, fau
 
 
 async def test_backfill_loads_without_the_ann_index_then_builds_it(env: Env) -> None:
-    events: list[Event] = [(f"b-{i}", {"id": f"b-{i}", "text": f"backfill document {i}. " * 12}) for i in range(30)]
+    events: list[Event] = [
+        (f"b-{i}", {"id": f"b-{i}", "text": f"backfill document {i}. " * 12}) for i in range(30)
+    ]
     await produce(env, events)
     await asyncio.wait_for(serve(env.settings, stop=asyncio.Event(), stop_when_idle=1.5, backfill=True), 120)
     conn = await connect(env)
@@ -105,3 +107,50 @@ async def test_backfill_loads_without_the_ann_index_then_builds_it(env: Env) -> 
         await conn.close()
     assert index is not None and method == "hnsw"
     await assert_stored_state(env, expected_state(events))
+
+
+async def test_commits_stop_below_a_slow_record_while_later_ones_are_stored(env: Env, faults: Any) -> None:
+    """Out-of-order completion: the partition's watermark waits for its slowest record."""
+    import json
+
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    producer = AIOKafkaProducer(bootstrap_servers=env.stack.bootstrap, enable_idempotence=False, acks="all")
+    await producer.start()
+    try:
+        slow = await producer.send_and_wait(
+            env.topic,
+            partition=0,
+            key=b"slow",
+            value=json.dumps({"id": "slow", "text": "SLOWPOKE here."}).encode(),
+        )
+        for i in range(30):
+            body = {"id": f"fast-{i}", "text": f"fast document {i}."}
+            last = await producer.send_and_wait(
+                env.topic, partition=0, key=body["id"].encode(), value=json.dumps(body).encode()
+            )
+    finally:
+        await producer.stop()
+    faults(slow_marker="SLOWPOKE", slow_ms=4000)
+    eager = env.with_(EMBEDDING_BATCH_SIZE="1", EMBEDDING_CONCURRENCY="4", COMMIT_INTERVAL_MS="50")
+    tp = TopicPartition(env.topic, 0)
+    run = asyncio.create_task(serve(eager.settings, stop=asyncio.Event(), stop_when_idle=1.0))
+    conn = await connect(env)
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.05)
+            exists = await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.documents")
+            stored = await conn.fetchval(f"SELECT count(*) FROM {env.schema}.documents") if exists else 0
+            if stored >= 30:
+                break
+        assert stored == 30, "the fast documents behind the slow one were not stored while it waited"
+        assert await conn.fetchval(f"SELECT count(*) FROM {env.schema}.documents WHERE id = 'slow'") == 0
+        await asyncio.sleep(0.3)  # several commit intervals
+        committed = (await committed_offsets(env, [tp]))[tp]
+        assert committed is None or committed <= slow.offset, "committed past a record that is not stored"
+        await asyncio.wait_for(run, 60)
+    finally:
+        await conn.close()
+        if not run.done():
+            run.cancel()
+    assert (await committed_offsets(env, [tp]))[tp] == last.offset + 1

@@ -208,6 +208,7 @@ class Faults:
     slow_rate: float = 0.0
     slow_ms: float = 0.0
     reject_marker: str | None = None
+    slow_marker: str | None = None  # requests holding an input with it are delayed by slow_ms
     shuffle: bool = False
     seed: int = 0
 
@@ -236,9 +237,9 @@ def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> obje
         if isinstance(value, bool) or not isinstance(value, int):
             raise FaultError("fault 'seed' must be an integer")
         return value
-    if key == "reject_marker":
+    if key in {"reject_marker", "slow_marker"}:
         if value is not None and (not isinstance(value, str) or not value):
-            raise FaultError("fault 'reject_marker' must be a non-empty string or null")
+            raise FaultError(f"fault {key!r} must be a non-empty string or null")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise FaultError(f"fault {key!r} must be a number")
@@ -431,6 +432,8 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         parsed = _parse(await request.read(), state)
     except _Invalid as exc:
         return exc.response
+    if faults.slow_marker is not None and any(faults.slow_marker in text for text in parsed.texts):
+        await asyncio.sleep(faults.slow_ms / 1000)
     marker = faults.reject_marker
     if marker is not None:
         for index, text in enumerate(parsed.texts):
