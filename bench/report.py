@@ -52,6 +52,7 @@ class Report:
     sweep: list[SweepPoint] = field(default_factory=list)
     scaling: list[WorkerRun] = field(default_factory=list)
     runs: list[WorkerRun] = field(default_factory=list)
+    copy_rows_per_s: float | None = None
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     seconds: float = 0.0
 
