@@ -56,12 +56,29 @@ class Report:
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     seconds: float = 0.0
 
+    def ordered(self) -> list[Check]:
+        """The checks by item number (they run in another order)."""
+        return sorted(self.checks, key=lambda c: c.item.split(".")[0].zfill(4))
+
     def add(self, check: Check) -> Check:
         self.checks.append(check)
         print(f"  {check.item}: {check.figure}   goal {check.goal}   {check.verdict}", flush=True)
         if check.note:
             print(f"      {check.note}", flush=True)
         return check
+
+
+def summary(report: Report) -> str:
+    """The checks as an aligned text table, for the end of the run."""
+    rows = [
+        ("item", "figure", "goal", "result"),
+        *((c.item, c.figure, c.goal, c.verdict) for c in report.ordered()),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in (0, 2, 3)]
+    return "\n".join(
+        f"{item:<{widths[0]}}  {goal:<{widths[1]}}  {verdict:<{widths[2]}}  {figure}"
+        for item, figure, goal, verdict in rows
+    )
 
 
 def machine() -> dict[str, str]:
@@ -88,8 +105,9 @@ def machine() -> dict[str, str]:
     }
 
 
-def rate(value: float, unit: str) -> str:
-    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.1f} {unit}"
+def rate(value: float, unit: str = "") -> str:
+    number = f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+    return f"{number} {unit}" if unit else number
 
 
 def megabytes(value: int) -> str:
@@ -122,11 +140,11 @@ def markdown(report: Report, plot: Path | None) -> str:
         "",
         *_table(
             ("item", "figure", "goal", "result"),
-            [(c.item, c.figure, c.goal, c.verdict) for c in report.checks],
+            [(c.item, c.figure, c.goal, c.verdict) for c in report.ordered()],
         ),
         "",
     ]
-    notes = [f"- **{c.item}**: {c.note}" for c in report.checks if c.note]
+    notes = [f"- **{c.item}**: {c.note}" for c in report.ordered() if c.note]
     if notes:
         out += ["How each figure was measured:", "", *notes, ""]
     if report.sweep:
@@ -139,9 +157,9 @@ def markdown(report: Report, plot: Path | None) -> str:
                     (
                         f"{p.latency_ms:g} ms",
                         str(p.concurrency),
-                        rate(p.run.docs_per_s, ""),
-                        rate(p.run.chunks_per_s, ""),
-                        rate(p.bound, "") if p.bound else "-",
+                        rate(p.run.docs_per_s),
+                        rate(p.run.chunks_per_s),
+                        rate(p.bound) if p.bound else "-",
                         f"{p.run.chunks_per_s / p.bound:.2f}" if p.bound else "-",
                     )
                     for p in sorted(report.sweep, key=lambda p: (p.concurrency, p.latency_ms))
@@ -165,8 +183,8 @@ def markdown(report: Report, plot: Path | None) -> str:
                         str(r.chunks),
                         f"{r.seconds:.2f}",
                         f"{r.wall_seconds:.1f}",
-                        rate(r.docs_per_s, ""),
-                        rate(r.chunks_per_s, ""),
+                        rate(r.docs_per_s),
+                        rate(r.chunks_per_s),
                         " + ".join(megabytes(b) for b in r.peak_rss),
                     )
                     for r in report.runs
@@ -209,7 +227,7 @@ def plot_throughput(report: Report, path: Path, *, copy_rows_per_s: float | None
             left.plot(
                 [p.latency_ms for p in bounded],
                 [p.bound or 0.0 for p in bounded],
-                ":",
+                "x:",
                 color=color,
                 label=f"Little's bound, concurrency {concurrency}",
             )

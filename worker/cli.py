@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import signal
 import sys
@@ -100,6 +101,30 @@ def _parser() -> argparse.ArgumentParser:
     produce = commands.add_parser("produce", parents=[settings_flags], help="publish JSON-lines events")
     produce.add_argument("file", help="JSON-lines file, or - for standard input")
     produce.set_defaults(command=_cmd_produce)
+
+    replay = commands.add_parser(
+        "replay", parents=[settings_flags], help="move dead letters back to their topic, then exit"
+    )
+    replay.add_argument("--to", metavar="TOPIC", help="publish here instead of each record's original topic")
+    replay.add_argument("--stage", choices=("decode", "validate", "chunk", "embed", "store"))
+    replay.add_argument(
+        "--error-class", metavar="NAME", help="only records that failed with this error class"
+    )
+    replay.add_argument("--original-topic", metavar="TOPIC", help="only records that came from this topic")
+    replay.add_argument("--key", help="only records with this key (document id)")
+    replay.add_argument(
+        "--since", type=_iso_time, metavar="ISO-8601", help="failed at or after (dlq.failed.at)"
+    )
+    replay.add_argument("--until", type=_iso_time, metavar="ISO-8601", help="failed before")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="list what would move; move and commit nothing"
+    )
+    replay.add_argument(
+        "--max-replays", type=int, metavar="N", help="refuse records already replayed N times"
+    )
+    replay.add_argument("--rate", type=float, metavar="PER_SECOND", help="records per second at most")
+    replay.add_argument("--group", help="consumer group [<KAFKA_GROUP_ID>.replay]; a new one starts over")
+    replay.set_defaults(command=_cmd_replay)
 
     search = commands.add_parser("search", parents=[settings_flags], help="print the chunks nearest a query")
     search.add_argument("query")
@@ -221,6 +246,33 @@ async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     for rank, hit in enumerate(hits, 1):
         snippet = " ".join(hit.content.split())[:160]
         print(f"{rank:2}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n    {snippet}")
+    return 0
+
+
+def _iso_time(text: str) -> dt.datetime:
+    from worker.replay import parse_time
+
+    value = parse_time(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}")
+    return value
+
+
+async def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.replay import Filters, replay
+
+    filters = Filters(args.stage, args.error_class, args.key, args.original_topic, args.since, args.until)
+    summary = await replay(
+        settings,
+        filters=filters,
+        to_topic=args.to,
+        dry_run=args.dry_run,
+        max_replays=args.max_replays,
+        rate=args.rate,
+        group=args.group,
+    )
+    for line in summary.lines():
+        print(line)
     return 0
 
 

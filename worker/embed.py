@@ -21,6 +21,7 @@ import orjson
 
 from worker import metrics
 from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected
+from worker.limits import AdaptiveConcurrency, Budget
 from worker.settings import Settings
 
 Vector = npt.NDArray[np.float32]
@@ -43,7 +44,10 @@ class OpenAIEmbedder:
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
-        self._semaphore = asyncio.Semaphore(settings.embedding_concurrency)
+        self.concurrency = AdaptiveConcurrency(settings.embedding_concurrency)
+        self._budget = Budget(
+            requests_per_minute=settings.embedding_max_rpm, tokens_per_minute=settings.embedding_max_tpm
+        )
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> OpenAIEmbedder:
@@ -69,7 +73,8 @@ class OpenAIEmbedder:
             body["dimensions"] = self._settings.embedding_dimensions
         if self._settings.embedding_encoding == "base64":
             body["encoding_format"] = "base64"
-        async with self._semaphore:
+        await self._budget.spend(sum(map(len, texts)))
+        async with self.concurrency.slot():
             started = time.perf_counter()
             status = "error"
             try:
@@ -77,14 +82,28 @@ class OpenAIEmbedder:
                     status = str(response.status)
                     payload = await response.read()
                     if response.status != 200:
-                        raise _http_error(response.status, response.headers, payload, len(texts))
+                        raise _http_error(
+                            response.status, response.headers, self._redact(payload), len(texts)
+                        )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise EmbeddingUnavailable(f"embedding request failed: {type(exc).__name__}: {exc}") from exc
+                message = self._redact(f"{type(exc).__name__}: {exc}".encode()).decode()
+                raise EmbeddingUnavailable(f"embedding request failed: {message}") from exc
             finally:
+                latency = time.perf_counter() - started
                 metrics.EMBEDDING_REQUESTS.labels(status=status).inc()
-                metrics.EMBEDDING_SECONDS.observe(time.perf_counter() - started)
+                metrics.EMBEDDING_SECONDS.observe(latency)
+                if self._settings.embedding_adaptive:
+                    if status == "429":
+                        self.concurrency.throttled()
+                    elif status == "200":
+                        self.concurrency.succeeded(latency)
         metrics.EMBEDDING_INPUTS.inc(len(texts))
         return parse_embeddings(payload, len(texts), self._settings.embedding_dimensions)
+
+    def _redact(self, payload: bytes) -> bytes:
+        """Some providers echo the key they were given: never let it reach a log or a dead letter."""
+        key = self._settings.api_key
+        return payload.replace(key.encode(), b"**********") if key else payload
 
     async def ping(self) -> None:
         """Cheap reachability check for /readyz: any HTTP answer means the API is there."""
@@ -143,7 +162,9 @@ def _http_error(status: int, headers: Any, payload: bytes, count: int) -> Except
             retry_after = min(float(headers.get("Retry-After", "")), _MAX_RETRY_AFTER)
         except ValueError:
             retry_after = None
-    return EmbeddingUnavailable(f"embedding API answered {status}: {message}", retry_after=retry_after)
+    return EmbeddingUnavailable(
+        f"embedding API answered {status}: {message}", status=status, retry_after=retry_after
+    )
 
 
 def _error_message(payload: bytes) -> str:

@@ -50,6 +50,17 @@ class InputRejected(RecordError):
     stage = "embed"
 
 
+class AttemptsExhausted(RecordError):
+    """An embedding request for this input failed every attempt while the API answered others."""
+
+    stage = "embed"
+
+    def __init__(self, last: Exception, attempts: int) -> None:
+        super().__init__(f"{attempts} attempts failed while the embedding API was up; last: {last}")
+        self.last = last
+        self.attempts = attempts
+
+
 # Dependency failures: an outage, not the record's fault. Retried; never dead-lettered.
 
 
@@ -63,8 +74,9 @@ class EmbeddingUnavailable(DependencyError):
 
     dependency = "embedding"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
+        self.status = status
         self.retry_after = retry_after
 
 

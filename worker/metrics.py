@@ -43,3 +43,10 @@ IN_FLIGHT_RECORDS: Final = Gauge(
     "ingest_in_flight_records", "Records fetched and not yet stored or dead-lettered"
 )
 PAUSED: Final = Gauge("ingest_paused", "1 while fetching is paused because the in-flight window is full")
+DEPENDENCY_UP: Final = Gauge(
+    "ingest_dependency_up", "0 while a dependency's circuit breaker is open", ["dependency"]
+)
+EMBEDDING_CONCURRENCY_LIMIT: Final = Gauge(
+    "ingest_embedding_concurrency_limit",
+    "Embedding requests allowed in flight now (adapts to 429s and latency)",
+)

@@ -104,6 +104,13 @@ class Settings:
     embedding_linger_ms: int = _setting(
         20, "wait this long to fill a request before sending it", low=0, high=10_000
     )
+    embedding_adaptive: bool = _setting(True, "adapt concurrency to 429s and latency (AIMD), up to the cap")
+    embedding_max_rpm: int = _setting(
+        0, "requests per minute this process may send; 0 for no cap", low=0, high=10**9
+    )
+    embedding_max_tpm: int = _setting(
+        0, "tokens (chars/4) per minute this process may send; 0 for no cap", low=0, high=10**12
+    )
     embedding_max_attempts: int = _setting(
         5, "attempts per embedding request before pausing", low=1, high=100
     )

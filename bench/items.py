@@ -1,0 +1,479 @@
+"""The measured items, in the order they run, each adding its checks to the report."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
+from bench.corpus import Published, make_documents, publish
+from bench.embeddings import EmbeddingAdmin
+from bench.naive import NaiveConfig, run_naive
+from bench.report import Check, Report, SweepPoint, megabytes, rate
+from bench.runner import WorkerRun, run_workers, worker_command
+from worker.dev.stack import EmbeddingServer, Stack
+
+# Goals, from the project's issue.
+GOAL_INSTANT_OF_CEILING = 0.8
+GOAL_SLOW_OF_BOUND = 0.85
+GOAL_OVER_NAIVE = 20.0
+GOAL_RSS_GROWTH = 1.2
+GOAL_RSS_BYTES = 250 * 1_048_576
+GOAL_TWO_PROCESSES = 1.8
+GOAL_SAVED = 1.0
+
+TOPIC = "bench"
+LARGE_TOPIC = "bench_large"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: the worker's settings and flags, the workload, the sweep."""
+
+    worker_settings: Mapping[str, str]
+    worker_args: tuple[str, ...]
+    idle_seconds: float
+    partitions: int
+    docs: int
+    naive_sample: int
+    backlog_factor: int
+    latency_ms: float
+    scaling_processes: tuple[int, ...]
+    scaling_settings: Mapping[str, str]
+    sweep_latencies_ms: tuple[float, ...]
+    sweep_concurrency: tuple[int, ...]
+
+    def setting(self, name: str, default: int) -> int:
+        return int(self.worker_settings.get(name, default))
+
+    @property
+    def backfill(self) -> bool:
+        return "--backfill" in self.worker_args
+
+
+@dataclass
+class Bench:
+    """One benchmark run: the stack, the slow embedding server, the corpus, what was measured."""
+
+    plan: Plan
+    stack: Stack
+    slow_server: EmbeddingServer
+    report: Report
+    logs: Path
+    base: Published | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def database_url(self) -> str:
+        return self.stack.postgres.uri
+
+    @property
+    def bootstrap(self) -> str:
+        return self.stack.broker.bootstrap
+
+    @property
+    def instant(self) -> EmbeddingAdmin:
+        return EmbeddingAdmin(self.stack.embeddings.url)
+
+    @property
+    def slow(self) -> EmbeddingAdmin:
+        return EmbeddingAdmin(self.slow_server.url)
+
+    @property
+    def docs(self) -> int:
+        assert self.base is not None
+        return self.base.records
+
+    def env(self, name: str, *, topic: str, embedding_url: str, **overrides: str) -> dict[str, str]:
+        return {
+            **self.stack.env(),
+            **self.plan.worker_settings,
+            **overrides,
+            "KAFKA_TOPIC": topic,
+            "KAFKA_GROUP_ID": f"bench-{name}",
+            "DATABASE_SCHEMA": f"bench_{name}",
+            "EMBEDDING_URL": embedding_url,
+        }
+
+    async def run(
+        self,
+        name: str,
+        *,
+        embedding_url: str,
+        topic: str = TOPIC,
+        docs: int | None = None,
+        processes: int = 1,
+        schema: str | None = None,
+        fresh: bool = True,
+        within: float = 240.0,
+        **overrides: str,
+    ) -> WorkerRun:
+        """Run the worker (``processes`` of them in one group) over ``topic``; drop a fresh schema after."""
+        docs = self.docs if docs is None else docs
+        env = self.env(name, topic=topic, embedding_url=embedding_url, **overrides)
+        if schema is not None:
+            env["DATABASE_SCHEMA"] = schema
+        print(f"- worker run {name}: {processes} process(es), {docs} records ...", flush=True)
+        result = await run_workers(
+            name,
+            env=env,
+            docs=docs,
+            database_url=self.database_url,
+            log_dir=self.logs,
+            processes=processes,
+            idle_seconds=self.plan.idle_seconds,
+            args=self.plan.worker_args,
+            within=within,
+            fresh=fresh,
+        )
+        problems = f"  PROBLEMS: {'; '.join(result.problems)}" if result.problems else ""
+        print(
+            f"    {rate(result.docs_per_s, 'docs/s')}, {rate(result.chunks_per_s, 'chunks/s')} "
+            f"over {result.seconds:.2f}s (wall {result.wall_seconds:.1f}s), peak RSS "
+            f"{' + '.join(megabytes(b) for b in result.peak_rss)}{problems}",
+            flush=True,
+        )
+        self.report.runs.append(result)
+        return result
+
+    async def drop_schema(self, schema: str) -> None:
+        conn = await asyncpg.connect(self.database_url, timeout=10)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    async def migrate(self, schema: str) -> None:
+        """``ingest-worker migrate`` into ``schema``: the worker's own tables and indexes."""
+        env = self.env("migrate", topic=TOPIC, embedding_url=self.stack.embeddings.url)
+        env["DATABASE_SCHEMA"] = schema
+        process = await asyncio.create_subprocess_exec(
+            *worker_command(),
+            "migrate",
+            env={**os.environ, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+        if process.returncode != 0:
+            raise RuntimeError(f"ingest-worker migrate failed: {output.decode(errors='replace')[-500:]}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ceilings in both units, and the runs later items compare against."""
+
+    consume: Ceiling
+    copy: Ceiling  # the COPY ceiling that applies to the worker's mode
+
+    @property
+    def docs_per_s(self) -> float:
+        return min(self.consume.docs_per_s, self.copy.docs_per_s)
+
+    @property
+    def chunks_per_s(self) -> float:
+        chunks_per_doc = self.copy.items / self.copy.docs
+        return min(self.consume.per_s * chunks_per_doc, self.copy.per_s)
+
+
+def little_bound(concurrency: int, batch_size: int, latency_ms: float) -> float:
+    """Requests in flight x inputs per request / latency: the most chunks/s the embedding API allows."""
+    return concurrency * batch_size / (latency_ms / 1000)
+
+
+def run_note(run: WorkerRun, extra: str = "") -> str:
+    problems = f" PROBLEMS: {'; '.join(run.problems)}." if run.problems else ""
+    return (
+        f"`{run.command}`, {run.docs} records -> {run.chunks} chunks in {run.seconds:.2f} s measured "
+        f"({run.wall_seconds:.1f} s wall, work began {run.join_seconds:.1f} s after spawn){extra}.{problems}"
+    )
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+
+async def publish_base(bench: Bench) -> None:
+    plan = bench.plan
+    print(f"- publishing {plan.docs} documents to `{TOPIC}` ({plan.partitions} partitions) ...", flush=True)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t, plan.partitions, replication_factor=1) for t in (TOPIC, LARGE_TOPIC)]
+        )
+    finally:
+        await admin.close()
+    bench.events = make_documents(plan.docs)
+    bench.base = await publish(bench.bootstrap, TOPIC, bench.events)
+    ends = sorted((tp.partition, end) for tp, end in bench.base.ends.items())
+    print(
+        f"    {bench.base.payload_bytes / 1e6:.1f} MB in {bench.base.seconds:.1f}s; ends {ends}", flush=True
+    )
+
+
+# -- 1. ceilings -------------------------------------------------------------------------------
+
+
+async def ceilings(bench: Bench) -> Limits:
+    assert bench.base is not None
+    plan, report = bench.plan, bench.report
+    print("- ceilings ...", flush=True)
+    consume = await consume_ceiling(
+        bench.bootstrap, bench.base, max_poll_records=plan.setting("KAFKA_MAX_POLL_RECORDS", 500)
+    )
+    await bench.migrate("bench_template")
+    stack_env = bench.stack.env()
+    rows = chunk_rows(
+        bench.events,
+        chunk_size=plan.setting("CHUNK_SIZE", 1000),
+        chunk_overlap=plan.setting("CHUNK_OVERLAP", 100),
+        model=stack_env["EMBEDDING_MODEL"],
+        dimensions=int(stack_env["EMBEDDING_DIMENSIONS"]),
+    )
+    copy_ann = await copy_ceiling(bench.database_url, "bench_template", rows, approximate_index=True)
+    copy_backfill = await copy_ceiling(bench.database_url, "bench_template", rows, approximate_index=False)
+    report.add(
+        Check(
+            "1a. ceiling: consume + decode",
+            f"{rate(consume.per_s, 'records/s')} (= docs/s)",
+            note="aiokafka with the partitions assigned (no group) from offset 0, orjson.loads of each "
+            f"value; best of 3 reads of {consume.items} records",
+        )
+    )
+    for number, ceiling in (("1b", copy_ann), ("1c", copy_backfill)):
+        report.add(
+            Check(
+                f"{number}. ceiling: binary {ceiling.name}",
+                f"{rate(ceiling.per_s, 'rows/s')}, {rate(ceiling.docs_per_s, 'docs/s')}",
+                note=f"one copy_records_to_table (pgvector codec) of {ceiling.items} chunk rows "
+                f"({ceiling.docs} docs) with their vectors into a `LIKE chunks INCLUDING ALL` copy of a "
+                "migrated schema's table" + ("" if number == "1b" else ", its HNSW index dropped"),
+            )
+        )
+    limits = Limits(consume, copy_backfill if plan.backfill else copy_ann)
+    report.copy_rows_per_s = limits.copy.per_s
+    return limits
+
+
+# -- 2. and 7. instant embeddings, then the same stream again ---------------------------------------
+
+
+async def instant_and_redelivery(bench: Bench, limits: Limits) -> WorkerRun:
+    report = bench.report
+    await bench.instant.reset()
+    fast = await bench.run("instant", embedding_url=bench.instant.url)
+    inputs_first = int((await bench.instant.stats())["inputs"])
+    ratio = fast.docs_per_s / limits.docs_per_s
+    report.add(
+        Check(
+            "2. end to end, instant embeddings",
+            f"{rate(fast.docs_per_s, 'docs/s')}, {rate(fast.chunks_per_s, 'chunks/s')}; "
+            f"{ratio:.2f} of min(ceilings) = {rate(limits.docs_per_s, 'docs/s')}",
+            f">= {GOAL_INSTANT_OF_CEILING}",
+            fast.ok and ratio >= GOAL_INSTANT_OF_CEILING,
+            run_note(fast, f"; {inputs_first} embedding inputs; ceiling used: {limits.copy.name}"),
+        )
+    )
+
+    await bench.instant.reset()
+    again = await bench.run(
+        "redelivery", embedding_url=bench.instant.url, schema="bench_instant", fresh=False
+    )
+    inputs = int((await bench.instant.stats())["inputs"])
+    saved = 1 - inputs / fast.chunks if fast.chunks else 0.0
+    report.add(
+        Check(
+            "7. embedding inputs saved on redelivery",
+            f"{saved:.0%} ({inputs} inputs embedded again for {fast.chunks} unchanged chunks)",
+            f">= {GOAL_SAVED:.0%}",
+            again.ok and fast.ok and saved >= GOAL_SAVED,
+            f"the same {again.docs} records consumed again by a new group into the instant run's schema; "
+            f"inputs from the embedding server's /admin/stats after /admin/reset; {again.chunks} chunks "
+            "stored afterwards; " + run_note(again),
+        )
+    )
+    await bench.drop_schema("bench_instant")
+    return fast
+
+
+# -- 3. and 4. slow embeddings, and the naive baseline at the same latency ------------------------
+
+
+async def slow_and_naive(bench: Bench, limits: Limits) -> WorkerRun:
+    plan, report = bench.plan, bench.report
+    concurrency = plan.setting("EMBEDDING_CONCURRENCY", 4)
+    batch_size = plan.setting("EMBEDDING_BATCH_SIZE", 64)
+    await bench.slow.set_latency(plan.latency_ms)
+    slow = await bench.run("slow", embedding_url=bench.slow.url)
+    await bench.drop_schema("bench_slow")
+    bound = little_bound(concurrency, batch_size, plan.latency_ms)
+    ratio = slow.chunks_per_s / min(bound, limits.chunks_per_s)
+    report.add(
+        Check(
+            f"3. end to end, embeddings after {plan.latency_ms:g} ms",
+            f"{rate(slow.docs_per_s, 'docs/s')}, {rate(slow.chunks_per_s, 'chunks/s')}; {ratio:.2f} of "
+            f"min(Little's bound {rate(bound, 'chunks/s')}, "
+            f"ceilings {rate(limits.chunks_per_s, 'chunks/s')})",
+            f">= {GOAL_SLOW_OF_BOUND}",
+            slow.ok and ratio >= GOAL_SLOW_OF_BOUND,
+            run_note(
+                slow,
+                f"; bound = EMBEDDING_CONCURRENCY {concurrency} x EMBEDDING_BATCH_SIZE {batch_size} / "
+                f"{plan.latency_ms:g} ms",
+            ),
+        )
+    )
+
+    sample = min(plan.naive_sample, bench.docs)
+    print(f"- naive baseline: {sample} records, one at a time ...", flush=True)
+    await bench.migrate("bench_naive")
+    stack_env = bench.stack.env()
+    naive = await run_naive(
+        NaiveConfig(
+            bootstrap=bench.bootstrap,
+            topic=TOPIC,
+            group="bench-naive",
+            database_url=bench.database_url,
+            schema="bench_naive",
+            embedding_url=bench.slow.url,
+            model=stack_env["EMBEDDING_MODEL"],
+            dimensions=int(stack_env["EMBEDDING_DIMENSIONS"]),
+            chunk_size=plan.setting("CHUNK_SIZE", 1000),
+            chunk_overlap=plan.setting("CHUNK_OVERLAP", 100),
+        ),
+        limit=sample,
+    )
+    await bench.drop_schema("bench_naive")
+    speedup = slow.docs_per_s / naive.docs_per_s
+    report.add(
+        Check(
+            f"4. worker vs naive baseline, {plan.latency_ms:g} ms",
+            f"{speedup:.1f}x (naive {rate(naive.docs_per_s, 'docs/s')}, "
+            f"{rate(naive.chunks_per_s, 'chunks/s')}; worker {rate(slow.docs_per_s, 'docs/s')})",
+            f">= {GOAL_OVER_NAIVE:g}x",
+            slow.ok and speedup >= GOAL_OVER_NAIVE,
+            "bench/naive.py: decode, one embedding request per record, executemany INSERT, commit the "
+            f"offset; capped to a sample of the first {naive.records} records ({naive.chunks} chunks) in "
+            f"{naive.seconds:.1f} s (first record received to last offset committed), its rate "
+            f"extrapolated: the whole {bench.docs}-record topic would take "
+            f"{bench.docs / naive.docs_per_s:.0f} s against the worker's {slow.seconds:.1f} s",
+        )
+    )
+    return slow
+
+
+# -- 6. scaling over processes -----------------------------------------------------------------
+
+
+async def scaling(bench: Bench) -> list[WorkerRun]:
+    plan, report = bench.plan, bench.report
+    await bench.slow.set_latency(plan.latency_ms)
+    for processes in plan.scaling_processes:
+        name = f"scale{processes}"
+        run = await bench.run(
+            name, embedding_url=bench.slow.url, processes=processes, **plan.scaling_settings
+        )
+        report.scaling.append(run)
+        await bench.drop_schema(f"bench_{name}")
+    one, *more = report.scaling
+    speedups = {r.processes: r.chunks_per_s / one.chunks_per_s for r in more}
+    two = speedups.get(2, 0.0)
+    concurrency = int(plan.scaling_settings.get("EMBEDDING_CONCURRENCY", 4))
+    bound = little_bound(concurrency, plan.setting("EMBEDDING_BATCH_SIZE", 64), plan.latency_ms)
+    report.add(
+        Check(
+            "6. scaling, 2 processes vs 1",
+            f"{two:.2f}x ("
+            + ", ".join(f"{r.processes}: {rate(r.chunks_per_s, 'chunks/s')}" for r in report.scaling)
+            + "; "
+            + ", ".join(f"{n} processes {s:.2f}x" for n, s in speedups.items())
+            + ")",
+            f">= {GOAL_TWO_PROCESSES}x",
+            all(r.ok for r in report.scaling) and two >= GOAL_TWO_PROCESSES,
+            f"processes started together in one group on the {plan.partitions}-partition topic; "
+            f"embeddings after {plan.latency_ms:g} ms with {plan.scaling_settings} (one process's "
+            f"Little's bound {rate(bound, 'chunks/s')}); measured from the first batch's start in any "
+            "process to the last batch stored in any",
+        )
+    )
+    return report.scaling
+
+
+# -- the sweep behind the plot -----------------------------------------------------------------
+
+
+async def sweep(bench: Bench, known: Mapping[tuple[float, int], WorkerRun]) -> None:
+    """Throughput at each latency x concurrency (one process), reusing runs already made."""
+    plan = bench.plan
+    batch_size = plan.setting("EMBEDDING_BATCH_SIZE", 64)
+    try:
+        for latency in plan.sweep_latencies_ms:
+            for concurrency in plan.sweep_concurrency:
+                run = known.get((latency, concurrency))
+                if run is None:
+                    name = f"sweep_{latency:g}ms_c{concurrency}"
+                    await bench.slow.set_latency(latency)
+                    url = bench.instant.url if latency == 0 else bench.slow.url
+                    run = await bench.run(name, embedding_url=url, EMBEDDING_CONCURRENCY=str(concurrency))
+                    await bench.drop_schema(f"bench_{name}")
+                bench.report.sweep.append(SweepPoint(latency, concurrency, batch_size, run))
+    finally:
+        await bench.slow.set_latency(plan.latency_ms)
+
+
+# -- 5. memory against backlog size ------------------------------------------------------------
+
+
+async def backlog(bench: Bench, base: WorkerRun) -> None:
+    plan = bench.plan
+    factor = plan.backlog_factor
+    count = bench.docs * factor
+    print(f"- publishing {count} documents to `{LARGE_TOPIC}` ...", flush=True)
+    large = await publish(bench.bootstrap, LARGE_TOPIC, make_documents(count, prefix="large"))
+    name = f"backlog_x{factor}"
+    big = await bench.run(
+        name,
+        embedding_url=bench.instant.url,
+        topic=LARGE_TOPIC,
+        docs=large.records,
+        within=max(240.0, 60 + large.records / 50),
+    )
+    await bench.drop_schema(f"bench_{name}")
+    growth = big.max_rss / base.max_rss if base.max_rss else float("inf")
+    bench.report.add(
+        Check(
+            f"5. peak RSS, {factor}x backlog vs base",
+            f"{megabytes(big.max_rss)} vs {megabytes(base.max_rss)} = {growth:.2f}x",
+            f"<= {GOAL_RSS_GROWTH}x and < {megabytes(GOAL_RSS_BYTES)}",
+            big.ok and growth <= GOAL_RSS_GROWTH and big.max_rss < GOAL_RSS_BYTES,
+            f"VmHWM of the worker process (polled from /proc every 0.1 s); base = the instant run "
+            f"({base.docs} records); the large backlog ({large.records} records, "
+            f"{large.payload_bytes / 1e6:.0f} MB) was all published before the worker started; "
+            f"{rate(big.docs_per_s, 'docs/s')}, {rate(big.chunks_per_s, 'chunks/s')} on it; " + run_note(big),
+        )
+    )
+
+
+async def run_all(bench: Bench, *, with_sweep: bool) -> None:
+    plan = bench.plan
+    await publish_base(bench)
+    limits = await ceilings(bench)
+    fast = await instant_and_redelivery(bench, limits)
+    slow = await slow_and_naive(bench, limits)
+    scaled = await scaling(bench)
+    if with_sweep:
+        concurrency = plan.setting("EMBEDDING_CONCURRENCY", 4)
+        known = {(0.0, concurrency): fast, (plan.latency_ms, concurrency): slow}
+        only_concurrency = set(plan.scaling_settings) <= {"EMBEDDING_CONCURRENCY"}
+        if scaled and scaled[0].processes == 1 and only_concurrency:
+            scaling_concurrency = int(plan.scaling_settings.get("EMBEDDING_CONCURRENCY", concurrency))
+            known[(plan.latency_ms, scaling_concurrency)] = scaled[0]
+        await sweep(bench, known)
+    await backlog(bench, fast)

@@ -1,0 +1,153 @@
+"""Calling a dependency (embedding API, database, dead-letter producer) through failures.
+
+Each dependency has a circuit breaker. Retriable failures are retried with capped, jittered
+exponential backoff (``Retry-After`` honoured). After ``threshold`` consecutive failures the
+breaker opens: the dependency is down. While it is down, callers wait, and a prober tests it
+with a request of its own (never a caller's possibly poisonous input); the Worker pauses
+fetching, keeps its group membership, commits nothing it has not stored and dead-letters
+nothing. A caller's own attempts burn only while the breaker is closed, so an input that
+keeps failing while the dependency answers the probe is the input's fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from worker import metrics
+from worker.errors import AttemptsExhausted, DependencyError, EmbeddingUnavailable
+from worker.retry import ShuttingDown, backoff, sleep_unless
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+
+class Dependency:
+    def __init__(
+        self,
+        name: str,
+        *,
+        probe: Callable[[], Awaitable[object]],
+        stop: asyncio.Event,
+        threshold: int = 5,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.name = name
+        self._probe = probe
+        self._stop = stop
+        self._threshold = threshold
+        self._max_backoff = max_backoff
+        self._consecutive = 0
+        self._up = asyncio.Event()
+        self._up.set()
+        self._prober: asyncio.Task[None] | None = None
+        self._down_at = 0.0
+        self.down_since: dt.datetime | None = None
+        self.last_error: str | None = None
+        metrics.DEPENDENCY_UP.labels(dependency=name).set(1)
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def describe(self) -> str | None:
+        """Why the dependency is down, for /readyz; None while it is up."""
+        if self.down_since is None:
+            return None
+        return f"down since {self.down_since.isoformat(timespec='seconds')}: {self.last_error}"
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, attempts: int | None = None) -> T:
+        """Run ``fn`` until it succeeds, waiting out outages.
+
+        With ``attempts``, raise AttemptsExhausted once ``fn`` has failed that many times while
+        the breaker was closed. Raises ShuttingDown when the worker stops first, and
+        non-retriable errors at once.
+        """
+        burned = 0
+        round_ = 0
+        while True:
+            await self._wait_up()
+            try:
+                result = await fn()
+            except DependencyError as exc:
+                round_ += 1
+                metrics.RETRIES.labels(dependency=self.name).inc()
+                self._failed(exc)
+                if self.up and not _systemic(exc):
+                    burned += 1
+                    if attempts is not None and burned >= attempts:
+                        raise AttemptsExhausted(exc, burned) from exc
+                await sleep_unless(self._stop, self._wait(exc, round_))
+            else:
+                self._consecutive = 0
+                return result
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+
+    async def _wait_up(self) -> None:
+        if self.up:
+            return
+        up = asyncio.ensure_future(self._up.wait())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({up, stop}, return_when=asyncio.FIRST_COMPLETED)
+        up.cancel()
+        stop.cancel()
+        if not self.up:
+            raise ShuttingDown("stopping")
+
+    def _wait(self, exc: DependencyError, round_: int) -> float:
+        if isinstance(exc, EmbeddingUnavailable) and exc.retry_after is not None:
+            return exc.retry_after + random.uniform(0, 0.1 * exc.retry_after)
+        return backoff(round_, initial=0.2, cap=self._max_backoff)
+
+    def _failed(self, exc: DependencyError) -> None:
+        self._consecutive += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if self.up and self._consecutive >= self._threshold:
+            self._up.clear()
+            self.down_since = dt.datetime.now(dt.UTC)
+            self._down_at = time.monotonic()
+            metrics.DEPENDENCY_UP.labels(dependency=self.name).set(0)
+            log.error(
+                "dependency_down", dependency=self.name, error=self.last_error, failures=self._consecutive
+            )
+            self._prober = asyncio.create_task(self._probe_until_up(), name=f"probe-{self.name}")
+
+    async def _probe_until_up(self) -> None:
+        round_ = 0
+        while True:
+            round_ += 1
+            try:
+                await sleep_unless(self._stop, backoff(round_, initial=0.5, cap=self._max_backoff) + 0.1)
+            except ShuttingDown:
+                return
+            try:
+                await self._probe()
+            except DependencyError as exc:
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.info("dependency_probe_failed", dependency=self.name, error=self.last_error, round=round_)
+                continue
+            break
+        log.warning(
+            "dependency_recovered",
+            dependency=self.name,
+            down_seconds=round(time.monotonic() - self._down_at, 1),
+        )
+        self._consecutive = 0
+        self.down_since = None
+        metrics.DEPENDENCY_UP.labels(dependency=self.name).set(1)
+        self._up.set()
+
+
+def _systemic(exc: DependencyError) -> bool:
+    """A rate limit throttles everyone: it never counts against one request's attempts."""
+    return isinstance(exc, EmbeddingUnavailable) and exc.status == 429
