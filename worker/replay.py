@@ -185,7 +185,7 @@ async def _one(
             f"-> {destination}",
             headers.get("dlq.error.message", "")[:120],
         )
-        print("\t".join(fields), file=out)  # noqa: T201 - the dry run's listing is its output
+        print("\t".join(fields), file=out)
         return None
     if limiter is not None:
         await limiter.acquire()
