@@ -58,7 +58,7 @@ class Report:
 
     def ordered(self) -> list[Check]:
         """The checks by item number (they run in another order)."""
-        return sorted(self.checks, key=lambda c: c.item.split(".")[0].zfill(4))
+        return sorted(self.checks, key=_item_order)
 
     def add(self, check: Check) -> Check:
         self.checks.append(check)
@@ -66,6 +66,13 @@ class Report:
         if check.note:
             print(f"      {check.note}", flush=True)
         return check
+
+
+def _item_order(check: Check) -> tuple[int, str]:
+    """ "1b. ..." sorts as (1, "b"), "10. ..." after "9. ..."."""
+    label = check.item.split(".")[0]
+    digits = "".join(ch for ch in label if ch.isdigit())
+    return int(digits or 0), label[len(digits) :]
 
 
 def summary(report: Report) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker import metrics
 from worker.errors import AttemptsExhausted, DependencyError, EmbeddingUnavailable
@@ -70,23 +71,34 @@ class Dependency:
         non-retriable errors at once.
         """
         burned = 0
-        round_ = 0
-        while True:
-            await self._wait_up()
-            try:
-                result = await fn()
-            except DependencyError as exc:
-                round_ += 1
-                metrics.RETRIES.labels(dependency=self.name).inc()
-                self._failed(exc)
-                if self.up and not _systemic(exc):
-                    burned += 1
-                    if attempts is not None and burned >= attempts:
-                        raise AttemptsExhausted(exc, burned) from exc
-                await sleep_unless(self._stop, self._wait(exc, round_))
-            else:
-                self._consecutive = 0
-                return result
+
+        def exhausted(_: RetryCallState) -> bool:
+            return attempts is not None and burned >= attempts
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(DependencyError),
+            stop=exhausted,
+            wait=self._wait,
+            sleep=lambda seconds: sleep_unless(self._stop, seconds),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._wait_up()
+                    try:
+                        result = await fn()
+                    except DependencyError as exc:
+                        metrics.RETRIES.labels(dependency=self.name).inc()
+                        self._failed(exc)
+                        if self.up and not _systemic(exc):
+                            burned += 1
+                        raise
+                    self._consecutive = 0
+                    return result
+        except DependencyError as exc:
+            raise AttemptsExhausted(exc, burned) from exc
+        raise AssertionError("unreachable: tenacity either returns or reraises")
 
     async def close(self) -> None:
         if self._prober is not None:
@@ -104,10 +116,12 @@ class Dependency:
         if not self.up:
             raise ShuttingDown("stopping")
 
-    def _wait(self, exc: DependencyError, round_: int) -> float:
+    def _wait(self, state: RetryCallState) -> float:
+        """Retry-After when the API gives one, else full-jitter exponential backoff."""
+        exc = state.outcome.exception() if state.outcome is not None else None
         if isinstance(exc, EmbeddingUnavailable) and exc.retry_after is not None:
             return exc.retry_after + random.uniform(0, 0.1 * exc.retry_after)
-        return backoff(round_, initial=0.2, cap=self._max_backoff)
+        return backoff(state.attempt_number, initial=0.2, cap=self._max_backoff)
 
     def _failed(self, exc: DependencyError) -> None:
         self._consecutive += 1

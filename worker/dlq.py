@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class DeadLetter:
 class DeadLetterSink(Protocol):
     async def send(self, letters: Sequence[DeadLetter]) -> None:
         """Publish and wait for the broker's acknowledgement of every letter."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BrokerUnavailable unless the dead-letter topic can be reached."""
         ...
 
 
@@ -73,3 +78,9 @@ class KafkaDeadLetterSink:
             raise BrokerUnavailable(f"dead-letter topic {self._topic} not writable: {exc!r:.300}") from exc
         for letter in letters:
             metrics.DEAD_LETTERS.labels(stage=letter.error.stage).inc()
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.wait_for(self._producer.partitions_for(self._topic), 5)  # type: ignore[attr-defined]
+        except (KafkaError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"dead-letter topic {self._topic} unreachable: {exc!r:.300}") from exc

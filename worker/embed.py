@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -20,7 +22,7 @@ import numpy.typing as npt
 import orjson
 
 from worker import metrics
-from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected
+from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected, RecordError
 from worker.limits import AdaptiveConcurrency, Budget
 from worker.settings import Settings
 
@@ -180,58 +182,117 @@ def _dumps(obj: Any) -> str:
 
 
 class EmbeddingBatcher:
-    """Fill embedding requests across documents and partitions; flush on size or a short linger.
+    """Fill embedding requests across documents, partitions and tenants.
 
-    ``submit`` returns a future per text. A request is sent once it holds ``batch_size`` inputs
-    or ``batch_chars`` characters, or ``linger`` seconds after its first input. ``send`` (the
-    embedder call wrapped in the retry policy) runs in a task per request; the embedder's
-    semaphore caps how many are on the wire.
+    ``submit`` returns a future per text. A dispatcher forms a request when one of
+    ``max_outstanding`` request slots is free and it has ``batch_size`` inputs or
+    ``batch_chars`` characters pending, or its oldest input has waited ``linger`` seconds.
+    Requests are filled round-robin across tenants, one input each in turn, so a tenant that
+    floods (or keeps failing) gets its share of the embedding capacity and no more.
     """
 
     def __init__(
         self,
-        send: Callable[[list[str]], Awaitable[list[Vector | InputRejected]]],
+        send: Callable[[list[str]], Awaitable[Sequence[Vector | RecordError]]],
         *,
         batch_size: int,
         batch_chars: int,
         linger: float,
+        max_outstanding: int,
     ) -> None:
         self._send = send
         self._batch_size = batch_size
         self._batch_chars = batch_chars
         self._linger = linger
-        self._texts: list[str] = []
-        self._futures: list[asyncio.Future[Vector]] = []
+        self._queues: dict[str | None, collections.deque[tuple[str, asyncio.Future[Vector]]]] = {}
+        self._turns: collections.deque[str | None] = collections.deque()  # tenants with work, in turn order
+        self._count = 0
         self._chars = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._oldest: float | None = None
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_outstanding)
         self._requests: set[asyncio.Task[None]] = set()
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="embed-dispatcher")
 
-    def submit(self, text: str) -> asyncio.Future[Vector]:
-        if self._texts and self._chars + len(text) > self._batch_chars:
-            self.flush()
-        future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
-        self._texts.append(text)
-        self._futures.append(future)
+    def submit(self, text: str, tenant: str | None = None) -> asyncio.Future[Vector]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Vector] = loop.create_future()
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = collections.deque()
+            self._turns.append(tenant)
+        queue.append((text, future))
+        self._count += 1
         self._chars += len(text)
-        if len(self._texts) >= self._batch_size or self._chars >= self._batch_chars:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
+        if self._oldest is None:
+            self._oldest = loop.time()
+        self._wakeup.set()
         return future
 
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._texts:
-            return
-        texts, futures = self._texts, self._futures
-        self._texts, self._futures, self._chars = [], [], 0
-        task = asyncio.get_running_loop().create_task(self._request(texts, futures), name="embed-request")
-        self._requests.add(task)
-        task.add_done_callback(self._requests.discard)
+    @property
+    def pending(self) -> int:
+        return self._count
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                while True:
+                    self._wakeup.clear()
+                    if self._count >= self._batch_size or self._chars >= self._batch_chars:
+                        break
+                    if self._count and self._oldest is not None:
+                        remaining = self._oldest + self._linger - loop.time()
+                        if remaining <= 0:
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    else:
+                        await self._wakeup.wait()
+                texts, futures = self._take()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._request(texts, futures), name="embed-request")
+            self._requests.add(task)
+            task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._requests.discard(task)
+        self._slots.release()
+
+    def _take(self) -> tuple[list[str], list[asyncio.Future[Vector]]]:
+        """One input from each tenant in turn until the request is full."""
+        texts: list[str] = []
+        futures: list[asyncio.Future[Vector]] = []
+        chars = 0
+        while self._turns and len(texts) < self._batch_size:
+            tenant = self._turns[0]
+            queue = self._queues[tenant]
+            text, future = queue[0]
+            if texts and chars + len(text) > self._batch_chars:
+                break
+            queue.popleft()
+            self._turns.rotate(-1)
+            if not queue:
+                del self._queues[tenant]
+                self._turns.remove(tenant)
+            if future.cancelled():
+                self._count -= 1
+                self._chars -= len(text)
+                continue
+            texts.append(text)
+            futures.append(future)
+            chars += len(text)
+        self._count -= len(texts)
+        self._chars -= chars
+        self._oldest = asyncio.get_running_loop().time() if self._count else None
+        return texts, futures
 
     async def _request(self, texts: list[str], futures: list[asyncio.Future[Vector]]) -> None:
+        if not texts:
+            return
         try:
             results = await self._send(texts)
         except asyncio.CancelledError:
@@ -246,19 +307,20 @@ class EmbeddingBatcher:
         for future, result in zip(futures, results, strict=True):
             if future.done():
                 continue
-            if isinstance(result, InputRejected):
+            if isinstance(result, RecordError):
                 future.set_exception(result)
             else:
                 future.set_result(result)
 
     async def close(self) -> None:
-        """Cancel queued and running requests (their futures are cancelled too)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for future in self._futures:
-            future.cancel()
-        self._texts, self._futures, self._chars = [], [], 0
+        """Cancel the dispatcher, queued inputs and running requests (their futures too)."""
+        self._dispatcher.cancel()
+        for queue in self._queues.values():
+            for _, future in queue:
+                future.cancel()
+        self._queues.clear()
+        self._turns.clear()
+        self._count = self._chars = 0
         for task in list(self._requests):
             task.cancel()
-        await asyncio.gather(*self._requests, return_exceptions=True)
+        await asyncio.gather(self._dispatcher, *self._requests, return_exceptions=True)

@@ -22,6 +22,7 @@ class Watched(Protocol):
     last_error: str | None
 
     def assignment(self) -> set[object]: ...
+    def down(self) -> dict[str, str]: ...
 
 
 class HealthServer:
@@ -71,6 +72,7 @@ class HealthServer:
         for name, result in zip(self._checks, results, strict=True):
             if isinstance(result, BaseException):
                 failures[name] = f"{type(result).__name__}: {str(result)[:200]}"
+        failures.update(self._worker.down())
         partitions = len(self._worker.assignment())
         if partitions == 0:
             failures["partitions"] = "none assigned"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,13 +25,13 @@ from worker import metrics
 from worker.chunk import Chunk, chunk_text
 from worker.consume import Record
 from worker.decode import decode_event
+from worker.dependency import Dependency
 from worker.dlq import DeadLetter, DeadLetterSink
 from worker.embed import Embedder, EmbeddingBatcher, Vector
-from worker.errors import ChunkError, DependencyError, InputRejected, RecordError, StaleRead, StoreRejected
+from worker.errors import AttemptsExhausted, ChunkError, InputRejected, RecordError, StaleRead, StoreRejected
 from worker.inflight import InFlight, Job
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
-from worker.retry import backoff, call_with_retry, sleep_unless
 from worker.settings import Settings
 from worker.store import DocumentStore, DocumentWrite, Source, sha256
 
@@ -39,6 +39,18 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 MAX_CHUNKS_PER_DOCUMENT = 10_000
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """One circuit breaker per dependency, shared by every pipeline of a worker."""
+
+    embedding: Dependency
+    database: Dependency
+    dead_letters: Dependency
+
+    def all(self) -> tuple[Dependency, ...]:
+        return (self.embedding, self.database, self.dead_letters)
 
 
 @dataclass(eq=False)
@@ -70,7 +82,9 @@ class Pipeline:
         dead_letters: DeadLetterSink,
         settings: Settings,
         stop: asyncio.Event,
+        dependencies: Dependencies,
     ) -> None:
+        self._deps = dependencies
         self._store = store
         self._embedder = embedder
         self._dead_letters = dead_letters
@@ -87,6 +101,7 @@ class Pipeline:
             batch_size=settings.embedding_batch_size,
             batch_chars=settings.embedding_batch_chars,
             linger=settings.embedding_linger_ms / 1000,
+            max_outstanding=settings.embedding_concurrency,
         )
         self._drained = asyncio.Event()
         self._drained.set()
@@ -151,7 +166,7 @@ class Pipeline:
 
     async def _prepare(self, jobs: list[Job]) -> None:
         ids = sorted({job.doc_id for job in jobs})
-        stored = await self._until_done(lambda: self._store.read_states(ids))
+        stored = await self._deps.database.call(lambda: self._store.read_states(ids))
         prepared: list[Prepared] = []
         for job in jobs:
             changes = plan((event for _, event in job.events), stored)
@@ -169,7 +184,11 @@ class Pipeline:
 
         # Embeddings already paid for (same content, same model) are reused, not bought again.
         hashes = {sha256(c.content) for p in prepared for c in p.chunks}
-        known = await self._until_done(lambda: self._store.known_embeddings(sorted(hashes))) if hashes else {}
+        known = (
+            await self._deps.database.call(lambda: self._store.known_embeddings(sorted(hashes)))
+            if hashes
+            else {}
+        )
         submitted: dict[bytes, asyncio.Future[Vector]] = {}
         reused = 0
         for p in prepared:
@@ -183,7 +202,7 @@ class Pipeline:
                     futures.append(submitted[digest])
                     reused += 1
                 else:
-                    submitted[digest] = future = self._batcher.submit(chunk.content)
+                    submitted[digest] = future = self._batcher.submit(chunk.content, p.change.event.tenant)
                     futures.append(future)
             task = asyncio.create_task(self._await_vectors(p, futures), name="await-vectors")
             self._waits.add(task)
@@ -193,7 +212,7 @@ class Pipeline:
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
             p.vectors = list(await asyncio.gather(*futures)) if futures else []
-        except InputRejected as exc:
+        except RecordError as exc:  # rejected, or failed every attempt while the API was up
             self._dead.put_nowait(Dead(_letter(p.record, exc), p.job, p.record))
             return
         self._embedded.put_nowait(p)
@@ -215,7 +234,7 @@ class Pipeline:
             for p in batch
         ]
         try:
-            moved = await self._until_done(lambda: self._store.write(writes))
+            moved = await self._deps.database.call(lambda: self._store.write(writes))
         except StaleRead:
             moved = {p.job.doc_id for p in batch}
         except StoreRejected as exc:
@@ -239,7 +258,7 @@ class Pipeline:
             batch = await _take(self._dead, 500, linger=0.002)
             try:
                 letters = [d.letter for d in batch]
-                await self._until_done(functools.partial(self._dead_letters.send, letters))
+                await self._deps.dead_letters.call(functools.partial(self._dead_letters.send, letters))
                 for dead in batch:
                     log.warning(
                         "record_dead_lettered",
@@ -268,30 +287,19 @@ class Pipeline:
             raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
         return chunks
 
-    async def _embed_isolating(self, texts: list[str]) -> list[Vector | InputRejected]:
-        """Embed; on a rejection, split the request to find the inputs the API refuses."""
+    async def _embed_isolating(self, texts: list[str]) -> list[Vector | RecordError]:
+        """Embed; when the API refuses the request (or it fails every attempt while the API is up),
+        split it to find the inputs at fault. The rest of the request is embedded as usual."""
+        attempts = self._settings.embedding_max_attempts
         try:
-            return list(await self._until_done(lambda: self._embedder.embed(texts)))
-        except InputRejected as exc:
+            return list(
+                await self._deps.embedding.call(lambda: self._embedder.embed(texts), attempts=attempts)
+            )
+        except (InputRejected, AttemptsExhausted) as exc:
             if len(texts) == 1:
                 return [exc]
             half = len(texts) // 2
             return [*await self._embed_isolating(texts[:half]), *await self._embed_isolating(texts[half:])]
-
-    async def _until_done(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Retry a dependency call through an outage, however long: pause, never give up a record."""
-        outage = 0
-        while True:
-            try:
-                return await call_with_retry(
-                    call, stop=self._stop, attempts=self._settings.embedding_max_attempts
-                )
-            except DependencyError as exc:
-                outage += 1
-                log.warning(
-                    "dependency_unavailable", dependency=exc.dependency, error=str(exc)[:300], rounds=outage
-                )
-                await sleep_unless(self._stop, backoff(outage, initial=1.0, cap=30.0))
 
     def _finish(self, job: Job, *, outcome: str | None) -> None:
         """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);

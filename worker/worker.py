@@ -16,9 +16,10 @@ from aiokafka import TopicPartition
 
 from worker import metrics
 from worker.consume import Record, RecordSource
+from worker.dependency import Dependency
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
-from worker.pipeline import Pipeline
+from worker.pipeline import Dependencies, Pipeline
 from worker.settings import Settings
 from worker.store import DocumentStore
 
@@ -43,6 +44,24 @@ class Worker:
         self._settings = settings
         self._stop_when_idle = stop_when_idle
         self._stop = asyncio.Event()
+        threshold = settings.embedding_max_attempts
+        self.dependencies = Dependencies(
+            embedding=Dependency(
+                "embedding",
+                probe=lambda: embedder.embed(["health check"]),
+                stop=self._stop,
+                threshold=threshold,
+            ),
+            database=Dependency(
+                "database",
+                probe=lambda: store.read_states(["health-check"]),
+                stop=self._stop,
+                threshold=threshold,
+            ),
+            dead_letters=Dependency(
+                "dead_letters", probe=dead_letters.ping, stop=self._stop, threshold=threshold
+            ),
+        )
         self._pipeline: Pipeline | None = None
         self._paused = False
         self._last_commit = 0.0
@@ -61,6 +80,10 @@ class Worker:
     @property
     def records_done(self) -> int:
         return self._records_before + (self._pipeline.finished_records if self._pipeline else 0)
+
+    def down(self) -> dict[str, str]:
+        """Dependencies whose circuit breaker is open, with since when and why."""
+        return {d.name: why for d in self.dependencies.all() if (why := d.describe()) is not None}
 
     def assignment(self) -> set[TopicPartition]:
         return self._source.assignment()
@@ -90,6 +113,8 @@ class Worker:
         finally:
             await self._retire_pipeline()
             await self._source.stop()
+            for dependency in self.dependencies.all():
+                await dependency.close()
             log.info("worker_stopped", records=self.records_done)
         if self.failure is not None:
             raise self.failure
@@ -123,12 +148,14 @@ class Worker:
         if self._pipeline.failure is not None:
             self.failure = self._pipeline.failure
             self._stop.set()
-        if not self._paused and inflight.full:
+        # While a dependency is down nothing can finish: stop fetching, keep the group membership.
+        hold = inflight.full or not all(d.up for d in self.dependencies.all())
+        if not self._paused and hold:
             self._source.pause()
             self._paused = True
             metrics.PAUSED.set(1)
             log.debug("fetch_paused", records=inflight.records, bytes=inflight.bytes)
-        elif self._paused and inflight.drained_enough:
+        elif self._paused and not hold and inflight.drained_enough:
             self._source.resume()
             self._paused = False
             metrics.PAUSED.set(0)
@@ -160,6 +187,7 @@ class Worker:
             dead_letters=self._dead_letters,
             settings=self._settings,
             stop=self._stop,
+            dependencies=self.dependencies,
         )
 
     async def _retire_pipeline(self) -> None:
