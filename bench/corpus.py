@@ -69,8 +69,10 @@ def make_documents(count: int, *, seed: int = 20240601, prefix: str = "bench") -
         while sum(len(p) + 2 for p in paragraphs) < target + 200:
             paragraphs.append(pool[rng.randrange(len(pool))])
         text = _fit(paragraphs, target)
-        while len(text) < MIN_CHARS:  # a long unbreakable word cut too early: pad with prose
-            text = _fit([text, *(pool[rng.randrange(len(pool))] for _ in range(8))], target)
+        for _ in range(10):  # cut at a word just short of the minimum: pad with a little more prose
+            if len(text) >= MIN_CHARS:
+                break
+            text = _fit([text, *(pool[rng.randrange(len(pool))] for _ in range(8))], MIN_CHARS + 200)
         title = (lead.get("metadata") or {}).get("title", lead["id"])
         events.append(
             {

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -34,9 +36,14 @@ CHUNK_OVERLAP = 40
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    with services(tmp_path_factory.mktemp("stack")) as found:
-        yield found
+def stack() -> Iterator[Services]:
+    # Not under pytest's tmp_path: a concurrent pytest run may prune those directories.
+    workdir = Path(tempfile.mkdtemp(prefix="ingest-test-stack-"))
+    try:
+        with services(workdir) as found:
+            yield found
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @dataclass

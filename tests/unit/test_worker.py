@@ -331,7 +331,11 @@ class FakeStore:
             interfere, self.interfere = self.interfere, None
             interfere(self)
         self.writes += 1
-        moved = {w.change.event.doc_id for w in writes if self.documents.get(w.change.event.doc_id) != w.change.before}
+        moved = {
+            w.change.event.doc_id
+            for w in writes
+            if self.documents.get(w.change.event.doc_id) != w.change.before
+        }
         if moved:
             self.journal.append(("moved", sorted(moved)))
         for w in writes:
@@ -726,7 +730,7 @@ async def test_transient_embedding_outage_is_retried_without_dead_letters() -> N
 async def test_embedding_outage_beyond_the_retry_budget_is_waited_out_and_nothing_committed_early() -> None:
     r = rig(
         log_of({0: [upsert("a", TEXT_C, 1)], 1: [upsert("b", TEXT_B)]}),
-        embedder=FakeEmbedder(failures=5),  # more than the 2 attempts a request is given
+        embedder=FakeEmbedder(failures=3),  # more than the 2 attempts a request is given
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
     await r.run()
@@ -744,13 +748,13 @@ async def test_an_embedding_outage_is_reported_and_pauses_fetching_until_it_is_o
     r = rig(
         log_of({0: [upsert("a", TEXT_C, 1), upsert("b", TEXT_B, 1)]}),
         max_records=1,
-        embedder=FakeEmbedder(failures=5),
+        embedder=FakeEmbedder(failures=3),
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
     seen: list[dict[str, str]] = []
     r.embedder.on_call = lambda: seen.append(r.worker.down())
     await r.run()
-    assert len(seen) >= 6
+    assert len(seen) >= 4
     assert seen[0] == {}, "up before the first failure"
     down = [d for d in seen if d]
     assert down, "the outage was reported while it lasted"
@@ -765,7 +769,7 @@ async def test_an_embedding_outage_is_reported_and_pauses_fetching_until_it_is_o
 async def test_dead_letter_topic_outage_holds_the_commit_until_the_letters_are_acknowledged() -> None:
     r = rig(
         log_of({0: [upsert("a", TEXT_C, 1), (b"x", b"garbage"), upsert("b", TEXT_B)]}),
-        dead=FakeDeadLetters(failures=4),  # more than the 2 attempts of a round
+        dead=FakeDeadLetters(failures=3),  # more than the 2 attempts of a round
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
     await r.run()
@@ -782,7 +786,7 @@ async def test_dead_letter_topic_outage_holds_the_commit_until_the_letters_are_a
 async def test_database_outage_is_waited_out_without_dead_letters() -> None:
     r = rig(
         log_of({0: [upsert("a", TEXT_C, 1), upsert("b", TEXT_B)]}),
-        store=FakeStore(failures=5),
+        store=FakeStore(failures=3),
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
     await r.run()
@@ -801,7 +805,7 @@ async def test_a_database_outage_while_writing_keeps_the_vectors() -> None:
         store=store,
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
-    r.embedder.on_call = lambda: setattr(store, "failures", 5)  # down from the first embedding on
+    r.embedder.on_call = lambda: setattr(store, "failures", 3)  # down from the first embedding on
     await r.run()
     assert r.dead.letters == []
     assert r.store.chunks == {"a": expected_chunks(TEXT_C), "b": expected_chunks(TEXT_B)}
@@ -963,7 +967,9 @@ async def test_a_full_window_pauses_the_source_and_a_drained_one_resumes_it() ->
 
     assert len(r.source.pauses) >= 2, "the window filled more than once"
     kinds = [kind for kind, _ in r.journal if kind in ("pause", "resume")]
-    assert kinds == ["pause", "resume"] * len(r.source.pauses), "pause and resume alternate, resumed at the end"
+    assert kinds == ["pause", "resume"] * len(r.source.pauses), (
+        "pause and resume alternate, resumed at the end"
+    )
     assert all(n is not None and n >= window for n in r.source.pauses)
     assert all(n is not None and n < window // 2 for n in r.source.resumes)
     assert r.source.fetched_while_paused > 0, "the fetch loop kept polling while paused"
@@ -987,7 +993,7 @@ async def test_a_window_of_one_record_still_makes_progress() -> None:
         max_records=1,
         settings=make_settings(MAX_IN_FLIGHT_RECORDS="1"),
     )
-    await run_or_stop(r, limit=0.5)
+    await run_or_stop(r, limit=0.3)
     assert set(r.store.documents) == {"d0", "d1", "d2"}
     r.assert_all_committed()
 
@@ -1037,7 +1043,16 @@ async def test_embeddings_of_another_model_are_not_reused() -> None:
 @pytest.mark.parametrize("stage", ["read_states", "write"])
 async def test_a_crashing_stage_makes_run_raise_after_committing_only_what_is_stored(stage: str) -> None:
     r = rig(
-        log_of({0: [upsert("a", TEXT_C, 1), upsert("b", TEXT_B, 1), upsert("boom", TEXT_C, 1), upsert("c", TEXT_F, 1)]}),
+        log_of(
+            {
+                0: [
+                    upsert("a", TEXT_C, 1),
+                    upsert("b", TEXT_B, 1),
+                    upsert("boom", TEXT_C, 1),
+                    upsert("c", TEXT_F, 1),
+                ]
+            }
+        ),
         store=FakeStore(crash_on=stage),
         settings=make_settings(SHUTDOWN_GRACE_SECONDS="0.1"),
         stop_when_idle=None,
@@ -1069,7 +1084,7 @@ async def test_a_non_retriable_embedding_error_stops_the_worker() -> None:
         settings=make_settings(SHUTDOWN_GRACE_SECONDS="0.1"),
     )
     with pytest.raises(EmbeddingProtocolError):
-        await run_or_stop(r, limit=0.5)
+        await run_or_stop(r, limit=0.3)
     assert r.source.committed.get(P0, 0) == 0
 
 

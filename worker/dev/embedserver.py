@@ -209,6 +209,7 @@ class Faults:
     slow_ms: float = 0.0
     reject_marker: str | None = None
     slow_marker: str | None = None  # requests holding an input with it are delayed by slow_ms
+    echo_key: bool = False  # error messages repeat the bearer token, as some providers do
     shuffle: bool = False
     seed: int = 0
 
@@ -229,7 +230,7 @@ class Faults:
 
 
 def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> object:
-    if key in {"outage", "shuffle"}:
+    if key in {"outage", "shuffle", "echo_key"}:
         if not isinstance(value, bool):
             raise FaultError(f"fault {key!r} must be true or false")
         return value
@@ -439,6 +440,8 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         for index, text in enumerate(parsed.texts):
             if marker in text:
                 message = f"Invalid 'input[{index}]': input at index {index} was rejected by the provider."
+                if faults.echo_key:
+                    message += f" Request credentials: {request.headers.get('Authorization', 'none')}."
                 return _invalid(message)
     backend, texts, dimensions = state.backend, parsed.texts, parsed.dimensions
     if backend.name != "hash" or sum(map(len, texts)) > THREAD_THRESHOLD_CHARS:

@@ -1,0 +1,251 @@
+"""Failures: poison records, flaky and failing dependencies, tenants, replay, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import (
+    Env,
+    Event,
+    assert_stored_state,
+    committed_offsets,
+    connect,
+    expected_state,
+    produce,
+    produce_raw,
+    run_worker,
+)
+from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
+from worker.app import serve
+
+pytestmark = pytest.mark.integration
+
+
+def good_events(prefix: str, n: int, *, tenant: str | None = None, repeat: int = 8) -> list[Event]:
+    return [
+        (
+            f"{prefix}-{i}",
+            {
+                "id": f"{prefix}-{i}",
+                "text": f"{prefix} document {i} says hello. " * repeat,
+                **({"tenant": tenant} if tenant else {}),
+            },
+        )
+        for i in range(n)
+    ]
+
+
+async def test_poison_of_every_kind_is_dead_lettered_while_good_records_flow(env: Env, faults: Any) -> None:
+    faults(reject_marker="REJECT-ME")
+    poison: list[tuple[bytes | None, bytes | None, str]] = [
+        (b"bad-utf8", b'{"id": "bad-utf8", "text": "\xff\xfe"}', "decode"),
+        (b"not-json", b"this is not json", "decode"),
+        (b"not-object", b'["a", "list"]', "validate"),
+        (b"no-id", b'{"text": "no id here"}', "validate"),
+        (b"x" * 600, json.dumps({"id": "x" * 600, "text": "long id"}).encode(), "validate"),
+        (b"wrong-types", b'{"id": "wrong-types", "text": 12}', "validate"),
+        (b"version-type", b'{"id": "version-type", "text": "t", "version": "7"}', "validate"),
+        (b"negative", b'{"id": "negative", "text": "t", "version": -1}', "validate"),
+        (b"bad-op", b'{"id": "bad-op", "op": "merge", "text": "t"}', "validate"),
+        (
+            b"rejected",
+            json.dumps({"id": "rejected", "text": "fine text. " * 30 + "REJECT-ME"}).encode(),
+            "embed",
+        ),
+    ]
+    good = good_events("g", 30)
+    ends = await produce(env, good[:15])
+    for key, value in ((k, v) for k, v, _ in poison):
+        ends.update(
+            {tp: max(ends.get(tp, 0), end) for tp, end in (await produce_raw(env, [(key, value)])).items()}
+        )
+    for tp, end in (await produce(env, good[15:])).items():
+        ends[tp] = max(ends.get(tp, 0), end)
+    await run_worker(env)
+    await assert_stored_state(env, expected_state(good))
+    letters = await read_dead_letters(env, expected=len(poison))
+    assert len(letters) == len(poison)
+    by_key = {m.key: m for m in letters}  # type: ignore[attr-defined]
+    for key, value, stage in poison:
+        headers = {k: v.decode() for k, v in by_key[key].headers}
+        assert set(headers) >= DLQ_HEADERS, key
+        assert headers["dlq.error.stage"] == stage, (key, headers["dlq.error.message"])
+        assert by_key[key].value == value
+        assert headers["dlq.error.message"]
+    assert await committed_offsets(env, list(ends)) == ends
+
+
+async def test_flaky_embedding_api_loses_nothing_and_dead_letters_nothing(env: Env, faults: Any) -> None:
+    faults(rate_429=0.15, retry_after=0.1, rate_500=0.10, slow_rate=0.05, slow_ms=300, seed=7)
+    events = good_events("f", 120, repeat=20)
+    ends = await produce(env, events)
+    await run_worker(env.with_(EMBEDDING_BATCH_SIZE="8"), within=180)
+    await assert_stored_state(env, expected_state(events))
+    assert await read_dead_letters(env, expected=1, within=2) == []
+    assert await committed_offsets(env, list(ends)) == ends
+
+
+async def _outage_during_ingestion(
+    env: Env, start: Callable[[], Awaitable[None]], end: Callable[[], Awaitable[None]], seconds: float = 4.0
+) -> None:
+    events: list[Event] = []
+    for i in range(240):
+        doc = f"o-{i % 80}"
+        events.append((doc, {"id": doc, "text": f"outage round {i}. " * (5 + i % 7), "version": i}))
+    ends = await produce(env, events)
+    paced = env.with_(KAFKA_MAX_POLL_RECORDS="10", MAX_IN_FLIGHT_RECORDS="20", EMBEDDING_BATCH_SIZE="4")
+    run = asyncio.create_task(serve(paced.settings, stop=asyncio.Event(), stop_when_idle=2.0))
+    conn = await connect(env)
+    try:
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            if (
+                await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.documents")
+                and await conn.fetchval(f"SELECT count(*) FROM {env.schema}.documents") > 0
+            ):
+                break
+    finally:
+        await conn.close()
+    assert not run.done(), "the worker finished before the outage began"
+    await start()
+    await asyncio.sleep(seconds)
+    await end()
+    await asyncio.wait_for(run, 180)
+    await assert_stored_state(env, expected_state(events))
+    assert await read_dead_letters(env, expected=1, within=2) == []
+    assert await committed_offsets(env, list(ends)) == ends
+
+
+async def test_embedding_outage_pauses_and_resumes(env: Env, faults: Any) -> None:
+    async def start() -> None:
+        faults(outage=True)
+
+    async def end() -> None:
+        faults(outage=False)
+
+    await _outage_during_ingestion(env, start, end)
+
+
+async def test_database_stopped_for_seconds(env: Env) -> None:
+    postgres = env.stack.postgres
+    if postgres is None:
+        pytest.skip("only the embedded PostgreSQL can be stopped by the tests")
+
+    async def start() -> None:
+        await asyncio.to_thread(postgres.pg_ctl, "-w", "-m", "fast", "stop")
+
+    async def end() -> None:
+        await asyncio.to_thread(postgres.restart)
+
+    await _outage_during_ingestion(env, start, end)
+
+
+async def test_broker_frozen_for_seconds(env: Env) -> None:
+    broker = env.stack.broker
+    if broker is None:
+        pytest.skip("only the embedded broker can be frozen by the tests")
+
+    async def start() -> None:
+        broker.freeze()
+
+    async def end() -> None:
+        broker.thaw()
+
+    await _outage_during_ingestion(env, start, end)
+
+
+async def test_a_flooding_tenant_does_not_stall_another(env: Env, faults: Any) -> None:
+    faults(latency_ms=40)
+    flood = good_events("flood", 400, tenant="noisy", repeat=12)
+    quiet = good_events("quiet", 8, tenant="calm", repeat=12)
+    await produce(env, flood + quiet)
+    await run_worker(env.with_(EMBEDDING_CONCURRENCY="2", EMBEDDING_BATCH_SIZE="8"), within=240)
+    conn = await connect(env)
+    try:
+        rows = await conn.fetch(
+            f"SELECT tenant, max(updated_at) AS last FROM {env.schema}.documents GROUP BY tenant"
+        )
+    finally:
+        await conn.close()
+    last = {r["tenant"]: r["last"] for r in rows}
+    flood_span = await _span(env, "noisy")
+    # The quiet tenant's documents, published after the whole flood, are done long before it.
+    assert last["calm"] < last["noisy"] - 0.5 * flood_span
+    await assert_stored_state(env, expected_state(flood + quiet))
+
+
+async def _span(env: Env, tenant: str) -> Any:
+    conn = await connect(env)
+    try:
+        return await conn.fetchval(
+            f"SELECT max(updated_at) - min(updated_at) FROM {env.schema}.documents WHERE tenant = $1", tenant
+        )
+    finally:
+        await conn.close()
+
+
+def cli(env: Env, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={**os.environ, **env.values, **(extra or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_replay_round_trip_and_a_second_replay_moves_nothing(env: Env, faults: Any) -> None:
+    faults(reject_marker="TEMPORARILY-BAD")
+    events = good_events("r", 10)
+    bad: list[Event] = [
+        (f"bad-{i}", {"id": f"bad-{i}", "text": f"TEMPORARILY-BAD input {i}."}) for i in range(4)
+    ]
+    await produce(env, events + bad)
+    await run_worker(env)
+    assert len(await read_dead_letters(env, expected=4)) == 4
+
+    listed = await asyncio.to_thread(cli, env, "replay", "--dry-run", "--stage", "embed")
+    assert listed.returncode == 0, listed.stderr
+    assert sum("bad-" in line for line in listed.stdout.splitlines()) == 4
+
+    faults(reject_marker=None)  # the cause is fixed
+    first = await asyncio.to_thread(cli, env, "replay", "--stage", "embed", "--max-replays", "3")
+    assert first.returncode == 0, first.stderr
+    assert "moved 4" in first.stdout
+    await run_worker(env)
+    await assert_stored_state(env, expected_state(events + bad))
+
+    second = await asyncio.to_thread(cli, env, "replay")
+    assert second.returncode == 0, second.stderr
+    assert "moved 0" in second.stdout
+
+
+async def test_no_secret_reaches_logs_or_dead_letters(env: Env, faults: Any, tmp_path: Path) -> None:
+    api_key = "sk-live-TOPSECRET-1234567890"
+    password = "pg-PASSWORD-hunter2"
+    database_url = env.stack.database_url
+    if "@" in database_url and "://" in database_url:
+        scheme, rest = database_url.split("://", 1)
+        user, host = rest.split("@", 1)
+        database_url = f"{scheme}://{user.split(':')[0]}:{password}@{host}"
+    faults(reject_marker="POISON", echo_key=True)
+    await produce(env, [*good_events("s", 5), ("s-bad", {"id": "s-bad", "text": "POISON here"})])
+    extra = {"EMBEDDING_API_KEY": api_key, "DATABASE_URL": database_url, "LOG_LEVEL": "debug"}
+    result = await asyncio.to_thread(cli, env, "run", "--stop-when-idle", "1.5", extra=extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    letters = await read_dead_letters(env, expected=1)
+    assert len(letters) == 1
+    headers = b" ".join(v for _, v in letters[0].headers).decode()  # type: ignore[attr-defined]
+    assert "Request credentials" in headers, "the fault did not echo the key: the test proves nothing"
+    for secret in (api_key, password):
+        assert secret not in result.stdout and secret not in result.stderr
+        assert secret not in headers
