@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ingest-worker: error: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, secrets=settings.secrets)
     command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = args.command
     try:
         return _run_async(command(settings, args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
@@ -12,10 +13,15 @@ from structlog.tracebacks import ExceptionDictTransformer
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(level: str = "info", *, stream: object = None) -> None:
+def configure(level: str = "info", *, stream: object = None, secrets: tuple[str, ...] = ()) -> None:
+    """JSON lines on ``stream``; any of ``secrets`` found in a log line is masked, whatever its source."""
+    processors: list[Any] = [structlog.contextvars.merge_contextvars]
+    hidden = tuple(secret for secret in secrets if len(secret) >= 4)
+    if hidden:
+        processors.append(_Redact(hidden))
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            *processors,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
@@ -29,6 +35,25 @@ def configure(level: str = "info", *, stream: object = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_ToStructlog()]
     root.setLevel(logging.WARNING)
+
+
+class _Redact:
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = secrets
+
+    def __call__(self, _: object, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        return {key: self._clean(value) for key, value in event.items()}
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                value = value.replace(secret, "**********")
+            return value
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        return value
 
 
 class _ToStructlog(logging.Handler):

@@ -1,4 +1,4 @@
-"""The one retry policy: retry what says it is retriable, with capped jittered backoff.
+"""Backoff and stop-aware waiting, for every retry loop (the policy itself: worker.dependency).
 
 Every wait races the worker's stop event so that shutdown is prompt.
 """

@@ -188,6 +188,12 @@ class Settings:
         return self.kafka_dlq_topic or f"{self.kafka_topic[0]}.dlq"
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value, so logs can mask them wherever they turn up."""
+        password = urllib.parse.urlsplit(self.database_url.reveal()).password or ""
+        return tuple(s for s in (self.api_key, self.kafka_sasl_password.reveal(), password) if s)
+
+    @property
     def api_key(self) -> str:
         return self.embedding_api_key.reveal()
 
