@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.cpu import busy_cores
 from bench.items import Bench, Plan, run_all
 from bench.report import Report, markdown, plot_throughput, summary
 from worker.dev.stack import EmbeddingServer, StackError, embedded_stack
@@ -93,8 +95,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: unwind, so every worker, server and the stack are stopped on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     plan = make_plan(args)
     command = shlex.join([".venv/bin/python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     report = Report(
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.workdir / "logs"
     shutil.rmtree(logs, ignore_errors=True)
     started = time.perf_counter()
-    print(f"== {command}: starting the embedded stack", flush=True)
+    before = busy_cores()
+    print(f"== {command}: machine busy {before:.2f} cores before; starting the embedded stack", flush=True)
     slow = EmbeddingServer(("--latency-ms", f"{LATENCY_MS:g}"))
     try:
         with embedded_stack() as stack:
@@ -121,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     except (StackError, RuntimeError, OSError, TimeoutError, subprocess.SubprocessError) as exc:
         print(f"bench: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
     finally:
         slow.stop()
     report.seconds = time.perf_counter() - started
+    after = busy_cores()
+    report.background = (before, after)
     report.notes.append(f"The workers' JSON logs of the last run are in `{logs}`.")
     plot = plot_throughput(report, args.plot, copy_rows_per_s=report.copy_rows_per_s)
     args.out.parent.mkdir(parents=True, exist_ok=True)

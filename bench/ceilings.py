@@ -121,7 +121,12 @@ def chunk_rows(
 
 
 async def copy_ceiling(
-    database_url: str, template_schema: str, rows: ChunkRows, *, approximate_index: bool
+    database_url: str,
+    template_schema: str,
+    rows: ChunkRows,
+    *,
+    approximate_index: bool,
+    within: float = 300.0,
 ) -> Ceiling:
     """One binary COPY of all rows into a fresh ``LIKE <template>.chunks INCLUDING ALL`` table."""
     target = "chunks_ann" if approximate_index else "chunks_backfill"
@@ -140,7 +145,9 @@ async def copy_ceiling(
         await conn.execute("CHECKPOINT")  # start both variants from the same quiet state
         started = time.perf_counter()
         async with conn.transaction():
-            await conn.copy_records_to_table(target, schema_name=schema, columns=columns, records=records)
+            await conn.copy_records_to_table(
+                target, schema_name=schema, columns=columns, records=records, timeout=within
+            )
         seconds = time.perf_counter() - started
         await conn.execute(f"DROP TABLE {schema}.{target}")
     finally:

@@ -87,7 +87,12 @@ def make_documents(count: int, *, seed: int = 20240601, prefix: str = "bench") -
 
 
 async def publish(
-    bootstrap: str, topic: str, events: Sequence[dict[str, Any]], *, idempotence: bool = False
+    bootstrap: str,
+    topic: str,
+    events: Sequence[dict[str, Any]],
+    *,
+    idempotence: bool = False,
+    within: float = 300.0,
 ) -> Published:
     """Publish keyed by id, ``SEND_WINDOW`` records in flight; ends come from the acknowledgements.
 
@@ -103,18 +108,30 @@ async def publish(
     )
     await producer.start()
     ends: dict[TopicPartition, int] = {}
-    size = 0
     started = time.perf_counter()
     try:
-        for first in range(0, len(events), SEND_WINDOW):
-            futures = []
-            for event in events[first : first + SEND_WINDOW]:
-                value = orjson.dumps(event)
-                size += len(value)
-                futures.append(await producer.send(topic, key=event["id"].encode(), value=value))
-            for meta in await asyncio.gather(*futures):
-                tp = TopicPartition(topic, meta.partition)
-                ends[tp] = max(ends.get(tp, 0), meta.offset + 1)
+        async with asyncio.timeout(within):
+            size = await _send_all(producer, topic, events, ends)
     finally:
         await producer.stop()
     return Published(topic, len(events), size, ends, time.perf_counter() - started)
+
+
+async def _send_all(
+    producer: AIOKafkaProducer,
+    topic: str,
+    events: Sequence[dict[str, Any]],
+    ends: dict[TopicPartition, int],
+) -> int:
+    """Send in windows of ``SEND_WINDOW``; note each partition's next offset; return the bytes sent."""
+    size = 0
+    for first in range(0, len(events), SEND_WINDOW):
+        futures = []
+        for event in events[first : first + SEND_WINDOW]:
+            value = orjson.dumps(event)
+            size += len(value)
+            futures.append(await producer.send(topic, key=event["id"].encode(), value=value))
+        for meta in await asyncio.gather(*futures):
+            tp = TopicPartition(topic, meta.partition)
+            ends[tp] = max(ends.get(tp, 0), meta.offset + 1)
+    return size

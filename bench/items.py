@@ -14,9 +14,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
 from bench.corpus import Published, make_documents, publish
+from bench.cpu import PidSource, postgres_pids
 from bench.embeddings import EmbeddingAdmin
 from bench.naive import NaiveConfig, run_naive
-from bench.report import Check, Report, SweepPoint, megabytes, rate
+from bench.report import Check, Report, SweepPoint, cpu_line, megabytes, rate
 from bench.runner import WorkerRun, run_workers, worker_command
 from worker.dev.stack import EmbeddingServer, Stack
 
@@ -91,6 +92,16 @@ class Bench:
         assert self.base is not None
         return self.base.records
 
+    def cpu_sources(self) -> dict[str, PidSource]:
+        """The stack's processes by part, for the runner's CPU accounting."""
+        servers = [p.pid for p in (self.stack.embeddings.process, self.slow_server.process) if p is not None]
+        rest = [os.getpid(), *([self.stack.broker.process.pid] if self.stack.broker.process else [])]
+        return {
+            "postgres": postgres_pids(self.stack.postgres.pgdata),
+            "embedding": lambda: servers,
+            "broker+bench": lambda: rest,
+        }
+
     def env(self, name: str, *, topic: str, embedding_url: str, **overrides: str) -> dict[str, str]:
         return {
             **self.stack.env(),
@@ -113,11 +124,11 @@ class Bench:
         schema: str | None = None,
         fresh: bool = True,
         within: float = 240.0,
-        **overrides: str,
+        settings: Mapping[str, str] | None = None,
     ) -> WorkerRun:
         """Run the worker (``processes`` of them in one group) over ``topic``; drop a fresh schema after."""
         docs = self.docs if docs is None else docs
-        env = self.env(name, topic=topic, embedding_url=embedding_url, **overrides)
+        env = self.env(name, topic=topic, embedding_url=embedding_url, **(settings or {}))
         if schema is not None:
             env["DATABASE_SCHEMA"] = schema
         print(f"- worker run {name}: {processes} process(es), {docs} records ...", flush=True)
@@ -132,14 +143,18 @@ class Bench:
             args=self.plan.worker_args,
             within=within,
             fresh=fresh,
+            cpu_sources=self.cpu_sources(),
         )
         problems = f"  PROBLEMS: {'; '.join(result.problems)}" if result.problems else ""
         print(
             f"    {rate(result.docs_per_s, 'docs/s')}, {rate(result.chunks_per_s, 'chunks/s')} "
             f"over {result.seconds:.2f}s (wall {result.wall_seconds:.1f}s), peak RSS "
-            f"{' + '.join(megabytes(b) for b in result.peak_rss)}{problems}",
+            f"{' + '.join(megabytes(b) for b in result.peak_rss)}; CPU s {cpu_line(result)}{problems}",
             flush=True,
         )
+        if result.foreign:
+            shown = ", ".join(f"{name}: {seconds:.1f} s" for name, seconds in result.foreign)
+            print(f"    CPU used meanwhile by other processes: {shown}", flush=True)
         self.report.runs.append(result)
         return result
 
@@ -161,7 +176,12 @@ class Bench:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
         if process.returncode != 0:
             raise RuntimeError(f"ingest-worker migrate failed: {output.decode(errors='replace')[-500:]}")
 
@@ -378,7 +398,7 @@ async def scaling(bench: Bench) -> list[WorkerRun]:
     for processes in plan.scaling_processes:
         name = f"scale{processes}"
         run = await bench.run(
-            name, embedding_url=bench.slow.url, processes=processes, **plan.scaling_settings
+            name, embedding_url=bench.slow.url, processes=processes, settings=plan.scaling_settings
         )
         report.scaling.append(run)
         await bench.drop_schema(f"bench_{name}")
@@ -421,7 +441,8 @@ async def sweep(bench: Bench, known: Mapping[tuple[float, int], WorkerRun]) -> N
                     name = f"sweep_{latency:g}ms_c{concurrency}"
                     await bench.slow.set_latency(latency)
                     url = bench.instant.url if latency == 0 else bench.slow.url
-                    run = await bench.run(name, embedding_url=url, EMBEDDING_CONCURRENCY=str(concurrency))
+                    settings = {"EMBEDDING_CONCURRENCY": str(concurrency)}
+                    run = await bench.run(name, embedding_url=url, settings=settings)
                     await bench.drop_schema(f"bench_{name}")
                 bench.report.sweep.append(SweepPoint(latency, concurrency, batch_size, run))
     finally:

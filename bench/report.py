@@ -53,6 +53,7 @@ class Report:
     scaling: list[WorkerRun] = field(default_factory=list)
     runs: list[WorkerRun] = field(default_factory=list)
     copy_rows_per_s: float | None = None
+    background: tuple[float, float] = (0.0, 0.0)  # cores busy before the stack started and after it stopped
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     seconds: float = 0.0
 
@@ -121,11 +122,42 @@ def megabytes(value: int) -> str:
     return f"{value / 1_048_576:,.0f} MB"
 
 
+def cpu_line(run: WorkerRun) -> str:
+    """CPU seconds by part: worker, PostgreSQL (its busiest backend), embedding servers, others."""
+    c = run.cpu
+    return (
+        f"worker {c.get('worker', 0):.1f}, postgres {c.get('postgres', 0):.1f} "
+        f"({c.get('postgres busiest', 0):.1f}), embedding {c.get('embedding', 0):.1f}, "
+        f"others {c.get('others', 0):.1f}"
+    )
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
+
+
+BUSY_MACHINE_CORES = 0.25  # more than this busy with nothing of ours running: the figures suffer
+
+
+def _background(report: Report) -> list[str]:
+    before, after = report.background
+    line = (
+        f"Background load: {before:.2f} cores busy in the second before the benchmark started, "
+        f"{after:.2f} after it ended (nothing of the benchmark running)."
+    )
+    if max(before, after) > BUSY_MACHINE_CORES:
+        line += " **The machine was not idle: the figures below are lower than it can do.**"
+    others = [r for r in report.runs if r.cpu.get("others", 0.0) > BUSY_MACHINE_CORES * r.wall_seconds]
+    if others:
+        names = ", ".join(
+            r.name + (" (" + ", ".join(f"{n}: {s:.1f} s" for n, s in r.foreign) + ")" if r.foreign else "")
+            for r in others
+        )
+        line += f" Runs where CPU use by others exceeded {BUSY_MACHINE_CORES} cores on average: {names}."
+    return [line, ""]
 
 
 def markdown(report: Report, plot: Path | None) -> str:
@@ -143,6 +175,7 @@ def markdown(report: Report, plot: Path | None) -> str:
         f"Machine: {info['nproc']} CPUs (`nproc`), {info['memory']} memory, {info['cpu']}; "
         f"{info['os']}, Python {info['python']}.",
         "",
+        *_background(report),
         "## Results",
         "",
         *_table(
@@ -181,7 +214,18 @@ def markdown(report: Report, plot: Path | None) -> str:
             "## Every worker run",
             "",
             *_table(
-                ("run", "procs", "docs", "chunks", "measured s", "wall s", "docs/s", "chunks/s", "peak RSS"),
+                (
+                    "run",
+                    "procs",
+                    "docs",
+                    "chunks",
+                    "measured s",
+                    "wall s",
+                    "docs/s",
+                    "chunks/s",
+                    "peak RSS",
+                    "CPU s, spawn to exit",
+                ),
                 [
                     (
                         r.name + ("" if r.ok else " (" + "; ".join(r.problems) + ")"),
@@ -193,12 +237,17 @@ def markdown(report: Report, plot: Path | None) -> str:
                         rate(r.docs_per_s),
                         rate(r.chunks_per_s),
                         " + ".join(megabytes(b) for b in r.peak_rss),
+                        cpu_line(r),
                     )
                     for r in report.runs
                 ],
             ),
             "",
-            "Timing of the worker runs: " + "; ".join(sorted({r.timing for r in report.runs})) + ".",
+            "Timing of the worker runs: " + "; ".join(sorted({r.timing for r in report.runs})) + ". "
+            "CPU seconds from /proc, spawn to exit: the worker processes, all PostgreSQL processes (in "
+            "brackets its busiest backend: the one writing), both embedding servers, and `others` = the "
+            "machine's busy time less all of ours (the broker and this harness included), i.e. "
+            "kernel work and anything else running on the machine.",
             "",
         ]
     out += ["## Settings", ""]

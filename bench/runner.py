@@ -5,7 +5,8 @@ the first batch's start (the earliest ``batch_stored`` log line's timestamp minu
 or, when the worker logs no such lines, at the last ``partitions_assigned`` line before the first
 document row appeared. It ends at the last ``batch_stored`` line or, without them, at the moment a
 poll of ``count(*)`` on the documents table (every 0.1 s) first saw every document stored.
-Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.1 s until it exits.
+Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.1 s until it exits; CPU seconds
+of the workers, PostgreSQL, the embedding servers and everything else are counted the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import asyncpg
 import orjson
+
+from bench.cpu import CpuAccount, PidSource
 
 POLL_SECONDS = 0.1
 START_LOGS = "first batch_stored line's timestamp - seconds"
@@ -56,6 +59,8 @@ class WorkerRun:
     timed_out: bool
     command: str
     settings: Mapping[str, str] = field(default_factory=dict)
+    cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds from spawn to exit, by part
+    foreign: tuple[tuple[str, float], ...] = ()  # other processes that used CPU meanwhile
     problems: tuple[str, ...] = ()
 
     @property
@@ -149,7 +154,7 @@ class _StoredPoll:
         try:
             if self._conn is None:
                 self._conn = await asyncpg.connect(self._url, timeout=5)
-            self.docs = int(await self._conn.fetchval(self._sql))
+            self.docs = int(await self._conn.fetchval(self._sql, timeout=5))
         except asyncpg.UndefinedTableError:  # not migrated yet
             return
         now = time.time()
@@ -163,8 +168,8 @@ class _StoredPoll:
         if self._conn is None:
             self._conn = await asyncpg.connect(self._url, timeout=5)
         try:
-            docs = int(await self._conn.fetchval(self._sql))
-            chunks = int(await self._conn.fetchval(self._chunks_sql))
+            docs = int(await self._conn.fetchval(self._sql, timeout=30))
+            chunks = int(await self._conn.fetchval(self._chunks_sql, timeout=30))
         except asyncpg.UndefinedTableError:
             return 0, 0
         return docs, chunks
@@ -222,11 +227,13 @@ async def run_workers(
     args: Sequence[str] = (),
     within: float = 300.0,
     fresh: bool = True,
+    cpu_sources: Mapping[str, PidSource] | None = None,
 ) -> WorkerRun:
     """Start ``processes`` workers at once with ``env``; wait (at most ``within`` seconds) until all exit.
 
     ``docs`` is how many records the run ingests; ``fresh`` says the schema starts empty, so the
-    poll can tell when all of them are stored.
+    poll can tell when all of them are stored. ``cpu_sources`` name the other processes whose
+    CPU time to count (the workers' own is counted as ``worker``).
     """
     schema = env["DATABASE_SCHEMA"]
     command = [*worker_command(), "run", "--stop-when-idle", f"{idle_seconds:g}", *args]
@@ -234,6 +241,7 @@ async def run_workers(
     children: list[asyncio.subprocess.Process] = []
     peaks = [0] * processes
     poll = _StoredPoll(database_url, schema, docs if fresh else 1 << 62)
+    cpu = CpuAccount({"worker": lambda: [c.pid for c in children], **(cpu_sources or {})})
     spawned = time.time()
     timed_out = False
     try:
@@ -256,6 +264,7 @@ async def run_workers(
             for i, child in enumerate(children):
                 if child.returncode is None:
                     peaks[i] = max(peaks[i], _vm_hwm(child.pid) or 0)
+            cpu.tick()
             if fresh:
                 await poll.tick()
             await asyncio.sleep(POLL_SECONDS)
@@ -297,5 +306,7 @@ async def run_workers(
         timed_out=timed_out,
         command=shlex.join(["ingest-worker", *command[len(worker_command()) :]]),
         settings={k: v for k, v in env.items() if not k.endswith(("URL", "SERVERS"))},
+        cpu=cpu.summary(),
+        foreign=tuple(cpu.foreign()),
         problems=tuple(problems),
     )

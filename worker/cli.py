@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ingest-worker: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"ingest-worker: stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -32,6 +32,7 @@ from worker.errors import AttemptsExhausted, ChunkError, InputRejected, RecordEr
 from worker.inflight import InFlight, Job
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
+from worker.retry import ShuttingDown
 from worker.settings import Settings
 from worker.store import DocumentStore, DocumentWrite, Source, sha256
 
@@ -147,13 +148,23 @@ class Pipeline:
     async def _supervised(self, name: str, stage: Awaitable[None]) -> None:
         try:
             await stage
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # A bug, not an outage (those are retried inside): stop rather than limp on.
-            log.exception("pipeline_stage_died", stage=name)
+        except ShuttingDown:
+            return
+        except Exception as exc:  # noqa: BLE001 - supervision: any crash stops the worker, logged
+            self._fail(name, exc)
+
+    def _fail(self, stage: str, exc: Exception) -> None:
+        """A bug or a misconfiguration, not an outage (those are waited out): stop, don't limp on."""
+        log.error(
+            "pipeline_stage_died",
+            stage=stage,
+            error_class=type(exc).__name__,
+            error=str(exc)[:500],
+            exc_info=exc,
+        )
+        if self.failure is None:
             self.failure = exc
-            self._stop.set()
+        self._stop.set()
 
     async def _prepare_stage(self) -> None:
         while True:
@@ -214,6 +225,11 @@ class Pipeline:
             p.vectors = list(await asyncio.gather(*futures)) if futures else []
         except RecordError as exc:  # rejected, or failed every attempt while the API was up
             self._dead.put_nowait(Dead(_letter(p.record, exc), p.job, p.record))
+            return
+        except ShuttingDown:
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. vectors of the wrong dimension: misconfiguration
+            self._fail("embed", exc)
             return
         self._embedded.put_nowait(p)
 

@@ -260,10 +260,10 @@ async def test_close_cancels_queued_inputs_and_running_requests(make: Make, send
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "worker/embed.py:EmbeddingBatcher.close: close() right after the dispatcher created a request "
-        "task that has not started yet (one loop turn after submit) -> expected its futures cancelled, "
-        "got them pending forever: Task.cancel() before the first step never runs _request's "
-        "`except CancelledError` that cancels the futures"
+        "worker/embed.py:EmbeddingBatcher.close: close() while the dispatcher has created a request task "
+        "that has not started running yet (e.g. close() awaited through wait_for right after submit) -> "
+        "expected the request's futures cancelled, got them pending forever: Task.cancel() before its "
+        "first step never enters _request, so its `except CancelledError` that cancels them never runs"
     ),
 )
 async def test_close_never_leaves_a_future_pending(send: FakeSend) -> None:
