@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.cpu import busy_cores
-from bench.items import Bench, Plan, run_all
-from bench.report import Report, markdown, plot_throughput, summary
+from bench.context import Bench, Plan
+from bench.cpu import busy_cores, wait_for_quiet
+from bench.items import run_all
+from bench.report import BUSY_MACHINE_CORES, Report, markdown, plot_throughput, summary
 from worker.dev.stack import EmbeddingServer, StackError, embedded_stack
 
 # -- What every worker run gets. Edit here: new settings (EMBEDDING_BATCH_CHARS, EMBEDDING_LINGER_MS,
@@ -51,6 +52,8 @@ SWEEP_LATENCIES_MS = (0.0, 50.0, 100.0, 200.0)
 SWEEP_CONCURRENCY = (2, 4, 16)
 QUICK_SWEEP_LATENCIES_MS = (0.0, 100.0)
 QUICK_SWEEP_CONCURRENCY = (2, 4)
+
+QUIET_WAIT = 60.0  # seconds to wait at start for a busy machine to calm down
 
 ROOT = Path(__file__).resolve().parent
 
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(logs, ignore_errors=True)
     started = time.perf_counter()
     before = busy_cores()
+    if before > BUSY_MACHINE_CORES:
+        print(f"== the machine is busy ({before:.2f} cores): waiting up to {QUIET_WAIT:.0f}s", flush=True)
+        before = wait_for_quiet(BUSY_MACHINE_CORES, QUIET_WAIT)
     print(f"== {command}: machine busy {before:.2f} cores before; starting the embedded stack", flush=True)
     slow = EmbeddingServer(("--latency-ms", f"{LATENCY_MS:g}"))
     try:

@@ -78,6 +78,15 @@ def busy_cores(seconds: float = 1.0) -> float:
     return (machine_busy() - start) / seconds
 
 
+def wait_for_quiet(threshold: float, within: float) -> float:
+    """Sample the machine's busy cores each second until below ``threshold`` or ``within`` passes."""
+    deadline = time.monotonic() + within
+    busy = busy_cores()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = busy_cores()
+    return busy
+
+
 def postgres_pids(pgdata: Path) -> PidSource:
     """The postmaster named in ``pgdata/postmaster.pid`` and its children, looked up each time."""
 

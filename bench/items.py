@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
-from bench.corpus import Published, make_documents, publish
-from bench.cpu import PidSource, postgres_pids
-from bench.embeddings import EmbeddingAdmin
+from bench.ceilings import chunk_rows, consume_ceiling, copy_ceiling
+from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, little_bound, run_note
+from bench.corpus import make_documents, publish
 from bench.naive import NaiveConfig, run_naive
-from bench.report import Check, Report, SweepPoint, cpu_line, megabytes, rate
-from bench.runner import WorkerRun, run_workers, worker_command
-from worker.dev.stack import EmbeddingServer, Stack
+from bench.report import Check, SweepPoint, megabytes, rate
+from bench.runner import WorkerRun
 
 # Goals, from the project's issue.
 GOAL_INSTANT_OF_CEILING = 0.8
@@ -29,191 +21,6 @@ GOAL_RSS_GROWTH = 1.2
 GOAL_RSS_BYTES = 250 * 1_048_576
 GOAL_TWO_PROCESSES = 1.8
 GOAL_SAVED = 1.0
-
-TOPIC = "bench"
-LARGE_TOPIC = "bench_large"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to run: the worker's settings and flags, the workload, the sweep."""
-
-    worker_settings: Mapping[str, str]
-    worker_args: tuple[str, ...]
-    idle_seconds: float
-    partitions: int
-    docs: int
-    naive_sample: int
-    backlog_factor: int
-    latency_ms: float
-    scaling_processes: tuple[int, ...]
-    scaling_settings: Mapping[str, str]
-    sweep_latencies_ms: tuple[float, ...]
-    sweep_concurrency: tuple[int, ...]
-
-    def setting(self, name: str, default: int) -> int:
-        return int(self.worker_settings.get(name, default))
-
-    @property
-    def backfill(self) -> bool:
-        return "--backfill" in self.worker_args
-
-
-@dataclass
-class Bench:
-    """One benchmark run: the stack, the slow embedding server, the corpus, what was measured."""
-
-    plan: Plan
-    stack: Stack
-    slow_server: EmbeddingServer
-    report: Report
-    logs: Path
-    base: Published | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def database_url(self) -> str:
-        return self.stack.postgres.uri
-
-    @property
-    def bootstrap(self) -> str:
-        return self.stack.broker.bootstrap
-
-    @property
-    def instant(self) -> EmbeddingAdmin:
-        return EmbeddingAdmin(self.stack.embeddings.url)
-
-    @property
-    def slow(self) -> EmbeddingAdmin:
-        return EmbeddingAdmin(self.slow_server.url)
-
-    @property
-    def docs(self) -> int:
-        assert self.base is not None
-        return self.base.records
-
-    def cpu_sources(self) -> dict[str, PidSource]:
-        """The stack's processes by part, for the runner's CPU accounting."""
-        servers = [p.pid for p in (self.stack.embeddings.process, self.slow_server.process) if p is not None]
-        rest = [os.getpid(), *([self.stack.broker.process.pid] if self.stack.broker.process else [])]
-        return {
-            "postgres": postgres_pids(self.stack.postgres.pgdata),
-            "embedding": lambda: servers,
-            "broker+bench": lambda: rest,
-        }
-
-    def env(self, name: str, *, topic: str, embedding_url: str, **overrides: str) -> dict[str, str]:
-        return {
-            **self.stack.env(),
-            **self.plan.worker_settings,
-            **overrides,
-            "KAFKA_TOPIC": topic,
-            "KAFKA_GROUP_ID": f"bench-{name}",
-            "DATABASE_SCHEMA": f"bench_{name}",
-            "EMBEDDING_URL": embedding_url,
-        }
-
-    async def run(
-        self,
-        name: str,
-        *,
-        embedding_url: str,
-        topic: str = TOPIC,
-        docs: int | None = None,
-        processes: int = 1,
-        schema: str | None = None,
-        fresh: bool = True,
-        within: float = 240.0,
-        settings: Mapping[str, str] | None = None,
-    ) -> WorkerRun:
-        """Run the worker (``processes`` of them in one group) over ``topic``; drop a fresh schema after."""
-        docs = self.docs if docs is None else docs
-        env = self.env(name, topic=topic, embedding_url=embedding_url, **(settings or {}))
-        if schema is not None:
-            env["DATABASE_SCHEMA"] = schema
-        print(f"- worker run {name}: {processes} process(es), {docs} records ...", flush=True)
-        result = await run_workers(
-            name,
-            env=env,
-            docs=docs,
-            database_url=self.database_url,
-            log_dir=self.logs,
-            processes=processes,
-            idle_seconds=self.plan.idle_seconds,
-            args=self.plan.worker_args,
-            within=within,
-            fresh=fresh,
-            cpu_sources=self.cpu_sources(),
-        )
-        problems = f"  PROBLEMS: {'; '.join(result.problems)}" if result.problems else ""
-        print(
-            f"    {rate(result.docs_per_s, 'docs/s')}, {rate(result.chunks_per_s, 'chunks/s')} "
-            f"over {result.seconds:.2f}s (wall {result.wall_seconds:.1f}s), peak RSS "
-            f"{' + '.join(megabytes(b) for b in result.peak_rss)}; CPU s {cpu_line(result)}{problems}",
-            flush=True,
-        )
-        if result.foreign:
-            shown = ", ".join(f"{name}: {seconds:.1f} s" for name, seconds in result.foreign)
-            print(f"    CPU used meanwhile by other processes: {shown}", flush=True)
-        self.report.runs.append(result)
-        return result
-
-    async def drop_schema(self, schema: str) -> None:
-        conn = await asyncpg.connect(self.database_url, timeout=10)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await conn.close()
-
-    async def migrate(self, schema: str) -> None:
-        """``ingest-worker migrate`` into ``schema``: the worker's own tables and indexes."""
-        env = self.env("migrate", topic=TOPIC, embedding_url=self.stack.embeddings.url)
-        env["DATABASE_SCHEMA"] = schema
-        process = await asyncio.create_subprocess_exec(
-            *worker_command(),
-            "migrate",
-            env={**os.environ, **env},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), 60)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        if process.returncode != 0:
-            raise RuntimeError(f"ingest-worker migrate failed: {output.decode(errors='replace')[-500:]}")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The ceilings in both units, and the runs later items compare against."""
-
-    consume: Ceiling
-    copy: Ceiling  # the COPY ceiling that applies to the worker's mode
-
-    @property
-    def docs_per_s(self) -> float:
-        return min(self.consume.docs_per_s, self.copy.docs_per_s)
-
-    @property
-    def chunks_per_s(self) -> float:
-        chunks_per_doc = self.copy.items / self.copy.docs
-        return min(self.consume.per_s * chunks_per_doc, self.copy.per_s)
-
-
-def little_bound(concurrency: int, batch_size: int, latency_ms: float) -> float:
-    """Requests in flight x inputs per request / latency: the most chunks/s the embedding API allows."""
-    return concurrency * batch_size / (latency_ms / 1000)
-
-
-def run_note(run: WorkerRun, extra: str = "") -> str:
-    problems = f" PROBLEMS: {'; '.join(run.problems)}." if run.problems else ""
-    return (
-        f"`{run.command}`, {run.docs} records -> {run.chunks} chunks in {run.seconds:.2f} s measured "
-        f"({run.wall_seconds:.1f} s wall, work began {run.join_seconds:.1f} s after spawn){extra}.{problems}"
-    )
 
 
 # -- setup -------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ The measured interval leaves out process start, the group join and the idle wait
 the first batch's start (the earliest ``batch_stored`` log line's timestamp minus its ``seconds``)
 or, when the worker logs no such lines, at the last ``partitions_assigned`` line before the first
 document row appeared. It ends at the last ``batch_stored`` line or, without them, at the moment a
-poll of ``count(*)`` on the documents table (every 0.1 s) first saw every document stored.
+poll of ``count(*)`` on the documents table (every 0.1 s) first saw every document stored; a
+backfill's ``ann_index_built`` line, when later, ends it instead.
 Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.1 s until it exits; CPU seconds
 of the workers, PostgreSQL, the embedding servers and everything else are counted the same way.
 """
@@ -84,6 +85,7 @@ class WorkerRun:
 class _Log:
     batches: list[tuple[float, float | None]] = field(default_factory=list)  # (end, seconds)
     assigned: list[float] = field(default_factory=list)
+    index_built: list[float] = field(default_factory=list)  # a backfill's HNSW build at the end
     errors: list[str] = field(default_factory=list)
 
 
@@ -113,6 +115,8 @@ def _parse_log(path: Path) -> _Log:
             out.batches.append((at, float(seconds) if isinstance(seconds, int | float) else None))
         elif event == "partitions_assigned" and at is not None:
             out.assigned.append(at)
+        elif event == "ann_index_built" and at is not None:
+            out.index_built.append(at)
         elif line.get("level") in ("error", "critical"):
             out.errors.append(str(line.get("event")))
     return out
@@ -212,6 +216,9 @@ def _interval(
         end, end_how = poll.complete_at, END_POLL
     else:
         end, end_how = exited - idle_seconds, END_EXIT
+    built = [b for p in parsed for b in p.index_built]
+    if built and max(built) > end:
+        end, end_how = max(built), end_how + ", then the HNSW build (ann_index_built line)"
     return max(start, spawned), end, f"{start_how} -> {end_how}"
 
 

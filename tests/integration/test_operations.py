@@ -160,3 +160,17 @@ def test_migrate_refuses_a_schema_built_for_other_dimensions(env: Env) -> None:
     )
     assert other.returncode == 2
     assert "EMBEDDING_DIMENSIONS" in other.stderr and "vector(384)" in other.stderr
+
+
+async def test_vectors_of_the_wrong_dimension_stop_the_worker_with_one_clear_line(env: Env) -> None:
+    events: list[Event] = [("dim", {"id": "dim", "text": "dimension check"})]
+    ends = await produce(env, events)
+    wrong = {**os.environ, **env.values, "EMBEDDING_DIMENSIONS": "128", "EMBEDDING_SEND_DIMENSIONS": "false"}
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "worker", "run", "--stop-when-idle", "2"], env=wrong,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "EMBEDDING_DIMENSIONS is 128" in result.stderr.strip().splitlines()[-1]
+    committed = await committed_offsets(env, list(ends))
+    assert all(offset is None or offset <= ends[tp] - 1 for tp, offset in committed.items()), "committed past it"
