@@ -211,7 +211,7 @@ class EmbeddingBatcher:
         self._oldest: float | None = None
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_outstanding)
-        self._requests: set[asyncio.Task[None]] = set()
+        self._requests: dict[asyncio.Task[None], list[asyncio.Future[Vector]]] = {}
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="embed-dispatcher")
 
     def submit(self, text: str, tenant: str | None = None) -> asyncio.Future[Vector]:
@@ -255,11 +255,13 @@ class EmbeddingBatcher:
                 self._slots.release()
                 raise
             task = loop.create_task(self._request(texts, futures), name="embed-request")
-            self._requests.add(task)
+            self._requests[task] = futures
             task.add_done_callback(self._request_done)
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
-        self._requests.discard(task)
+        for future in self._requests.pop(task, ()):
+            if not future.done():  # the task was cancelled before it could answer them
+                future.cancel()
         self._slots.release()
 
     def _take(self) -> tuple[list[str], list[asyncio.Future[Vector]]]:
@@ -303,6 +305,12 @@ class EmbeddingBatcher:
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
+            return
+        if len(results) != len(futures):
+            error = EmbeddingProtocolError(f"{len(results)} results for {len(futures)} inputs")
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
             return
         for future, result in zip(futures, results, strict=True):
             if future.done():

@@ -19,7 +19,9 @@ LOOP_STALL_SECONDS = 120.0
 
 class Watched(Protocol):
     heartbeat: float
-    last_error: str | None
+
+    @property
+    def last_error(self) -> str | None: ...
 
     def assignment(self) -> set[object]: ...
     def down(self) -> dict[str, str]: ...

@@ -87,7 +87,7 @@ class InFlight:
     @property
     def drained_enough(self) -> bool:
         """Below half the window: paused partitions may resume."""
-        return self.records < self.max_records // 2 and self.bytes < self.max_bytes // 2
+        return self.records < max(1, self.max_records // 2) and self.bytes < max(1, self.max_bytes // 2)
 
     @property
     def empty(self) -> bool:

@@ -67,7 +67,6 @@ class Worker:
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
         self.heartbeat = time.monotonic()
-        self.last_error: str | None = None
         self.failure: BaseException | None = None
 
     def stop(self) -> None:
@@ -80,6 +79,13 @@ class Worker:
     @property
     def records_done(self) -> int:
         return self._records_before + (self._pipeline.finished_records if self._pipeline else 0)
+
+    @property
+    def last_error(self) -> str | None:
+        """What stops progress now, for /readyz: a failure, else a dependency's last error."""
+        if self.failure is not None:
+            return f"{type(self.failure).__name__}: {self.failure}"
+        return next((d.last_error for d in self.dependencies.all() if not d.up), None)
 
     def down(self) -> dict[str, str]:
         """Dependencies whose circuit breaker is open, with since when and why."""

@@ -257,15 +257,6 @@ async def test_close_cancels_queued_inputs_and_running_requests(make: Make, send
     assert send.requests == [["r1", "r2"]], "nothing sent after close()"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker/embed.py:EmbeddingBatcher.close: close() while the dispatcher has created a request task "
-        "that has not started running yet (e.g. close() awaited through wait_for right after submit) -> "
-        "expected the request's futures cancelled, got them pending forever: Task.cancel() before its "
-        "first step never enters _request, so its `except CancelledError` that cancels them never runs"
-    ),
-)
 async def test_close_never_leaves_a_future_pending(send: FakeSend) -> None:
     pending: dict[int, list[str]] = {}
     for turns in range(5):  # close() after 0..4 turns of the loop: every interleaving up to a send

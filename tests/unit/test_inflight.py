@@ -164,14 +164,6 @@ def test_an_emptied_window_is_always_drained_enough(max_records: int) -> None:
     assert window.drained_enough, "paused partitions must resume once nothing is in flight"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker/inflight.py:InFlight.drained_enough: max_records=1 (MAX_IN_FLIGHT_RECORDS=1, allowed) -> "
-        "expected True once the window is empty, got False: `records < max_records // 2` is `0 < 0`, "
-        "so the Worker never resumes a paused source"
-    ),
-)
 def test_an_emptied_window_of_one_record_is_drained_enough() -> None:
     window = InFlight(max_records=1, max_bytes=1024)
     r = record(0)
