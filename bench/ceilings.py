@@ -11,6 +11,7 @@ backfill that builds it afterwards would.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
@@ -126,14 +127,21 @@ async def copy_ceiling(
     rows: ChunkRows,
     *,
     approximate_index: bool,
+    connections: int = 1,
     within: float = 300.0,
 ) -> Ceiling:
-    """One binary COPY of all rows into a fresh ``LIKE <template>.chunks INCLUDING ALL`` table."""
+    """Binary COPY of all rows into a fresh ``LIKE <template>.chunks INCLUDING ALL`` table.
+
+    With ``connections`` > 1 the rows are split by document into that many contiguous parts,
+    each copied in its own transaction on its own connection at the same time.
+    """
     target = "chunks_ann" if approximate_index else "chunks_backfill"
     schema = "bench_ceiling"
-    conn = await asyncpg.connect(database_url, timeout=10)
+    conns = [await asyncpg.connect(database_url, timeout=10) for _ in range(connections)]
+    conn = conns[0]
     try:
-        await register_vector(conn)
+        for c in conns:
+            await register_vector(c)
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         await conn.execute(f"DROP TABLE IF EXISTS {schema}.{target}")
         await conn.execute(f"CREATE TABLE {schema}.{target} (LIKE {template_schema}.chunks INCLUDING ALL)")
@@ -142,18 +150,41 @@ async def copy_ceiling(
                 await conn.execute(f"DROP INDEX {index}")
         columns = await _insertable_columns(conn, schema, target, set(rows.rows[0]))
         records = [tuple(row[c] for c in columns) for row in rows.rows]
-        await conn.execute("CHECKPOINT")  # start both variants from the same quiet state
+        parts = _split_by_document(records, connections, key=columns.index("doc_id"))
+
+        async def copy(c: asyncpg.Connection, records: list[tuple[Any, ...]]) -> None:
+            async with c.transaction():
+                await c.copy_records_to_table(
+                    target, schema_name=schema, columns=columns, records=records, timeout=within
+                )
+
+        await conn.execute("CHECKPOINT")  # start every variant from the same quiet state
         started = time.perf_counter()
-        async with conn.transaction():
-            await conn.copy_records_to_table(
-                target, schema_name=schema, columns=columns, records=records, timeout=within
-            )
+        await asyncio.gather(*(copy(c, part) for c, part in zip(conns, parts, strict=True)))
         seconds = time.perf_counter() - started
         await conn.execute(f"DROP TABLE {schema}.{target}")
     finally:
-        await conn.close()
+        for c in conns:
+            await c.close()
     name = "COPY, PK + HNSW" if approximate_index else "COPY, PK only (backfill)"
+    if connections > 1:
+        name += f", {connections} connections"
     return Ceiling(name, len(rows.rows), rows.docs, seconds)
+
+
+def _split_by_document(
+    records: list[tuple[Any, ...]], parts: int, *, key: int
+) -> list[list[tuple[Any, ...]]]:
+    """``parts`` contiguous slices of about equal size, never splitting one document's rows."""
+    out: list[list[tuple[Any, ...]]] = [[] for _ in range(parts)]
+    size = -(-len(records) // parts)
+    part = 0
+    for i, record in enumerate(records):
+        starts_document = i == 0 or record[key] != records[i - 1][key]
+        if starts_document and len(out[part]) >= size and part < parts - 1:
+            part += 1
+        out[part].append(record)
+    return out
 
 
 async def _approximate_indexes(conn: asyncpg.Connection, table: str) -> list[str]:

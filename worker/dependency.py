@@ -63,17 +63,26 @@ class Dependency:
             return None
         return f"down since {self.down_since.isoformat(timespec='seconds')}: {self.last_error}"
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, attempts: int | None = None) -> T:
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], *, attempts: int | None = None, deadline: float | None = None
+    ) -> T:
         """Run ``fn`` until it succeeds, waiting out outages.
 
-        With ``attempts``, raise AttemptsExhausted once ``fn`` has failed that many times while
-        the breaker was closed. Raises ShuttingDown when the worker stops first, and
-        non-retriable errors at once.
+        With ``attempts`` (and ``deadline``, seconds), raise AttemptsExhausted once ``fn`` has
+        failed that many times (or kept failing that long) while the breaker was closed: time
+        and attempts spent while the dependency is down do not count. Raises ShuttingDown when
+        the worker stops first, and non-retriable errors at once.
         """
         burned = 0
+        started = time.monotonic()
+        waited_down = 0.0
 
         def exhausted(_: RetryCallState) -> bool:
-            return attempts is not None and burned >= attempts
+            if attempts is not None and burned >= attempts:
+                return True
+            return (
+                deadline is not None and burned > 0 and time.monotonic() - started - waited_down >= deadline
+            )
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(DependencyError),
@@ -85,7 +94,7 @@ class Dependency:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._wait_up()
+                    waited_down += await self._wait_up()
                     try:
                         result = await fn()
                     except DependencyError as exc:
@@ -105,9 +114,11 @@ class Dependency:
             self._prober.cancel()
             await asyncio.gather(self._prober, return_exceptions=True)
 
-    async def _wait_up(self) -> None:
+    async def _wait_up(self) -> float:
+        """Wait while the dependency is down; the seconds waited."""
         if self.up:
-            return
+            return 0.0
+        began = time.monotonic()
         up = asyncio.ensure_future(self._up.wait())
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({up, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -115,6 +126,7 @@ class Dependency:
         stop.cancel()
         if not self.up:
             raise ShuttingDown("stopping")
+        return time.monotonic() - began
 
     def _wait(self, state: RetryCallState) -> float:
         """Retry-After when the API gives one, else full-jitter exponential backoff."""

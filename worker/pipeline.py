@@ -307,10 +307,10 @@ class Pipeline:
         """Embed; when the API refuses the request (or it fails every attempt while the API is up),
         split it to find the inputs at fault. The rest of the request is embedded as usual."""
         attempts = self._settings.embedding_max_attempts
+        deadline = self._settings.embedding_retry_deadline_seconds
+        call = self._deps.embedding.call
         try:
-            return list(
-                await self._deps.embedding.call(lambda: self._embedder.embed(texts), attempts=attempts)
-            )
+            return list(await call(lambda: self._embedder.embed(texts), attempts=attempts, deadline=deadline))
         except (InputRejected, AttemptsExhausted) as exc:
             if len(texts) == 1:
                 return [exc]

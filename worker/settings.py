@@ -111,6 +111,12 @@ class Settings:
     embedding_max_tpm: int = _setting(
         0, "tokens (chars/4) per minute this process may send; 0 for no cap", low=0, high=10**12
     )
+    embedding_retry_deadline_seconds: float = _setting(
+        300.0,
+        "a request failing this long while the API is up is isolated, then dead-lettered",
+        low=1,
+        high=86400,
+    )
     embedding_max_attempts: int = _setting(
         5, "attempts per embedding request before pausing", low=1, high=100
     )
