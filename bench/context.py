@@ -135,9 +135,14 @@ class Bench:
             cpu_sources=self.cpu_sources(),
         )
         problems = f"  PROBLEMS: {'; '.join(result.problems)}" if result.problems else ""
+        speed = (
+            f"{rate(result.docs_per_s, 'docs/s')}, {rate(result.chunks_per_s, 'chunks/s')} "
+            f"over {result.seconds:.2f}s"
+            if result.timed
+            else "not timed"
+        )
         print(
-            f"    {rate(result.docs_per_s, 'docs/s')}, {rate(result.chunks_per_s, 'chunks/s')} "
-            f"over {result.seconds:.2f}s (wall {result.wall_seconds:.1f}s), peak RSS "
+            f"    {speed} (wall {result.wall_seconds:.1f}s), peak RSS "
             f"{' + '.join(megabytes(b) for b in result.peak_rss)}; CPU s {cpu_line(result)}{problems}",
             flush=True,
         )
@@ -200,7 +205,8 @@ def little_bound(concurrency: int, batch_size: int, latency_ms: float) -> float:
 
 def run_note(run: WorkerRun, extra: str = "") -> str:
     problems = f" PROBLEMS: {'; '.join(run.problems)}." if run.problems else ""
+    measured = f"in {run.seconds:.2f} s measured" if run.timed else "(not timed: nothing marked the end)"
     return (
-        f"`{run.command}`, {run.docs} records -> {run.chunks} chunks in {run.seconds:.2f} s measured "
+        f"`{run.command}`, {run.docs} records -> {run.chunks} chunks {measured} "
         f"({run.wall_seconds:.1f} s wall, work began {run.join_seconds:.1f} s after spawn){extra}.{problems}"
     )

@@ -176,6 +176,7 @@ def markdown(report: Report, plot: Path | None) -> str:
         f"{info['os']}, Python {info['python']}.",
         "",
         *_background(report),
+        *[f"{note}\n" for note in report.notes],
         "## Results",
         "",
         *_table(
@@ -232,10 +233,10 @@ def markdown(report: Report, plot: Path | None) -> str:
                         str(r.processes),
                         f"{r.docs_stored}/{r.docs}",
                         str(r.chunks),
-                        f"{r.seconds:.2f}",
+                        f"{r.seconds:.2f}" if r.timed else "not timed",
                         f"{r.wall_seconds:.1f}",
-                        rate(r.docs_per_s),
-                        rate(r.chunks_per_s),
+                        rate(r.docs_per_s) if r.timed else "-",
+                        rate(r.chunks_per_s) if r.timed else "-",
                         " + ".join(megabytes(b) for b in r.peak_rss),
                         cpu_line(r),
                     )
@@ -243,7 +244,9 @@ def markdown(report: Report, plot: Path | None) -> str:
                 ],
             ),
             "",
-            "Timing of the worker runs: " + "; ".join(sorted({r.timing for r in report.runs})) + ". "
+            "Timing of the worker runs: "
+            + "; ".join(sorted({r.timing for r in report.runs if r.timed}))
+            + ". "
             "CPU seconds from /proc, spawn to exit: the worker processes, all PostgreSQL processes (in "
             "brackets its busiest backend: the one writing), both embedding servers, and `others` = the "
             "machine's busy time less all of ours (the broker and this harness included), i.e. "
@@ -252,7 +255,7 @@ def markdown(report: Report, plot: Path | None) -> str:
         ]
     out += ["## Settings", ""]
     out += [f"- `{key}={value}`" for key, value in report.settings.items()]
-    out += ["", *[f"{n}" for n in report.notes], ""]
+    out += [""]
     return "\n".join(out)
 
 
@@ -289,6 +292,9 @@ def plot_throughput(report: Report, path: Path, *, copy_rows_per_s: float | None
             )
     if copy_rows_per_s:
         left.axhline(copy_rows_per_s, color="grey", linestyle="--", label="COPY ceiling (PK + HNSW)")
+    measured = [p.run.chunks_per_s for p in report.sweep] + [copy_rows_per_s or 0.0]
+    if report.sweep:  # the bounds of high concurrency run far above: keep the measured part readable
+        left.set_ylim(min(measured) / 2, max(measured) * 4)
     left.set_xlabel("embedding latency per request (ms)")
     left.set_ylabel("chunks stored per second")
     left.set_yscale("log")

@@ -69,6 +69,11 @@ class WorkerRun:
         return not self.problems
 
     @property
+    def timed(self) -> bool:
+        """False when only the exit told when the work ended (a redelivery into a full schema)."""
+        return not self.timing.endswith(END_EXIT)
+
+    @property
     def docs_per_s(self) -> float:
         return self.docs / self.seconds if self.seconds > 0 else 0.0
 

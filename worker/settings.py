@@ -122,10 +122,10 @@ class Settings:
     )
     # Pipeline
     max_in_flight_records: int = _setting(
-        4000, "records fetched but not yet stored; past it partitions pause", low=1, high=10_000_000
+        1000, "records fetched but not yet stored; past it partitions pause", low=1, high=10_000_000
     )
     max_in_flight_bytes: int = _setting(
-        64 * 1_048_576, "bytes of records in flight; past it partitions pause", low=1024, high=1 << 40
+        16 * 1_048_576, "bytes of records in flight; past it partitions pause", low=1024, high=1 << 40
     )
     write_batch_documents: int = _setting(256, "documents per write transaction", low=1, high=100_000)
     database_writers: int = _setting(2, "write transactions in flight", low=1, high=64)
