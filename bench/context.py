@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ class Plan:
     scaling_settings: Mapping[str, str]
     sweep_latencies_ms: tuple[float, ...]
     sweep_concurrency: tuple[int, ...]
+    repeats: int = 1  # runs of items 2 and 3 (and the COPY ceilings); the best counts
 
     def setting(self, name: str, default: int) -> int:
         return int(self.worker_settings.get(name, default))
@@ -152,6 +153,12 @@ class Bench:
         self.report.runs.append(result)
         return result
 
+    async def repeat(self, name: str, **run: Any) -> list[WorkerRun]:
+        """The same run ``plan.repeats`` times, each in its own group and schema (``name``, ``name_2``...)."""
+        return [
+            await self.run(name if i == 1 else f"{name}_{i}", **run) for i in range(1, self.plan.repeats + 1)
+        ]
+
     async def drop_schema(self, schema: str) -> None:
         conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
@@ -196,6 +203,18 @@ class Limits:
     def chunks_per_s(self) -> float:
         chunks_per_doc = self.copy.items / self.copy.docs
         return min(self.consume.per_s * chunks_per_doc, self.copy.per_s)
+
+
+def best(runs: Sequence[WorkerRun]) -> WorkerRun:
+    """The fastest complete run (noise on a shared machine only ever slows a run down)."""
+    complete = [r for r in runs if r.ok] or list(runs)
+    return max(complete, key=lambda r: r.chunks_per_s)
+
+
+def spread(runs: Sequence[WorkerRun], chosen: WorkerRun) -> str:
+    """`` (best of 2; the other 1,234 chunks/s)`` for a figure, or nothing for a single run."""
+    others = [rate(r.chunks_per_s, "chunks/s") for r in runs if r is not chosen]
+    return f" (best of {len(runs)}; other runs {', '.join(others)})" if others else ""
 
 
 def little_bound(concurrency: int, batch_size: int, latency_ms: float) -> float:

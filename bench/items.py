@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.ceilings import chunk_rows, consume_ceiling, copy_ceiling
-from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, little_bound, run_note
+from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
+from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, best, little_bound, run_note, spread
 from bench.corpus import make_documents, publish
 from bench.naive import NaiveConfig, run_naive
 from bench.report import Check, SweepPoint, megabytes, rate
@@ -64,12 +64,24 @@ async def ceilings(bench: Bench) -> Limits:
         model=stack_env["EMBEDDING_MODEL"],
         dimensions=int(stack_env["EMBEDDING_DIMENSIONS"]),
     )
-    copy_ann = await copy_ceiling(bench.database_url, "bench_template", rows, approximate_index=True)
-    copy_backfill = await copy_ceiling(bench.database_url, "bench_template", rows, approximate_index=False)
     writers = plan.setting("DATABASE_WRITERS", 2)
-    copy_parallel = await copy_ceiling(
-        bench.database_url, "bench_template", rows, approximate_index=True, connections=writers
-    )
+
+    async def copy_best(approximate_index: bool, connections: int = 1) -> Ceiling:
+        tries = [
+            await copy_ceiling(
+                bench.database_url,
+                "bench_template",
+                rows,
+                approximate_index=approximate_index,
+                connections=connections,
+            )
+            for _ in range(plan.repeats)
+        ]
+        return min(tries, key=lambda c: c.seconds)
+
+    copy_ann = await copy_best(True)
+    copy_backfill = await copy_best(False)
+    copy_parallel = await copy_best(True, writers)
     report.add(
         Check(
             "1a. ceiling: consume + decode",
@@ -89,9 +101,9 @@ async def ceilings(bench: Bench) -> Limits:
             Check(
                 f"{number}. ceiling: binary {ceiling.name}",
                 f"{rate(ceiling.per_s, 'rows/s')}, {rate(ceiling.docs_per_s, 'docs/s')}",
-                note=f"copy_records_to_table (pgvector codec) of {ceiling.items} chunk rows "
-                f"({ceiling.docs} docs) with their vectors into a `LIKE chunks INCLUDING ALL` copy of a "
-                f"migrated schema's table{how[number]}",
+                note=f"best of {plan.repeats}: copy_records_to_table (pgvector codec) of "
+                f"{ceiling.items} chunk rows ({ceiling.docs} docs) with their vectors into a "
+                f"`LIKE chunks INCLUDING ALL` copy of a migrated schema's table{how[number]}",
             )
         )
     limits = Limits(consume, copy_backfill if plan.backfill else copy_ann, copy_parallel)
@@ -102,22 +114,29 @@ async def ceilings(bench: Bench) -> Limits:
 # -- 2. and 7. instant embeddings, then the same stream again ---------------------------------------
 
 
-async def instant_and_redelivery(bench: Bench, limits: Limits) -> WorkerRun:
+async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRun, WorkerRun]:
+    """Items 2 and 7; returns the first instant run (the base of item 5) and the fastest."""
     report = bench.report
     await bench.instant.reset()
-    fast = await bench.run("instant", embedding_url=bench.instant.url)
+    first = await bench.run("instant", embedding_url=bench.instant.url)  # its schema is redelivered into
     inputs_first = int((await bench.instant.stats())["inputs"])
+    runs = [first]
+    for i in range(2, bench.plan.repeats + 1):
+        runs.append(await bench.run(f"instant_{i}", embedding_url=bench.instant.url))
+        await bench.drop_schema(f"bench_instant_{i}")
+    fast = best(runs)
     ratio = fast.docs_per_s / limits.docs_per_s
     report.add(
         Check(
             "2. end to end, instant embeddings",
             f"{rate(fast.docs_per_s, 'docs/s')}, {rate(fast.chunks_per_s, 'chunks/s')}; "
-            f"{ratio:.2f} of min(ceilings) = {rate(limits.docs_per_s, 'docs/s')}",
+            f"{ratio:.2f} of min(ceilings) = {rate(limits.docs_per_s, 'docs/s')}{spread(runs, fast)}",
             f">= {GOAL_INSTANT_OF_CEILING}",
             fast.ok and ratio >= GOAL_INSTANT_OF_CEILING,
             run_note(
                 fast,
-                f"; {inputs_first} embedding inputs; ceiling used: {limits.copy.name}; against the "
+                f"; {inputs_first} embedding inputs in the first run; ceiling used: {limits.copy.name}; "
+                "against the "
                 f"{limits.parallel.name} ceiling ({rate(limits.parallel.docs_per_s, 'docs/s')}) the ratio "
                 f"is {fast.docs_per_s / limits.parallel.docs_per_s:.2f}",
             ),
@@ -129,20 +148,20 @@ async def instant_and_redelivery(bench: Bench, limits: Limits) -> WorkerRun:
         "redelivery", embedding_url=bench.instant.url, schema="bench_instant", fresh=False
     )
     inputs = int((await bench.instant.stats())["inputs"])
-    saved = 1 - inputs / fast.chunks if fast.chunks else 0.0
+    saved = 1 - inputs / first.chunks if first.chunks else 0.0
     report.add(
         Check(
             "7. embedding inputs saved on redelivery",
-            f"{saved:.0%} ({inputs} inputs embedded again for {fast.chunks} unchanged chunks)",
+            f"{saved:.0%} ({inputs} inputs embedded again for {first.chunks} unchanged chunks)",
             f">= {GOAL_SAVED:.0%}",
-            again.ok and fast.ok and saved >= GOAL_SAVED,
+            again.ok and first.ok and saved >= GOAL_SAVED,
             f"the same {again.docs} records consumed again by a new group into the instant run's schema; "
             f"inputs from the embedding server's /admin/stats after /admin/reset; {again.chunks} chunks "
             "stored afterwards; " + run_note(again),
         )
     )
     await bench.drop_schema("bench_instant")
-    return fast
+    return first, fast
 
 
 # -- 3. and 4. slow embeddings, and the naive baseline at the same latency ------------------------
@@ -153,22 +172,26 @@ async def slow_and_naive(bench: Bench, limits: Limits) -> WorkerRun:
     concurrency = plan.setting("EMBEDDING_CONCURRENCY", 4)
     batch_size = plan.setting("EMBEDDING_BATCH_SIZE", 64)
     await bench.slow.set_latency(plan.latency_ms)
-    slow = await bench.run("slow", embedding_url=bench.slow.url)
-    await bench.drop_schema("bench_slow")
+    runs = await bench.repeat("slow", embedding_url=bench.slow.url)
+    for run in runs:
+        await bench.drop_schema(f"bench_{run.name}")
+    slow = best(runs)
     bound = little_bound(concurrency, batch_size, plan.latency_ms)
+    parallel = min(bound, limits.parallel.per_s)
     ratio = slow.chunks_per_s / min(bound, limits.chunks_per_s)
     report.add(
         Check(
             f"3. end to end, embeddings after {plan.latency_ms:g} ms",
             f"{rate(slow.docs_per_s, 'docs/s')}, {rate(slow.chunks_per_s, 'chunks/s')}; {ratio:.2f} of "
             f"min(Little's bound {rate(bound, 'chunks/s')}, "
-            f"ceilings {rate(limits.chunks_per_s, 'chunks/s')})",
+            f"ceilings {rate(limits.chunks_per_s, 'chunks/s')}){spread(runs, slow)}",
             f">= {GOAL_SLOW_OF_BOUND}",
             slow.ok and ratio >= GOAL_SLOW_OF_BOUND,
             run_note(
                 slow,
                 f"; bound = EMBEDDING_CONCURRENCY {concurrency} x EMBEDDING_BATCH_SIZE {batch_size} / "
-                f"{plan.latency_ms:g} ms",
+                f"{plan.latency_ms:g} ms; against min(bound, the {limits.parallel.name} ceiling) the "
+                f"ratio is {slow.chunks_per_s / parallel:.2f}",
             ),
         )
     )
@@ -314,7 +337,7 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
     plan = bench.plan
     await publish_base(bench)
     limits = await ceilings(bench)
-    fast = await instant_and_redelivery(bench, limits)
+    first, fast = await instant_and_redelivery(bench, limits)
     slow = await slow_and_naive(bench, limits)
     scaled = await scaling(bench)
     if with_sweep:
@@ -325,4 +348,4 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
             scaling_concurrency = int(plan.scaling_settings.get("EMBEDDING_CONCURRENCY", concurrency))
             known[(plan.latency_ms, scaling_concurrency)] = scaled[0]
         await sweep(bench, known)
-    await backlog(bench, fast)
+    await backlog(bench, first)

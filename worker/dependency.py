@@ -68,11 +68,23 @@ class Dependency:
     ) -> T:
         """Run ``fn`` until it succeeds, waiting out outages.
 
-        With ``attempts`` (and ``deadline``, seconds), raise AttemptsExhausted once ``fn`` has
-        failed that many times (or kept failing that long) while the breaker was closed: time
-        and attempts spent while the dependency is down do not count. Raises ShuttingDown when
-        the worker stops first, and non-retriable errors at once.
+        With ``attempts`` (and ``deadline``, seconds), ``fn`` may fail that many times (or that
+        long) while the dependency is up. Then the dependency is probed with a request of its
+        own: if the probe fails too, this was an outage (the breaker opens, the call waits and
+        starts over); if it succeeds, the fault is ``fn``'s input: AttemptsExhausted. Raises
+        ShuttingDown when the worker stops first, and non-retriable errors at once.
         """
+        while True:
+            try:
+                return await self._attempts(fn, attempts, deadline)
+            except _OutOfAttempts as out:
+                if await self._answers_probe():
+                    raise AttemptsExhausted(out.last, out.burned) from out.last
+                self._open(out.last)
+
+    async def _attempts(
+        self, fn: Callable[[], Awaitable[T]], attempts: int | None, deadline: float | None
+    ) -> T:
         burned = 0
         started = time.monotonic()
         waited_down = 0.0
@@ -99,15 +111,25 @@ class Dependency:
                         result = await fn()
                     except DependencyError as exc:
                         metrics.RETRIES.labels(dependency=self.name).inc()
-                        self._failed(exc)
                         if self.up and not _systemic(exc):
-                            burned += 1
+                            burned += 1  # it failed while the dependency was up
+                        self._failed(exc)
                         raise
                     self._consecutive = 0
                     return result
         except DependencyError as exc:
-            raise AttemptsExhausted(exc, burned) from exc
+            raise _OutOfAttempts(exc, burned) from exc
         raise AssertionError("unreachable: tenacity either returns or reraises")
+
+    async def _answers_probe(self) -> bool:
+        try:
+            await self._probe()
+        except DependencyError as exc:
+            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            return False
+        if not self.up:
+            self._recovered()
+        return True
 
     async def close(self) -> None:
         if self._prober is not None:
@@ -121,9 +143,11 @@ class Dependency:
         began = time.monotonic()
         up = asyncio.ensure_future(self._up.wait())
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({up, stop}, return_when=asyncio.FIRST_COMPLETED)
-        up.cancel()
-        stop.cancel()
+        try:
+            await asyncio.wait({up, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+            stop.cancel()
         if not self.up:
             raise ShuttingDown("stopping")
         return time.monotonic() - began
@@ -138,7 +162,12 @@ class Dependency:
     def _failed(self, exc: DependencyError) -> None:
         self._consecutive += 1
         self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        if self.up and self._consecutive >= self._threshold:
+        if self._consecutive >= self._threshold:
+            self._open(exc)
+
+    def _open(self, exc: DependencyError) -> None:
+        self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if self.up:
             self._up.clear()
             self.down_since = dt.datetime.now(dt.UTC)
             self._down_at = time.monotonic()
@@ -150,7 +179,7 @@ class Dependency:
 
     async def _probe_until_up(self) -> None:
         round_ = 0
-        while True:
+        while self.down_since is not None:
             round_ += 1
             try:
                 await sleep_unless(self._stop, backoff(round_, initial=0.5, cap=self._max_backoff) + 0.1)
@@ -162,7 +191,13 @@ class Dependency:
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
                 log.info("dependency_probe_failed", dependency=self.name, error=self.last_error, round=round_)
                 continue
-            break
+            except Exception:  # a broken probe must not leave the breaker open for good
+                log.exception("dependency_probe_error", dependency=self.name)
+                continue
+            if self.down_since is not None:
+                self._recovered()
+
+    def _recovered(self) -> None:
         log.warning(
             "dependency_recovered",
             dependency=self.name,
@@ -172,6 +207,13 @@ class Dependency:
         self.down_since = None
         metrics.DEPENDENCY_UP.labels(dependency=self.name).set(1)
         self._up.set()
+
+
+class _OutOfAttempts(Exception):  # an internal signal between _attempts and call
+    def __init__(self, last: DependencyError, burned: int) -> None:
+        super().__init__(str(last))
+        self.last = last
+        self.burned = burned
 
 
 def _systemic(exc: DependencyError) -> bool:

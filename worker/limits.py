@@ -48,7 +48,10 @@ class AdaptiveConcurrency:
     def succeeded(self, latency: float) -> None:
         self._ewma = latency if self._ewma is None else 0.8 * self._ewma + 0.2 * latency
         self._floor = latency if self._floor is None else min(self._floor * 1.001, latency)
-        if self._ewma > LATENCY_RISE * self._floor and self._decrease(0.9):
+        if (
+            self._ewma > LATENCY_RISE * self._floor
+        ):  # congested: shrink (at most once per interval), never grow
+            self._decrease(0.9)
             return
         self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
         metrics.EMBEDDING_CONCURRENCY_LIMIT.set(self.limit)

@@ -77,7 +77,7 @@ class Summary:
 
 def parse_time(text: str) -> dt.datetime | None:
     try:
-        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         return None
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

@@ -746,7 +746,7 @@ async def test_an_embedding_outage_is_reported_and_pauses_fetching_until_it_is_o
     r = rig(
         log_of({0: [upsert("a", TEXT_C, 1), upsert("b", TEXT_B, 1)]}),
         max_records=1,
-        embedder=FakeEmbedder(failures=2),  # enough to open its circuit breaker (threshold 2)
+        embedder=FakeEmbedder(failures=3),  # opens its circuit breaker (threshold 2), and the probe fails too
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
     seen: list[dict[str, str]] = []

@@ -1,0 +1,221 @@
+"""worker.replay without Kafka: which dead letters the filters pick, time parsing, the summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+import pytest
+
+from worker.dlq import DeadLetter, dead_letter_headers
+from worker.errors import AttemptsExhausted, EmbeddingUnavailable, StoreRejected
+from worker.replay import Filters, Summary, parse_time
+
+UTC = dt.UTC
+NOON = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def headers(
+    *,
+    stage: str = "embed",
+    error_class: str = "AttemptsExhausted",
+    topic: str = "docs",
+    failed_at: str | None = "2024-05-01T12:00:00.000Z",
+) -> dict[str, str]:
+    found = {
+        "dlq.error.stage": stage,
+        "dlq.error.class": error_class,
+        "dlq.original.topic": topic,
+        "dlq.error.message": "5 attempts failed",
+    }
+    if failed_at is not None:
+        found["dlq.failed.at"] = failed_at
+    return found
+
+
+# -- one field at a time ----------------------------------------------------------------------
+
+
+def test_no_filters_match_everything() -> None:
+    assert Filters().match(headers(), b"doc-1")
+    assert Filters().match({}, None)
+
+
+def test_stage() -> None:
+    only_store = Filters(stage="store")
+    assert only_store.match(headers(stage="store"), b"k")
+    assert not only_store.match(headers(stage="embed"), b"k")
+    assert not only_store.match({}, b"k")
+
+
+def test_error_class() -> None:
+    rejected = Filters(error_class="StoreRejected")
+    assert rejected.match(headers(error_class="StoreRejected"), b"k")
+    assert not rejected.match(headers(error_class="storerejected"), b"k"), "exact, case-sensitive"
+    assert not rejected.match(headers(error_class="AttemptsExhausted"), b"k")
+
+
+def test_original_topic() -> None:
+    docs = Filters(original_topic="docs")
+    assert docs.match(headers(topic="docs"), b"k")
+    assert not docs.match(headers(topic="docs-v2"), b"k")
+    assert not docs.match({"dlq.error.stage": "embed"}, b"k")
+
+
+def test_key() -> None:
+    one = Filters(key="doc-42")
+    assert one.match(headers(), b"doc-42")
+    assert not one.match(headers(), b"doc-4")
+    assert not one.match(headers(), None)
+    assert Filters(key="").match(headers(), None), "a missing key reads as the empty key"
+    assert Filters(key="caf\u00e9").match(headers(), "caf\u00e9".encode())
+    assert Filters(key="\ufffd").match(headers(), b"\xff"), "undecodable bytes are replaced, not fatal"
+
+
+def test_every_filter_must_match() -> None:
+    both = Filters(stage="embed", error_class="AttemptsExhausted", original_topic="docs", key="a")
+    assert both.match(headers(), b"a")
+    assert not both.match(headers(stage="store"), b"a")
+    assert not both.match(headers(error_class="InputRejected"), b"a")
+    assert not both.match(headers(topic="other"), b"a")
+    assert not both.match(headers(), b"b")
+
+
+# -- time ---------------------------------------------------------------------------------------
+
+
+def at(moment: dt.datetime) -> dict[str, str]:
+    """Headers stamped the way worker.dlq stamps dlq.failed.at."""
+    letter = DeadLetter("docs", 0, 7, b"k", b"{}", (), AttemptsExhausted(EmbeddingUnavailable("503"), 5))
+    return {k: v.decode() for k, v in dead_letter_headers(letter, failed_at=moment)}
+
+
+MS = dt.timedelta(milliseconds=1)
+
+
+def test_since_is_inclusive() -> None:
+    since = Filters(since=NOON)
+    assert since.match(at(NOON), None)
+    assert since.match(at(NOON + MS), None)
+    assert not since.match(at(NOON - MS), None)
+
+
+def test_until_is_exclusive() -> None:
+    until = Filters(until=NOON)
+    assert not until.match(at(NOON), None)
+    assert not until.match(at(NOON + MS), None)
+    assert until.match(at(NOON - MS), None)
+
+
+def test_since_and_until_make_a_half_open_window() -> None:
+    window = Filters(since=NOON, until=NOON + dt.timedelta(hours=1))
+    assert [window.match(at(NOON + dt.timedelta(minutes=m)), None) for m in (-1, 0, 30, 59, 60, 61)] == [
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_time_filters_compare_instants_across_offsets() -> None:
+    since = Filters(since=parse_time("2024-05-01T14:00:00+02:00"))  # = NOON UTC
+    assert since.match(headers(failed_at="2024-05-01T12:00:00.000Z"), None)
+    assert not since.match(headers(failed_at="2024-05-01T11:59:59.999Z"), None)
+    assert since.match(headers(failed_at="2024-05-01T08:00:00-04:00"), None)
+
+
+@pytest.mark.parametrize("failed_at", [None, "", "yesterday", "2024-13-01T00:00:00Z", "?"])
+@pytest.mark.parametrize(
+    "filters", [Filters(since=NOON), Filters(until=NOON), Filters(since=NOON, until=NOON + MS)]
+)
+def test_a_time_filter_excludes_letters_without_a_readable_time(
+    filters: Filters, failed_at: str | None
+) -> None:
+    assert not filters.match(headers(failed_at=failed_at), None)
+
+
+@pytest.mark.parametrize("failed_at", [None, "garbage"])
+def test_without_a_time_filter_the_time_header_is_not_read(failed_at: str | None) -> None:
+    assert Filters(stage="embed").match(headers(failed_at=failed_at), None)
+
+
+# -- parse_time -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01T12:00:00Z", NOON),
+        ("2024-05-01T12:00:00.250Z", NOON + 250 * MS),
+        ("2024-05-01T12:00:00+00:00", NOON),
+        ("2024-05-01T14:00:00+02:00", NOON),
+        ("2024-05-01T07:30:00-04:30", NOON),
+        ("2024-05-01T12:00:00", NOON),  # naive: taken as UTC
+        ("2024-05-01 12:00", NOON),
+        ("2024-05-01", NOON.replace(hour=0)),
+    ],
+)
+def test_parse_time(text: str, expected: dt.datetime) -> None:
+    parsed = parse_time(text)
+    assert parsed == expected
+    assert parsed is not None
+    assert parsed.utcoffset() is not None, "always timezone-aware"
+
+
+def test_parse_time_keeps_the_given_offset_and_takes_naive_as_utc() -> None:
+    with_offset = parse_time("2024-05-01T14:00:00+02:00")
+    naive = parse_time("2024-05-01T12:00:00")
+    assert with_offset is not None
+    assert naive is not None
+    assert with_offset.utcoffset() == dt.timedelta(hours=2)
+    assert naive.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    "text", ["", "garbage", "Z", "2024-13-01", "2024-05-01T25:00:00Z", "12:00", "2024-05-01T12:00:00+25:00"]
+)
+def test_parse_time_garbage_is_none(text: str) -> None:
+    assert parse_time(text) is None
+
+
+def test_parse_time_reads_what_the_dead_letter_topic_writes() -> None:
+    moment = dt.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=UTC)
+    assert parse_time(at(moment)["dlq.failed.at"]) == moment
+
+
+# -- the summary ----------------------------------------------------------------------------------
+
+
+def test_summary_lines_when_empty() -> None:
+    assert Summary().lines() == [
+        "scanned 0 dead letters: moved 0, listed 0, filtered out 0, refused (max replays) 0, "
+        "no destination 0",
+        "by stage: none",
+    ]
+
+
+def test_summary_lines_report_every_count_and_stages_sorted() -> None:
+    summary = Summary(
+        scanned=20,
+        moved=9,
+        listed=0,
+        filtered_out=6,
+        refused=3,
+        unroutable=2,
+        by_stage=Counter({"store": 4, "embed": 5, "chunk": 1}),
+    )
+    assert summary.lines() == [
+        "scanned 20 dead letters: moved 9, listed 0, filtered out 6, refused (max replays) 3, "
+        "no destination 2",
+        "by stage: chunk 1, embed 5, store 4",
+    ]
+
+
+def test_dead_letter_headers_carry_what_the_filters_read() -> None:
+    letter = DeadLetter("docs", 3, 99, b"doc-9", b"{}", (), StoreRejected("value too long"))
+    found = {k: v.decode() for k, v in dead_letter_headers(letter, failed_at=NOON)}
+    assert Filters(
+        stage="store", error_class="StoreRejected", original_topic="docs", key="doc-9", since=NOON
+    ).match(found, letter.key)
