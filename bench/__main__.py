@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.context import Bench, Plan
 from bench.cpu import busy_cores, wait_for_quiet
 from bench.items import run_all
-from bench.report import BUSY_MACHINE_CORES, Report, markdown, plot_throughput, summary
+from bench.report import BUSY_MACHINE_CORES, Report, markdown, plot_throughput, summary, worker_revision
 from worker.dev.stack import EmbeddingServer, StackError, embedded_stack
 
 # -- What every worker run gets. Edit here: new settings (EMBEDDING_BATCH_CHARS, EMBEDDING_LINGER_MS,
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if before > BUSY_MACHINE_CORES:
         print(f"== the machine is busy ({before:.2f} cores): waiting up to {QUIET_WAIT:.0f}s", flush=True)
         before = wait_for_quiet(BUSY_MACHINE_CORES, QUIET_WAIT)
-    print(f"== {command}: machine busy {before:.2f} cores before; starting the embedded stack", flush=True)
+    report.revision = worker_revision()
+    print(f"== {command}: worker {report.revision}", flush=True)
+    print(f"== machine busy {before:.2f} cores before; starting the embedded stack", flush=True)
     slow = EmbeddingServer(("--latency-ms", f"{LATENCY_MS:g}"))
     try:
         with embedded_stack() as stack:

@@ -159,6 +159,20 @@ class Bench:
             await self.run(name if i == 1 else f"{name}_{i}", **run) for i in range(1, self.plan.repeats + 1)
         ]
 
+    async def chunks_by_partition(self, schema: str) -> dict[int, int]:
+        """Chunks stored per source partition (empty if the documents table has no such column)."""
+        conn = await asyncpg.connect(self.database_url, timeout=10)
+        try:
+            rows = await conn.fetch(
+                f"SELECT source_partition AS p, sum(chunk_count) AS n FROM {schema}.documents "
+                "WHERE NOT deleted GROUP BY 1"
+            )
+        except asyncpg.PostgresError:
+            return {}
+        finally:
+            await conn.close()
+        return {int(r["p"]): int(r["n"]) for r in rows if r["p"] is not None}
+
     async def drop_schema(self, schema: str) -> None:
         conn = await asyncpg.connect(self.database_url, timeout=10)
         try:

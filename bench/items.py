@@ -74,6 +74,7 @@ async def ceilings(bench: Bench) -> Limits:
                 rows,
                 approximate_index=approximate_index,
                 connections=connections,
+                index_build_memory=plan.worker_settings.get("INDEX_BUILD_MEMORY", "512MB"),
             )
             for _ in range(plan.repeats)
         ]
@@ -92,7 +93,9 @@ async def ceilings(bench: Bench) -> Limits:
     )
     how = {
         "1b": "",
-        "1c": ", its HNSW index dropped",
+        "1c": ", its HNSW index dropped; building it afterwards took "
+        f"{copy_backfill.build_seconds:.1f} s more (COPY + build: "
+        f"{rate(copy_backfill.with_build().per_s, 'rows/s')}, the ceiling for a `--backfill` worker)",
         "1d": f", split by document over {writers} connections copying at once (the worker's "
         "DATABASE_WRITERS): not a ceiling of the issue, shown because the worker writes that way",
     }
@@ -106,7 +109,7 @@ async def ceilings(bench: Bench) -> Limits:
                 f"`LIKE chunks INCLUDING ALL` copy of a migrated schema's table{how[number]}",
             )
         )
-    limits = Limits(consume, copy_backfill if plan.backfill else copy_ann, copy_parallel)
+    limits = Limits(consume, copy_backfill.with_build() if plan.backfill else copy_ann, copy_parallel)
     report.copy_rows_per_s = limits.copy.per_s
     return limits
 
@@ -240,12 +243,14 @@ async def slow_and_naive(bench: Bench, limits: Limits) -> WorkerRun:
 async def scaling(bench: Bench) -> list[WorkerRun]:
     plan, report = bench.plan, bench.report
     await bench.slow.set_latency(plan.latency_ms)
+    shares: dict[int, float | None] = {}
     for processes in plan.scaling_processes:
         name = f"scale{processes}"
         run = await bench.run(
             name, embedding_url=bench.slow.url, processes=processes, settings=plan.scaling_settings
         )
         report.scaling.append(run)
+        shares[processes] = busiest_share(run, await bench.chunks_by_partition(f"bench_{name}"))
         await bench.drop_schema(f"bench_{name}")
     one, *more = report.scaling
     speedups = {r.processes: r.chunks_per_s / one.chunks_per_s for r in more}
@@ -271,10 +276,24 @@ async def scaling(bench: Bench) -> list[WorkerRun]:
             f"embeddings after {plan.latency_ms:g} ms with {plan.scaling_settings} (one process's "
             f"Little's bound {rate(bound, 'chunks/s')}; the one process ran at "
             f"{one.chunks_per_s / bound:.2f} of it); measured over all processes together: "
-            f"{one.timing}",
+            f"{one.timing}. Partition imbalance: "
+            + ", ".join(
+                f"of {n} processes the busiest held {share:.0%} of the chunks, so at most {1 / share:.2f}x"
+                for n, share in shares.items()
+                if n > 1 and share is not None
+            ),
         )
     )
     return report.scaling
+
+
+def busiest_share(run: WorkerRun, chunks: Mapping[int, int]) -> float | None:
+    """The largest share of the chunks one process's partitions held (None if not known)."""
+    total = sum(chunks.values())
+    held = [sum(chunks.get(p, 0) for p in partitions) for partitions in run.assignments]
+    if not total or not all(run.assignments):
+        return None
+    return max(held) / total
 
 
 # -- the sweep behind the plot -----------------------------------------------------------------

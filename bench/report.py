@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Report:
     scaling: list[WorkerRun] = field(default_factory=list)
     runs: list[WorkerRun] = field(default_factory=list)
     copy_rows_per_s: float | None = None
+    revision: str = ""
     background: tuple[float, float] = (0.0, 0.0)  # cores busy before the stack started and after it stopped
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     seconds: float = 0.0
@@ -111,6 +113,31 @@ def machine() -> dict[str, str]:
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
     }
+
+
+def worker_revision() -> str:
+    """The git commit of the ``worker`` package being measured, and whether it has local changes."""
+    import worker
+
+    where = Path(worker.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "log", "-1", "--format=%h (%cI)"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"{where} (not a git checkout)"
+    return f"{where}, commit {commit}" + (" plus uncommitted changes" if dirty else "")
 
 
 def rate(value: float, unit: str = "") -> str:
@@ -174,6 +201,8 @@ def markdown(report: Report, plot: Path | None) -> str:
         "",
         f"Machine: {info['nproc']} CPUs (`nproc`), {info['memory']} memory, {info['cpu']}; "
         f"{info['os']}, Python {info['python']}.",
+        "",
+        f"Worker measured: {report.revision}.",
         "",
         *_background(report),
         *[f"{note}\n" for note in report.notes],

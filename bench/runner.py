@@ -5,7 +5,7 @@ the first batch's start (the earliest ``batch_stored`` log line's timestamp minu
 or, when the worker logs no such lines, at the last ``partitions_assigned`` line before the first
 document row appeared. It ends at the last ``batch_stored`` line or, without them, at the moment a
 poll of ``count(*)`` on the documents table (every 0.1 s) first saw every document stored; a
-backfill's ``ann_index_built`` line, when later, ends it instead.
+backfill's HNSW build (``ann_index_built`` line, logged after the idle wait) adds its seconds.
 Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.1 s until it exits; CPU seconds
 of the workers, PostgreSQL, the embedding servers and everything else are counted the same way.
 """
@@ -62,6 +62,7 @@ class WorkerRun:
     settings: Mapping[str, str] = field(default_factory=dict)
     cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds from spawn to exit, by part
     foreign: tuple[tuple[str, float], ...] = ()  # other processes that used CPU meanwhile
+    assignments: tuple[tuple[int, ...], ...] = ()  # partitions each process held last
     problems: tuple[str, ...] = ()
 
     @property
@@ -90,7 +91,8 @@ class WorkerRun:
 class _Log:
     batches: list[tuple[float, float | None]] = field(default_factory=list)  # (end, seconds)
     assigned: list[float] = field(default_factory=list)
-    index_built: list[float] = field(default_factory=list)  # a backfill's HNSW build at the end
+    partitions: tuple[int, ...] = ()  # the last assignment's partition numbers
+    index_build_seconds: float = 0.0  # a backfill's HNSW build at the end (after the idle wait)
     errors: list[str] = field(default_factory=list)
 
 
@@ -120,8 +122,12 @@ def _parse_log(path: Path) -> _Log:
             out.batches.append((at, float(seconds) if isinstance(seconds, int | float) else None))
         elif event == "partitions_assigned" and at is not None:
             out.assigned.append(at)
-        elif event == "ann_index_built" and at is not None:
-            out.index_built.append(at)
+            names = line.get("partitions")
+            if isinstance(names, list):
+                out.partitions = tuple(int(str(n).rsplit("/", 1)[-1]) for n in names)
+        elif event == "ann_index_built":
+            seconds = line.get("seconds")
+            out.index_build_seconds += float(seconds) if isinstance(seconds, int | float) else 0.0
         elif line.get("level") in ("error", "critical"):
             out.errors.append(str(line.get("event")))
     return out
@@ -221,9 +227,9 @@ def _interval(
         end, end_how = poll.complete_at, END_POLL
     else:
         end, end_how = exited - idle_seconds, END_EXIT
-    built = [b for p in parsed for b in p.index_built]
-    if built and max(built) > end:
-        end, end_how = max(built), end_how + ", then the HNSW build (ann_index_built line)"
+    build = max((p.index_build_seconds for p in parsed), default=0.0)
+    if build > 0:  # the build runs after the idle wait: add its duration, not its timestamp
+        end, end_how = end + build, end_how + ", plus the HNSW build's seconds (ann_index_built line)"
     return max(start, spawned), end, f"{start_how} -> {end_how}"
 
 
@@ -320,5 +326,6 @@ async def run_workers(
         settings={k: v for k, v in env.items() if not k.endswith(("URL", "SERVERS"))},
         cpu=cpu.summary(),
         foreign=tuple(cpu.foreign()),
+        assignments=tuple(p.partitions for p in parsed),
         problems=tuple(problems),
     )

@@ -145,8 +145,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.app import serve
+    from worker.app import bound_heap_growth, serve
 
+    bound_heap_growth()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -72,7 +72,8 @@ class KafkaSource:
             auto_offset_reset="earliest",
             max_poll_records=settings.kafka_max_poll_records,
             max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
-            fetch_max_bytes=max(settings.kafka_max_partition_fetch_bytes * 4, 16 * 1_048_576),
+            # One fetch response is held whole while its records are handed out: keep it small.
+            fetch_max_bytes=max(settings.kafka_max_partition_fetch_bytes, 4 * 1_048_576),
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 10),
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
