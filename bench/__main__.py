@@ -143,7 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with embedded_stack() as stack:
             slow.start()
-            asyncio.run(run_all(Bench(plan, stack, slow, report, logs), with_sweep=args.sweep))
+            bench = Bench(plan, stack, slow, report, logs)
+            budget = bench.quiet_budget
+            asyncio.run(run_all(bench, with_sweep=args.sweep))
+            if bench.quiet_budget < budget - 1:
+                report.notes.append(
+                    f"Before worker runs the harness waited {budget - bench.quiet_budget:.0f} s in all "
+                    "for other jobs on the machine to finish."
+                )
     except (StackError, RuntimeError, OSError, TimeoutError, subprocess.SubprocessError) as exc:
         print(f"bench: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

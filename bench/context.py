@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +14,15 @@ import asyncpg
 
 from bench.ceilings import Ceiling
 from bench.corpus import Published
-from bench.cpu import PidSource, postgres_pids
+from bench.cpu import PidSource, postgres_pids, wait_for_quiet
 from bench.embeddings import EmbeddingAdmin
-from bench.report import Report, cpu_line, megabytes, rate
+from bench.report import BUSY_MACHINE_CORES, Report, cpu_line, megabytes, rate
 from bench.runner import WorkerRun, run_workers, worker_command
 from worker.dev.stack import EmbeddingServer, Stack
 
 TOPIC = "bench"
 LARGE_TOPIC = "bench_large"
+QUIET_WAIT_PER_RUN = 30.0  # seconds a run waits at most for the machine to be quiet
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Bench:
     logs: Path
     base: Published | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    quiet_budget: float = 120.0  # seconds, in all, to wait for other jobs before runs
 
     @property
     def database_url(self) -> str:
@@ -116,8 +119,9 @@ class Bench:
         within: float = 240.0,
         settings: Mapping[str, str] | None = None,
     ) -> WorkerRun:
-        """Run the worker (``processes`` of them in one group) over ``topic``; drop a fresh schema after."""
+        """Run the worker (``processes`` of them in one group) over ``topic`` once the machine is quiet."""
         docs = self.docs if docs is None else docs
+        await self.wait_for_quiet()
         env = self.env(name, topic=topic, embedding_url=embedding_url, **(settings or {}))
         if schema is not None:
             env["DATABASE_SCHEMA"] = schema
@@ -152,6 +156,20 @@ class Bench:
             print(f"    CPU used meanwhile by other processes: {shown}", flush=True)
         self.report.runs.append(result)
         return result
+
+    async def wait_for_quiet(self) -> None:
+        """Let another job on the machine finish first, within what is left of ``quiet_budget``."""
+        if self.quiet_budget <= 0:
+            return
+        started = time.monotonic()
+        busy = await asyncio.to_thread(
+            wait_for_quiet, BUSY_MACHINE_CORES, min(QUIET_WAIT_PER_RUN, self.quiet_budget), sample=0.5
+        )
+        waited = time.monotonic() - started
+        self.quiet_budget -= waited
+        if waited > 1.0:
+            state = "quiet" if busy <= BUSY_MACHINE_CORES else f"still {busy:.2f} cores busy"
+            print(f"    waited {waited:.0f}s for other work on the machine ({state})", flush=True)
 
     async def repeat(self, name: str, **run: Any) -> list[WorkerRun]:
         """The same run ``plan.repeats`` times, each in its own group and schema (``name``, ``name_2``...)."""

@@ -78,12 +78,12 @@ def busy_cores(seconds: float = 1.0) -> float:
     return (machine_busy() - start) / seconds
 
 
-def wait_for_quiet(threshold: float, within: float) -> float:
-    """Sample the machine's busy cores each second until below ``threshold`` or ``within`` passes."""
+def wait_for_quiet(threshold: float, within: float, *, sample: float = 1.0) -> float:
+    """Sample the machine's busy cores until below ``threshold`` or ``within`` seconds pass (blocks)."""
     deadline = time.monotonic() + within
-    busy = busy_cores()
+    busy = busy_cores(sample)
     while busy > threshold and time.monotonic() < deadline:
-        busy = busy_cores()
+        busy = busy_cores(sample)
     return busy
 
 

@@ -22,7 +22,7 @@ EMBEDDING_SECONDS: Final = Histogram(
 )
 BATCH_SECONDS: Final = Histogram(
     "ingest_batch_seconds",
-    "Time from fetch to stored for one batch",
+    "Time one write transaction takes (waits through outages included)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 DEAD_LETTERS: Final = Counter("ingest_dead_letters", "Records sent to the dead-letter topic", ["stage"])

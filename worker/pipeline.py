@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -249,6 +250,7 @@ class Pipeline:
             )
             for p in batch
         ]
+        started = time.perf_counter()
         try:
             moved = await self._deps.database.call(lambda: self._store.write(writes))
         except StaleRead:
@@ -268,6 +270,16 @@ class Pipeline:
             metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
             metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
             self._finish(p.job, outcome="stored")
+        seconds = time.perf_counter() - started
+        metrics.BATCH_SECONDS.observe(seconds)
+        log.info(
+            "batch_stored",
+            documents=len(batch) - len(moved),
+            chunks=sum(len(p.chunks) for p in batch if p.job.doc_id not in moved),
+            replanned=len(moved),
+            in_flight=self.inflight.records,
+            seconds=round(seconds, 4),
+        )
 
     async def _dead_letter_stage(self) -> None:
         while True:
