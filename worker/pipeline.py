@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -110,8 +110,15 @@ class Pipeline:
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
         self.finished_records = 0
-        stages = [("prepare", self._prepare_stage()), ("dead-letters", self._dead_letter_stage())]
-        stages += [(f"store-{n}", self._store_stage()) for n in range(settings.database_writers)]
+        most = settings.write_batch_documents
+        stages = [
+            ("prepare", _stage(self._ready, most, 0.002, self._prepare)),
+            ("dead-letters", _stage(self._dead, 500, 0.002, self._send_dead_letters)),
+        ]
+        stages += [
+            (f"store-{n}", _stage(self._embedded, most, 0.005, self._write))
+            for n in range(settings.database_writers)
+        ]
         self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
 
     # -- intake (called by the Worker's fetch loop) ------------------------------------------
@@ -166,15 +173,6 @@ class Pipeline:
         if self.failure is None:
             self.failure = exc
         self._stop.set()
-
-    async def _prepare_stage(self) -> None:
-        while True:
-            jobs = await _take(self._ready, self._settings.write_batch_documents, linger=0.002)
-            try:
-                await self._prepare(jobs)
-            finally:
-                for _ in jobs:
-                    self._ready.task_done()
 
     async def _prepare(self, jobs: list[Job]) -> None:
         ids = sorted({job.doc_id for job in jobs})
@@ -234,15 +232,6 @@ class Pipeline:
             return
         self._embedded.put_nowait(p)
 
-    async def _store_stage(self) -> None:
-        while True:
-            batch = await _take(self._embedded, self._settings.write_batch_documents, linger=0.005)
-            try:
-                await self._write(batch)
-            finally:
-                for _ in batch:
-                    self._embedded.task_done()
-
     async def _write(self, batch: list[Prepared]) -> None:
         writes = [
             DocumentWrite(
@@ -281,31 +270,25 @@ class Pipeline:
             seconds=round(seconds, 4),
         )
 
-    async def _dead_letter_stage(self) -> None:
-        while True:
-            batch = await _take(self._dead, 500, linger=0.002)
-            try:
-                letters = [d.letter for d in batch]
-                await self._deps.dead_letters.call(functools.partial(self._dead_letters.send, letters))
-                for dead in batch:
-                    log.warning(
-                        "record_dead_lettered",
-                        topic=dead.record.topic,
-                        partition=dead.record.partition,
-                        offset=dead.record.offset,
-                        stage=dead.letter.error.stage,
-                        error_class=type(dead.letter.error).__name__,
-                        error=str(dead.letter.error)[:300],
-                        trace_id=trace_id_from(dead.record.headers),
-                    )
-                    if dead.job is None:
-                        metrics.RECORDS.labels(topic=dead.record.topic, outcome="dead_lettered").inc()
-                        self._finish_record(dead.record)
-                    else:
-                        self._finish(dead.job, outcome="dead_lettered")
-            finally:
-                for _ in batch:
-                    self._dead.task_done()
+    async def _send_dead_letters(self, batch: list[Dead]) -> None:
+        letters = [d.letter for d in batch]
+        await self._deps.dead_letters.call(functools.partial(self._dead_letters.send, letters))
+        for dead in batch:
+            log.warning(
+                "record_dead_lettered",
+                topic=dead.record.topic,
+                partition=dead.record.partition,
+                offset=dead.record.offset,
+                stage=dead.letter.error.stage,
+                error_class=type(dead.letter.error).__name__,
+                error=str(dead.letter.error)[:300],
+                trace_id=trace_id_from(dead.record.headers),
+            )
+            if dead.job is None:
+                metrics.RECORDS.labels(topic=dead.record.topic, outcome="dead_lettered").inc()
+                self._finish_record(dead.record)
+            else:
+                self._finish(dead.job, outcome="dead_lettered")
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -348,6 +331,19 @@ class Pipeline:
         self.finished_records += 1
         if self.inflight.empty:
             self._drained.set()
+
+
+async def _stage(
+    queue: asyncio.Queue[T], most: int, linger: float, handle: Callable[[list[T]], Awaitable[None]]
+) -> None:
+    """A stage's loop: take a batch from its queue, handle it, mark it done (also when handling fails)."""
+    while True:
+        batch = await _take(queue, most, linger=linger)
+        try:
+            await handle(batch)
+        finally:
+            for _ in batch:
+                queue.task_done()
 
 
 async def _take(queue: asyncio.Queue[T], most: int, *, linger: float) -> list[T]:

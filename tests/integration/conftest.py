@@ -112,29 +112,22 @@ def _admin(embedding_url: str, method: str, path: str, body: Any) -> Any:
 Event = tuple[str, dict[str, Any] | None]  # (key, value); None is a tombstone
 
 
-async def produce(
-    env: Env, events: list[Event], *, headers: list[tuple[str, bytes]] | None = None
-) -> dict[TopicPartition, int]:
-    """Publish in order; returns each partition's end offset (next offset) as the broker acknowledged."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=env.stack.bootstrap, acks="all", enable_idempotence=env.stack.producer_idempotence
-    )
-    await producer.start()
-    ends: dict[TopicPartition, int] = {}
-    try:
-        for key, value in events:
-            raw = None if value is None else json.dumps(value, ensure_ascii=False).encode()
-            meta = await producer.send_and_wait(env.topic, key=key.encode(), value=raw, headers=headers)
-            tp = TopicPartition(env.topic, meta.partition)
-            ends[tp] = max(ends.get(tp, 0), meta.offset + 1)
-    finally:
-        await producer.stop()
-    return ends
+def encode(events: list[Event]) -> list[tuple[bytes | None, bytes | None]]:
+    return [
+        (key.encode(), None if value is None else json.dumps(value, ensure_ascii=False).encode())
+        for key, value in events
+    ]
+
+
+async def produce(env: Env, events: list[Event]) -> dict[TopicPartition, int]:
+    """Publish events in order; each partition's end offset (next offset) as the broker acknowledged."""
+    return await produce_raw(env, encode(events))
 
 
 async def produce_raw(
     env: Env, records: list[tuple[bytes | None, bytes | None]]
 ) -> dict[TopicPartition, int]:
+    """Publish raw key/value pairs in order (one at a time, so partition order is publication order)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=env.stack.bootstrap, acks="all", enable_idempotence=env.stack.producer_idempotence
     )

@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     assert_stored_state,
     committed_offsets,
     connect,
+    encode,
     expected_state,
     produce,
     produce_raw,
@@ -63,13 +64,9 @@ async def test_poison_of_every_kind_is_dead_lettered_while_good_records_flow(env
         ),
     ]
     good = good_events("g", 30)
-    ends = await produce(env, good[:15])
-    for key, value in ((k, v) for k, v, _ in poison):
-        ends.update(
-            {tp: max(ends.get(tp, 0), end) for tp, end in (await produce_raw(env, [(key, value)])).items()}
-        )
-    for tp, end in (await produce(env, good[15:])).items():
-        ends[tp] = max(ends.get(tp, 0), end)
+    ends = await produce_raw(
+        env, encode(good[:15]) + [(key, value) for key, value, _ in poison] + encode(good[15:])
+    )
     await run_worker(env)
     await assert_stored_state(env, expected_state(good))
     letters = await read_dead_letters(env, expected=len(poison))
