@@ -73,7 +73,7 @@ class Settings:
     kafka_producer_idempotence: bool = _setting(True, "idempotent dead-letter/produce producer")
     kafka_max_poll_records: int = _setting(500, "records fetched per poll", low=1, high=100_000)
     kafka_max_partition_fetch_bytes: int = _setting(
-        1_048_576, "fetch size per partition", low=1024, high=1 << 30
+        1_048_576, "fetch size per partition, and per fetch response", low=1024, high=1 << 30
     )
     kafka_session_timeout_ms: int = _setting(45_000, "group session timeout", low=1000, high=3_600_000)
     kafka_max_poll_interval_ms: int = _setting(
