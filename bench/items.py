@@ -38,7 +38,7 @@ async def publish_base(bench: Bench) -> None:
     finally:
         await admin.close()
     bench.events = make_documents(plan.docs)
-    bench.base = await publish(bench.bootstrap, TOPIC, bench.events)
+    bench.base = await publish(bench.bootstrap, TOPIC, bench.events, partitions=plan.partitions)
     ends = sorted((tp.partition, end) for tp, end in bench.base.ends.items())
     print(
         f"    {bench.base.payload_bytes / 1e6:.1f} MB in {bench.base.seconds:.1f}s; ends {ends}", flush=True
@@ -327,7 +327,9 @@ async def backlog(bench: Bench, base: WorkerRun) -> None:
     factor = plan.backlog_factor
     count = bench.docs * factor
     print(f"- publishing {count} documents to `{LARGE_TOPIC}` ...", flush=True)
-    large = await publish(bench.bootstrap, LARGE_TOPIC, make_documents(count, prefix="large"))
+    large = await publish(
+        bench.bootstrap, LARGE_TOPIC, make_documents(count, prefix="large"), partitions=bench.plan.partitions
+    )
     name = f"backlog_x{factor}"
     big = await bench.run(
         name,
