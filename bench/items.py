@@ -253,7 +253,7 @@ async def scaling(bench: Bench) -> list[WorkerRun]:
         shares[processes] = busiest_share(run, await bench.chunks_by_partition(f"bench_{name}"))
         await bench.drop_schema(f"bench_{name}")
     one, *more = report.scaling
-    speedups = {r.processes: r.chunks_per_s / one.chunks_per_s for r in more}
+    speedups = {r.processes: r.steady_chunks_per_s / one.steady_chunks_per_s for r in more}
     two = speedups.get(2, 0.0)
     concurrency = int(
         plan.scaling_settings.get("EMBEDDING_CONCURRENCY", plan.setting("EMBEDDING_CONCURRENCY", 4))
@@ -266,7 +266,7 @@ async def scaling(bench: Bench) -> list[WorkerRun]:
         Check(
             "6. scaling, 2 processes vs 1",
             f"{two:.2f}x ("
-            + ", ".join(f"{r.processes}: {rate(r.chunks_per_s, 'chunks/s')}" for r in report.scaling)
+            + ", ".join(f"{r.processes}: {rate(r.steady_chunks_per_s, 'chunks/s')}" for r in report.scaling)
             + "; "
             + ", ".join(f"{n} processes {s:.2f}x" for n, s in speedups.items())
             + ")",
@@ -275,8 +275,12 @@ async def scaling(bench: Bench) -> list[WorkerRun]:
             f"processes started together in one group on the {plan.partitions}-partition topic; "
             f"embeddings after {plan.latency_ms:g} ms with {plan.scaling_settings} (one process's "
             f"Little's bound {rate(bound, 'chunks/s')}; the one process ran at "
-            f"{one.chunks_per_s / bound:.2f} of it); measured over all processes together: "
-            f"{one.timing}. Partition imbalance: "
+            f"{one.steady_chunks_per_s / bound:.2f} of it); each process's chunks/s over its own working "
+            f"time (first batch's start to last batch stored, from its batch_stored lines), added up, so "
+            f"the second or so one process works while the broker still completes another's join is left "
+            f"out; over the whole run instead: "
+            + ", ".join(f"{r.processes}: {rate(r.chunks_per_s, 'chunks/s')}" for r in report.scaling)
+            + f" ({one.timing}). Partition imbalance: "
             + ", ".join(
                 f"of {n} processes the busiest held {share:.0%} of the chunks, so at most {1 / share:.2f}x"
                 for n, share in shares.items()

@@ -63,6 +63,7 @@ class WorkerRun:
     cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds from spawn to exit, by part
     foreign: tuple[tuple[str, float], ...] = ()  # other processes that used CPU meanwhile
     assignments: tuple[tuple[int, ...], ...] = ()  # partitions each process held last
+    process_rates: tuple[float, ...] = ()  # chunks/s of each process over its own working time
     problems: tuple[str, ...] = ()
 
     @property
@@ -83,6 +84,14 @@ class WorkerRun:
         return self.chunks / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def steady_chunks_per_s(self) -> float:
+        """The processes' own rates added up: what they do together once all are working.
+
+        Unlike ``chunks_per_s`` it leaves out the time one process already works while another is
+        still joining the group (the embedded broker completes joins up to a second apart)."""
+        return sum(self.process_rates) if self.process_rates else self.chunks_per_s
+
+    @property
     def max_rss(self) -> int:
         return max(self.peak_rss, default=0)
 
@@ -90,6 +99,7 @@ class WorkerRun:
 @dataclass
 class _Log:
     batches: list[tuple[float, float | None]] = field(default_factory=list)  # (end, seconds)
+    chunks: int = 0  # chunks the batch_stored lines report
     assigned: list[float] = field(default_factory=list)
     partitions: tuple[int, ...] = ()  # the last assignment's partition numbers
     index_build_seconds: float = 0.0  # a backfill's HNSW build at the end (after the idle wait)
@@ -120,6 +130,8 @@ def _parse_log(path: Path) -> _Log:
         if event == "batch_stored" and at is not None:
             seconds = line.get("seconds")
             out.batches.append((at, float(seconds) if isinstance(seconds, int | float) else None))
+            chunks = line.get("chunks")
+            out.chunks += chunks if isinstance(chunks, int) else 0
         elif event == "partitions_assigned" and at is not None:
             out.assigned.append(at)
             names = line.get("partitions")
@@ -131,6 +143,13 @@ def _parse_log(path: Path) -> _Log:
         elif line.get("level") in ("error", "critical"):
             out.errors.append(str(line.get("event")))
     return out
+
+
+def _own_rate(log: _Log) -> float:
+    """One process's chunks/s from its first batch's start to its last batch's end."""
+    start = min(end - (seconds or 0.0) for end, seconds in log.batches)
+    end = max(end for end, _ in log.batches)
+    return log.chunks / max(end - start, 1e-3)
 
 
 def _log_paths(log_dir: Path, name: str, processes: int) -> list[Path]:
@@ -327,5 +346,6 @@ async def run_workers(
         cpu=cpu.summary(),
         foreign=tuple(cpu.foreign()),
         assignments=tuple(p.partitions for p in parsed),
+        process_rates=tuple(_own_rate(p) for p in parsed if p.batches and p.chunks),
         problems=tuple(problems),
     )
