@@ -9,8 +9,9 @@ and every non-space character of the text lies in at least one chunk.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 # CJK full stops end a sentence with or without a space after them.
@@ -24,6 +25,10 @@ class Chunk:
     content: str
     char_start: int
     char_end: int
+    digest: bytes = field(init=False, repr=False, compare=False)  # sha256 of the content: the dedup key
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", hashlib.sha256(self.content.encode()).digest())
 
 
 def chunk_text(text: str, *, size: int, overlap: int) -> list[Chunk]:

@@ -156,29 +156,24 @@ class KafkaSource:
 
     def caught_up(self) -> bool:
         """Every assigned partition's committed offset has reached its high watermark."""
-        assigned = self.assignment()
-        if not assigned:
-            return False
-        for tp in assigned:
-            highwater = self._consumer.highwater(tp)
-            if highwater is None or self._committed.get(tp, 0) < highwater:
-                return False
-        return True
+        lags = self._lags()
+        return bool(lags) and all(lag == 0 for lag in lags.values())
 
     def lag(self) -> int | None:
-        total = 0
+        lags = self._lags().values()
+        return None if None in lags else sum(lag for lag in lags if lag is not None)
+
+    def _lags(self) -> dict[TopicPartition, int | None]:
+        """High watermark (from the last fetch) minus committed offset; None before any fetch."""
+        lags: dict[TopicPartition, int | None] = {}
         for tp in self.assignment():
             highwater = self._consumer.highwater(tp)
-            if highwater is None:
-                return None
-            total += max(0, highwater - self._committed.get(tp, 0))
-        return total
+            lags[tp] = None if highwater is None else max(0, highwater - self._committed.get(tp, 0))
+        return lags
 
     def _update_lag(self) -> None:
-        for tp in self.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                lag = max(0, highwater - self._committed.get(tp, 0))
+        for tp, lag in self._lags().items():
+            if lag is not None:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     async def _partitions_assigned(self, assigned: set[TopicPartition]) -> None:

@@ -13,7 +13,6 @@ import orjson
 from worker.errors import DecodeError, ValidationError
 
 MAX_ID_BYTES: Final = 512
-KNOWN_FIELDS: Final = frozenset({"id", "op", "text", "version", "metadata", "tenant"})
 MAX_VERSION: Final = 2**63 - 1  # stored as bigint
 
 Op = Literal["upsert", "delete"]

@@ -35,7 +35,7 @@ from worker.logs import trace_id_from
 from worker.plan import Change, plan
 from worker.retry import ShuttingDown
 from worker.settings import Settings
-from worker.store import DocumentStore, DocumentWrite, Source, sha256
+from worker.store import DocumentStore, DocumentWrite, Source
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -193,7 +193,7 @@ class Pipeline:
             prepared.append(Prepared(job, change, record, chunks))
 
         # Embeddings already paid for (same content, same model) are reused, not bought again.
-        hashes = {sha256(c.content) for p in prepared for c in p.chunks}
+        hashes = {c.digest for p in prepared for c in p.chunks}
         known = (
             await self._deps.database.call(lambda: self._store.known_embeddings(sorted(hashes)))
             if hashes
@@ -204,7 +204,7 @@ class Pipeline:
         for p in prepared:
             futures: list[asyncio.Future[Vector]] = []
             for chunk in p.chunks:
-                digest = sha256(chunk.content)
+                digest = chunk.digest
                 if digest in known:
                     futures.append(_resolved(known[digest]))
                     reused += 1

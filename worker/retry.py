@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from typing import TypeVar
 
 from worker.errors import WorkerError
-
-T = TypeVar("T")
 
 
 class ShuttingDown(WorkerError):

@@ -195,6 +195,9 @@ class Store:
         await self.close()
 
     async def open(self) -> None:
+        """Create the pool; again after success is a no-op (start-up retries call it repeatedly)."""
+        if self._pool is not None:
+            return
         try:
             self._vector_schema = await self._extension_schema()
             self._pool = await asyncpg.create_pool(
@@ -276,7 +279,7 @@ class Store:
         ids = [w.change.event.doc_id for w in writes]
         model = self._settings.embedding_model
         chunk_rows = [
-            (w.change.event.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, sha256(c.content))
+            (w.change.event.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
             for w in writes
             if not w.change.after.deleted
             for c, e in zip(w.chunks, w.embeddings, strict=True)
