@@ -1,11 +1,12 @@
 # The front door: every target a person (or CI) needs. `make install` is the only one that
 # touches the network (PyPI); the rest run on what it installed.
 PYTHON ?= python3
+BROKER ?= tansu
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration lint bench dev clean
+.PHONY: install run test unit integration smoke lint bench dev clean
 
 install: $(STAMP)
 
@@ -18,18 +19,25 @@ $(STAMP): pyproject.toml
 
 ## make run: the whole job on the embedded stack: broker, Postgres+pgvector, embedding server,
 ## publish the sample corpus, ingest it until idle, search it, clean up.
+## `make run BROKER=kafka` does it on Apache Kafka (fetched from Maven Central on first use).
 run: install
-	$(BIN)/python -m worker.dev.demo
+	$(BIN)/python -m worker.dev.demo --broker $(BROKER)
 
-## make test: unit tests, then integration tests against a real broker and real Postgres.
+## make test: unit tests and the integration suite on a real broker (Apache Kafka when java and
+## mvn are here: see tests/integration/services.py), then the smoke subset on the embedded Tansu.
+## Each run starts the services it uses and stops them.
 test: install
 	$(BIN)/python -m pytest tests -q
+	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke
 
 unit: install
 	$(BIN)/python -m pytest tests/unit -q
 
 integration: install
 	$(BIN)/python -m pytest tests/integration -q
+
+smoke: install
+	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke
 
 lint: install
 	$(BIN)/ruff check worker tests bench
@@ -43,4 +51,4 @@ dev: install
 	$(BIN)/ingest-worker dev
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache worker/dev/kafka/lib

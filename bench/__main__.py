@@ -27,7 +27,8 @@ from bench.context import Bench, Plan
 from bench.cpu import busy_cores, wait_for_quiet
 from bench.items import run_all
 from bench.report import BUSY_MACHINE_CORES, Report, markdown, plot_throughput, summary, worker_revision
-from worker.dev.stack import EmbeddingServer, StackError, embedded_stack
+from worker.dev.processes import StackError
+from worker.dev.stack import EmbeddingServer, embedded_stack
 
 # -- What every worker run gets. Edit here: new settings (EMBEDDING_BATCH_CHARS, EMBEDDING_LINGER_MS,
 # MAX_IN_FLIGHT_RECORDS, ...) go into this dict, new `run` flags (e.g. "--backfill") into WORKER_ARGS.

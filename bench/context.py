@@ -88,7 +88,7 @@ class Bench:
     def cpu_sources(self) -> dict[str, PidSource]:
         """The stack's processes by part, for the runner's CPU accounting."""
         servers = [p.pid for p in (self.stack.embeddings.process, self.slow_server.process) if p is not None]
-        rest = [os.getpid(), *([self.stack.broker.process.pid] if self.stack.broker.process else [])]
+        rest = [os.getpid(), *self.stack.broker.pids()]
         return {
             "postgres": postgres_pids(self.stack.postgres.pgdata),
             "embedding": lambda: servers,

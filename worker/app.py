@@ -8,20 +8,25 @@ import sys
 import time
 
 import structlog
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
-from worker.errors import DependencyError
+from worker.errors import DependencyError, WorkerError
 from worker.health import HealthServer
-from worker.kafka import ensure_topic, make_producer
+from worker.kafka import BrokerRefused, ensure_topic, make_producer, refusal, start_producer
 from worker.retry import ShuttingDown, backoff, sleep_unless
 from worker.settings import Settings
 from worker.store import Store
 from worker.worker import Worker
 
 log = structlog.get_logger()
+
+
+class StartupTimeout(WorkerError):
+    """A dependency did not answer within STARTUP_TIMEOUT_SECONDS."""
 
 
 def bound_heap_growth() -> None:
@@ -44,9 +49,22 @@ def bound_heap_growth() -> None:
 
 
 async def prepare(
-    settings: Settings, store: Store, stop: asyncio.Event, *, migrate: bool, backfill: bool = False
+    settings: Settings,
+    store: Store,
+    producer: AIOKafkaProducer,
+    stop: asyncio.Event,
+    *,
+    migrate: bool,
+    backfill: bool = False,
 ) -> None:
-    """Migrate, open the pool, make sure the dead-letter topic exists: waiting out outages, not crashing."""
+    """Migrate, open the pool, make sure the dead-letter topic exists, start the producer.
+
+    An outage (nothing answers) is waited out for ``STARTUP_TIMEOUT_SECONDS``; an answer no
+    retry will change (credentials, authorization, idempotence refused) ends start-up at once,
+    with one line naming what to fix.
+    """
+    limit = settings.startup_timeout_seconds
+    started = time.monotonic()
     attempt = 0
     while True:
         try:
@@ -54,17 +72,35 @@ async def prepare(
                 await store.migrate(ann_index=not backfill)
             await store.open()
             await ensure_topic(settings, settings.dlq_topic, partitions=1)
+            await start_producer(producer)
         except (DependencyError, KafkaError, OSError, TimeoutError) as exc:
+            refused = refusal(exc, settings)
+            if refused is not None:
+                raise refused from exc
             attempt += 1
+            waited = time.monotonic() - started
+            if limit and waited >= limit:
+                raise StartupTimeout(
+                    f"STARTUP_TIMEOUT_SECONDS: gave up after {waited:.0f}s: {_what_failed(exc, settings)}"
+                ) from exc
             log.warning(
                 "waiting_for_dependencies",
                 error_class=type(exc).__name__,
                 error=str(exc)[:300],
                 attempt=attempt,
             )
-            await sleep_unless(stop, backoff(attempt, initial=1.0, cap=15.0))
+            pause = backoff(attempt, initial=1.0, cap=15.0)
+            await sleep_unless(stop, min(pause, limit - waited) if limit else pause)
         else:
             return
+
+
+def _what_failed(exc: BaseException, settings: Settings) -> str:
+    if isinstance(exc, KafkaError):
+        return (
+            f"no Kafka broker answered at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} ({exc})"
+        )
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 async def serve(
@@ -106,9 +142,11 @@ async def serve(
         for task in side:
             task.add_done_callback(lambda t: _side_task_done(t, worker))
         try:
-            await prepare(settings, store, stop, migrate=migrate, backfill=backfill)
-            await producer.start()
-            await worker.run()
+            await prepare(settings, store, producer, stop, migrate=migrate, backfill=backfill)
+            try:
+                await worker.run()
+            except KafkaError as exc:  # the group refused us (authorization), or the broker vanished
+                raise refusal(exc, settings) or BrokerRefused(f"{type(exc).__name__}: {exc}") from exc
             if backfill and stop_when_idle is not None and not stop.is_set() and worker.failure is None:
                 await _build_index(store)
         except ShuttingDown:

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from aiokafka.errors import KafkaError
 
 from worker import logs
 from worker.errors import ConfigError, WorkerError
+from worker.kafka import BrokerRefused, refusal
 from worker.settings import Settings, describe
 
 log = structlog.get_logger()
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, secrets=settings.secrets)
     command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = args.command
     try:
-        return _run_async(command(settings, args))
+        try:
+            return _run_async(command(settings, args))
+        except KafkaError as exc:  # whatever a command did not handle: one line, not a traceback
+            raise refusal(exc, settings) or BrokerRefused(f"{type(exc).__name__}: {exc}") from exc
     except ConfigError as exc:
         print(f"ingest-worker: error: {exc}", file=sys.stderr)
         return 2
@@ -193,10 +198,9 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
-    from aiokafka.errors import KafkaError
     from tqdm import tqdm
 
-    from worker.kafka import make_producer
+    from worker.kafka import make_producer, start_producer
 
     topic = settings.kafka_topic[0]
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115, ASYNC230
@@ -204,7 +208,7 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     producer = make_producer(settings)
     sent = 0
     try:
-        await producer.start()
+        await start_producer(producer)
         pending = []
         with stream, tqdm(total=total, desc=f"producing to {topic}", unit="rec", file=sys.stderr) as bar:
             for number, line in enumerate(stream, 1):
@@ -230,6 +234,9 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
             bar.update(len(pending))
             sent += len(pending)
     except KafkaError as exc:
+        refused = refusal(exc, settings)
+        if refused is not None:
+            raise refused from exc
         print(f"ingest-worker: cannot publish to {settings.kafka_bootstrap_servers}: {exc}", file=sys.stderr)
         return 1
     finally:

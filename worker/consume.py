@@ -63,11 +63,30 @@ class KafkaSource:
     def __init__(self, settings: Settings, *, stop_timeout: float = 10.0) -> None:
         self._settings = settings
         self._stop_timeout = stop_timeout
+        self._consumer: Any = None  # made by start(), so a start-up that fails earlier leaves none open
+        self._stored: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._revoked: PartitionsCallback | None = None
+        self._assigned: PartitionsCallback | None = None
+
+    def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
+        self._revoked, self._assigned = revoked, assigned
+
+    async def start(self) -> None:
+        self._consumer = self._make_consumer()
+        self._consumer.subscribe(list(self._settings.kafka_topic), listener=_Listener(self))
+        await self._consumer.start()
+
+    def _make_consumer(self) -> Any:
+        settings = self._settings
         # A revoke waits for the in-flight batch for up to the grace period: the group must wait longer.
         rebalance_ms = int(max(60_000, 2_000 * settings.shutdown_grace_seconds + 10_000))
-        self._consumer = AIOKafkaConsumer(
+        return AIOKafkaConsumer(
             **client_options(settings),
             group_id=settings.kafka_group_id,
+            # A static member leaves no group on stop: back within the session timeout, it gets
+            # its partitions again and the other members keep theirs (no rebalance).
+            group_instance_id=settings.kafka_group_instance_id or None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.kafka_max_poll_records,
@@ -81,20 +100,11 @@ class KafkaSource:
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
             rebalance_timeout_ms=rebalance_ms,
         )
-        self._stored: dict[TopicPartition, int] = {}
-        self._committed: dict[TopicPartition, int] = {}
-        self._revoked: PartitionsCallback | None = None
-        self._assigned: PartitionsCallback | None = None
-
-    def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
-        self._revoked, self._assigned = revoked, assigned
-
-    async def start(self) -> None:
-        self._consumer.subscribe(list(self._settings.kafka_topic), listener=_Listener(self))
-        await self._consumer.start()
 
     async def stop(self) -> None:
         """Leave the group; bounded, since a dead broker must not hold shutdown forever."""
+        if self._consumer is None:
+            return
         try:
             await asyncio.wait_for(self._consumer.stop(), self._stop_timeout)
         except TimeoutError:
@@ -152,7 +162,7 @@ class KafkaSource:
         self._consumer.resume(*self.assignment())
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._consumer.assignment())
+        return set() if self._consumer is None else set(self._consumer.assignment())
 
     def caught_up(self) -> bool:
         """Every assigned partition's committed offset has reached its high watermark."""
@@ -198,10 +208,6 @@ class KafkaSource:
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-
-    @property
-    def consumer(self) -> Any:
-        return self._consumer
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -6,10 +6,53 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IllegalSaslStateError,
+    InvalidReplicationFactorError,
+    InvalidTopicError,
+    KafkaError,
+    PolicyViolationError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedSaslMechanismError,
+    UnsupportedVersionError,
+)
 from aiokafka.helpers import create_ssl_context
 
+from worker.errors import ConfigError, WorkerError
 from worker.settings import Settings
+
+_AUTHENTICATION = (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    IllegalSaslStateError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+_TOPIC_REFUSED = (
+    InvalidReplicationFactorError,
+    InvalidTopicError,
+    PolicyViolationError,
+    TopicAuthorizationFailedError,
+)
+
+
+class BrokerRefused(WorkerError):
+    """The broker answered something no retry will change (exit 1 with one line)."""
+
+
+class ProducerRefused(KafkaError):  # type: ignore[misc]
+    """A producer did not start: carries the broker's answer while keeping KafkaError's handling."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -38,8 +81,17 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**(options | overrides))
 
 
+async def start_producer(producer: AIOKafkaProducer) -> None:
+    """``producer.start()``; a failure leaves it closed, and a refusal is told apart by :func:`refusal`."""
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise ProducerRefused(exc) from exc
+
+
 async def ensure_topic(settings: Settings, topic: str, partitions: int) -> bool:
-    """Create ``topic`` if it does not exist. True when this call created it."""
+    """Create ``topic`` if it does not exist, with the broker's replication factor. True if created."""
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
@@ -47,9 +99,62 @@ async def ensure_topic(settings: Settings, topic: str, partitions: int) -> bool:
         if topic in existing:
             return False
         try:
-            await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+            # -1: the broker's default.replication.factor (KIP-464), not 1 on a replicated cluster.
+            # (aiokafka's NewTopic takes -1 only beside an explicit, here empty, replica assignment.)
+            new = NewTopic(topic, num_partitions=partitions, replication_factor=-1, replica_assignments={})
+            await admin.create_topics([new])
         except TopicAlreadyExistsError:
             return False
+        except _TOPIC_REFUSED as exc:
+            raise TopicRefused(topic, exc) from exc
         return True
     finally:
         await admin.close()
+
+
+class TopicRefused(KafkaError):  # type: ignore[misc]
+    """The broker would not create a topic that does not exist."""
+
+    def __init__(self, topic: str, cause: BaseException) -> None:
+        super().__init__(f"{topic!r}: {cause}")
+        self.topic = topic
+        self.cause = cause
+
+
+def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
+    """The broker's answer as an error no retry will change, naming what to fix; None for an outage."""
+    cause = getattr(exc, "cause", exc)
+    answer = f"the broker answered {type(cause).__name__}: {cause}".rstrip(": ")
+    if isinstance(cause, _AUTHENTICATION):
+        user = settings.kafka_sasl_username or "(none)"
+        return ConfigError(
+            "KAFKA_SASL_PASSWORD",
+            f"authentication as KAFKA_SASL_USERNAME={user} with {settings.kafka_sasl_mechanism or 'no'} "
+            f"mechanism was refused ({answer})",
+        )
+    if isinstance(exc, TopicRefused):
+        return BrokerRefused(
+            f"topic {exc.topic!r} does not exist and cannot be created ({answer}): "
+            "create it, or let this user create topics"
+        )
+    if isinstance(cause, GroupAuthorizationFailedError):
+        return ConfigError(
+            "KAFKA_GROUP_ID", f"this user may not use group {settings.kafka_group_id!r} ({answer})"
+        )
+    if isinstance(cause, TopicAuthorizationFailedError):
+        return ConfigError("KAFKA_TOPIC", f"this user may not read or write these topics ({answer})")
+    idempotence_refused = (
+        ClusterAuthorizationFailedError,
+        TransactionalIdAuthorizationFailed,
+        UnsupportedVersionError,
+    )
+    refused_outright = isinstance(cause, idempotence_refused) or not getattr(cause, "retriable", False)
+    if isinstance(exc, ProducerRefused) and settings.kafka_producer_idempotence and refused_outright:
+        return ConfigError(
+            "KAFKA_PRODUCER_IDEMPOTENCE",
+            f"the broker refused an idempotent producer ({answer}); grant this user IdempotentWrite "
+            "(or Write on a topic), or set KAFKA_PRODUCER_IDEMPOTENCE=false",
+        )
+    if isinstance(cause, ClusterAuthorizationFailedError):
+        return BrokerRefused(f"this user may not do what the worker needs ({answer})")
+    return None

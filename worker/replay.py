@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiolimiter import AsyncLimiter
 
-from worker.kafka import client_options, make_producer
+from worker.kafka import client_options, make_producer, start_producer
 from worker.settings import Settings
 
 REPLAY_COUNT = "dlq.replay.count"
@@ -113,7 +113,7 @@ async def replay(
     await consumer.start()
     try:
         if producer is not None:
-            await producer.start()
+            await start_producer(producer)
         with tqdm(desc="replaying", unit="rec", file=sys.stderr, disable=dry_run) as bar:
             quiet_since = asyncio.get_running_loop().time()
             while True:

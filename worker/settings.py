@@ -75,6 +75,9 @@ class Settings:
     kafka_max_partition_fetch_bytes: int = _setting(
         1_048_576, "fetch size per partition, and per fetch response", low=1024, high=1 << 30
     )
+    kafka_group_instance_id: str = _setting(
+        "", "static membership (KIP-345): a restart within the session timeout causes no rebalance"
+    )
     kafka_session_timeout_ms: int = _setting(45_000, "group session timeout", low=1000, high=3_600_000)
     kafka_max_poll_interval_ms: int = _setting(
         300_000, "longest a batch may take before the group evicts us", low=1000, high=86_400_000
@@ -141,6 +144,12 @@ class Settings:
     )
     log_level: str = _setting("info", "debug, info, warning or error")
     shutdown_grace_seconds: float = _setting(30.0, "time to finish in-flight work on stop", low=0, high=3600)
+    startup_timeout_seconds: float = _setting(
+        300.0,
+        "start-up waits this long for an unreachable broker or database, then exits 1; 0: forever",
+        low=0,
+        high=86400,
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> ConfigError:

@@ -99,12 +99,12 @@ class Worker:
 
     async def run(self) -> None:
         self._source.on_rebalance(revoked=self._on_revoked, assigned=self._on_assigned)
-        await self._source.start()
-        log.info(
-            "worker_started", topics=list(self._settings.kafka_topic), group=self._settings.kafka_group_id
-        )
         last_arrival = time.monotonic()
         try:
+            await self._source.start()
+            log.info(
+                "worker_started", topics=list(self._settings.kafka_topic), group=self._settings.kafka_group_id
+            )
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 records = await self._fetch()

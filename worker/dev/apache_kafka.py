@@ -1,0 +1,369 @@
+"""Apache Kafka without Docker: a KRaft broker, or a cluster of them, from Maven Central jars.
+
+``kafka/pom.xml`` beside this file names ``org.apache.kafka:kafka_2.13``; the first start runs
+``mvn dependency:copy-dependencies`` to put it and its runtime dependencies into ``kafka/lib``
+(ignored by git; Maven's own cache makes later copies local). Each node then runs from those jars
+with ``java``: ``kafka.tools.StorageTool format`` on a fresh directory, then ``kafka.Kafka`` with
+a ``server.properties`` written here. Every node is broker and controller at once (KRaft
+combined mode) on 127.0.0.1, with three listeners:
+
+- ``PLAINTEXT`` for the worker and the tests (its anonymous user is a super user);
+- ``SASL_PLAINTEXT`` (PLAIN) with an authorizer, for tests that play a refused or
+  least-privilege user (``admin``/``admin-secret`` is a super user; :meth:`KafkaCluster.allow`
+  grants others);
+- ``CONTROLLER`` for the quorum.
+
+Used by the tests, ``make bench``, ``make run BROKER=kafka`` and ``ingest-worker dev --broker kafka``.
+Synchronous on purpose, like ``stack.py``: it only starts and stops processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.dev.processes import StackError, free_port, stop_process
+
+POM = Path(__file__).with_name("kafka") / "pom.xml"
+LIB = POM.parent / "lib"
+HEAP = "768m"
+SASL_USERS = {"admin": "admin-secret", "reader": "reader-secret", "writer": "writer-secret"}
+_STARTED = "Kafka Server started"
+
+
+def kafka_version() -> str:
+    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+    if found is None:  # pragma: no cover - the pom is ours
+        raise StackError(f"{POM} names no kafka.version")
+    return found.group(1)
+
+
+def available() -> bool:
+    """Java is here, and the jars are fetched already or Maven can fetch them."""
+    return shutil.which("java") is not None and (_fetched() or shutil.which("mvn") is not None)
+
+
+def _fetched() -> bool:
+    return (LIB / f".fetched-{kafka_version()}").exists()
+
+
+def fetch_jars(timeout: float = 900) -> Path:
+    """Copy the broker's jars into ``kafka/lib`` once (one process at a time); return the folder."""
+    LIB.mkdir(parents=True, exist_ok=True)
+    with open(LIB.parent / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _fetched():
+            return LIB
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise StackError("Apache Kafka's jars are not fetched yet and `mvn` is not on PATH")
+        for stale in LIB.glob("*.jar"):
+            stale.unlink()
+        result = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+            raise StackError("fetching Apache Kafka with Maven failed: " + " | ".join(tail))
+        (LIB / f".fetched-{kafka_version()}").touch()
+    return LIB
+
+
+def _kafka_uuid() -> str:
+    """A random cluster id as Kafka writes one: 16 bytes, URL-safe base64, no padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _java(main: str, *args: str, heap: str = "256m") -> list[str]:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("Apache Kafka needs `java` (17 or newer) on PATH")
+    return [
+        java,
+        f"-Xmx{heap}",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
+        "-cp",
+        f"{LIB}/*",
+        main,
+        *args,
+    ]
+
+
+_LOG4J = """\
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = OUT
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
+"""
+
+
+@dataclass
+class KafkaNode:
+    """One KRaft node (broker and controller) of a :class:`KafkaCluster`."""
+
+    node_id: int
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    sasl_port: int = field(default_factory=free_port)
+    controller_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    _log_offset: int = field(default=0, repr=False)  # where this start's lines begin in server.log
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def properties_path(self) -> Path:
+        return self.workdir / "server.properties"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    def write_properties(self, voters: str, replicas: int) -> None:
+        jaas = " ".join(f'user_{name}="{password}"' for name, password in SASL_USERS.items())
+        min_isr = min(2, replicas)
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": self.node_id,
+            "controller.quorum.voters": voters,
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
+                f"CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            ),
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+            ),
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": self.workdir / "data",
+            "num.partitions": 1,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
+            "offsets.topic.replication.factor": replicas,
+            "offsets.topic.num.partitions": 10,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
+            "transaction.state.log.num.partitions": 4,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
+            # A group forms at once, and tests may use short sessions to play a frozen member.
+            "group.initial.rebalance.delay.ms": 0,
+            "group.min.session.timeout.ms": 1000,
+            # A dead node is noticed in 3 s instead of 9 s, so failover tests wait less.
+            "broker.heartbeat.interval.ms": 500,
+            "broker.session.timeout.ms": 3000,
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="admin" password="{SASL_USERS["admin"]}" {jaas};'
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS;User:admin",
+        }
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.properties_path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+        (self.workdir / "log4j2.properties").write_text(_LOG4J)
+
+    def format_command(self, cluster_id: str) -> list[str]:
+        return _java(
+            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties_path), "-g"
+        )
+
+    def start(self) -> None:
+        """Start the JVM (the data directory must be formatted); wait with :meth:`wait_started`."""
+        if self.process is not None and self.process.poll() is None:
+            raise StackError(f"Kafka node {self.node_id} is already running")
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        command = _java("kafka.Kafka", str(self.properties_path), heap=HEAP)
+        command.insert(1, f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}")
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def wait_started(self, timeout: float = 90.0) -> None:
+        """Until the node logs that it serves (after it joined the quorum and was unfenced)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise StackError(
+                    f"Kafka node {self.node_id} exited with status {self.process.returncode}: "
+                    f"see {self.log_path}"
+                )
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                if _STARTED.encode() in log.read():
+                    return
+            time.sleep(0.1)
+        raise StackError(
+            f"Kafka node {self.node_id} did not start within {timeout:.0f}s: see {self.log_path}"
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM: a controlled shutdown (leadership moves away first)."""
+        stop_process(self.process, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no controlled shutdown, nothing flushed."""
+        if self.running:
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait()
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@dataclass
+class KafkaCluster:
+    """``size`` KRaft nodes on 127.0.0.1: replication factor ``size``, ``min.insync.replicas`` 2 (or 1)."""
+
+    workdir: Path
+    size: int = 1
+    cluster_id: str = field(
+        default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22]
+    )
+    nodes: list[KafkaNode] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            self.nodes = [KafkaNode(i, self.workdir / f"node-{i}") for i in range(1, self.size + 1)]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{node.sasl_port}" for node in self.nodes)
+
+    @property
+    def version(self) -> str:
+        return kafka_version()
+
+    def client_env(self) -> dict[str, str]:
+        """Settings a worker needs beyond the bootstrap servers: none, Apache Kafka takes the defaults."""
+        return {}
+
+    def pids(self) -> list[int]:
+        return [node.process.pid for node in self.nodes if node.process is not None]
+
+    def freeze(self) -> None:
+        for node in self.nodes:
+            node.freeze()
+
+    def thaw(self) -> None:
+        for node in self.nodes:
+            node.thaw()
+
+    def node(self, node_id: int) -> KafkaNode:
+        return next(node for node in self.nodes if node.node_id == node_id)
+
+    def start(self) -> None:
+        """Fetch the jars if needed, format every node's directory, start them all, wait until they serve."""
+        fetch_jars()
+        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
+        for node in self.nodes:
+            node.write_properties(voters, replicas=len(self.nodes))
+        formats = [
+            subprocess.Popen(
+                node.format_command(self.cluster_id),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            for node in self.nodes
+        ]
+        for node, process in zip(self.nodes, formats, strict=True):
+            output, _ = process.communicate(timeout=120)
+            if process.returncode != 0:
+                raise StackError(f"formatting Kafka node {node.node_id} failed: {output.decode()[-500:]}")
+        try:
+            for node in self.nodes:
+                node.start()
+            for node in self.nodes:
+                node.wait_started()
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, node_id: int) -> None:
+        """Start a stopped or killed node again on its own data; wait until it serves."""
+        node = self.node(node_id)
+        node.start()
+        node.wait_started()
+
+    def stop(self) -> None:
+        """Kill every node at once: a cluster losing its quorum one node at a time can hang on shutdown."""
+        for node in self.nodes:
+            with contextlib.suppress(ProcessLookupError):
+                if node.process is not None and node.process.poll() is None:
+                    os.kill(node.process.pid, signal.SIGCONT)
+                    node.process.kill()
+        for node in self.nodes:
+            if node.process is not None:
+                node.process.wait()
+
+    def allow(self, principal: str, *acl_args: str) -> None:
+        """Add ACLs with Kafka's AclCommand: ``allow("User:reader", "--operation", "Read", ...)``."""
+        result = subprocess.run(
+            _java(
+                "org.apache.kafka.tools.AclCommand",
+                "--bootstrap-server",
+                self.nodes[0].bootstrap,
+                "--add",
+                "--allow-principal",
+                principal,
+                *acl_args,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"AclCommand failed: {(result.stdout + result.stderr)[-500:]}")
