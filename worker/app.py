@@ -9,14 +9,21 @@ import time
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
 from worker.errors import DependencyError, WorkerError
 from worker.health import HealthServer
-from worker.kafka import BrokerRefused, ensure_topic, make_producer, refusal, start_producer
+from worker.kafka import (
+    BrokerRefused,
+    bootstrap_error,
+    ensure_topic,
+    make_producer,
+    refusal,
+    start_producer,
+)
 from worker.retry import ShuttingDown, backoff, sleep_unless
 from worker.settings import Settings
 from worker.store import Store
@@ -74,9 +81,12 @@ async def prepare(
             await ensure_topic(settings, settings.dlq_topic, partitions=1)
             await start_producer(producer)
         except (DependencyError, KafkaError, OSError, TimeoutError) as exc:
-            refused = refusal(exc, settings)
+            cause = exc
+            if isinstance(exc, KafkaConnectionError):  # aiokafka hides why; a refused password?
+                cause = await bootstrap_error(settings) or exc
+            refused = refusal(cause, settings)
             if refused is not None:
-                raise refused from exc
+                raise refused from cause
             attempt += 1
             waited = time.monotonic() - started
             if limit and waited >= limit:

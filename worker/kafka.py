@@ -6,6 +6,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
     AuthenticationMethodNotSupported,
@@ -15,6 +16,7 @@ from aiokafka.errors import (
     InvalidReplicationFactorError,
     InvalidTopicError,
     KafkaError,
+    NoError,
     PolicyViolationError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
@@ -22,6 +24,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
     UnsupportedSaslMechanismError,
     UnsupportedVersionError,
+    for_code,
 )
 from aiokafka.helpers import create_ssl_context
 
@@ -93,20 +96,22 @@ async def start_producer(producer: AIOKafkaProducer) -> None:
 async def ensure_topic(settings: Settings, topic: str, partitions: int) -> bool:
     """Create ``topic`` if it does not exist, with the broker's replication factor. True if created."""
     admin = AIOKafkaAdminClient(**client_options(settings))
-    await admin.start()
     try:
+        await admin.start()
         existing = await admin.list_topics()
         if topic in existing:
             return False
-        try:
-            # -1: the broker's default.replication.factor (KIP-464), not 1 on a replicated cluster.
-            # (aiokafka's NewTopic takes -1 only beside an explicit, here empty, replica assignment.)
-            new = NewTopic(topic, num_partitions=partitions, replication_factor=-1, replica_assignments={})
-            await admin.create_topics([new])
-        except TopicAlreadyExistsError:
-            return False
-        except _TOPIC_REFUSED as exc:
-            raise TopicRefused(topic, exc) from exc
+        # -1: the broker's default.replication.factor (KIP-464), not 1 on a replicated cluster.
+        # (aiokafka's NewTopic takes -1 only beside an explicit, here empty, replica assignment.)
+        new = NewTopic(topic, num_partitions=partitions, replication_factor=-1, replica_assignments={})
+        response = await admin.create_topics([new])
+        for _name, code, *message in response.topic_errors:  # aiokafka returns them, it raises none
+            error = for_code(code)
+            if error is TopicAlreadyExistsError:
+                return False
+            if error is not NoError:
+                exc = error(message[0] if message and message[0] else "")
+                raise TopicRefused(topic, exc) if isinstance(exc, _TOPIC_REFUSED) else exc
         return True
     finally:
         await admin.close()
@@ -119,6 +124,20 @@ class TopicRefused(KafkaError):  # type: ignore[misc]
         super().__init__(f"{topic!r}: {cause}")
         self.topic = topic
         self.cause = cause
+
+
+async def bootstrap_error(settings: Settings) -> BaseException | None:
+    """Why the first bootstrap server does not serve us: aiokafka logs it but raises only
+    "Unable to bootstrap", which hides a refused password behind what looks like an outage."""
+    host, _, port = settings.kafka_bootstrap_servers.split(",")[0].strip().rpartition(":")
+    options = client_options(settings)
+    options.pop("bootstrap_servers")
+    try:
+        conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=10_000, **options)
+    except (OSError, KafkaError, TimeoutError, ValueError) as exc:
+        return exc
+    conn.close()
+    return None
 
 
 def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:

@@ -1,0 +1,132 @@
+"""Start-up against a broker that refuses: one clear line and a non-zero exit, never a traceback.
+
+On Apache Kafka's SASL listener (an authorizer on, ``admin`` a super user): a wrong password,
+a user who may not create the missing dead-letter topic, a user who may not produce
+idempotently; and a broker nobody answers at. Tansu, which has no idempotent producers at all,
+plays the broker that refuses ``InitProducerId`` outright.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.conftest import Env
+from worker.dev.apache_kafka import SASL_USERS, KafkaCluster
+from worker.dev.processes import free_port
+from worker.dev.stack import TansuBroker
+from worker.kafka import ensure_topic
+
+pytestmark = pytest.mark.integration
+
+
+def run(env: Env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={"PATH": "/usr/bin:/bin", **env.values},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The process ended in one `ingest-worker:` line on stderr, with no traceback anywhere."""
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything[-3000:]
+    assert "Unclosed" not in everything, everything[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ingest-worker: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def kafka(env_module_stack: KafkaCluster) -> KafkaCluster:
+    return env_module_stack
+
+
+@pytest.fixture(scope="module")
+def env_module_stack(stack: object) -> Iterator[KafkaCluster]:
+    broker = getattr(stack, "broker", None)
+    if not isinstance(broker, KafkaCluster):
+        pytest.skip("needs the local Apache Kafka (its SASL listener and authorizer)")
+    # `reader` may read every topic and group, and nothing else: no Create, no Write.
+    broker.allow("User:reader", "--operation", "Read", "--operation", "Describe", "--topic", "*")
+    broker.allow("User:reader", "--operation", "Read", "--group", "*")
+    yield broker
+
+
+def as_user(env: Env, kafka: KafkaCluster, user: str, password: str, **overrides: str) -> Env:
+    return env.with_(
+        KAFKA_BOOTSTRAP_SERVERS=kafka.sasl_bootstrap,
+        KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        KAFKA_SASL_MECHANISM="PLAIN",
+        KAFKA_SASL_USERNAME=user,
+        KAFKA_SASL_PASSWORD=password,
+        STARTUP_TIMEOUT_SECONDS="20",
+        **overrides,
+    )
+
+
+def test_a_wrong_password_exits_2_naming_the_setting(env: Env, kafka: KafkaCluster) -> None:
+    result = run(as_user(env, kafka, "reader", "not-the-password"), "run", "--stop-when-idle", "1")
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert "KAFKA_SASL_PASSWORD" in line
+    assert "not-the-password" not in result.stdout + result.stderr
+
+
+def test_a_missing_dead_letter_topic_the_user_may_not_create_exits_1(env: Env, kafka: KafkaCluster) -> None:
+    user = as_user(env, kafka, "reader", SASL_USERS["reader"], KAFKA_PRODUCER_IDEMPOTENCE="false")
+    result = run(user, "run", "--stop-when-idle", "1")
+    assert result.returncode == 1, result.stderr
+    line = one_line_error(result)
+    assert f"topic '{env.settings.dlq_topic}' does not exist and cannot be created" in line
+    assert "TopicAuthorizationFailed" in line
+
+
+async def test_a_user_refused_idempotent_producers_exits_2_naming_the_setting(
+    env: Env, kafka: KafkaCluster
+) -> None:
+    await ensure_topic(env.settings, env.settings.dlq_topic, partitions=1)  # as the super user
+    user = as_user(env, kafka, "reader", SASL_USERS["reader"])
+    result = run(user, "run", "--stop-when-idle", "1")
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert "KAFKA_PRODUCER_IDEMPOTENCE" in line
+    assert "ClusterAuthorizationFailed" in line
+    # The advice holds: without idempotence the same user joins, finds nothing to do, and exits 0.
+    relaxed = run(user.with_(KAFKA_PRODUCER_IDEMPOTENCE="false"), "run", "--stop-when-idle", "1")
+    assert relaxed.returncode == 0, relaxed.stdout[-2000:] + relaxed.stderr[-2000:]
+
+
+def test_a_broker_that_refuses_init_producer_id_exits_2(env: Env) -> None:
+    tansu = TansuBroker()
+    tansu.start()
+    try:
+        result = run(
+            env.with_(KAFKA_BOOTSTRAP_SERVERS=tansu.bootstrap, KAFKA_PRODUCER_IDEMPOTENCE="true"),
+            "run",
+            "--stop-when-idle",
+            "1",
+        )
+    finally:
+        tansu.stop()
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert "KAFKA_PRODUCER_IDEMPOTENCE" in line
+    assert "KAFKA_PRODUCER_IDEMPOTENCE=false" in line
+
+
+@pytest.mark.parametrize("command", [("run",), ("produce", "/dev/null")])
+def test_an_unreachable_broker_exits_1_naming_it(env: Env, command: tuple[str, ...]) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    result = run(env.with_(KAFKA_BOOTSTRAP_SERVERS=nowhere, STARTUP_TIMEOUT_SECONDS="2"), *command)
+    assert result.returncode == 1, result.stderr
+    line = one_line_error(result)
+    assert nowhere in line
