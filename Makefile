@@ -44,11 +44,12 @@ lint: install
 	$(BIN)/ruff format --check worker tests bench
 	$(BIN)/mypy
 
+## make bench: on Apache Kafka where java and mvn are (else Tansu); BENCH_ARGS="--broker tansu" to choose.
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 dev: install
-	$(BIN)/ingest-worker dev
+	$(BIN)/ingest-worker dev --broker $(BROKER)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache worker/dev/kafka/lib

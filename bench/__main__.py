@@ -2,12 +2,14 @@
 
     .venv/bin/python -m bench            # the full run (about 5 minutes on 2 cores)
     .venv/bin/python -m bench --quick    # a smoke run of the harness itself (about 1 minute)
+    .venv/bin/python -m bench --broker tansu   # on the embedded broker instead of Apache Kafka
 
-Starts the embedded stack plus a second embedding server that answers after ``LATENCY_MS``,
-publishes a deterministic corpus, then measures: the ceilings (plain consume+decode, plain
-binary COPY with and without the HNSW index), the real worker with the instant and the slow
-embedding server, the naive baseline, the embedding inputs saved when the stream is redelivered,
-scaling over processes, a latency x concurrency sweep, and peak RSS against a 10x backlog.
+Starts the local stack (Apache Kafka where ``java`` and ``mvn`` are, else Tansu) plus a second
+embedding server that answers after ``LATENCY_MS``, publishes a deterministic corpus, then measures:
+the ceilings (plain consume+decode, plain binary COPY with and without the HNSW index), the real
+worker with the instant and the slow embedding server, the naive baseline, the embedding inputs
+saved when the stream is redelivered, scaling over processes, a latency x concurrency sweep, and
+peak RSS against a 10x backlog.
 Prints each figure with its goal; writes ``bench/RESULTS.md`` and ``bench/throughput.png``.
 """
 
@@ -27,6 +29,7 @@ from bench.context import Bench, Plan
 from bench.cpu import busy_cores, wait_for_quiet
 from bench.items import run_all
 from bench.report import BUSY_MACHINE_CORES, Report, markdown, plot_throughput, summary, worker_revision
+from worker.dev import apache_kafka
 from worker.dev.processes import StackError
 from worker.dev.stack import EmbeddingServer, embedded_stack
 
@@ -58,6 +61,10 @@ QUICK_SWEEP_LATENCIES_MS = (0.0, 100.0)
 QUICK_SWEEP_CONCURRENCY = (2, 4)
 
 QUIET_WAIT = 60.0  # seconds to wait at start for a busy machine to calm down
+BROKERS = {
+    "kafka": f"Apache Kafka {apache_kafka.kafka_version()} (one KRaft node, from Maven Central)",
+    "tansu": "Tansu (the embedded broker, in memory)",
+}
 
 ROOT = Path(__file__).resolve().parent
 
@@ -72,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results file [bench/RESULTS.md]")
     parser.add_argument("--plot", type=Path, default=None, help="plot file [bench/throughput.png]")
     parser.add_argument("--workdir", type=Path, default=Path(".run/bench"), help="worker logs [.run/bench]")
+    parser.add_argument(
+        "--broker",
+        choices=("kafka", "tansu"),
+        default="kafka" if apache_kafka.available() else "tansu",
+        help="Apache Kafka (from Maven Central; the default where java and mvn are) or Tansu",
+    )
     args = parser.parse_args(argv)
     if args.docs is None:
         args.docs = 200 if args.quick else 2000
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([".venv/bin/python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     report = Report(
         command=command,
+        broker=BROKERS[args.broker],
         settings={
             **WORKER_SETTINGS,
             "run flags": shlex.join(["--stop-when-idle", f"{IDLE_SECONDS:g}", *WORKER_ARGS]),
@@ -139,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         before = wait_for_quiet(BUSY_MACHINE_CORES, QUIET_WAIT)
     report.revision = worker_revision()
     print(f"== {command}: worker {report.revision}", flush=True)
-    print(f"== machine busy {before:.2f} cores before; starting the embedded stack", flush=True)
+    print(f"== machine busy {before:.2f} cores before; starting the stack on {report.broker}", flush=True)
     slow = EmbeddingServer(("--latency-ms", f"{LATENCY_MS:g}"))
     try:
-        with embedded_stack() as stack:
+        with embedded_stack(broker=args.broker) as stack:
             slow.start()
             bench = Bench(plan, stack, slow, report, logs)
             budget = bench.quiet_budget

@@ -47,6 +47,7 @@ class SweepPoint:
 @dataclass
 class Report:
     command: str
+    broker: str
     settings: Mapping[str, str]
     notes: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
@@ -195,8 +196,8 @@ def markdown(report: Report, plot: Path | None) -> str:
         "# Benchmark results",
         "",
         f"Produced by `{report.command}` on {report.started:%Y-%m-%d %H:%M} UTC in "
-        f"{report.seconds:.0f} s, on the embedded stack (Tansu broker, PostgreSQL 18 + pgvector, the "
-        "local hash embedding server), everything on 127.0.0.1. "
+        f"{report.seconds:.0f} s, on the local stack ({report.broker}, PostgreSQL 18 + pgvector, "
+        "the local hash embedding server), everything on 127.0.0.1. "
         f"{passed} of {judged} goals met.",
         "",
         f"Machine: {info['nproc']} CPUs (`nproc`), {info['memory']} memory, {info['cpu']}; "

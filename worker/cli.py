@@ -141,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser("dev", parents=[settings_flags], help="start the embedded stack")
     dev.add_argument("--partitions", type=int, default=4, help="partitions of the topic it creates [4]")
+    dev.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="Tansu (in memory, starts at once) or Apache Kafka (from Maven Central) [tansu]",
+    )
     dev.add_argument("--workdir", type=Path, default=Path(".run/dev"), help="where its data lives [.run/dev]")
     dev.set_defaults(command=_cmd_dev)
     return parser
@@ -298,7 +304,7 @@ async def _cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with embedded_stack(args.workdir.resolve()) as stack:
+    with embedded_stack(args.workdir.resolve(), broker=args.broker) as stack:
         env = stack.env()
         stack_settings = Settings.load(env, {"kafka_topic": ",".join(settings.kafka_topic)})
         for topic in settings.kafka_topic:
