@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== machine busy {before:.2f} cores before; starting the stack on {report.broker}", flush=True)
     slow = EmbeddingServer(("--latency-ms", f"{LATENCY_MS:g}"))
     try:
-        with embedded_stack(broker=args.broker) as stack:
+        # Kafka's own default initial rebalance delay (the test broker sets it to 0): processes started
+        # together join one generation, as they do on a production broker.
+        kafka_properties: dict[str, object] = {"group.initial.rebalance.delay.ms": 3000}
+        with embedded_stack(broker=args.broker, kafka_properties=kafka_properties) as stack:
             slow.start()
             bench = Bench(plan, stack, slow, report, logs)
             budget = bench.quiet_budget

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.ceilings import Ceiling
 from bench.corpus import Published
@@ -84,6 +85,19 @@ class Bench:
     def docs(self) -> int:
         assert self.base is not None
         return self.base.records
+
+    async def warm_up(self) -> None:
+        """Have the broker create its offsets topic before any measured run, as a running cluster has.
+
+        The first group a fresh Kafka sees waits for ``__consumer_offsets`` to be created, and
+        aiokafka logs that wait at error level, which the runner counts as a problem of the run.
+        """
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id="bench-warm-up")
+        await consumer.start()
+        try:
+            await asyncio.wait_for(consumer.committed(TopicPartition("bench-warm-up", 0)), 60)
+        finally:
+            await consumer.stop()
 
     def cpu_sources(self) -> dict[str, PidSource]:
         """The stack's processes by part, for the runner's CPU accounting."""

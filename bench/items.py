@@ -360,6 +360,7 @@ async def backlog(bench: Bench, base: WorkerRun) -> None:
 
 async def run_all(bench: Bench, *, with_sweep: bool) -> None:
     plan = bench.plan
+    await bench.warm_up()
     await publish_base(bench)
     limits = await ceilings(bench)
     first, fast = await instant_and_redelivery(bench, limits)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from worker import metrics
+from worker.errors import ConfigError, WorkerError
 from worker.kafka import client_options
 from worker.settings import Settings
 
@@ -26,6 +28,7 @@ log = structlog.get_logger()
 
 Headers = Sequence[tuple[str, bytes]]
 PartitionsCallback = Callable[[set[TopicPartition]], Awaitable[None]]
+TWIN_ASSIGNMENTS = 5  # static member assignments within one session timeout that tell of a twin
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class KafkaSource:
         self._committed: dict[TopicPartition, int] = {}
         self._revoked: PartitionsCallback | None = None
         self._assigned: PartitionsCallback | None = None
+        self._assigned_at: list[float] = []  # recent assignments, to tell a twin static member
+        self._fatal: WorkerError | None = None  # raised by the next fetch
 
     def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
         self._revoked, self._assigned = revoked, assigned
@@ -111,6 +116,8 @@ class KafkaSource:
             log.warning("consumer_stop_timeout", seconds=self._stop_timeout)
 
     async def fetch(self, max_wait: float) -> list[Record]:
+        if self._fatal is not None:
+            raise self._fatal
         batches = await self._consumer.getmany(timeout_ms=int(max_wait * 1000))
         return [
             Record(
@@ -195,8 +202,27 @@ class KafkaSource:
                     self._stored[tp] = max(self._stored.get(tp, -1), committed)
         metrics.ASSIGNED_PARTITIONS.set(len(self.assignment()))
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        self._check_for_twin()
         if self._assigned is not None:
             await self._assigned(assigned)
+
+    def _check_for_twin(self) -> None:
+        """Two processes with one KAFKA_GROUP_INSTANCE_ID fence each other in turn, for ever: each
+        is assigned every partition about once a heartbeat. A static member is otherwise assigned
+        only when the group changes, so that many assignments within one session timeout stop it."""
+        instance = self._settings.kafka_group_instance_id
+        if not instance:
+            return
+        now = time.monotonic()
+        window = self._settings.kafka_session_timeout_ms / 1000
+        self._assigned_at = [at for at in self._assigned_at if now - at < window] + [now]
+        if len(self._assigned_at) >= TWIN_ASSIGNMENTS:
+            self._fatal = ConfigError(
+                "KAFKA_GROUP_INSTANCE_ID",
+                f"{len(self._assigned_at)} assignments within {window:g}s: another process in group "
+                f"{self._settings.kafka_group_id!r} uses instance id {instance!r} and the broker fences "
+                "each in turn; give every process its own",
+            )
 
     async def _partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if self._revoked is not None:

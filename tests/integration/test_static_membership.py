@@ -124,3 +124,45 @@ async def test_a_member_restarted_within_the_session_timeout_causes_no_rebalance
     await assert_stored_state(env, expected_state(first + later))
     committed = await committed_offsets(env, list(ends))
     assert all(committed[tp] == end for tp, end in ends.items())
+
+
+async def test_two_processes_with_one_instance_id_are_told_instead_of_fencing_each_other(
+    env: Env, tmp_path: Path
+) -> None:
+    if env.stack.kind == "tansu":
+        pytest.skip("Tansu does not implement static membership")
+    twin = env.with_(
+        LOG_LEVEL="info", KAFKA_SESSION_TIMEOUT_MS="10000", KAFKA_GROUP_INSTANCE_ID=f"{env.topic}-twin"
+    )
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    workers = [spawn_worker(twin, logs[0])]
+    try:
+        await wait_for(lambda: assignment(logs[0]), "the first process to be assigned partitions")
+        workers.append(spawn_worker(twin, logs[1]))
+        await wait_for(
+            lambda: any(w.poll() is not None for w in workers), "a twin to stop by itself", within=90
+        )
+        await asyncio.sleep(3)  # the other may be stopping too; both must say why
+        for worker, log in zip(workers, logs, strict=True):
+            if worker.poll() is not None:
+                assert worker.returncode == 2, log.read_text()[-3000:]
+                text = log.read_text()
+                assert "Traceback" not in text
+                assert "KAFKA_GROUP_INSTANCE_ID: " in text and "uses instance id" in text, text[-3000:]
+        survivors = [w for w in workers if w.poll() is None]
+        if survivors:  # the one left is no longer fenced: it keeps its partitions and works
+            ends = await produce(
+                env, [("after-twin", {"id": "after-twin", "text": "stored by the survivor"})]
+            )
+            deadline = asyncio.get_running_loop().time() + 60
+            while await stored_documents(env) < 1:
+                assert asyncio.get_running_loop().time() < deadline, "the survivor stored nothing"
+                await asyncio.sleep(0.3)
+            assert survivors[0].poll() is None
+            survivors[0].send_signal(signal.SIGTERM)
+            assert survivors[0].wait(30) == 0
+            assert await committed_offsets(env, list(ends)) == ends
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()

@@ -146,7 +146,7 @@ class KafkaNode:
     def log_path(self) -> Path:
         return self.workdir / "server.log"
 
-    def write_properties(self, voters: str, replicas: int) -> None:
+    def write_properties(self, voters: str, replicas: int, overrides: dict[str, object]) -> None:
         jaas = " ".join(f'user_{name}="{password}"' for name, password in SASL_USERS.items())
         min_isr = min(2, replicas)
         settings = {
@@ -189,6 +189,7 @@ class KafkaNode:
             ),
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "super.users": "User:ANONYMOUS;User:admin",
+            **overrides,
         }
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.properties_path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
@@ -264,6 +265,7 @@ class KafkaCluster:
 
     workdir: Path
     size: int = 1
+    properties: dict[str, object] = field(default_factory=dict)  # server.properties overrides
     cluster_id: str = field(
         default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22]
     )
@@ -308,7 +310,7 @@ class KafkaCluster:
         fetch_jars()
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
         for node in self.nodes:
-            node.write_properties(voters, replicas=len(self.nodes))
+            node.write_properties(voters, replicas=len(self.nodes), overrides=self.properties)
         formats = [
             subprocess.Popen(
                 node.format_command(self.cluster_id),

@@ -99,10 +99,10 @@ class TansuBroker:
         }
 
 
-def make_broker(kind: BrokerKind, workdir: Path) -> Broker:
+def make_broker(kind: BrokerKind, workdir: Path, kafka_properties: dict[str, object] | None = None) -> Broker:
     """Tansu (in memory, no JVM) or Apache Kafka (one KRaft node from Maven Central jars)."""
     if kind == "kafka":
-        return KafkaCluster(workdir / "kafka")
+        return KafkaCluster(workdir / "kafka", properties=kafka_properties or {})
     return TansuBroker(log_path=workdir / "broker.log")
 
 
@@ -213,6 +213,7 @@ def embedded_stack(
     workdir: Path | None = None,
     *,
     broker: BrokerKind = "tansu",
+    kafka_properties: dict[str, object] | None = None,
     embed_args: tuple[str, ...] = (),
     keep: bool = False,
 ) -> Iterator[Stack]:
@@ -220,7 +221,12 @@ def embedded_stack(
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="ingest-stack-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
-    stack = Stack(make_broker(broker, root), Postgres(root / "pgdata"), EmbeddingServer(embed_args), root)
+    stack = Stack(
+        make_broker(broker, root, kafka_properties),
+        Postgres(root / "pgdata"),
+        EmbeddingServer(embed_args),
+        root,
+    )
     try:
         stack.postgres.start()
         stack.broker.start()
