@@ -84,8 +84,12 @@ def fetch_jars(timeout: float = 900) -> Path:
 
 
 def _kafka_uuid() -> str:
-    """A random cluster id as Kafka writes one: 16 bytes, URL-safe base64, no padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random cluster id as Kafka makes one: 16 bytes, URL-safe base64, no padding, and (as
+    Kafka's own ``Uuid.randomUuid``) never starting with "-", which a command line takes for an option."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def _java(main: str, *args: str, heap: str = "256m") -> list[str]:
