@@ -10,6 +10,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
     AuthenticationMethodNotSupported,
+    BrokerResponseError,
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
     IllegalSaslStateError,
@@ -167,7 +168,9 @@ def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
         TransactionalIdAuthorizationFailed,
         UnsupportedVersionError,
     )
-    refused_outright = isinstance(cause, idempotence_refused) or not getattr(cause, "retriable", False)
+    # A broker's own answer (an error code) that no retry changes; not a timeout or a lost connection.
+    answered = isinstance(cause, BrokerResponseError) and not cause.retriable
+    refused_outright = isinstance(cause, idempotence_refused) or answered
     if isinstance(exc, ProducerRefused) and settings.kafka_producer_idempotence and refused_outright:
         return ConfigError(
             "KAFKA_PRODUCER_IDEMPOTENCE",

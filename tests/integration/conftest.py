@@ -66,10 +66,10 @@ class Env:
         return Env(self.stack, self.topic, {**self.values, **overrides})
 
 
-@pytest.fixture
-async def env(stack: Services) -> Env:
+def fresh_env(stack: Services, prefix: str = "docs", **overrides: str) -> Env:
+    """A topic, group and schema of random names on ``stack`` (the topic is not created yet)."""
     suffix = uuid.uuid4().hex[:10]
-    topic = f"docs-{suffix}"
+    topic = f"{prefix}-{suffix}"
     values = {
         **stack.env(),
         "KAFKA_TOPIC": topic,
@@ -80,9 +80,15 @@ async def env(stack: Services) -> Env:
         "HEALTH_PORT": "0",
         "SHUTDOWN_GRACE_SECONDS": "5",
         "LOG_LEVEL": "warning",
+        **overrides,
     }
-    result = Env(stack, topic, values)
-    await ensure_topic(result.settings, topic, PARTITIONS)
+    return Env(stack, topic, values)
+
+
+@pytest.fixture
+async def env(stack: Services) -> Env:
+    result = fresh_env(stack)
+    await ensure_topic(result.settings, result.topic, PARTITIONS)
     return result
 
 
@@ -255,6 +261,17 @@ async def snapshot(env: Env) -> tuple[list[Any], list[Any]]:
     finally:
         await conn.close()
     return [tuple(r) for r in docs], [tuple(str(v) for v in r) for r in chunks]
+
+
+async def stored_documents(env: Env) -> int:
+    """Rows in the documents table (0 before the worker created it)."""
+    conn = await connect(env)
+    try:
+        if not await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.documents"):
+            return 0
+        return int(await conn.fetchval(f"SELECT count(*) FROM {env.schema}.documents"))
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

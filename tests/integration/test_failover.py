@@ -21,12 +21,12 @@ PostgreSQL and the embedding server are the session's; the cluster is this modul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import signal
 import tempfile
-import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,15 @@ from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY
 
 from tests.integration.conftest import (
-    CHUNK_OVERLAP,
-    CHUNK_SIZE,
     Env,
     Event,
     assert_stored_state,
     committed_offsets,
-    connect,
     expected_state,
+    fresh_env,
     produce,
     run_worker,
+    stored_documents,
 )
 from tests.integration.services import Services
 from worker.dev import apache_kafka
@@ -102,21 +101,7 @@ async def cluster_env(stack: Services, cluster: KafkaCluster) -> Env:
         producer_idempotence=True,
         session_timeout_ms=10_000,
     )
-    suffix = uuid.uuid4().hex[:10]
-    topic = f"failover-{suffix}"
-    values = {
-        **services.env(),
-        "KAFKA_TOPIC": topic,
-        "KAFKA_GROUP_ID": f"group-{suffix}",
-        "DATABASE_SCHEMA": f"t_{suffix}",
-        "CHUNK_SIZE": str(CHUNK_SIZE),
-        "CHUNK_OVERLAP": str(CHUNK_OVERLAP),
-        "HEALTH_PORT": "0",
-        "SHUTDOWN_GRACE_SECONDS": "5",
-        "LOG_LEVEL": "warning",
-        **PACED,
-    }
-    env = Env(services, topic, values)
+    env = fresh_env(services, "failover", **PACED)
     await ensure_replicated_topic(env)
     return env
 
@@ -237,19 +222,21 @@ def letter_summary(letters: list[Any]) -> list[tuple[Any, ...]]:
 # -- the worker, seen from outside -------------------------------------------------------------
 
 
-async def stored_documents(env: Env) -> int:
-    conn = await connect(env)
-    try:
-        if not await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.documents"):
-            return 0
-        return int(await conn.fetchval(f"SELECT count(*) FROM {env.schema}.documents"))
-    finally:
-        await conn.close()
-
-
 async def committed_total(env: Env) -> int:
     tps = [TopicPartition(env.topic, p) for p in range(PARTITIONS)]
     return sum(offset or 0 for offset in (await committed_offsets(env, tps)).values())
+
+
+@contextlib.asynccontextmanager
+async def worker_task(env: Env, within: float) -> AsyncIterator[asyncio.Task[None]]:
+    """A worker ingesting in this process until idle; cancelled if the test leaves early."""
+    run = asyncio.create_task(run_worker(env, idle=3.0, within=within))
+    try:
+        yield run
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
 
 
 def still_running(run: asyncio.Task[None], when: str) -> None:
@@ -311,8 +298,7 @@ async def test_sigkill_of_the_busiest_partitions_leader_mid_stream(
     first = stream(0, 150)
     ends = await produce(env, first)
     faults(latency_ms=KILL_SLOW_MS)
-    run = asyncio.create_task(run_worker(env, idle=3.0, within=180))
-    try:
+    async with worker_task(env, within=180) as run:
         await wait_until_storing(env, run)
         # The busiest partition: the most records not yet committed.
         committed = await committed_offsets(env, list(ends))
@@ -339,10 +325,6 @@ async def test_sigkill_of_the_busiest_partitions_leader_mid_stream(
         still_running(run, "before the killed node was back")
         faults(latency_ms=0)
         await run
-    finally:
-        if not run.done():
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
     await wait_fully_replicated(cluster)  # the killed node caught up and is in sync again
     await assert_exact_end(env, first + second, ends)
 
@@ -354,8 +336,7 @@ async def test_rolling_restart_of_every_node_mid_stream(
     events = stream(0, 360)
     ends = await produce(env, events)
     faults(latency_ms=ROLLING_SLOW_MS)
-    run = asyncio.create_task(run_worker(env, idle=3.0, within=240))
-    try:
+    async with worker_task(env, within=240) as run:
         await wait_until_storing(env, run)
         for step, node in enumerate(cluster.nodes):
             still_running(run, f"before node {node.node_id} was stopped")
@@ -373,8 +354,4 @@ async def test_rolling_restart_of_every_node_mid_stream(
             assert await committed_total(env) > before, f"no progress while node {node.node_id} restarted"
         faults(latency_ms=0)
         await run
-    finally:
-        if not run.done():
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
     await assert_exact_end(env, events, ends)

@@ -20,10 +20,10 @@ from tests.integration.conftest import (
     Event,
     assert_stored_state,
     committed_offsets,
-    connect,
     expected_state,
     produce,
     spawn_worker,
+    stored_documents,
 )
 
 pytestmark = pytest.mark.integration
@@ -50,16 +50,6 @@ def assignment(log: Path) -> set[str]:
         elif event.get("event") == "partitions_revoked":
             held -= set(event["partitions"])
     return held
-
-
-async def stored_documents(env: Env) -> int:
-    conn = await connect(env)
-    try:
-        if not await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.documents"):
-            return 0
-        return int(await conn.fetchval(f"SELECT count(*) FROM {env.schema}.documents"))
-    finally:
-        await conn.close()
 
 
 @pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic-control"])

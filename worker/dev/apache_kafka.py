@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.dev.processes import StackError, free_port, stop_process
+from worker.dev.processes import Freezable, StackError, free_port, stop_process
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 LIB = POM.parent / "lib"
@@ -127,7 +127,7 @@ logger.authorizer.level = WARN
 
 
 @dataclass
-class KafkaNode:
+class KafkaNode(Freezable):
     """One KRaft node (broker and controller) of a :class:`KafkaCluster`."""
 
     node_id: int
@@ -253,14 +253,6 @@ class KafkaNode:
             assert self.process is not None
             self.process.kill()
             self.process.wait()
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
 
 
 @dataclass

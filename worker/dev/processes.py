@@ -43,3 +43,17 @@ def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 5.0) ->
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class Freezable:
+    """``freeze``/``thaw`` for a class holding a child ``process``: SIGSTOP plays a hung machine."""
+
+    process: subprocess.Popen[Any] | None
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)

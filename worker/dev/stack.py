@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from worker.dev.apache_kafka import KafkaCluster
-from worker.dev.processes import StackError, free_port, stop_process, wait_for_port
+from worker.dev.processes import Freezable, StackError, free_port, stop_process, wait_for_port
 
 EMBEDDING_MODEL = "local-hash-ngram"
 EMBEDDING_DIMENSIONS = 384
@@ -47,7 +46,7 @@ class Broker(Protocol):
 
 
 @dataclass
-class TansuBroker:
+class TansuBroker(Freezable):
     """Tansu 0.6 with in-memory storage on 127.0.0.1: one small binary, starts at once."""
 
     port: int = field(default_factory=free_port)
@@ -79,14 +78,6 @@ class TansuBroker:
 
     def stop(self) -> None:
         stop_process(self.process)
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
 
     def pids(self) -> list[int]:
         return [] if self.process is None else [self.process.pid]
