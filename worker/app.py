@@ -17,7 +17,7 @@ from worker.embed import OpenAIEmbedder
 from worker.errors import DependencyError, WorkerError
 from worker.health import HealthServer
 from worker.kafka import (
-    BrokerRefused,
+    BrokerError,
     bootstrap_error,
     ensure_topic,
     make_producer,
@@ -156,7 +156,7 @@ async def serve(
             try:
                 await worker.run()
             except KafkaError as exc:  # the group refused us (authorization), or the broker vanished
-                raise refusal(exc, settings) or BrokerRefused(f"{type(exc).__name__}: {exc}") from exc
+                raise refusal(exc, settings) or BrokerError(f"{type(exc).__name__}: {exc}") from exc
             if backfill and stop_when_idle is not None and not stop.is_set() and worker.failure is None:
                 await _build_index(store)
         except ShuttingDown:

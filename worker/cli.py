@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 
 from worker import logs
 from worker.errors import ConfigError, WorkerError
-from worker.kafka import BrokerRefused, refusal
+from worker.kafka import BrokerError, refusal
 from worker.settings import Settings, describe
 
 log = structlog.get_logger()
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _run_async(command(settings, args))
         except KafkaError as exc:  # whatever a command did not handle: one line, not a traceback
-            raise refusal(exc, settings) or BrokerRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise refusal(exc, settings) or BrokerError(f"{type(exc).__name__}: {exc}") from exc
     except ConfigError as exc:
         print(f"ingest-worker: error: {exc}", file=sys.stderr)
         return 2

@@ -47,8 +47,9 @@ _TOPIC_REFUSED = (
 )
 
 
-class BrokerRefused(WorkerError):
-    """The broker answered something no retry will change (exit 1 with one line)."""
+class BrokerError(WorkerError):
+    """A broker failure that ends the command: one line, exit 1 (a refusal no retry changes, or
+    an error the command has no way to wait out)."""
 
 
 class ProducerRefused(KafkaError):  # type: ignore[misc]
@@ -153,7 +154,7 @@ def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
             f"mechanism was refused ({answer})",
         )
     if isinstance(exc, TopicRefused):
-        return BrokerRefused(
+        return BrokerError(
             f"topic {exc.topic!r} does not exist and cannot be created ({answer}): "
             "create it, or let this user create topics"
         )
@@ -178,5 +179,5 @@ def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
             "(or Write on a topic), or set KAFKA_PRODUCER_IDEMPOTENCE=false",
         )
     if isinstance(cause, ClusterAuthorizationFailedError):
-        return BrokerRefused(f"this user may not do what the worker needs ({answer})")
+        return BrokerError(f"this user may not do what the worker needs ({answer})")
     return None

@@ -1,1 +1,1 @@
-"""Development helpers: a local embedding server and a sample corpus."""
+"""Development helpers: the local stacks (Tansu or Apache Kafka), an embedding server, a sample corpus."""
