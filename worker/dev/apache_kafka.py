@@ -262,9 +262,7 @@ class KafkaCluster:
     workdir: Path
     size: int = 1
     properties: dict[str, object] = field(default_factory=dict)  # server.properties overrides
-    cluster_id: str = field(
-        default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22]
-    )
+    cluster_id: str = field(default_factory=lambda: _kafka_uuid())
     nodes: list[KafkaNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
