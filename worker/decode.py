@@ -65,10 +65,14 @@ def decode_event(key: bytes | None, value: bytes | None, *, max_text_bytes: int)
     metadata = payload.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValidationError("`metadata` must be a JSON object")
+    if metadata is not None and _holds_nul(metadata):  # nor can jsonb (refused only at store)
+        raise ValidationError("`metadata` must not contain NUL characters (\\u0000)")
 
     tenant = payload.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
         raise ValidationError("`tenant` must be a string")
+    if tenant is not None and "\x00" in tenant:
+        raise ValidationError("`tenant` must not contain NUL characters")
 
     text = payload.get("text")
     if op == "delete":
@@ -80,6 +84,22 @@ def decode_event(key: bytes | None, value: bytes | None, *, max_text_bytes: int)
     if "\x00" in text:  # PostgreSQL text cannot hold NUL
         raise ValidationError("`text` must not contain NUL characters")
     return DocumentEvent(doc_id, op, text, version, metadata, tenant)
+
+
+def _holds_nul(value: Any) -> bool:
+    """A NUL in any key or string of a decoded JSON value (PostgreSQL text and jsonb refuse it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _check_id(doc_id: str, what: str) -> None:

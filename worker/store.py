@@ -24,10 +24,17 @@ from worker.settings import Settings
 
 MIGRATION_LOCK: Final = 0x656D6265  # pg_advisory_xact_lock key: concurrent `migrate`s queue up
 
-SCHEMA_SQL: Final = """
-CREATE EXTENSION IF NOT EXISTS vector;
-CREATE SCHEMA IF NOT EXISTS {schema};
-CREATE TABLE IF NOT EXISTS {schema}.documents (
+# What the schema needs, each created only when it is missing: `CREATE ... IF NOT EXISTS` still
+# asks for CREATE on the database or schema (or table ownership), so a least-privilege role
+# (USAGE and DML on tables someone else migrated) could not even start `run` otherwise.
+# Each step: what kind of object, its name (for the existence check), how to create it.
+MIGRATION_STEPS: Final = (
+    ("extension", "vector", "CREATE EXTENSION IF NOT EXISTS vector"),
+    ("schema", "{schema}", "CREATE SCHEMA IF NOT EXISTS {schema}"),
+    (
+        "relation",
+        "{schema}.documents",
+        """CREATE TABLE IF NOT EXISTS {schema}.documents (
     id              text PRIMARY KEY,
     version         bigint,
     deleted         boolean NOT NULL DEFAULT false,
@@ -39,8 +46,12 @@ CREATE TABLE IF NOT EXISTS {schema}.documents (
     source_partition integer,
     source_offset   bigint,
     updated_at      timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS {schema}.chunks (
+)""",
+    ),
+    (
+        "relation",
+        "{schema}.chunks",
+        """CREATE TABLE IF NOT EXISTS {schema}.chunks (
     doc_id          text NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
     chunk_index     integer NOT NULL,
     content         text NOT NULL,
@@ -50,10 +61,24 @@ CREATE TABLE IF NOT EXISTS {schema}.chunks (
     model           text NOT NULL,
     content_sha256  bytea NOT NULL,
     PRIMARY KEY (doc_id, chunk_index)
-);
-CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted;
-CREATE INDEX IF NOT EXISTS chunks_content_sha256_idx ON {schema}.chunks (content_sha256);
-"""
+)""",
+    ),
+    (
+        "relation",
+        "{schema}.documents_tenant_idx",
+        "CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted",
+    ),
+    (
+        "relation",
+        "{schema}.chunks_content_sha256_idx",
+        "CREATE INDEX IF NOT EXISTS chunks_content_sha256_idx ON {schema}.chunks (content_sha256)",
+    ),
+)
+EXISTS_SQL: Final = {
+    "extension": "SELECT 1 FROM pg_extension WHERE extname = $1",
+    "schema": "SELECT to_regnamespace($1)",
+    "relation": "SELECT to_regclass($1)",
+}
 HNSW_INDEX_SQL: Final = """
 CREATE INDEX IF NOT EXISTS chunks_embedding_hnsw_idx
     ON {schema}.chunks USING hnsw (embedding {vector_type}_cosine_ops)
@@ -234,9 +259,7 @@ class Store:
     async def migrate(self, *, ann_index: bool = True) -> None:
         """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently."""
         s = self._settings
-        sql = SCHEMA_SQL.format(
-            schema=self._schema, vector_type=s.vector_type, dimensions=s.embedding_dimensions
-        )
+        names = {"schema": self._schema, "vector_type": s.vector_type, "dimensions": s.embedding_dimensions}
         try:
             conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
         except _OUTAGE_ERRORS as exc:
@@ -244,7 +267,9 @@ class Store:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                await conn.execute(sql)
+                for kind, name, sql in MIGRATION_STEPS:
+                    if await conn.fetchval(EXISTS_SQL[kind], name.format(**names)) is None:
+                        await conn.execute(sql.format(**names))
                 existing = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
                 wanted = f"{s.vector_type}({s.embedding_dimensions})"
                 if existing != wanted:
@@ -253,7 +278,8 @@ class Store:
                         f"the existing {s.database_schema}.chunks.embedding column is {existing}, "
                         f"not {wanted} (VECTOR_TYPE, EMBEDDING_DIMENSIONS); use another DATABASE_SCHEMA",
                     )
-                if ann_index:
+                hnsw = f"{self._schema}.chunks_embedding_hnsw_idx"
+                if ann_index and await conn.fetchval(EXISTS_SQL["relation"], hnsw) is None:
                     await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
         except asyncpg.PostgresError as exc:
             raise StoreRejected(f"migration failed: {_describe(exc)}") from exc

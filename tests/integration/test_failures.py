@@ -57,6 +57,17 @@ async def test_poison_of_every_kind_is_dead_lettered_while_good_records_flow(env
         (b"version-type", b'{"id": "version-type", "text": "t", "version": "7"}', "validate"),
         (b"negative", b'{"id": "negative", "text": "t", "version": -1}', "validate"),
         (b"bad-op", b'{"id": "bad-op", "op": "merge", "text": "t"}', "validate"),
+        # PostgreSQL refuses NUL in jsonb and text: refused before any embedding is bought.
+        (
+            b"nul-meta",
+            json.dumps({"id": "nul-meta", "text": "ok", "metadata": {"k": "a\x00b"}}).encode(),
+            "validate",
+        ),
+        (
+            b"nul-tenant",
+            json.dumps({"id": "nul-tenant", "text": "ok", "tenant": "t\x00"}).encode(),
+            "validate",
+        ),
         (
             b"rejected",
             json.dumps({"id": "rejected", "text": "fine text. " * 30 + "REJECT-ME"}).encode(),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -17,12 +18,14 @@ from tests.integration.conftest import (
     Event,
     assert_stored_state,
     committed_offsets,
+    connect,
     expected_state,
     produce,
     produce_raw,
     run_worker,
 )
 from worker.app import serve
+from worker.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +181,41 @@ async def test_vectors_of_the_wrong_dimension_stop_the_worker_with_one_clear_lin
     assert "EMBEDDING_DIMENSIONS is 128" in result.stderr.strip().splitlines()[-1]
     committed = await committed_offsets(env, list(ends))
     assert all(offset is None or offset < ends[tp] for tp, offset in committed.items()), "committed past it"
+
+
+def as_role(database_url: str, role: str, password: str) -> str:
+    """The same database, logged in as ``role``."""
+    parts = urlsplit(database_url)
+    host = parts.hostname or ""
+    netloc = f"{role}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def test_a_least_privilege_role_runs_against_a_schema_someone_else_migrated(env: Env) -> None:
+    await Store(env.settings).migrate()  # as the owner, the way the README says
+    role, password = f"ingest_rw_{env.schema}", "rw-secret"
+    conn = await connect(env)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        # The README's grants, nothing more: no CREATE on the database or the schema, owns nothing.
+        await conn.execute(f"GRANT USAGE ON SCHEMA {env.schema} TO {role}")
+        await conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {env.schema} TO {role}"
+        )
+        assert not await conn.fetchval(
+            "SELECT has_database_privilege($1, current_database(), 'CREATE')", role
+        )
+        assert not await conn.fetchval("SELECT has_schema_privilege($1, $2, 'CREATE')", role, env.schema)
+        events: list[Event] = [
+            (f"lp-{i}", {"id": f"lp-{i}", "text": f"least privilege {i}. " * 30}) for i in range(20)
+        ]
+        events.append(("lp-3", None))
+        ends = await produce(env, events)
+        limited = env.with_(DATABASE_URL=as_role(env.stack.database_url, role, password))
+        await run_worker(limited)  # with its start-up migration, as `run` does by default
+        await assert_stored_state(env, expected_state(events))
+        assert await committed_offsets(env, list(ends)) == ends
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()

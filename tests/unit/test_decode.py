@@ -218,6 +218,29 @@ def test_nul_in_text_or_id_is_invalid(payload: dict[str, Any], key: bytes | None
     assert_invalid(payload, key=key, match="NUL")
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"metadata": {"title": "a\x00b"}},
+        {"metadata": {"k\x00": 1}},
+        {"metadata": {"nested": [1, {"deep": ["x", "\x00"]}]}},
+        {"tenant": "acme\x00"},
+    ],
+    ids=["metadata-value", "metadata-key", "metadata-nested", "tenant"],
+)
+def test_nul_in_metadata_or_tenant_is_invalid(extra: dict[str, Any]) -> None:
+    # PostgreSQL's jsonb and text refuse NUL: caught here, before embeddings are bought for it.
+    assert_invalid({"id": "doc-1", "text": "t", **extra}, match="NUL")
+
+
+def test_metadata_without_nul_is_kept_whole() -> None:
+    metadata = {"title": "x", "tags": ["a", "b"], "n": 1, "nested": {"ok": None}}
+    event = decode_event(
+        b"doc-1", orjson.dumps({"id": "doc-1", "text": "t", "metadata": metadata}), max_text_bytes=MAX_TEXT
+    )
+    assert event.metadata == metadata
+
+
 @pytest.mark.parametrize("key", [b"", b"a\x00b", b"k" * 513], ids=["empty", "nul", "513-bytes"])
 def test_tombstone_key_obeys_the_id_rules(key: bytes) -> None:
     # The key becomes the document id, so it must be a valid one (a NUL id fails the whole batch in Postgres).
