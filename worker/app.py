@@ -77,6 +77,8 @@ async def prepare(
         try:
             if migrate:
                 await store.migrate(ann_index=not backfill)
+            else:
+                await store.check()
             await store.open()
             await ensure_topic(settings, settings.dlq_topic, partitions=1)
             await start_producer(producer)

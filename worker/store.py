@@ -74,6 +74,24 @@ MIGRATION_STEPS: Final = (
         "CREATE INDEX IF NOT EXISTS chunks_content_sha256_idx ON {schema}.chunks (content_sha256)",
     ),
 )
+# The model whose embeddings the index holds: two models in one index make a search compare
+# vectors of different spaces, so a worker embedding with another model is refused at start.
+INDEX_SETTINGS_STEP: Final = (
+    "relation",
+    "{schema}.index_settings",
+    """CREATE TABLE IF NOT EXISTS {schema}.index_settings (
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    embedding_model  text NOT NULL,
+    recorded_at      timestamptz NOT NULL DEFAULT now()
+)""",
+)
+# Recorded once: the model of the chunks already stored (a schema older than the record), else ours.
+RECORD_MODEL_SQL: Final = """
+INSERT INTO {schema}.index_settings (embedding_model)
+SELECT coalesce((SELECT model FROM {schema}.chunks LIMIT 1), $1)
+ON CONFLICT (singleton) DO NOTHING
+"""
+STORED_MODEL_SQL: Final = "SELECT embedding_model FROM {schema}.index_settings"
 EXISTS_SQL: Final = {
     "extension": "SELECT 1 FROM pg_extension WHERE extname = $1",
     "schema": "SELECT to_regnamespace($1)",
@@ -267,17 +285,12 @@ class Store:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                for kind, name, sql in MIGRATION_STEPS:
+                for kind, name, sql in (*MIGRATION_STEPS, INDEX_SETTINGS_STEP):
                     if await conn.fetchval(EXISTS_SQL[kind], name.format(**names)) is None:
                         await conn.execute(sql.format(**names))
-                existing = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
-                wanted = f"{s.vector_type}({s.embedding_dimensions})"
-                if existing != wanted:
-                    raise ConfigError(
-                        "EMBEDDING_DIMENSIONS",
-                        f"the existing {s.database_schema}.chunks.embedding column is {existing}, "
-                        f"not {wanted} (VECTOR_TYPE, EMBEDDING_DIMENSIONS); use another DATABASE_SCHEMA",
-                    )
+                if await conn.fetchval(STORED_MODEL_SQL.format(schema=self._schema)) is None:
+                    await conn.execute(RECORD_MODEL_SQL.format(schema=self._schema), s.embedding_model)
+                await self._check_index(conn)
                 hnsw = f"{self._schema}.chunks_embedding_hnsw_idx"
                 if ann_index and await conn.fetchval(EXISTS_SQL["relation"], hnsw) is None:
                     await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
@@ -285,6 +298,42 @@ class Store:
             raise StoreRejected(f"migration failed: {_describe(exc)}") from exc
         finally:
             await conn.close()
+
+    async def check(self) -> None:
+        """What `migrate` checks, for `run --no-migrate`: the schema is there, its column and model ours."""
+        try:
+            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+        try:
+            await self._check_index(conn)
+        finally:
+            await conn.close()
+
+    async def _check_index(self, conn: asyncpg.Connection) -> None:
+        s = self._settings
+        existing = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
+        if existing is None:
+            raise ConfigError(
+                "DATABASE_SCHEMA", f"{s.database_schema}.chunks does not exist; run `ingest-worker migrate`"
+            )
+        wanted = f"{s.vector_type}({s.embedding_dimensions})"
+        if existing != wanted:
+            raise ConfigError(
+                "EMBEDDING_DIMENSIONS",
+                f"the existing {s.database_schema}.chunks.embedding column is {existing}, "
+                f"not {wanted} (VECTOR_TYPE, EMBEDDING_DIMENSIONS); use another DATABASE_SCHEMA",
+            )
+        stored = None
+        if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.index_settings") is not None:
+            stored = await conn.fetchval(STORED_MODEL_SQL.format(schema=self._schema))
+        if stored is not None and stored != s.embedding_model:
+            raise ConfigError(
+                "EMBEDDING_MODEL",
+                f"the index in {s.database_schema} holds embeddings of {stored!r}, not "
+                f"{s.embedding_model!r}: two models in one index mix vector spaces; use another "
+                "DATABASE_SCHEMA for the new model",
+            )
 
     # -- the write path -------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     produce,
     produce_raw,
     run_worker,
+    spawn_worker,
 )
 from worker.app import serve
 from worker.store import Store
@@ -219,3 +220,46 @@ async def test_a_least_privilege_role_runs_against_a_schema_someone_else_migrate
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE IF EXISTS {role}")
         await conn.close()
+
+
+async def test_a_worker_with_another_model_refuses_to_start_instead_of_mixing_the_index(
+    env: Env, tmp_path: Path
+) -> None:
+    events: list[Event] = [(f"m-{i}", {"id": f"m-{i}", "text": f"model check {i}. " * 40}) for i in range(40)]
+    ends = await produce(env, events)
+    models = {"a": "local-hash-ngram", "b": "another-model"}  # same dimensions: the column cannot tell
+    logs = {name: tmp_path / f"{name}.log" for name in models}
+    # Both start at once on a fresh schema, as two deployments that disagree would.
+    workers = {
+        name: spawn_worker(
+            env.with_(EMBEDDING_MODEL=model, LOG_LEVEL="info"), logs[name], "--stop-when-idle", "2"
+        )
+        for name, model in models.items()
+    }
+    codes = {name: await asyncio.to_thread(worker.wait, 120) for name, worker in workers.items()}
+    assert sorted(codes.values()) == [0, 2], codes
+    loser = next(name for name, code in codes.items() if code == 2)
+    winner = next(name for name in models if name != loser)
+    refusal = [line for line in logs[loser].read_text().splitlines() if line.startswith("ingest-worker:")]
+    assert len(refusal) == 1, logs[loser].read_text()[-2000:]
+    assert "EMBEDDING_MODEL" in refusal[0] and models[winner] in refusal[0] and models[loser] in refusal[0]
+    conn = await connect(env)
+    try:
+        stored = {r["model"] for r in await conn.fetch(f"SELECT DISTINCT model FROM {env.schema}.chunks")}
+    finally:
+        await conn.close()
+    assert stored == {models[winner]}
+    await assert_stored_state(env, expected_state(events))
+    assert await committed_offsets(env, list(ends)) == ends
+    # A restart of the loser, with or without its start-up migration, is refused the same way.
+    for args in ((), ("--no-migrate",)):
+        again = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "worker", "run", "--stop-when-idle", "1", *args],
+            env={**os.environ, **env.values, "EMBEDDING_MODEL": models[loser]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 2, again.stderr
+        assert "EMBEDDING_MODEL" in again.stderr.strip().splitlines()[-1]
