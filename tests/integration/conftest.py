@@ -103,6 +103,11 @@ def faults(stack: Services) -> Iterator[Any]:
     _admin(stack.embeddings.url, "DELETE", "/admin/faults", None)
 
 
+def embedding_stats(env: Env) -> dict[str, Any]:
+    """The local embedding server's counters (``inputs``: texts embedded since it started or reset)."""
+    return _admin(env.stack.embeddings.url, "GET", "/admin/stats", None)  # type: ignore[no-any-return]
+
+
 def _admin(embedding_url: str, method: str, path: str, body: Any) -> Any:
     base = embedding_url.removesuffix("/v1")
     data = None if body is None else json.dumps(body).encode()

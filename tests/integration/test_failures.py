@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from tests.integration.conftest import (
+    CHUNK_OVERLAP,
+    CHUNK_SIZE,
     Env,
     Event,
     assert_stored_state,
     committed_offsets,
     connect,
+    embedding_stats,
     encode,
     expected_state,
     produce,
@@ -27,6 +31,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
 from worker.app import serve
+from worker.chunk import chunk_text
 
 pytestmark = pytest.mark.integration
 
@@ -235,6 +240,43 @@ async def test_replay_round_trip_and_a_second_replay_moves_nothing(env: Env, fau
     second = await asyncio.to_thread(cli, env, "replay")
     assert second.returncode == 0, second.stderr
     assert "moved 0" in second.stdout
+
+
+async def test_dead_letters_a_crash_duplicated_replay_to_the_same_state_at_no_extra_cost(
+    env: Env, faults: Any
+) -> None:
+    faults(reject_marker="TEMPORARILY-BAD")
+    events = good_events("c", 6)
+    bad: list[Event] = [
+        (f"dup-{i}", {"id": f"dup-{i}", "text": f"TEMPORARILY-BAD {i}. " * 30}) for i in range(3)
+    ]
+    await produce(env, events + bad)
+    await run_worker(env)
+    letters = await read_dead_letters(env, expected=len(bad))
+    assert len(letters) == len(bad)
+    # A worker killed after sending its dead letters but before committing sends them again on
+    # restart (at-least-once): play that by publishing every letter a second time.
+    producer = AIOKafkaProducer(bootstrap_servers=env.stack.bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for m in letters:
+            await producer.send_and_wait(
+                env.settings.dlq_topic, key=m.key, value=m.value, headers=list(m.headers)
+            )
+    finally:
+        await producer.stop()
+
+    faults(reject_marker=None)  # the cause is fixed
+    before = embedding_stats(env)["inputs"]
+    moved = await asyncio.to_thread(cli, env, "replay")
+    assert moved.returncode == 0, moved.stderr
+    assert f"moved {2 * len(bad)}" in moved.stdout  # each copy goes back
+    await run_worker(env)
+    await assert_stored_state(env, expected_state(events + bad))
+    # The second copy of each document changes nothing and buys nothing: its chunks are stored.
+    texts = [value["text"] for _, value in bad if value]
+    distinct = {c.content for text in texts for c in chunk_text(text, size=CHUNK_SIZE, overlap=CHUNK_OVERLAP)}
+    assert embedding_stats(env)["inputs"] - before == len(distinct)
 
 
 async def test_no_secret_reaches_logs_or_dead_letters(env: Env, faults: Any, tmp_path: Path) -> None:
