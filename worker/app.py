@@ -11,6 +11,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from worker import metrics
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
@@ -76,7 +77,7 @@ async def prepare(
     while True:
         try:
             if migrate:
-                await store.migrate(ann_index=not backfill)
+                await store.migrate(ann_index=not backfill, only_if_empty=True)
             else:
                 await store.check()
             await store.open()
@@ -141,7 +142,10 @@ async def serve(
             stop_when_idle=stop_when_idle,
         )
         health = HealthServer(
-            worker, {"database": store.ping, "embedding": embedder.ping}, port=settings.health_port
+            worker,
+            {"database": store.ping, "embedding": embedder.ping},
+            port=settings.health_port,
+            ann_index=store.ann_index_state,
         )
         await health.start()
         log.info("health_listening", port=health.port)
@@ -155,6 +159,7 @@ async def serve(
             task.add_done_callback(lambda t: _side_task_done(t, worker))
         try:
             await prepare(settings, store, producer, stop, migrate=migrate, backfill=backfill)
+            await _report_ann_index(store, backfill=backfill)
             try:
                 await worker.run()
             except KafkaError as exc:  # the group refused us (authorization), or the broker vanished
@@ -170,6 +175,18 @@ async def serve(
             await health.stop()
             await producer.stop()
             await store.close()
+
+
+async def _report_ann_index(store: Store, *, backfill: bool) -> None:
+    """Say at start when searches have no ANN index: `run` does not build one over stored rows."""
+    state = await store.ann_index_state()
+    metrics.ANN_INDEX_READY.set(1 if state == "ready" else 0)
+    if state != "ready" and not backfill:
+        log.warning(
+            "ann_index_missing",
+            state=state,
+            hint="searches scan every chunk until `ingest-worker build-index` builds it (CONCURRENTLY)",
+        )
 
 
 async def _build_index(store: Store) -> None:

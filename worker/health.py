@@ -13,12 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from worker import metrics
 
 Check = Callable[[], Awaitable[None]]
+State = Callable[[], Awaitable[str]]
 
 LOOP_STALL_SECONDS = 120.0
 
 
 class Watched(Protocol):
-    heartbeat: float
+    heartbeat: float | None  # when the fetch loop last turned; None before it started
 
     @property
     def last_error(self) -> str | None: ...
@@ -29,10 +30,17 @@ class Watched(Protocol):
 
 class HealthServer:
     def __init__(
-        self, worker: Watched, checks: dict[str, Check], *, port: int, host: str = "0.0.0.0"
+        self,
+        worker: Watched,
+        checks: dict[str, Check],
+        *,
+        port: int,
+        host: str = "0.0.0.0",
+        ann_index: State | None = None,
     ) -> None:
         self._worker = worker
         self._checks = checks
+        self._ann_index = ann_index
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
         self.port = port
@@ -56,6 +64,8 @@ class HealthServer:
             await self._runner.cleanup()
 
     async def _healthz(self, _: web.Request) -> web.Response:
+        if self._worker.heartbeat is None:  # start-up waits on dependencies, bounded by its own timeout
+            return web.json_response({"status": "starting"})
         stalled = time.monotonic() - self._worker.heartbeat
         if stalled > LOOP_STALL_SECONDS:
             return web.json_response({"status": "stalled", "seconds": round(stalled, 1)}, status=503)
@@ -80,12 +90,19 @@ class HealthServer:
             failures["partitions"] = "none assigned"
         ready = not failures
         metrics.READY.set(1 if ready else 0)
-        return {
+        body: dict[str, object] = {
             "ready": ready,
             "partitions": partitions,
             "failing": failures,
             "last_error": self._worker.last_error,
         }
+        if self._ann_index is not None:  # reported, not a failure: ingestion goes on without it
+            try:
+                body["ann_index"] = await asyncio.wait_for(self._ann_index(), 3.0)
+            except Exception as exc:  # noqa: BLE001 - the database's own check above says why
+                body["ann_index"] = f"unknown ({type(exc).__name__})"
+            metrics.ANN_INDEX_READY.set(1 if body["ann_index"] == "ready" else 0)
+        return body
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

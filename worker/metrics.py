@@ -33,6 +33,10 @@ ASSIGNED_PARTITIONS: Final = Gauge("ingest_assigned_partitions", "Partitions thi
 COMMIT_FAILURES: Final = Counter("ingest_commit_failures", "Offset commits refused (rebalance) or failed")
 RETRIES: Final = Counter("ingest_retries", "Retried attempts, by dependency", ["dependency"])
 READY: Final = Gauge("ingest_ready", "1 when partitions are assigned and dependencies answer")
+ANN_INDEX_READY: Final = Gauge(
+    "ingest_ann_index_ready",
+    "1 when the HNSW index exists and is valid (without it searches scan every chunk)",
+)
 
 for _stage in ("decode", "validate", "chunk", "embed", "store"):
     DEAD_LETTERS.labels(stage=_stage)  # present at 0 from the start, so increase() sees the first one

@@ -7,6 +7,7 @@ that nothing changed since the batch was planned, upsert the documents, replace 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from worker.plan import Change, DocState
 from worker.settings import Settings
 
 MIGRATION_LOCK: Final = 0x656D6265  # pg_advisory_xact_lock key: concurrent `migrate`s queue up
+# One HNSW build at a time. Taken with pg_try_advisory_lock and polled from outside any
+# transaction: a session blocked on a lock inside a statement holds a snapshot, which a
+# CREATE INDEX CONCURRENTLY waits for, and the two would wait for each other.
+ANN_BUILD_LOCK: Final = 0x656D6269
 
 # What the schema needs, each created only when it is missing: `CREATE ... IF NOT EXISTS` still
 # asks for CREATE on the database or schema (or table ownership), so a least-privilege role
@@ -97,10 +102,20 @@ EXISTS_SQL: Final = {
     "schema": "SELECT to_regnamespace($1)",
     "relation": "SELECT to_regclass($1)",
 }
+# CONCURRENTLY: writers go on while it builds (a plain CREATE INDEX blocks every write for as long
+# as the build takes, minutes on a large table). It cannot run inside a transaction block.
 HNSW_INDEX_SQL: Final = """
-CREATE INDEX IF NOT EXISTS chunks_embedding_hnsw_idx
+CREATE INDEX CONCURRENTLY IF NOT EXISTS chunks_embedding_hnsw_idx
     ON {schema}.chunks USING hnsw (embedding {vector_type}_cosine_ops)
 """
+# "missing", "invalid" (a concurrent build that failed half-way leaves one) or "ready".
+ANN_INDEX_STATE_SQL: Final = """
+SELECT CASE WHEN to_regclass($1) IS NULL THEN 'missing'
+            WHEN (SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)) THEN 'ready'
+            ELSE 'invalid' END
+"""
+DROP_INVALID_ANN_INDEX_SQL: Final = "DROP INDEX CONCURRENTLY IF EXISTS {schema}.chunks_embedding_hnsw_idx"
+CHUNKS_EMPTY_SQL: Final = "SELECT NOT EXISTS (SELECT 1 FROM {schema}.chunks)"
 EMBEDDING_TYPE_SQL: Final = """
 SELECT format_type(a.atttypid, a.atttypmod)
 FROM pg_attribute a
@@ -274,8 +289,13 @@ class Store:
 
     # -- schema ---------------------------------------------------------------------------
 
-    async def migrate(self, *, ann_index: bool = True) -> None:
-        """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently."""
+    async def migrate(self, *, ann_index: bool = True, only_if_empty: bool = False) -> None:
+        """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently.
+
+        The HNSW index is built after the rest, CONCURRENTLY; with ``only_if_empty`` (``run``'s
+        start-up) only on an empty table, where that takes no time: a worker never spends its
+        start-up building an index over rows others keep writing (``build-index`` does that).
+        """
         s = self._settings
         names = {"schema": self._schema, "vector_type": s.vector_type, "dimensions": s.embedding_dimensions}
         try:
@@ -291,9 +311,10 @@ class Store:
                 if await conn.fetchval(STORED_MODEL_SQL.format(schema=self._schema)) is None:
                     await conn.execute(RECORD_MODEL_SQL.format(schema=self._schema), s.embedding_model)
                 await self._check_index(conn)
-                hnsw = f"{self._schema}.chunks_embedding_hnsw_idx"
-                if ann_index and await conn.fetchval(EXISTS_SQL["relation"], hnsw) is None:
-                    await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
+            if ann_index and (
+                not only_if_empty or await conn.fetchval(CHUNKS_EMPTY_SQL.format(schema=self._schema))
+            ):
+                await self._build_ann_index(conn, wait=not only_if_empty)
         except asyncpg.PostgresError as exc:
             raise StoreRejected(f"migration failed: {_describe(exc)}") from exc
         finally:
@@ -400,23 +421,40 @@ class Store:
         return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
 
     async def build_ann_index(self) -> bool:
-        """Build the HNSW index if it is missing (after a backfill). True when this call built it."""
-        s = self._settings
-        name = f"{s.database_schema}.chunks_embedding_hnsw_idx"
-        conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
+        """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY. True if built now."""
+        conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         try:
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-            try:
-                if await conn.fetchval("SELECT to_regclass($1)", name) is not None:
-                    return False
-                await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
-                await conn.execute("SET max_parallel_maintenance_workers = 7")
-                await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
-                return True
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+            return await self._build_ann_index(conn, wait=True)
         finally:
             await conn.close()
+
+    async def _build_ann_index(self, conn: asyncpg.Connection, *, wait: bool) -> bool:
+        """Build the index unless it is ready; if another session is building it, wait or leave it."""
+        s = self._settings
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ANN_BUILD_LOCK):
+            if not wait:
+                return False
+            await asyncio.sleep(1.0)
+        try:
+            state = await conn.fetchval(ANN_INDEX_STATE_SQL, self._ann_index_name)
+            if state == "ready":
+                return False
+            if state == "invalid":  # an earlier build was interrupted: start it again
+                await conn.execute(DROP_INVALID_ANN_INDEX_SQL.format(schema=self._schema))
+            await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
+            await conn.execute("SET max_parallel_maintenance_workers = 7")
+            await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
+            return True
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", ANN_BUILD_LOCK)
+
+    async def ann_index_state(self) -> str:
+        """ "ready", "missing" or "invalid": searches without a ready index scan every chunk."""
+        return str(await self._fetchval(ANN_INDEX_STATE_SQL, self._ann_index_name))
+
+    @property
+    def _ann_index_name(self) -> str:
+        return f"{self._schema}.chunks_embedding_hnsw_idx"
 
     async def search(self, embedding: Vector, k: int) -> list[Hit]:
         rows = await self._fetch(SEARCH_SQL.format(schema=self._schema), embedding, k)
@@ -424,6 +462,10 @@ class Store:
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        rows = await self._fetch(sql, *args)
+        return rows[0][0] if rows else None
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         assert self._pool is not None

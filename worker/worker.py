@@ -66,7 +66,7 @@ class Worker:
         self._paused = False
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
-        self.heartbeat = time.monotonic()
+        self.heartbeat: float | None = None  # the fetch loop's last turn (for /healthz); None until it runs
         self.failure: BaseException | None = None
 
     def stop(self) -> None:

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client import REGISTRY
 
 from tests.integration.conftest import (
     Env,
@@ -25,7 +27,9 @@ from tests.integration.conftest import (
     run_worker,
     spawn_worker,
 )
+from worker import health
 from worker.app import serve
+from worker.dev.processes import free_port
 from worker.store import Store
 
 pytestmark = pytest.mark.integration
@@ -263,3 +267,90 @@ async def test_a_worker_with_another_model_refuses_to_start_instead_of_mixing_th
         )
         assert again.returncode == 2, again.stderr
         assert "EMBEDDING_MODEL" in again.stderr.strip().splitlines()[-1]
+
+
+async def hnsw_index_valid(env: Env) -> bool | None:
+    """None when the index does not exist, else whether it is valid."""
+    conn = await connect(env)
+    try:
+        name = f"{env.schema}.chunks_embedding_hnsw_idx"
+        return await conn.fetchval(  # type: ignore[no-any-return]
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name
+        )
+    finally:
+        await conn.close()
+
+
+async def test_run_leaves_a_missing_ann_index_over_stored_rows_to_build_index(env: Env) -> None:
+    first: list[Event] = [(f"ix-{i}", {"id": f"ix-{i}", "text": f"index me {i}. " * 30}) for i in range(20)]
+    await produce(env, first)
+    await run_worker(env)
+    assert await hnsw_index_valid(env) is True  # a fresh schema gets it at once (no rows yet)
+    conn = await connect(env)
+    try:
+        await conn.execute(f"DROP INDEX {env.schema}.chunks_embedding_hnsw_idx")
+    finally:
+        await conn.close()
+    later: list[Event] = [(f"iy-{i}", {"id": f"iy-{i}", "text": f"and me {i}. " * 30}) for i in range(20)]
+    await produce(env, later)
+    # A restart must not build it inside its start-up migration (blocking every writer meanwhile):
+    # it ingests, and says the index is missing (metric; /readyz's body reads the same state).
+    await run_worker(env)
+    await assert_stored_state(env, expected_state(first + later))
+    assert await hnsw_index_valid(env) is None
+    assert REGISTRY.get_sample_value("ingest_ann_index_ready") == 0
+    built = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker", "build-index"],
+        env={**os.environ, **env.values},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    assert "built" in built.stdout
+    assert await hnsw_index_valid(env) is True
+    # A concurrent build interrupted half-way leaves an invalid index: build-index replaces it.
+    conn = await connect(env)
+    try:
+        name = f"{env.schema}.chunks_embedding_hnsw_idx"
+        await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass($1)", name)
+    finally:
+        await conn.close()
+    assert await hnsw_index_valid(env) is False
+    again = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker", "build-index"],
+        env={**os.environ, **env.values},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert await hnsw_index_valid(env) is True
+
+
+async def test_healthz_says_starting_while_start_up_waits_for_the_database(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health, "LOOP_STALL_SECONDS", 0.5)  # a stall would show at once
+    port = free_port()
+    nowhere = env.with_(
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        HEALTH_PORT=str(port),
+        STARTUP_TIMEOUT_SECONDS="0",
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(nowhere.settings, stop=stop))
+    try:
+        await asyncio.sleep(2)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200
+                assert (await response.json())["status"] == "starting"
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert response.status == 503
+                assert "database" in (await response.json())["failing"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
