@@ -101,6 +101,16 @@ class StoreRejected(RecordError):
     stage = "store"
 
 
+class WriteTimedOut(WorkerError):
+    """PostgreSQL cancelled a write (statement_timeout): retried smaller, never as it was.
+
+    Not a DependencyError, so the breaker does not retry it at the same size; not a RecordError:
+    a timeout says the write was too big for the database's limit, not that a record is bad.
+    """
+
+    retriable = True
+
+
 class StaleRead(WorkerError):
     """A document changed between planning a batch and writing it (a rebalance race). Re-plan."""
 

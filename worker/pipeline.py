@@ -29,11 +29,19 @@ from worker.decode import decode_event
 from worker.dependency import Dependency
 from worker.dlq import DeadLetter, DeadLetterSink
 from worker.embed import Embedder, EmbeddingBatcher, Vector
-from worker.errors import AttemptsExhausted, ChunkError, InputRejected, RecordError, StaleRead, StoreRejected
+from worker.errors import (
+    AttemptsExhausted,
+    ChunkError,
+    InputRejected,
+    RecordError,
+    StaleRead,
+    StoreRejected,
+    WriteTimedOut,
+)
 from worker.inflight import InFlight, Job
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
-from worker.retry import ShuttingDown
+from worker.retry import ShuttingDown, backoff, sleep_unless
 from worker.settings import Settings
 from worker.store import DocumentStore, DocumentWrite, Source
 
@@ -109,6 +117,8 @@ class Pipeline:
         self._drained.set()
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
+        self.write_failure: str | None = None  # a one-document write the database keeps cancelling
+        self._timeouts = 0
         self.finished_records = 0
         most = settings.write_batch_documents
         stages = [
@@ -244,6 +254,9 @@ class Pipeline:
             moved = await self._deps.database.call(lambda: self._store.write(writes))
         except StaleRead:
             moved = {p.job.doc_id for p in batch}
+        except WriteTimedOut as exc:
+            await self._write_smaller(batch, exc)
+            return
         except StoreRejected as exc:
             if len(batch) == 1:
                 self._dead.put_nowait(Dead(_letter(batch[0].record, exc), batch[0].job, batch[0].record))
@@ -259,6 +272,7 @@ class Pipeline:
             metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
             metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
             self._finish(p.job, outcome="stored")
+        self._timeouts, self.write_failure = 0, None
         seconds = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(seconds)
         log.info(
@@ -269,6 +283,24 @@ class Pipeline:
             in_flight=self.inflight.records,
             seconds=round(seconds, 4),
         )
+
+    async def _write_smaller(self, batch: list[Prepared], exc: WriteTimedOut) -> None:
+        """A write the database cancelled (statement_timeout): halves, down to one document, which
+        is retried until it fits; meanwhile /readyz says writes are failing. Never dead-lettered:
+        the limit is the database's, not the record's fault."""
+        log.warning("write_timed_out", documents=len(batch), error=str(exc)[:300])
+        if len(batch) > 1:
+            half = len(batch) // 2
+            await self._write(batch[:half])
+            await self._write(batch[half:])
+            return
+        self._timeouts += 1
+        self.write_failure = str(exc)[:300]
+        try:
+            await sleep_unless(self._stop, backoff(self._timeouts, initial=1.0, cap=30.0))
+        except ShuttingDown:
+            return
+        await self._write(batch)
 
     async def _send_dead_letters(self, batch: list[Dead]) -> None:
         letters = [d.letter for d in batch]

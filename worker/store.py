@@ -19,7 +19,7 @@ from pgvector.asyncpg import register_vector
 
 from worker.chunk import Chunk
 from worker.embed import Vector
-from worker.errors import ConfigError, DatabaseUnavailable, StaleRead, StoreRejected
+from worker.errors import ConfigError, DatabaseUnavailable, StaleRead, StoreRejected, WriteTimedOut
 from worker.plan import Change, DocState
 from worker.settings import Settings
 
@@ -406,6 +406,11 @@ class Store:
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
             raise StaleRead(_describe(exc)) from exc
+        except asyncpg.exceptions.QueryCanceledError as exc:  # statement_timeout, before _OUTAGE_ERRORS
+            raise WriteTimedOut(
+                f"a write of {len(writes)} documents ({len(chunk_rows)} chunks) was cancelled: "
+                f"{_describe(exc)} (statement_timeout?)"
+            ) from exc
         except _OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database write failed: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:

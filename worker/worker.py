@@ -88,8 +88,12 @@ class Worker:
         return next((d.last_error for d in self.dependencies.all() if not d.up), None)
 
     def down(self) -> dict[str, str]:
-        """Dependencies whose circuit breaker is open, with since when and why."""
-        return {d.name: why for d in self.dependencies.all() if (why := d.describe()) is not None}
+        """Dependencies whose circuit breaker is open, with since when and why; and writes that the
+        database keeps cancelling even one document at a time (it answers, but stores nothing)."""
+        down = {d.name: why for d in self.dependencies.all() if (why := d.describe()) is not None}
+        if self._pipeline is not None and self._pipeline.write_failure is not None:
+            down["database_writes"] = self._pipeline.write_failure
+        return down
 
     def assignment(self) -> set[TopicPartition]:
         return self._source.assignment()

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from tests.integration.conftest import (
     Env,
@@ -354,3 +355,35 @@ async def test_healthz_says_starting_while_start_up_waits_for_the_database(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_writes_over_a_roles_statement_timeout_are_split_until_they_fit(env: Env) -> None:
+    await Store(env.settings).migrate()  # as the owner; the worker's role only writes
+    role, password = f"ingest_st_{env.schema}", "st-secret"
+    conn = await connect(env)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        await conn.execute(f"GRANT USAGE ON SCHEMA {env.schema} TO {role}")
+        dml = "SELECT, INSERT, UPDATE, DELETE"
+        await conn.execute(f"GRANT {dml} ON ALL TABLES IN SCHEMA {env.schema} TO {role}")
+        # Far longer than one document's write, far shorter than a few hundred chunks' (HNSW inserts).
+        await conn.execute(f"ALTER ROLE {role} SET statement_timeout = '150ms'")
+        # About 30 chunks a document: one document's write takes a few tens of milliseconds, a
+        # batch of ten or more is over the timeout however often it is retried as it is.
+        events: list[Event] = [
+            (f"st-{i}", {"id": f"st-{i}", "text": f"statement timeout {i}. " * 250}) for i in range(60)
+        ]
+        ends = await produce(env, events)
+        limited = env.with_(DATABASE_URL=as_role(env.stack.database_url, role, password))
+        with capture_logs() as logs:
+            await run_worker(limited, within=150)
+        await assert_stored_state(env, expected_state(events))
+        assert await committed_offsets(env, list(ends)) == ends
+        timed_out = [e for e in logs if e["event"] == "write_timed_out"]
+        assert timed_out, "no write was over the timeout: the test tested nothing"
+        assert max(e["documents"] for e in timed_out) > 1
+        assert not [e for e in logs if e["event"] == "record_dead_lettered"]
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()
