@@ -39,6 +39,23 @@ class Embedder(Protocol):
         ...
 
 
+KNOWN_GOOD_INPUT = "health check"
+
+
+async def probe(embedder: Embedder) -> None:
+    """Embed an input any model takes. An API that refuses even it refuses every record (a setting
+    it does not accept, such as `dimensions` for a model without it): that is an outage to wait
+    out and report, not a reason to dead-letter records."""
+    try:
+        await embedder.embed([KNOWN_GOOD_INPUT])
+    except InputRejected as exc:
+        raise EmbeddingUnavailable(
+            f"the embedding API refuses every input, {KNOWN_GOOD_INPUT!r} too ({exc}); "
+            "check EMBEDDING_MODEL, EMBEDDING_DIMENSIONS and EMBEDDING_SEND_DIMENSIONS",
+            status=400,
+        ) from exc
+
+
 class OpenAIEmbedder:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -91,6 +91,11 @@ class DatabaseUnavailable(DependencyError):
     dependency = "database"
 
 
+class DatabaseRefused(DatabaseUnavailable):
+    """PostgreSQL refuses every write, whatever its data: a privilege revoked, a table or schema
+    missing. Configuration, not a record's fault: waited out (and reported) like an outage."""
+
+
 class BrokerUnavailable(DependencyError):
     dependency = "broker"
 

@@ -29,6 +29,7 @@ from worker.decode import decode_event
 from worker.dependency import Dependency
 from worker.dlq import DeadLetter, DeadLetterSink
 from worker.embed import Embedder, EmbeddingBatcher, Vector
+from worker.embed import probe as probe_embedding
 from worker.errors import (
     AttemptsExhausted,
     ChunkError,
@@ -330,19 +331,36 @@ class Pipeline:
             raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
         return chunks
 
-    async def _embed_isolating(self, texts: list[str]) -> list[Vector | RecordError]:
+    async def _embed_isolating(
+        self, texts: list[str], *, checked: bool = False
+    ) -> list[Vector | RecordError]:
         """Embed; when the API refuses the request (or it fails every attempt while the API is up),
-        split it to find the inputs at fault. The rest of the request is embedded as usual."""
+        split it to find the inputs at fault. The rest of the request is embedded as usual.
+
+        A refusal is first checked against an input any model takes (once per request, not at each
+        split): an API that refuses that too refuses every record, and is waited out as an outage.
+        """
         attempts = self._settings.embedding_max_attempts
         deadline = self._settings.embedding_retry_deadline_seconds
-        call = self._deps.embedding.call
+
+        async def attempt() -> list[Vector]:
+            try:
+                return await self._embedder.embed(texts)
+            except InputRejected:
+                if not checked:
+                    await probe_embedding(self._embedder)  # EmbeddingUnavailable if it refuses all
+                raise
+
         try:
-            return list(await call(lambda: self._embedder.embed(texts), attempts=attempts, deadline=deadline))
+            return list(await self._deps.embedding.call(attempt, attempts=attempts, deadline=deadline))
         except (InputRejected, AttemptsExhausted) as exc:
             if len(texts) == 1:
                 return [exc]
             half = len(texts) // 2
-            return [*await self._embed_isolating(texts[:half]), *await self._embed_isolating(texts[half:])]
+            return [
+                *await self._embed_isolating(texts[:half], checked=True),
+                *await self._embed_isolating(texts[half:], checked=True),
+            ]
 
     def _finish(self, job: Job, *, outcome: str | None) -> None:
         """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);

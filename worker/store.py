@@ -19,7 +19,14 @@ from pgvector.asyncpg import register_vector
 
 from worker.chunk import Chunk
 from worker.embed import Vector
-from worker.errors import ConfigError, DatabaseUnavailable, StaleRead, StoreRejected, WriteTimedOut
+from worker.errors import (
+    ConfigError,
+    DatabaseRefused,
+    DatabaseUnavailable,
+    StaleRead,
+    StoreRejected,
+    WriteTimedOut,
+)
 from worker.plan import Change, DocState
 from worker.settings import Settings
 
@@ -97,6 +104,24 @@ SELECT coalesce((SELECT model FROM {schema}.chunks LIMIT 1), $1)
 ON CONFLICT (singleton) DO NOTHING
 """
 STORED_MODEL_SQL: Final = "SELECT embedding_model FROM {schema}.index_settings"
+# What a write needs, as a list of what is missing ('' when nothing is): what the database
+# dependency's probe checks, so a revoked grant keeps the breaker open instead of flapping.
+# (has_table_privilege with several privileges is true when any one is held: one call each.)
+_WRITE_NEEDS: Final = (
+    ("$1", "documents", ("SELECT", "INSERT", "UPDATE")),
+    ("$2", "chunks", ("SELECT", "INSERT", "UPDATE", "DELETE")),
+)
+WRITE_PRIVILEGES_SQL: Final = "SELECT concat_ws(', ', {})".format(
+    ", ".join(
+        [f"CASE WHEN to_regclass({p}) IS NULL THEN 'the {t} table' END" for p, t, _ in _WRITE_NEEDS]
+        + [
+            f"CASE WHEN NOT has_table_privilege(to_regclass({p}), '{priv}') THEN '{priv} on {t}' END"
+            for p, t, privileges in _WRITE_NEEDS
+            for priv in privileges
+        ]
+        + ["CASE WHEN NOT has_database_privilege(current_database(), 'TEMPORARY') THEN 'TEMPORARY' END"]
+    )
+)
 EXISTS_SQL: Final = {
     "extension": "SELECT 1 FROM pg_extension WHERE extname = $1",
     "schema": "SELECT to_regnamespace($1)",
@@ -228,6 +253,10 @@ class Hit:
 
 class DocumentStore(Protocol):
     """What the Worker needs of the database (a fake implements it in unit tests)."""
+
+    async def probe(self) -> None:
+        """Raise DatabaseUnavailable unless the database answers and lets this role write."""
+        ...
 
     async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]: ...
     async def write(self, writes: Sequence[DocumentWrite]) -> set[str]: ...
@@ -414,6 +443,8 @@ class Store:
         except _OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database write failed: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
+            if _refuses_every_write(exc):
+                raise DatabaseRefused(f"database refuses writes: {_describe(exc)}") from exc
             raise StoreRejected(f"database refused the batch: {_describe(exc)}") from exc
         return moved
 
@@ -468,6 +499,14 @@ class Store:
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
 
+    async def probe(self) -> None:
+        """The database answers and this role may still write both tables (and stage its COPY)."""
+        missing = await self._fetchval(
+            WRITE_PRIVILEGES_SQL, f"{self._schema}.documents", f"{self._schema}.chunks"
+        )
+        if missing:
+            raise DatabaseRefused(f"this role may not write: it lacks {missing}")
+
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         rows = await self._fetch(sql, *args)
         return rows[0][0] if rows else None
@@ -500,6 +539,12 @@ def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+def _refuses_every_write(exc: asyncpg.PostgresError) -> bool:
+    """SQLSTATE classes that no document's data causes: access rules and missing objects (42),
+    invalid schema (3F) or authorization (28), unsupported features (0A)."""
+    return str(getattr(exc, "sqlstate", "") or "")[:2] in {"42", "3F", "28", "0A"}
 
 
 def _quote(identifier: str) -> str:

@@ -19,6 +19,7 @@ from worker.consume import Record, RecordSource
 from worker.dependency import Dependency
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
+from worker.embed import probe as probe_embedding
 from worker.pipeline import Dependencies, Pipeline
 from worker.settings import Settings
 from worker.store import DocumentStore
@@ -48,13 +49,13 @@ class Worker:
         self.dependencies = Dependencies(
             embedding=Dependency(
                 "embedding",
-                probe=lambda: embedder.embed(["health check"]),
+                probe=lambda: probe_embedding(embedder),
                 stop=self._stop,
                 threshold=threshold,
             ),
             database=Dependency(
                 "database",
-                probe=lambda: store.read_states(["health-check"]),
+                probe=store.probe,
                 stop=self._stop,
                 threshold=threshold,
             ),

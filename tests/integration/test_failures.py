@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 
 from tests.integration.conftest import (
     CHUNK_OVERLAP,
@@ -32,6 +33,7 @@ from tests.integration.conftest import (
 from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
 from worker.app import serve
 from worker.chunk import chunk_text
+from worker.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -299,3 +301,75 @@ async def test_no_secret_reaches_logs_or_dead_letters(env: Env, faults: Any, tmp
     for secret in (api_key, password):
         assert secret not in result.stdout and secret not in result.stderr
         assert secret not in headers
+
+
+async def wait_until_down(dependency: str, run: asyncio.Task[None], within: float = 60) -> None:
+    """Until the worker's circuit breaker for ``dependency`` is open (its /metrics say so)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while REGISTRY.get_sample_value("ingest_dependency_up", {"dependency": dependency}) != 0:
+        assert not run.done(), "the worker finished while it should have been waiting"
+        assert loop.time() < deadline, f"{dependency} was never taken for down"
+        await asyncio.sleep(0.2)
+
+
+def dead_lettered(env: Env) -> float:
+    return (
+        REGISTRY.get_sample_value("ingest_records_total", {"topic": env.topic, "outcome": "dead_lettered"})
+        or 0
+    )
+
+
+async def test_a_role_that_may_not_write_pauses_the_worker_instead_of_dead_lettering(env: Env) -> None:
+    await Store(env.settings).migrate()
+    role, password = f"ingest_ro_{env.schema}", "ro-secret"
+    conn = await connect(env)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        await conn.execute(f"GRANT USAGE ON SCHEMA {env.schema} TO {role}")
+        await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {env.schema} TO {role}")  # no writes
+        events = good_events("ro", 20)
+        ends = await produce(env, events)
+        url = env.stack.database_url.replace("postgres:@", f"{role}:{password}@", 1)
+        assert url != env.stack.database_url, "the test expects the embedded server's URL form"
+        run = asyncio.create_task(run_worker(env.with_(DATABASE_URL=url), within=180))
+        try:
+            # Every write is refused: that is the database refusing this role, not 20 bad records.
+            await wait_until_down("database", run)
+            assert dead_lettered(env) == 0
+            await conn.execute(f"GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {env.schema} TO {role}")
+            await run  # the grant is all it takes: the worker resumes on its own
+        finally:
+            if not run.done():
+                run.cancel()
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()
+    await assert_stored_state(env, expected_state(events))
+    assert await committed_offsets(env, list(ends)) == ends
+    assert dead_lettered(env) == 0
+
+
+async def test_an_embedding_api_refusing_every_request_pauses_instead_of_dead_lettering(
+    env: Env, faults: Any
+) -> None:
+    faults(refuse_dimensions=True)  # a model without `dimensions` answers 400 to every request
+    events = good_events("rd", 30)
+    ends = await produce(env, events)
+    before = embedding_stats(env)["requests"]
+    run = asyncio.create_task(run_worker(env, within=180))
+    try:
+        await wait_until_down("embedding", run)
+        assert dead_lettered(env) == 0
+        paused_after = embedding_stats(env)["requests"] - before
+        await asyncio.sleep(3)  # while it is down, only the breaker's probe asks, with backoff
+        assert embedding_stats(env)["requests"] - before - paused_after <= 5
+        faults(refuse_dimensions=False)  # e.g. the model was changed, or EMBEDDING_SEND_DIMENSIONS=false
+        await run
+    finally:
+        if not run.done():
+            run.cancel()
+    await assert_stored_state(env, expected_state(events))
+    assert await committed_offsets(env, list(ends)) == ends
+    assert dead_lettered(env) == 0

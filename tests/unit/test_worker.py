@@ -287,6 +287,9 @@ class FakeStore:
             self.journal.append(("db_failed", call))
             raise DatabaseUnavailable(f"database {call} failed: connection refused")
 
+    async def probe(self) -> None:
+        await self.read_states(["health-check"])
+
     async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]:
         self._outage("read_states")
         self.reads.append(list(doc_ids))

@@ -210,6 +210,7 @@ class Faults:
     reject_marker: str | None = None
     slow_marker: str | None = None  # requests holding an input with it are delayed by slow_ms
     echo_key: bool = False  # error messages repeat the bearer token, as some providers do
+    refuse_dimensions: bool = False  # 400 for every request that sends `dimensions` (ada-002 does)
     shuffle: bool = False
     seed: int = 0
 
@@ -230,7 +231,7 @@ class Faults:
 
 
 def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> object:
-    if key in {"outage", "shuffle", "echo_key"}:
+    if key in {"outage", "shuffle", "echo_key", "refuse_dimensions"}:
         if not isinstance(value, bool):
             raise FaultError(f"fault {key!r} must be true or false")
         return value
@@ -435,6 +436,8 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         return exc.response
     if faults.slow_marker is not None and any(faults.slow_marker in text for text in parsed.texts):
         await asyncio.sleep(faults.slow_ms / 1000)
+    if faults.refuse_dimensions and parsed.dimensions is not None:
+        return _invalid("This model does not support specifying dimensions.", "dimensions")
     marker = faults.reject_marker
     if marker is not None:
         for index, text in enumerate(parsed.texts):
