@@ -39,7 +39,7 @@ from worker.errors import (
     StoreRejected,
     WriteTimedOut,
 )
-from worker.inflight import InFlight, Job
+from worker.inflight import InFlight, Job, Purchase, Purchases, vectors_of
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
 from worker.retry import ShuttingDown, backoff, sleep_unless
@@ -73,6 +73,7 @@ class Prepared:
     record: Record  # the record of the winning event
     chunks: list[Chunk]
     vectors: list[Vector] = field(default_factory=list)
+    held: dict[bytes, Purchase] = field(default_factory=dict)  # purchases it waits for, by digest
 
 
 @dataclass(eq=False)
@@ -114,6 +115,8 @@ class Pipeline:
             linger=settings.embedding_linger_ms / 1000,
             max_outstanding=settings.embedding_concurrency,
         )
+        self.purchases = Purchases(self._batcher.submit)
+        self._carried: dict[Job, list[Purchase]] = {}  # a re-planned job's, until it is prepared again
         self._drained = asyncio.Event()
         self._drained.set()
         self._waits: set[asyncio.Task[None]] = set()
@@ -161,6 +164,8 @@ class Pipeline:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.purchases.clear()  # their futures are done: answered, or cancelled by the batcher
+        self._carried.clear()
 
     # -- stages --------------------------------------------------------------------------------
 
@@ -203,45 +208,55 @@ class Pipeline:
                 continue
             prepared.append(Prepared(job, change, record, chunks))
 
-        # Embeddings already paid for (same content, same model) are reused, not bought again.
-        hashes = {c.digest for p in prepared for c in p.chunks}
+        # Embeddings already paid for (same content, same model) are reused, not bought again:
+        # those being bought for other documents, then those stored. Purchases are held before the
+        # lookup, so none can pass from in flight to stored between the two unseen.
+        for p in prepared:
+            for chunk in p.chunks:
+                if chunk.digest not in p.held and (purchase := self.purchases.join(chunk.digest)):
+                    p.held[chunk.digest] = purchase
+        hashes = {c.digest for p in prepared for c in p.chunks if c.digest not in p.held}
         known = (
             await self._deps.database.call(lambda: self._store.known_embeddings(sorted(hashes)))
             if hashes
             else {}
         )
-        submitted: dict[bytes, asyncio.Future[Vector]] = {}
-        reused = 0
+        bought = 0
         for p in prepared:
             futures: list[asyncio.Future[Vector]] = []
             for chunk in p.chunks:
                 digest = chunk.digest
-                if digest in known:
+                purchase = p.held.get(digest)
+                if purchase is None and digest in known:
                     futures.append(_resolved(known[digest]))
-                    reused += 1
-                elif digest in submitted:
-                    futures.append(submitted[digest])
-                    reused += 1
-                else:
-                    submitted[digest] = future = self._batcher.submit(chunk.content, p.change.event.tenant)
-                    futures.append(future)
+                    continue
+                if purchase is None:
+                    purchase = self.purchases.join(digest)  # bought for a document before this one
+                if purchase is None:
+                    purchase = self.purchases.buy(digest, chunk.content, p.change.event.tenant)
+                    bought += 1
+                p.held[digest] = purchase
+                futures.append(purchase.vector)
             task = asyncio.create_task(self._await_vectors(p, futures), name="await-vectors")
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
-        metrics.EMBEDDINGS_REUSED.inc(reused)
+        metrics.EMBEDDINGS_REUSED.inc(sum(len(p.chunks) for p in prepared) - bought)
+        for job in jobs:  # prepared again: what it held before is held anew, or not needed
+            self.purchases.release(self._carried.pop(job, ()), stored=False)
 
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
-            p.vectors = list(await asyncio.gather(*futures)) if futures else []
+            p.vectors = await vectors_of(futures)
         except RecordError as exc:  # rejected, or failed every attempt while the API was up
             self._dead.put_nowait(Dead(_letter(p.record, exc), p.job, p.record))
-            return
         except ShuttingDown:
-            return
+            pass
         except Exception as exc:  # noqa: BLE001 - e.g. vectors of the wrong dimension: misconfiguration
             self._fail("embed", exc)
+        else:
+            self._embedded.put_nowait(p)
             return
-        self._embedded.put_nowait(p)
+        self.purchases.release(p.held.values(), stored=False)
 
     async def _write(self, batch: list[Prepared]) -> None:
         writes = [
@@ -260,6 +275,7 @@ class Pipeline:
             return
         except StoreRejected as exc:
             if len(batch) == 1:
+                self.purchases.release(batch[0].held.values(), stored=False)
                 self._dead.put_nowait(Dead(_letter(batch[0].record, exc), batch[0].job, batch[0].record))
                 return
             half = len(batch) // 2  # isolate the document PostgreSQL refuses
@@ -268,8 +284,10 @@ class Pipeline:
             return
         for p in batch:
             if p.job.doc_id in moved:
+                self._carried[p.job] = list(p.held.values())  # its vectors stay for the next plan
                 self._ready.put_nowait(p.job)  # changed under us since planning: plan again
                 continue
+            self.purchases.release(p.held.values(), stored=True)  # the store has them from now on
             metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
             metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
             self._finish(p.job, outcome="stored")

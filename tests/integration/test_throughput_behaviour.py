@@ -6,11 +6,15 @@ Speed itself is judged by `make bench`; these tests check behaviour only.
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import (
+    CHUNK_OVERLAP,
+    CHUNK_SIZE,
     Env,
     Event,
     _admin,
@@ -22,6 +26,8 @@ from tests.integration.conftest import (
     run_worker,
 )
 from worker.app import serve
+from worker.chunk import chunk_text
+from worker.dev.embedserver import text_hash
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +39,12 @@ TEXT = (
 
 def stats(env: Env) -> dict[str, Any]:
     return _admin(env.stack.embeddings.url, "GET", "/admin/stats", None)  # type: ignore[no-any-return]
+
+
+def inputs_by_text(env: Env) -> Counter[str]:
+    """Inputs the embedding server has answered, by text hash, since it started."""
+    found = _admin(env.stack.embeddings.url, "GET", "/admin/stats?texts=1", None)["inputs_by_text_hash"]
+    return Counter(found)
 
 
 async def test_redelivered_and_lightly_edited_documents_cost_only_changed_chunks(env: Env) -> None:
@@ -60,6 +72,52 @@ async def test_redelivered_and_lightly_edited_documents_cost_only_changed_chunks
     await run_worker(again)
     assert 1 <= stats(env)["inputs"] - mark <= 2, "an edit of the last chunk re-embedded more than it changed"
     await assert_stored_state(env, expected_state(events + edited))
+
+
+def notices(count: int, tag: str) -> list[str]:
+    """Notices that each quote a run of clauses from one shared pool, between an opening and a
+    signature of their own: neighbouring notices share most of their chunks. ``tag`` keeps the
+    texts apart from other tests' (the embedding server counts inputs for the whole session)."""
+    words = ["ledger", "quorum", "replica", "offset", "partition", "broker", "vector", "index", "shard"]
+    clauses = [
+        f"Clause {k} of {tag}: "
+        + " ".join(words[(k * 7 + j * 5) % len(words)] for j in range(16))
+        + f". It applies to every account in region {k % 5}."
+        for k in range(24)
+    ]
+    return [
+        "\n\n".join(
+            [
+                f"Notice {i} of {tag} for customer {i * 37 % 1000}.",
+                *(clauses[(i + j) % len(clauses)] for j in range(6)),
+                f"Signed: clerk {i}.",
+            ]
+        )
+        for i in range(count)
+    ]
+
+
+async def test_identical_chunks_in_flight_at_once_are_bought_once(env: Env, faults: Any) -> None:
+    """Issue 8, item 7: a chunk being embedded for one document is not bought again for another
+    document (of a later prepare batch, of another partition) before the first one is stored."""
+    texts = notices(90, uuid.uuid4().hex[:10])
+    chunks = [c.content for t in texts for c in chunk_text(t, size=CHUNK_SIZE, overlap=CHUNK_OVERLAP)]
+    distinct = set(chunks)
+    assert len(chunks) >= 2 * len(distinct), "the corpus shares too few chunks to test anything"
+    events: list[Event] = [(f"notice-{i}", {"id": f"notice-{i}", "text": t}) for i, t in enumerate(texts)]
+    await produce(env, events)
+    # Slow answers and small fetches: many prepare batches run while the first requests are out,
+    # so the same clauses are wanted by several documents at once.
+    faults(latency_ms=150)
+    before, by_text_before = stats(env)["inputs"], inputs_by_text(env)
+    await run_worker(env.with_(KAFKA_MAX_POLL_RECORDS="5"))
+    bought = stats(env)["inputs"] - before
+    again = inputs_by_text(env) - by_text_before
+    twice = sum(1 for c in distinct if again[text_hash(c)] > 1)
+    assert (bought, twice) == (len(distinct), 0), (
+        f"{bought} inputs for {len(distinct)} distinct chunks; {twice} bought more than once"
+    )
+    await assert_stored_state(env, expected_state(events))
 
 
 async def test_a_small_window_pauses_fetching_and_still_ends_exact(env: Env, faults: Any) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,9 @@ from aiokafka import TopicPartition
 
 from worker.chunk import chunk_text
 from worker.consume import PartitionsCallback, Record
+from worker.dependency import Dependency
 from worker.dlq import DeadLetter
-from worker.embed import Vector
+from worker.embed import KNOWN_GOOD_INPUT, Vector
 from worker.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -28,7 +30,9 @@ from worker.errors import (
     InputRejected,
     StaleRead,
 )
+from worker.pipeline import Dependencies, Pipeline
 from worker.plan import DocState
+from worker.retry import ShuttingDown
 from worker.settings import Settings
 from worker.store import DocumentWrite, sha256
 from worker.worker import Worker
@@ -275,6 +279,7 @@ class FakeStore:
     failures: int = 0  # calls (of any kind) that fail with DatabaseUnavailable first: an outage
     crash_on: str | None = None  # "read_states" or "write": a bug when the call involves doc "boom"
     write_delay: float = 0.0
+    write_gate: asyncio.Event | None = None  # writes wait for it (as ``writing``) while it is unset
     reads: list[list[str]] = field(default_factory=list)
     lookups: list[list[bytes]] = field(default_factory=list)
     writes: int = 0
@@ -328,6 +333,8 @@ class FakeStore:
         try:
             if self.write_delay:
                 await asyncio.sleep(self.write_delay)
+            if self.write_gate is not None:
+                await self.write_gate.wait()
         finally:
             self.writing -= set(ids)
         if self.interfere is not None:
@@ -380,8 +387,9 @@ class FakeEmbedder:
     """Deterministic vectors per text; rejects any request containing MARKER; can be down, slow,
     hung, or hold the requests carrying certain texts until an event is set.
 
-    Records every request, and, for texts made by ``versioned``, any moment two different texts
-    of one document were being embedded at once (``overlaps``).
+    Records every request (``calls``), every answered one (``answered``), and, for texts made by
+    ``versioned``, any moment two different texts of one document were being embedded at once
+    (``overlaps``).
     """
 
     def __init__(
@@ -399,6 +407,7 @@ class FakeEmbedder:
         self.error = error
         self.hold: dict[str, asyncio.Event] = {}
         self.calls: list[list[str]] = []
+        self.answered: list[list[str]] = []
         self.on_call: Callable[[], None] | None = None
         self.entered = asyncio.Event()
         self.active: list[str] = []
@@ -435,10 +444,15 @@ class FakeEmbedder:
             raise self.error
         if any(MARKER in t for t in texts):
             raise InputRejected(f"embedding API answered 400 for {len(texts)} input(s): bad input")
+        self.answered.append(list(texts))
         return [vector_for(t) for t in texts]
 
     def inputs(self) -> Counter[str]:
         return Counter(t for call in self.calls for t in call)
+
+    def bought(self) -> Counter[str]:
+        """Inputs answered with a vector: what was paid for."""
+        return Counter(t for call in self.answered for t in call)
 
     def embedded(self) -> set[str]:
         return set(self.inputs())
@@ -531,6 +545,38 @@ def rig(
     r = Rig(source, store, embedder, dead, worker, journal)
     source.probe = r.in_flight
     return r
+
+
+@contextlib.asynccontextmanager
+async def pipeline_of(
+    store: FakeStore, embedder: FakeEmbedder, dead: FakeDeadLetters, *, stop: asyncio.Event
+) -> AsyncIterator[Pipeline]:
+    """A Pipeline alone, with dependencies built as the Worker builds them; closed at the end."""
+    settings = make_settings(EMBEDDING_MAX_ATTEMPTS="2")
+    threshold = settings.embedding_max_attempts
+    dependencies = Dependencies(
+        embedding=Dependency(
+            "embedding", probe=lambda: embedder.embed(["health check"]), stop=stop, threshold=threshold
+        ),
+        database=Dependency(
+            "database", probe=lambda: store.read_states(["health-check"]), stop=stop, threshold=threshold
+        ),
+        dead_letters=Dependency("dead_letters", probe=dead.ping, stop=stop, threshold=threshold),
+    )
+    pipeline = Pipeline(
+        store=store,
+        embedder=embedder,
+        dead_letters=dead,
+        settings=settings,
+        stop=stop,
+        dependencies=dependencies,
+    )
+    try:
+        yield pipeline
+    finally:
+        await pipeline.close()
+        for dependency in dependencies.all():
+            await dependency.close()
 
 
 async def run_or_stop(r: Rig, limit: float) -> None:
@@ -862,6 +908,9 @@ async def test_stale_read_replans_the_whole_batch() -> None:
         assert sum(doc_id in ids for ids in r.store.reads) == 2, f"{doc_id} was planned again"
     assert r.store.documents == {"a": DocState(2, False), "b": DocState(1, False)}
     assert r.store.chunks == {"a": expected_chunks(TEXT_A2), "b": expected_chunks(TEXT_B)}
+    assert r.embedder.inputs() == Counter(chunk_contents(TEXT_A2) + chunk_contents(TEXT_B)), (
+        "planning again kept the vectors: none was bought twice"
+    )
     assert len(r.source.delivered) == 2
     assert r.dead.letters == []
     r.assert_all_committed()
@@ -1028,6 +1077,153 @@ async def test_embeddings_of_another_model_are_not_reused() -> None:
     await r.run()
     assert r.embedder.inputs() == Counter(chunk_contents(TEXT_A2))
     r.assert_all_committed()
+
+
+# Issue 8, item 7: one purchase per content while it is in flight. ``x`` is requested first (its
+# request held on "Alpha"); documents sharing its chunks come in later fetches, from the other
+# partition, so they are planned in prepare batches of their own.
+TEXT_X = TEXT_A2
+TEXT_Y = TEXT_A2 + " Yankee adds a sentence of its own."
+TEXT_Z = TEXT_A2 + " Zulu ends it in yet another way."
+
+
+def sent(embedder: FakeEmbedder, word: str) -> bool:
+    return any(word in text for text in embedder.inputs())
+
+
+async def test_a_chunk_being_embedded_or_embedded_and_not_yet_stored_is_not_bought_again() -> None:
+    answer_x, write = asyncio.Event(), asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Alpha"] = answer_x
+    store = FakeStore(write_gate=write)
+    r = rig(
+        log_of({0: [upsert("x", TEXT_X, 1)], 1: [upsert("y", TEXT_Y, 1), upsert("z", TEXT_Z, 1)]}),
+        store=store,
+        embedder=embedder,
+    )
+    # y comes once x's request is out; z once x's vectors are there and x is being written.
+    r.source.ready = lambda rec: (
+        rec.partition == 0 or (embedder.entered.is_set() and (rec.key == b"y" or "x" in store.writing))
+    )
+    running = asyncio.create_task(r.run())
+    await until(lambda: sent(embedder, "Yankee"))  # y is planned: it shares x's chunks or buys them
+    answer_x.set()
+    await until(lambda: sent(embedder, "Zulu"))
+    write.set()
+    await running
+    assert set(chunk_contents(TEXT_X)) <= set(chunk_contents(TEXT_Y)) & set(chunk_contents(TEXT_Z))
+    wanted = {*chunk_contents(TEXT_X), *chunk_contents(TEXT_Y), *chunk_contents(TEXT_Z)}
+    assert r.embedder.inputs() == Counter(wanted), "a chunk was bought twice"
+    assert r.store.chunks == {d: expected_chunks(t) for d, t in [("x", TEXT_X), ("y", TEXT_Y), ("z", TEXT_Z)]}
+    r.assert_all_committed()
+
+
+async def test_documents_sharing_a_rejected_chunk_each_get_its_rejection_and_the_rest_is_bought_once() -> (
+    None
+):
+    poisoned_x = f"Alpha two is the current text. Papa says {MARKER} to all. Xray ends it."
+    poisoned_y = f"Alpha two is the current text. Papa says {MARKER} to all. Yankee differs."
+    clean_z = "Alpha two is the current text. Zulu is fine."
+    [poison] = [c for c in chunk_contents(poisoned_x) if MARKER in c]
+    assert poison in chunk_contents(poisoned_y)
+    answer_x = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Xray"] = answer_x
+    r = rig(
+        log_of({0: [upsert("x", poisoned_x, 1)], 1: [upsert("y", poisoned_y, 1), upsert("z", clean_z, 1)]}),
+        embedder=embedder,
+    )
+    r.source.ready = lambda rec: rec.partition == 0 or embedder.entered.is_set()
+    running = asyncio.create_task(r.run())
+    await until(lambda: sent(embedder, "Yankee") and sent(embedder, "Zulu"))
+    answer_x.set()
+    await running
+    assert sorted((d.key, d.error.stage, type(d.error).__name__) for d in r.dead.letters) == [
+        (b"x", "embed", "InputRejected"),
+        (b"y", "embed", "InputRejected"),
+    ]
+    assert r.store.chunks == {"z": expected_chunks(clean_z)}, "z shared x's good chunk and was stored"
+    # Besides the documents' chunks: the one known-good input that told "this input" from "every input".
+    assert r.embedder.bought() == Counter(
+        {*chunk_contents(poisoned_x), *chunk_contents(poisoned_y), *chunk_contents(clean_z), KNOWN_GOOD_INPUT}
+        - {poison}
+    )
+    assert r.embedder.calls.count([poison]) == 1, "the rejected chunk was isolated once, for x and y"
+    r.assert_all_committed()
+
+
+async def test_a_document_waiting_through_an_outage_for_a_shared_chunk_is_not_dead_lettered() -> None:
+    answer_x = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Alpha"] = answer_x
+    r = rig(
+        log_of({0: [upsert("x", TEXT_X, 1)], 1: [upsert("y", TEXT_Y, 1)]}),
+        embedder=embedder,
+        settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
+    )
+    r.source.ready = lambda rec: rec.partition == 0 or embedder.entered.is_set()
+    running = asyncio.create_task(r.run())
+    await until(lambda: sent(embedder, "Yankee"))
+    embedder.failures = 3  # x's request fails both its attempts and the probe: the breaker opens
+    answer_x.set()
+    await running
+    assert embedder.failures == 0 and ("embed_failed", len(chunk_contents(TEXT_X))) in r.journal
+    assert r.dead.letters == []
+    bought = r.embedder.bought()
+    del bought["health check"]  # the probe that found the API up again
+    assert bought == Counter({*chunk_contents(TEXT_X), *chunk_contents(TEXT_Y)})
+    assert r.store.chunks == {"x": expected_chunks(TEXT_X), "y": expected_chunks(TEXT_Y)}
+    r.assert_all_committed()
+
+
+@pytest.mark.parametrize("cause", ["hung", "outage"])
+async def test_closing_the_pipeline_while_documents_wait_for_a_shared_chunk_leaves_nothing_pending(
+    cause: str,
+) -> None:
+    stop = asyncio.Event()
+    store, dead = FakeStore(), FakeDeadLetters()
+    embedder = FakeEmbedder(failures=10**6 if cause == "outage" else 0)
+    embedder.hold["Alpha"] = asyncio.Event()  # never set: x's request never answers
+    if cause == "outage":
+        embedder.hold.clear()  # it fails instead, again and again: the breaker opens, requests wait
+    x, y = log_of({0: [upsert("x", TEXT_X, 1)], 1: [upsert("y", TEXT_Y, 1)]})
+    async with pipeline_of(store, embedder, dead, stop=stop) as pipeline:
+        pipeline.admit(x)
+        await until(lambda: bool(embedder.calls))
+        pipeline.admit(y)
+        await until(lambda: any(p.holders == 2 for p in pipeline.purchases))
+        held = list(pipeline.purchases)
+        stop.set()  # as the Worker does: stop, drain for the grace period, close
+        if cause == "outage":  # every wait for the API races the stop: the requests end at once
+            await until(lambda: all(p.vector.done() for p in held))
+            assert all(isinstance(p.vector.exception(), ShuttingDown) for p in held)
+        assert not await pipeline.drain(within=0.1)
+        await asyncio.wait_for(pipeline.close(), 1)
+        assert all(p.vector.done() for p in held), "a future left pending"
+        assert len(pipeline.purchases) == 0
+    assert dead.letters == [], "a document waiting for a request that never answered is not its fault"
+    assert store.documents == {}
+
+
+async def test_every_purchase_leaves_once_its_documents_are_stored_or_dead_lettered() -> None:
+    stop = asyncio.Event()
+    store, dead, embedder = FakeStore(stale_once=True), FakeDeadLetters(), FakeEmbedder()
+    poisoned = f"Alpha two is the current text. Papa says {MARKER} to all. Xray ends it."
+    records = log_of(
+        {
+            0: [upsert("x", TEXT_X, 1), upsert("p", poisoned, 1)],
+            1: [upsert("y", TEXT_Y, 1), upsert("q", poisoned, 1)],
+        }
+    )
+    async with pipeline_of(store, embedder, dead, stop=stop) as pipeline:
+        for record in records:
+            pipeline.admit(record)
+        assert await pipeline.drain(within=2)
+        assert len(pipeline.purchases) == 0
+    assert sorted(d.key for d in dead.letters) == [b"p", b"q"]
+    assert set(store.documents) == {"x", "y"}
+    assert any(kind == "stale" for kind, _ in store.journal), "a write was planned again"
+    assert all(n == 1 for n in embedder.bought().values()), "re-planning bought a vector again"
 
 
 # -- bugs stop the worker ----------------------------------------------------------------------
