@@ -1,5 +1,5 @@
 """Dead letters too large for the dead-letter topic (issue 8): sent without their value, never
-taken for an outage.
+taken for an outage, and passed over by replay.
 
 The dead-letter topic is created beforehand with a small ``max.message.bytes``, as a real
 cluster's default (about 1 MB) is small next to a large document. The source topic takes
@@ -8,11 +8,12 @@ records of 2 MB, so that one letter is also over the producer's own ``max_reques
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.integration.conftest import (
@@ -27,6 +28,7 @@ from tests.integration.conftest import (
     run_worker,
 )
 from tests.integration.services import Services
+from tests.integration.test_failures import cli
 from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
 
 pytestmark = pytest.mark.integration
@@ -139,3 +141,38 @@ async def test_dead_letters_too_large_for_their_topic_go_without_their_value_and
             assert message.key == key, f"{name}: the key is kept"
             assert h["origin"] == "test-suite", f"{name}: the original headers are kept"
             assert "dlq.key.omitted" not in h
+
+
+async def test_replay_passes_over_a_letter_without_its_value_and_moves_the_rest(
+    big_env: Env, faults: Any
+) -> None:
+    env = big_env
+    faults(reject_marker="FIXED-LATER")
+    good = good_events(4)
+    rejected: Event = ("fixed", {"id": "fixed", "text": "FIXED-LATER: refused by the embedding API for now."})
+    garbage: Raw = (b"big-garbage", b"<" * 60_000, [])
+    ends, sent = await publish(env, [*[(k, v, []) for k, v in encode([*good, rejected])], garbage])
+    await run_worker(env)
+    assert len(await read_dead_letters(env, expected=2)) == 2
+
+    faults(reject_marker=None)  # the embedding API's cause is fixed
+    replayed = await asyncio.to_thread(cli, env, "replay")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "moved 1," in replayed.stdout
+    assert "passed over 1 dead letter whose value was left out" in replayed.stdout
+    original = f"the original is {env.topic}/{sent[-1].partition}/{sent[-1].offset}"
+    assert any(original in line for line in replayed.stdout.splitlines()), replayed.stdout
+
+    after = await end_offsets(env, [TopicPartition(env.topic, p) for p in range(PARTITIONS)])
+    assert sum(after.values()) == sum(ends.values()) + 1, "only the letter with its value went back"
+    await run_worker(env)
+    await assert_stored_state(env, expected_state([*good, rejected]))
+
+
+async def end_offsets(env: Env, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
