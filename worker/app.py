@@ -132,12 +132,13 @@ async def serve(
     """
     store = Store(settings)
     producer = make_producer(settings)
+    dead_letters = KafkaDeadLetterSink(producer, settings)  # owns the producer from here on
     async with OpenAIEmbedder(settings) as embedder:
         worker = Worker(
             source=KafkaSource(settings),
             store=store,
             embedder=embedder,
-            dead_letters=KafkaDeadLetterSink(producer, settings),
+            dead_letters=dead_letters,
             settings=settings,
             stop_when_idle=stop_when_idle,
         )
@@ -173,7 +174,7 @@ async def serve(
                 task.cancel()
             await asyncio.gather(*side, return_exceptions=True)
             await health.stop()
-            await producer.stop()
+            await dead_letters.stop()
             await store.close()
 
 

@@ -100,6 +100,14 @@ class BrokerUnavailable(DependencyError):
     dependency = "broker"
 
 
+class DeadLetterRefused(WorkerError):
+    """The dead-letter topic refuses a letter even without its value, key and original headers.
+
+    Not retriable and not the record's fault: the topic's max.message.bytes is too small to hold
+    the dlq.* headers. The worker stops rather than commit past a record it could not dead-letter.
+    """
+
+
 class StoreRejected(RecordError):
     """PostgreSQL refused the batch's data itself (not an outage)."""
 

@@ -26,6 +26,12 @@ BATCH_SECONDS: Final = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 DEAD_LETTERS: Final = Counter("ingest_dead_letters", "Records sent to the dead-letter topic", ["stage"])
+DEAD_LETTERS_OVERSIZE: Final = Counter(
+    "ingest_dead_letters_oversize",
+    "Dead letters too large for the dead-letter topic, sent without their value (omitted=value) "
+    "or without value, key and original headers (omitted=value_key_headers)",
+    ["omitted"],
+)
 CONSUMER_LAG: Final = Gauge(
     "ingest_consumer_lag", "High watermark minus committed offset", ["topic", "partition"]
 )
@@ -40,6 +46,8 @@ ANN_INDEX_READY: Final = Gauge(
 
 for _stage in ("decode", "validate", "chunk", "embed", "store"):
     DEAD_LETTERS.labels(stage=_stage)  # present at 0 from the start, so increase() sees the first one
+for _omitted in ("value", "value_key_headers"):
+    DEAD_LETTERS_OVERSIZE.labels(omitted=_omitted)
 EMBEDDINGS_REUSED: Final = Counter(
     "ingest_embeddings_reused", "Chunks whose embedding was already stored or in flight: not bought again"
 )

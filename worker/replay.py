@@ -5,7 +5,9 @@ It reads ``KAFKA_DLQ_TOPIC`` in its own consumer group (``<KAFKA_GROUP_ID>.repla
 ``dlq.replay.count`` incremented, waits for the broker's acknowledgements, then commits: a
 second run moves nothing twice. It stops at the end of the dead-letter topic. Records that do
 not match the filters are passed over (and committed with the rest): a fresh ``--group``
-reads the topic from the beginning again.
+reads the topic from the beginning again. A letter whose value was left out (too large for the
+dead-letter topic: ``dlq.value.omitted``) is never moved, since its empty value is not the
+document: it is listed with where the original is, and counted in the summary.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiolimiter import AsyncLimiter
 
+from worker.dlq import VALUE_OMITTED, VALUE_SIZE
 from worker.kafka import client_options, make_producer, start_producer
 from worker.settings import Settings
 
@@ -63,16 +66,24 @@ class Summary:
     filtered_out: int = 0
     refused: int = 0  # replayed too often already
     unroutable: int = 0  # no original topic header and no --to
+    value_omitted: int = 0  # too large for the dead-letter topic: sent without the value
     by_stage: Counter[str] = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
         stages = ", ".join(f"{stage} {n}" for stage, n in sorted(self.by_stage.items())) or "none"
-        return [
+        lines = [
             f"scanned {self.scanned} dead letters: moved {self.moved}, listed {self.listed}, "
             f"filtered out {self.filtered_out}, refused (max replays) {self.refused}, "
             f"no destination {self.unroutable}",
             f"by stage: {stages}",
         ]
+        if self.value_omitted:
+            letters = "dead letter" if self.value_omitted == 1 else "dead letters"
+            lines.append(
+                f"passed over {self.value_omitted} {letters} whose value was left out (too large for the "
+                "dead-letter topic): republish each original from the topic, partition and offset listed"
+            )
+        return lines
 
 
 def parse_time(text: str) -> dt.datetime | None:
@@ -162,6 +173,17 @@ async def _one(
     headers = {k: v.decode("utf-8", "replace") for k, v in message.headers or ()}
     if not filters.match(headers, message.key):
         summary.filtered_out += 1
+        return None
+    if headers.get(VALUE_OMITTED) == "true":
+        summary.value_omitted += 1
+        parts = ("topic", "partition", "offset")
+        original = "/".join(headers.get(f"dlq.original.{part}", "?") for part in parts)
+        where = (
+            f"{message.partition}:{message.offset}",
+            (message.key or b"").decode("utf-8", "replace"),
+            f"not moved: value left out ({headers.get(VALUE_SIZE, '?')} bytes), the original is {original}",
+        )
+        print("\t".join(where), file=out)
         return None
     count = int(headers.get(REPLAY_COUNT, "0") or 0)
     if max_replays is not None and count >= max_replays:

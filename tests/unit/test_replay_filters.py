@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections import Counter
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from worker.dlq import DeadLetter, dead_letter_headers
-from worker.errors import AttemptsExhausted, EmbeddingUnavailable, StoreRejected
-from worker.replay import Filters, Summary, parse_time
+from worker.dlq import DeadLetter, Fit, dead_letter_headers, outgoing
+from worker.errors import AttemptsExhausted, DecodeError, EmbeddingUnavailable, StoreRejected
+from worker.replay import Filters, Summary, _one, parse_time
 
 UTC = dt.UTC
 NOON = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -219,3 +222,48 @@ def test_dead_letter_headers_carry_what_the_filters_read() -> None:
     assert Filters(
         stage="store", error_class="StoreRejected", original_topic="docs", key="doc-9", since=NOON
     ).match(found, letter.key)
+
+
+# -- letters sent without their value ---------------------------------------------------------------
+
+
+class NoProducer:
+    async def send(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a letter without its value was published")
+
+
+def message(fit: Fit, *, offset: int = 5) -> SimpleNamespace:
+    letter = DeadLetter("docs", 2, 41, b"doc-9", b"<" * 60_000, (), DecodeError("value is not JSON"))
+    record = outgoing(letter, fit)
+    return SimpleNamespace(
+        partition=0, offset=offset, key=record.key, value=record.value, headers=record.headers
+    )
+
+
+@pytest.mark.parametrize("fit", [Fit.WITHOUT_VALUE, Fit.HEADERS_ONLY])
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_letter_without_its_value_is_passed_over_with_where_the_original_is(
+    fit: Fit, dry_run: bool
+) -> None:
+    summary, out = Summary(), io.StringIO()
+    moved = await _one(message(fit), summary, Filters(), None, dry_run, None, NoProducer(), None, out)
+    assert moved is None
+    assert (summary.value_omitted, summary.moved, summary.listed) == (1, 0, 0)
+    assert "0:5" in out.getvalue()
+    assert "value left out (60000 bytes), the original is docs/2/41" in out.getvalue()
+    assert summary.lines()[-1].startswith("passed over 1 dead letter whose value was left out")
+
+
+async def test_filters_come_first_and_a_whole_letter_still_moves() -> None:
+    summary, out = Summary(), io.StringIO()
+    await _one(message(Fit.WITHOUT_VALUE), summary, Filters(stage="embed"), None, True, None, None, None, out)
+    assert (summary.filtered_out, summary.value_omitted) == (1, 0)
+    await _one(message(Fit.WHOLE), summary, Filters(), None, True, None, None, None, out)
+    assert (summary.listed, summary.value_omitted) == (1, 0)
+
+
+def test_the_summary_counts_letters_passed_over_for_their_value_on_a_line_of_their_own() -> None:
+    assert Summary(scanned=3, moved=1, value_omitted=2).lines()[2] == (
+        "passed over 2 dead letters whose value was left out (too large for the dead-letter topic): "
+        "republish each original from the topic, partition and offset listed"
+    )
