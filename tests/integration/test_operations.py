@@ -366,12 +366,23 @@ async def test_writes_over_a_roles_statement_timeout_are_split_until_they_fit(en
         await conn.execute(f"GRANT USAGE ON SCHEMA {env.schema} TO {role}")
         dml = "SELECT, INSERT, UPDATE, DELETE"
         await conn.execute(f"GRANT {dml} ON ALL TABLES IN SCHEMA {env.schema} TO {role}")
-        # Far longer than one document's write, far shorter than a few hundred chunks' (HNSW inserts).
-        await conn.execute(f"ALTER ROLE {role} SET statement_timeout = '150ms'")
-        # About 30 chunks a document: one document's write takes a few tens of milliseconds, a
-        # batch of ten or more is over the timeout however often it is retried as it is.
-        events: list[Event] = [
-            (f"st-{i}", {"id": f"st-{i}", "text": f"statement timeout {i}. " * 250}) for i in range(60)
+        # A write of more chunks than one document has takes 2 s (a trigger sleeps), one document's
+        # write takes no time: the role's statement_timeout of 1 s cancels every batch of two or
+        # more documents, however often it is retried as it is, and no single document.
+        await conn.execute(f"ALTER ROLE {role} SET statement_timeout = '1s'")
+        await conn.execute(
+            f"""CREATE FUNCTION {env.schema}.slow_big_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF (SELECT count(*) FROM written) > 20 THEN PERFORM pg_sleep(2); END IF;
+                RETURN NULL;
+            END $$"""
+        )
+        await conn.execute(
+            f"CREATE TRIGGER slow_big_writes AFTER INSERT ON {env.schema}.chunks REFERENCING NEW TABLE "
+            f"AS written FOR EACH STATEMENT EXECUTE FUNCTION {env.schema}.slow_big_writes()"
+        )
+        events: list[Event] = [  # 17 chunks each
+            (f"st-{i}", {"id": f"st-{i}", "text": f"statement timeout {i}. " * 120}) for i in range(40)
         ]
         ends = await produce(env, events)
         limited = env.with_(DATABASE_URL=as_role(env.stack.database_url, role, password))
