@@ -228,7 +228,7 @@ class KafkaNode(Freezable):
             if self.process.poll() is not None:
                 raise StackError(
                     f"Kafka node {self.node_id} exited with status {self.process.returncode}: "
-                    f"see {self.log_path}"
+                    f"{self._last_error()} (see {self.log_path})"
                 )
             with open(self.log_path, "rb") as log:
                 log.seek(self._log_offset)
@@ -238,6 +238,14 @@ class KafkaNode(Freezable):
         raise StackError(
             f"Kafka node {self.node_id} did not start within {timeout:.0f}s: see {self.log_path}"
         )
+
+    def _last_error(self) -> str:
+        """The last ERROR line this start logged (why a node exited), or its last line."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        errors = [line for line in lines if " ERROR " in line]
+        return (errors or lines or ["no output"])[-1][:500]
 
     @property
     def running(self) -> bool:

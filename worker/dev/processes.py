@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,7 +16,21 @@ class StackError(RuntimeError):
     pass
 
 
+# Below Linux's ephemeral range (32768-60999): a port picked there for a server started a moment
+# later can meanwhile be taken by some client's outgoing connection, and the server fails to bind.
+_SERVER_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
+    """A port nothing listens on now, outside the range outgoing connections take theirs from."""
+    for _ in range(100):
+        port = random.choice(_SERVER_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
