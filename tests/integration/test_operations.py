@@ -169,6 +169,16 @@ def test_migrate_refuses_a_schema_built_for_other_dimensions(env: Env) -> None:
     )
     assert other.returncode == 2
     assert "EMBEDDING_DIMENSIONS" in other.stderr and "vector(384)" in other.stderr
+    # `run --no-migrate` checks the column too, instead of dead-lettering every record at `store`.
+    unmigrated = subprocess.run(
+        [sys.executable, "-m", "worker", "run", "--no-migrate", "--stop-when-idle", "1"],
+        env={**environ, "EMBEDDING_DIMENSIONS": "128"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unmigrated.returncode == 2, unmigrated.stderr
+    assert "EMBEDDING_DIMENSIONS" in unmigrated.stderr.strip().splitlines()[-1]
 
 
 async def test_vectors_of_the_wrong_dimension_stop_the_worker_with_one_clear_line(env: Env) -> None:
