@@ -186,6 +186,18 @@ async def run_worker(env: Env, *, idle: float = 1.5, within: float = 120) -> Non
     await asyncio.wait_for(serve(env.settings, stop=asyncio.Event(), stop_when_idle=idle), within)
 
 
+def cli(env: Env, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``ingest-worker ARGS`` with this test's settings (and ``extra``), to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={**os.environ, **env.values, **(extra or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def spawn_worker(env: Env, log: Path, *args: str) -> subprocess.Popen[bytes]:
     """A worker in its own process (to be killed), its output in ``log``."""
     with log.open("ab") as out:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from tests.integration.conftest import (
     Env,
     Event,
     assert_stored_state,
+    cli,
     committed_offsets,
     connect,
     embedding_stats,
@@ -206,16 +204,6 @@ async def _span(env: Env, tenant: str) -> Any:
         )
     finally:
         await conn.close()
-
-
-def cli(env: Env, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env={**os.environ, **env.values, **(extra or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_replay_round_trip_and_a_second_replay_moves_nothing(env: Env, faults: Any) -> None:

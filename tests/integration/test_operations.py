@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     Env,
     Event,
     assert_stored_state,
+    cli,
     committed_offsets,
     connect,
     expected_state,
@@ -310,14 +311,7 @@ async def test_run_leaves_a_missing_ann_index_over_stored_rows_to_build_index(en
     await assert_stored_state(env, expected_state(first + later))
     assert await hnsw_index_valid(env) is None
     assert REGISTRY.get_sample_value("ingest_ann_index_ready") == 0
-    built = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker", "build-index"],
-        env={**os.environ, **env.values},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    built = await asyncio.to_thread(cli, env, "build-index")
     assert built.returncode == 0, built.stderr
     assert "built" in built.stdout
     assert await hnsw_index_valid(env) is True
@@ -329,14 +323,7 @@ async def test_run_leaves_a_missing_ann_index_over_stored_rows_to_build_index(en
     finally:
         await conn.close()
     assert await hnsw_index_valid(env) is False
-    again = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker", "build-index"],
-        env={**os.environ, **env.values},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = await asyncio.to_thread(cli, env, "build-index")
     assert again.returncode == 0, again.stderr
     assert await hnsw_index_valid(env) is True
 
