@@ -512,7 +512,8 @@ class Store:
         return rows[0][0] if rows else None
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        assert self._pool is not None
+        if self._pool is None:  # /readyz asks before start-up has connected
+            raise DatabaseUnavailable("not connected yet: start-up is waiting for the database")
         try:
             return list(await self._pool.fetch(sql, *args))
         except _OUTAGE_ERRORS as exc:

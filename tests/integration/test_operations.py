@@ -348,7 +348,8 @@ async def test_healthz_says_starting_while_start_up_waits_for_the_database(
                 assert (await response.json())["status"] == "starting"
             async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
                 assert response.status == 503
-                assert "database" in (await response.json())["failing"]
+                failing = (await response.json())["failing"]
+                assert "waiting for the database" in failing["database"], failing
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
