@@ -28,6 +28,7 @@ log = structlog.get_logger()
 
 Headers = Sequence[tuple[str, bytes]]
 PartitionsCallback = Callable[[set[TopicPartition]], Awaitable[None]]
+END_OFFSETS_EVERY = 5.0  # seconds between end-offset requests while paused
 TWIN_ASSIGNMENTS = 5  # static member assignments within one session timeout that tell of a twin
 
 
@@ -72,6 +73,9 @@ class KafkaSource:
         self._revoked: PartitionsCallback | None = None
         self._assigned: PartitionsCallback | None = None
         self._assigned_at: list[float] = []  # recent assignments, to tell a twin static member
+        self._paused = False
+        self._ends: dict[TopicPartition, int] = {}  # end offsets asked for while paused
+        self._ends_asked = 0.0
         self._fatal: WorkerError | None = None  # raised by the next fetch
 
     def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
@@ -119,6 +123,9 @@ class KafkaSource:
         if self._fatal is not None:
             raise self._fatal
         batches = await self._consumer.getmany(timeout_ms=int(max_wait * 1000))
+        if self._paused and time.monotonic() - self._ends_asked >= END_OFFSETS_EVERY:
+            await self._ask_end_offsets()
+        self._update_lag()
         return [
             Record(
                 m.topic,
@@ -164,9 +171,25 @@ class KafkaSource:
     def pause(self) -> None:
         """Stop fetching from every assigned partition (group membership and heartbeats go on)."""
         self._consumer.pause(*self.assignment())
+        self._paused = True
 
     def resume(self) -> None:
         self._consumer.resume(*self.assignment())
+        self._paused = False
+
+    async def _ask_end_offsets(self) -> None:
+        """Paused partitions are not fetched, so their high watermarks stand still: ask the broker,
+        so that the lag (metric, autoscalers) keeps growing while an outage holds the worker."""
+        self._ends_asked = time.monotonic()
+        partitions = list(self.assignment())
+        if not partitions:
+            return
+        try:
+            ends = await asyncio.wait_for(self._consumer.end_offsets(partitions), 5.0)
+        except (KafkaError, TimeoutError) as exc:
+            log.debug("end_offsets_failed", error=repr(exc)[:200])
+            return
+        self._ends.update({tp: int(end) for tp, end in ends.items()})
 
     def assignment(self) -> set[TopicPartition]:
         return set() if self._consumer is None else set(self._consumer.assignment())
@@ -181,11 +204,12 @@ class KafkaSource:
         return None if None in lags else sum(lag for lag in lags if lag is not None)
 
     def _lags(self) -> dict[TopicPartition, int | None]:
-        """High watermark (from the last fetch) minus committed offset; None before any fetch."""
+        """The newest end offset known (last fetch's high watermark, or the broker's answer while
+        paused) minus the committed offset; None before anything is known."""
         lags: dict[TopicPartition, int | None] = {}
         for tp in self.assignment():
-            highwater = self._consumer.highwater(tp)
-            lags[tp] = None if highwater is None else max(0, highwater - self._committed.get(tp, 0))
+            known = [end for end in (self._consumer.highwater(tp), self._ends.get(tp)) if end is not None]
+            lags[tp] = max(0, max(known) - self._committed.get(tp, 0)) if known else None
         return lags
 
     def _update_lag(self) -> None:
@@ -230,6 +254,7 @@ class KafkaSource:
         await self.commit(revoked)
         for tp in revoked:
             self._stored.pop(tp, None)
+            self._ends.pop(tp, None)
             self._committed.pop(tp, None)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))

@@ -361,3 +361,34 @@ async def test_an_embedding_api_refusing_every_request_pauses_instead_of_dead_le
     await assert_stored_state(env, expected_state(events))
     assert await committed_offsets(env, list(ends)) == ends
     assert dead_lettered(env) == 0
+
+
+def consumer_lag(env: Env) -> float:
+    """The worker's ingest_consumer_lag summed over this test's partitions (its /metrics)."""
+    return sum(
+        REGISTRY.get_sample_value("ingest_consumer_lag", {"topic": env.topic, "partition": str(p)}) or 0
+        for p in range(3)
+    )
+
+
+async def test_consumer_lag_keeps_growing_while_an_outage_holds_the_worker(env: Env, faults: Any) -> None:
+    faults(outage=True)
+    first = good_events("lag", 20)
+    await produce(env, first)
+    run = asyncio.create_task(run_worker(env.with_(MAX_IN_FLIGHT_RECORDS="10"), within=180))
+    try:
+        await wait_until_down("embedding", run)  # paused: nothing is fetched any more
+        more = good_events("lag-more", 60)
+        await produce(env, more)
+        # An autoscaler or the lag alert must see the backlog grow, not the figure of the last commit.
+        deadline = asyncio.get_running_loop().time() + 30
+        while consumer_lag(env) < len(first) + len(more):
+            assert asyncio.get_running_loop().time() < deadline, f"lag stuck at {consumer_lag(env)}"
+            await asyncio.sleep(0.5)
+        faults(outage=False)
+        await run
+    finally:
+        if not run.done():
+            run.cancel()
+    await assert_stored_state(env, expected_state(first + more))
+    assert consumer_lag(env) == 0
