@@ -159,19 +159,44 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from worker.app import bound_heap_growth, serve
 
     bound_heap_growth()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(
-        settings,
-        stop=stop,
-        stop_when_idle=args.stop_when_idle,
-        migrate=not args.no_migrate,
-        backfill=args.backfill,
-        progress=args.progress,
+    stop, abort = asyncio.Event(), asyncio.Event()
+    _on_stop_signals(stop, abort, grace=settings.shutdown_grace_seconds)
+    serving = asyncio.ensure_future(
+        serve(
+            settings,
+            stop=stop,
+            stop_when_idle=args.stop_when_idle,
+            migrate=not args.no_migrate,
+            backfill=args.backfill,
+            progress=args.progress,
+        )
     )
+    aborting = asyncio.ensure_future(abort.wait())
+    await asyncio.wait({serving, aborting}, return_when=asyncio.FIRST_COMPLETED)
+    if not serving.done():  # a second signal: leave now, as a crash would (nothing is lost)
+        log.warning("stop_forced", hint="records not committed are delivered again")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    aborting.cancel()
+    serving.result()
     return 0
+
+
+def _on_stop_signals(stop: asyncio.Event, abort: asyncio.Event, *, grace: float) -> None:
+    """SIGTERM or SIGINT: stop (finish in-flight work within ``grace``, commit, leave), saying so
+    at once; a second one: ``abort``. The handlers only set events."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            abort.set()
+            return
+        log.warning("stop_requested", signal=sig.name, grace_seconds=grace, hint="again to stop at once")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 # -- migrate, produce, search -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.integration.conftest import (
     produce,
     produce_raw,
     run_worker,
+    spawn_worker,
 )
 from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
 from worker.app import serve
@@ -392,3 +394,36 @@ async def test_consumer_lag_keeps_growing_while_an_outage_holds_the_worker(env: 
             run.cancel()
     await assert_stored_state(env, expected_state(first + more))
     assert consumer_lag(env) == 0
+
+
+async def test_a_stop_during_an_outage_is_acknowledged_at_once_and_a_second_one_exits_at_once(
+    env: Env, faults: Any, tmp_path: Path
+) -> None:
+    faults(outage=True)
+    events = good_events("sig", 20)
+    ends = await produce(env, events)
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(env.with_(LOG_LEVEL="info", SHUTDOWN_GRACE_SECONDS="60"), log)
+    try:
+        loop = asyncio.get_running_loop()
+
+        async def logged(event: str, within: float) -> None:
+            deadline = loop.time() + within
+            while f'"event":"{event}"' not in log.read_text():
+                assert worker.poll() is None, log.read_text()[-2000:]
+                assert loop.time() < deadline, f"no {event} within {within:.0f}s: {log.read_text()[-2000:]}"
+                await asyncio.sleep(0.1)
+
+        await logged("dependency_down", within=60)  # in an outage, with work in flight
+        worker.send_signal(signal.SIGTERM)
+        await logged("stop_requested", within=3)  # said at once, not after the 60 s grace
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 10) == 130
+        assert '"event":"stop_forced"' in log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    faults(outage=False)
+    await run_worker(env)  # what the forced stop left uncommitted is delivered again: nothing lost
+    await assert_stored_state(env, expected_state(events))
+    assert await committed_offsets(env, list(ends)) == ends
