@@ -15,7 +15,7 @@ from worker import metrics
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
-from worker.errors import DependencyError, WorkerError
+from worker.errors import ConfigError, DependencyError, WorkerError
 from worker.health import HealthServer
 from worker.kafka import (
     BrokerError,
@@ -148,7 +148,13 @@ async def serve(
             port=settings.health_port,
             ann_index=store.ann_index_state,
         )
-        await health.start()
+        try:
+            await health.start()
+        except OSError as exc:
+            await dead_letters.stop()  # its producer was made, never started: close it all the same
+            raise ConfigError(
+                "HEALTH_PORT", f"cannot listen on port {settings.health_port}: {exc.strerror}"
+            ) from exc
         log.info("health_listening", port=health.port)
         side = [
             asyncio.create_task(_stop_on(stop, worker), name="stop-relay"),

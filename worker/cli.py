@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from aiokafka.errors import KafkaError
@@ -64,8 +64,15 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and where to look, not the usage of 50 flags."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    settings_flags = argparse.ArgumentParser(add_help=False)
+    settings_flags = _Parser(add_help=False)
     group = settings_flags.add_argument_group("settings (each also an environment variable)")
     for name, default, help_text in describe():
         shown = f" [{default}]" if default else ""
@@ -76,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{name}: {help_text}{shown}",
         )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ingest-worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
@@ -128,19 +135,21 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list what would move; move and commit nothing"
     )
     replay.add_argument(
-        "--max-replays", type=int, metavar="N", help="refuse records already replayed N times"
+        "--max-replays", type=_count(0), metavar="N", help="refuse records already replayed N times"
     )
-    replay.add_argument("--rate", type=float, metavar="PER_SECOND", help="records per second at most")
+    replay.add_argument(
+        "--rate", type=_rate, metavar="PER_SECOND", help="records per second at most; 0 for no limit [0]"
+    )
     replay.add_argument("--group", help="consumer group [<KAFKA_GROUP_ID>.replay]; a new one starts over")
     replay.set_defaults(command=_cmd_replay)
 
     search = commands.add_parser("search", parents=[settings_flags], help="print the chunks nearest a query")
     search.add_argument("query")
-    search.add_argument("-k", type=int, default=5, help="how many hits [5]")
+    search.add_argument("-k", type=_count(1), default=5, help="how many hits [5]")
     search.set_defaults(command=_cmd_search)
 
     dev = commands.add_parser("dev", parents=[settings_flags], help="start the embedded stack")
-    dev.add_argument("--partitions", type=int, default=4, help="partitions of the topic it creates [4]")
+    dev.add_argument("--partitions", type=_count(1), default=4, help="partitions of the topic it creates [4]")
     dev.add_argument(
         "--broker",
         choices=("tansu", "kafka"),
@@ -206,7 +215,9 @@ async def _cmd_build_index(settings: Settings, _: argparse.Namespace) -> int:
     from worker.store import Store
 
     started = time.perf_counter()
-    built = await Store(settings).build_ann_index()
+    store = Store(settings)
+    await store.check()  # a missing schema says "run migrate", not a traceback
+    built = await store.build_ann_index()
     state = "built" if built else "already there"
     print(f"HNSW index on {settings.database_schema}.chunks {state} ({time.perf_counter() - started:.1f}s)")
     return 0
@@ -234,6 +245,9 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from worker.kafka import make_producer, start_producer
 
     topic = settings.kafka_topic[0]
+    if args.file != "-" and not Path(args.file).is_file():  # noqa: ASYNC240 - one stat, before any I/O
+        print(f"ingest-worker produce: error: {args.file} is not a file", file=sys.stderr)
+        return 2
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115, ASYNC230
     total = None if args.file == "-" else sum(1 for _ in open(args.file, "rb"))  # noqa: SIM115, ASYNC230
     producer = make_producer(settings)
@@ -280,7 +294,11 @@ async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from worker.embed import OpenAIEmbedder
     from worker.store import Store
 
+    if not args.query.strip():
+        print("ingest-worker search: error: the query is empty", file=sys.stderr)
+        return 2
     async with OpenAIEmbedder(settings) as embedder, Store(settings) as store:
+        await store.check()  # tables there, column of these dimensions, this model
         [vector] = await embedder.embed([args.query])
         hits = await store.search(vector, args.k)
     if not hits:
@@ -289,6 +307,31 @@ async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
         snippet = " ".join(hit.content.split())[:160]
         print(f"{rank:2}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n    {snippet}")
     return 0
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    return parse
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (unlimited) or more, not {text}")
+    return value
 
 
 def _iso_time(text: str) -> dt.datetime:

@@ -172,6 +172,12 @@ class Settings:
         url = _split_url(self.database_url.reveal(), "DATABASE_URL")
         if url.scheme not in ("postgres", "postgresql"):
             raise bad("database_url", "must be a postgresql:// URL")
+        try:
+            url.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            raise bad("database_url", "has a port that is not a number from 0 to 65535") from None
+        if self.kafka_ssl_cafile and not Path(self.kafka_ssl_cafile).is_file():
+            raise bad("kafka_ssl_cafile", f"{self.kafka_ssl_cafile} is not a readable file")
         if not IDENTIFIER.fullmatch(self.database_schema):
             raise bad("database_schema", "must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
         if self.vector_type not in VECTOR_TYPES:

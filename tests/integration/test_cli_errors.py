@@ -1,0 +1,90 @@
+"""Bad usage and settings end in one line naming the argument or setting: never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Env, connect
+from worker.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def ingest(env: Env, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={"PATH": "/usr/bin:/bin", **env.values, "STARTUP_TIMEOUT_SECONDS": "5", **overrides},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], code: int, *names: str) -> None:
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything[-3000:]
+    assert "Unclosed" not in everything, everything[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ingest-worker"), lines[0]
+    for name in names:
+        assert name in lines[0], lines[0]
+    assert result.returncode == code, (result.returncode, lines[0])
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        yield int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("search", "query", "-k", "-1"), ("-k", "at least 1")),
+        (("search", "query", "-k", "0"), ("-k", "at least 1")),
+        (("search", "  "), ("query is empty",)),
+        (("replay", "--rate", "-5"), ("--rate", "unlimited")),
+        (("replay", "--max-replays", "-1"), ("--max-replays",)),
+        (("dev", "--partitions", "0"), ("--partitions",)),
+        (("produce", "/nonexistent/events.jsonl"), ("/nonexistent/events.jsonl", "not a file")),
+        (("produce", "/tmp"), ("/tmp", "not a file")),
+        (("run", "--kafka-ssl-cafile", "/nonexistent/ca.pem"), ("KAFKA_SSL_CAFILE",)),
+        (("run", "--database-url", "postgresql://u@localhost:54x2/db"), ("DATABASE_URL", "port")),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, tuple) else value,
+)
+def test_bad_usage_exits_2_with_one_line(env: Env, args: tuple[str, ...], names: tuple[str, ...]) -> None:
+    assert_one_line(ingest(env, *args), 2, *names)
+
+
+async def test_search_and_build_index_on_a_schema_never_migrated_say_to_migrate(env: Env) -> None:
+    conn = await connect(env)
+    try:  # the database has pgvector (else the line names DATABASE_URL), not this schema
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    finally:
+        await conn.close()
+    for args in (("search", "anything"), ("build-index",)):
+        assert_one_line(ingest(env, *args), 2, "DATABASE_SCHEMA", "migrate")
+
+
+async def test_search_with_other_dimensions_than_the_stored_column_names_the_setting(env: Env) -> None:
+    await Store(env.settings).migrate()
+    result = ingest(
+        env, "search", "anything", "--embedding-dimensions", "128", "--embedding-send-dimensions", "false"
+    )
+    assert_one_line(result, 2, "EMBEDDING_DIMENSIONS", "vector(384)")
+
+
+def test_a_health_port_in_use_names_the_setting(env: Env, busy_port: int, tmp_path: Path) -> None:
+    result = ingest(env, "run", "--stop-when-idle", "1", HEALTH_PORT=str(busy_port))
+    assert_one_line(result, 2, "HEALTH_PORT", str(busy_port))
