@@ -245,8 +245,9 @@ async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from worker.kafka import make_producer, start_producer
 
     topic = settings.kafka_topic[0]
-    if args.file != "-" and not Path(args.file).is_file():  # noqa: ASYNC240 - one stat, before any I/O
-        print(f"ingest-worker produce: error: {args.file} is not a file", file=sys.stderr)
+    path = Path(args.file)
+    if args.file != "-" and (not path.exists() or path.is_dir()):  # noqa: ASYNC240 - before any I/O
+        print(f"ingest-worker produce: error: {args.file} is not a file to read", file=sys.stderr)
         return 2
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115, ASYNC230
     total = None if args.file == "-" else sum(1 for _ in open(args.file, "rb"))  # noqa: SIM115, ASYNC230
