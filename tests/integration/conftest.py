@@ -198,6 +198,18 @@ def cli(env: Env, *args: str, extra: dict[str, str] | None = None) -> subprocess
     )
 
 
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The process ended in one `ingest-worker...` line on stderr, with no traceback and no
+    unclosed client anywhere in its output; that line."""
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything[-3000:]
+    assert "Unclosed" not in everything, everything[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ingest-worker"), lines[0]
+    return lines[0]
+
+
 def spawn_worker(env: Env, log: Path, *args: str) -> subprocess.Popen[bytes]:
     """A worker in its own process (to be killed), its output in ``log``."""
     with log.open("ab") as out:

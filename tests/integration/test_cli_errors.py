@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Env, connect
+from tests.integration.conftest import Env, connect, one_line_error
 from worker.store import Store
 
 pytestmark = pytest.mark.integration
@@ -28,15 +28,10 @@ def ingest(env: Env, *args: str, **overrides: str) -> subprocess.CompletedProces
 
 
 def assert_one_line(result: subprocess.CompletedProcess[str], code: int, *names: str) -> None:
-    everything = result.stdout + result.stderr
-    assert "Traceback" not in everything, everything[-3000:]
-    assert "Unclosed" not in everything, everything[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ingest-worker"), lines[0]
+    line = one_line_error(result)
     for name in names:
-        assert name in lines[0], lines[0]
-    assert result.returncode == code, (result.returncode, lines[0])
+        assert name in line, line
+    assert result.returncode == code, (result.returncode, line)
 
 
 @pytest.fixture

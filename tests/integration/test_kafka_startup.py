@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import Env
+from tests.integration.conftest import Env, one_line_error
 from worker.dev.apache_kafka import SASL_USERS, KafkaCluster
 from worker.dev.processes import free_port
 from worker.dev.stack import TansuBroker
@@ -32,17 +32,6 @@ def run(env: Env, *args: str, timeout: float = 60) -> subprocess.CompletedProces
         timeout=timeout,
         check=False,
     )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The process ended in one `ingest-worker:` line on stderr, with no traceback anywhere."""
-    everything = result.stdout + result.stderr
-    assert "Traceback" not in everything, everything[-3000:]
-    assert "Unclosed" not in everything, everything[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ingest-worker: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
