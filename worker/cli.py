@@ -239,56 +239,9 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    import orjson
-    from tqdm import tqdm
+    from worker.produce import produce
 
-    from worker.kafka import make_producer, start_producer
-
-    topic = settings.kafka_topic[0]
-    path = Path(args.file)
-    if args.file != "-" and (not path.exists() or path.is_dir()):  # noqa: ASYNC240 - before any I/O
-        print(f"ingest-worker produce: error: {args.file} is not a file to read", file=sys.stderr)
-        return 2
-    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115, ASYNC230
-    total = None if args.file == "-" else sum(1 for _ in open(args.file, "rb"))  # noqa: SIM115, ASYNC230
-    producer = make_producer(settings)
-    sent = 0
-    try:
-        await start_producer(producer)
-        pending = []
-        with stream, tqdm(total=total, desc=f"producing to {topic}", unit="rec", file=sys.stderr) as bar:
-            for number, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    event = None
-                doc_id = event.get("id") if isinstance(event, dict) else None
-                if not isinstance(doc_id, str) or not doc_id:
-                    print(
-                        f"ingest-worker: line {number}: not a JSON object with a string `id`", file=sys.stderr
-                    )
-                    return 1
-                pending.append(await producer.send(topic, key=doc_id.encode(), value=orjson.dumps(event)))
-                if len(pending) >= 1000:
-                    await asyncio.gather(*pending)
-                    bar.update(len(pending))
-                    sent += len(pending)
-                    pending.clear()
-            await asyncio.gather(*pending)
-            bar.update(len(pending))
-            sent += len(pending)
-    except KafkaError as exc:
-        refused = refusal(exc, settings)
-        if refused is not None:
-            raise refused from exc
-        print(f"ingest-worker: cannot publish to {settings.kafka_bootstrap_servers}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await producer.stop()
-    print(f"published {sent} events to {topic}")
-    return 0
+    return await produce(settings, args.file)
 
 
 async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:

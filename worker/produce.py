@@ -1,0 +1,119 @@
+"""``ingest-worker produce FILE|-``: JSON-lines events to the topic, keyed by their ``id``.
+
+A file is checked whole first, with the worker's own decoder, so that a bad line publishes
+nothing; standard input is checked line by line as it streams. Every stop (the end, a bad line,
+the broker, Ctrl-C) says how far it got: ``published N of M (through line K)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from aiokafka.errors import KafkaError
+
+from worker.decode import decode_event
+from worker.errors import RecordError
+from worker.kafka import make_producer, refusal, start_producer
+from worker.settings import Settings
+
+BOM = b"\xef\xbb\xbf"
+ACK_EVERY = 1000  # sends awaited together
+
+
+class BadLine(Exception):
+    def __init__(self, number: int, reason: str) -> None:
+        super().__init__(f"line {number}: {reason}")
+        self.number = number
+
+
+@dataclass
+class Progress:
+    total: int | None  # events in the file; None for standard input
+    sent: int = 0  # acknowledged by the broker, every one of them at or before `through`
+    through: int = 0  # the last line number of that unbroken acknowledged run
+    pending: list[tuple[int, asyncio.Future[Any]]] = field(default_factory=list)
+
+    def settle(self) -> None:
+        """Count the pending sends the broker acknowledged, in order, up to the first that is not."""
+        for number, future in self.pending:
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                break
+            self.sent += 1
+            self.through = number
+        self.pending.clear()
+
+    def line(self) -> str:
+        of = "" if self.total is None else f" of {self.total}"
+        return f"published {self.sent}{of} (through line {self.through})"
+
+
+def events(stream: BinaryIO, *, max_text_bytes: int) -> Iterator[tuple[int, bytes, bytes]]:
+    """(line number, key, value) of each non-blank line; BadLine for one the worker would refuse."""
+    for number, line in enumerate(stream, 1):
+        body = (line.removeprefix(BOM) if number == 1 else line).strip()
+        if not body:
+            continue
+        try:
+            event = decode_event(None, body, max_text_bytes=max_text_bytes)
+        except RecordError as exc:
+            raise BadLine(number, str(exc)) from exc
+        yield number, event.doc_id.encode("utf-8", "surrogatepass"), body
+
+
+async def produce(settings: Settings, source: str) -> int:
+    topic = settings.kafka_topic[0]
+    path = Path(source)
+    if source != "-" and (not path.exists() or path.is_dir()):  # noqa: ASYNC240 - before any I/O
+        print(f"ingest-worker produce: error: {source} is not a file to read", file=sys.stderr)
+        return 2
+    total = None
+    if source != "-":
+        try:
+            with path.open("rb") as whole:  # noqa: ASYNC230 - a check before anything is sent
+                total = sum(1 for _ in events(whole, max_text_bytes=settings.max_text_bytes))
+        except BadLine as exc:
+            print(f"ingest-worker produce: error: {exc}; nothing published", file=sys.stderr)
+            return 1
+    progress = Progress(total)
+    producer = make_producer(settings)
+    try:
+        await start_producer(producer)
+        stream = sys.stdin.buffer if source == "-" else path.open("rb")  # noqa: ASYNC230
+        with stream:
+            for number, key, value in events(stream, max_text_bytes=settings.max_text_bytes):
+                progress.pending.append((number, await producer.send(topic, key=key, value=value)))
+                if len(progress.pending) >= ACK_EVERY:
+                    await asyncio.gather(*(f for _, f in progress.pending))
+                    progress.settle()
+            await asyncio.gather(*(f for _, f in progress.pending))
+            progress.settle()
+    except BadLine as exc:  # from standard input, after the lines before it went out
+        await _stop(producer, progress)
+        print(f"ingest-worker produce: error: {exc}; {progress.line()}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        await _stop(producer, progress)
+        refused = refusal(exc, settings)
+        if refused is not None:
+            raise refused from exc
+        where = settings.kafka_bootstrap_servers
+        print(f"ingest-worker produce: cannot publish to {where}: {exc}; {progress.line()}", file=sys.stderr)
+        return 1
+    except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C
+        await _stop(producer, progress)
+        print(f"ingest-worker produce: interrupted; {progress.line()}", file=sys.stderr)
+        raise
+    await _stop(producer, progress)
+    print(f"published {progress.sent} events to {topic}")
+    return 0
+
+
+async def _stop(producer: Any, progress: Progress) -> None:
+    """Flush what was sent (so the count is what the broker holds), then count it."""
+    await producer.stop()
+    progress.settle()
