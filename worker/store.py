@@ -223,6 +223,9 @@ _OUTAGE_ERRORS: Final = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.QueryCanceledError,
+    # A connection left mid-operation by a server that went away: seen when PostgreSQL stops
+    # during a write and the pool's reset of the connection on release fails.
+    asyncpg.InternalClientError,
 )
 
 
