@@ -87,11 +87,14 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 
 
 async def start_producer(producer: AIOKafkaProducer) -> None:
-    """``producer.start()``; a failure leaves it closed, and a refusal is told apart by :func:`refusal`."""
+    """``producer.start()``, its failure marked so that :func:`refusal` can tell it apart.
+
+    The producer stays open: start-up retries start it again after an outage (a closed producer
+    cannot be), and its owner stops it either way.
+    """
     try:
         await producer.start()
     except KafkaError as exc:
-        await producer.stop()
         raise ProducerRefused(exc) from exc
 
 
