@@ -3,9 +3,12 @@
 It reads ``KAFKA_DLQ_TOPIC`` in its own consumer group (``<KAFKA_GROUP_ID>.replay`` unless
 ``--group``), publishes each matching record to its ``dlq.original.topic`` (or ``--to``) with
 ``dlq.replay.count`` incremented, waits for the broker's acknowledgements, then commits: a
-second run moves nothing twice. It stops at the end of the dead-letter topic. Records that do
-not match the filters are passed over (and committed with the rest): a fresh ``--group``
-reads the topic from the beginning again. A letter whose value was left out (too large for the
+second run moves nothing twice. It stops at the end of the dead-letter topic.
+
+Letters a run leaves in place (filtered out, refused by ``--max-replays``, or without a
+destination) stay reachable by the same group: its committed offset stops at the first of them,
+and the letters handled beyond it are named in the commit's metadata, so the next run passes
+over those and reads the rest again. A letter whose value was left out (too large for the
 dead-letter topic: ``dlq.value.omitted``) is never moved, since its empty value is not the
 document: it is listed with where the original is, and counted in the summary.
 """
@@ -13,20 +16,26 @@ document: it is listed with where the original is, and counted in the summary.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
+import enum
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiolimiter import AsyncLimiter
 
 from worker.dlq import VALUE_OMITTED, VALUE_SIZE
+from worker.errors import ConfigError
 from worker.kafka import client_options, make_producer, start_producer
 from worker.settings import Settings
 
 REPLAY_COUNT = "dlq.replay.count"
+LEDGER_PREFIX = "replay-done-v1:"
+LEDGER_BUDGET = 3_000  # characters of commit metadata; brokers keep 4,096 (offset.metadata.max.bytes)
 
 
 @dataclass(frozen=True)
@@ -58,16 +67,42 @@ class Filters:
         return True
 
 
+class Outcome(enum.Enum):
+    MOVE = "move"
+    LISTED = "listed"  # --dry-run: would move
+    FILTERED_OUT = "filtered out"
+    REFUSED = "refused"  # replayed --max-replays times already
+    UNROUTABLE = "unroutable"  # no original topic header and no --to
+    VALUE_OMITTED = "value omitted"  # too large for the dead-letter topic: never movable
+
+    @property
+    def handled(self) -> bool:
+        """Done with for good: the group need not read it again."""
+        return self in (Outcome.MOVE, Outcome.VALUE_OMITTED)
+
+
 @dataclass
 class Summary:
     scanned: int = 0
     moved: int = 0
     listed: int = 0
     filtered_out: int = 0
-    refused: int = 0  # replayed too often already
-    unroutable: int = 0  # no original topic header and no --to
-    value_omitted: int = 0  # too large for the dead-letter topic: sent without the value
+    refused: int = 0
+    unroutable: int = 0
+    value_omitted: int = 0
+    moved_before: int = 0  # handled by an earlier run of the group, passed over
+    stopped: dict[int, int] = field(default_factory=dict)  # partition -> offset a full ledger stopped at
     by_stage: Counter[str] = field(default_factory=Counter)
+    group: str = ""
+    dry_run: bool = False
+
+    def count(self, outcome: Outcome) -> None:
+        attribute = {Outcome.MOVE: "moved"}.get(outcome, outcome.value.replace(" ", "_"))
+        setattr(self, attribute, getattr(self, attribute) + 1)
+
+    @property
+    def left(self) -> int:
+        return self.filtered_out + self.refused + self.unroutable
 
     def lines(self) -> list[str]:
         stages = ", ".join(f"{stage} {n}" for stage, n in sorted(self.by_stage.items())) or "none"
@@ -77,13 +112,100 @@ class Summary:
             f"no destination {self.unroutable}",
             f"by stage: {stages}",
         ]
+        if self.moved_before:
+            lines.append(f"passed over {self.moved_before} moved by an earlier run of group {self.group}")
+        if self.left and not self.dry_run:
+            lines.append(
+                f"left {self.left} in place: group {self.group} reads them again on its next run "
+                "(give other filters, or none, to move them)"
+            )
         if self.value_omitted:
             letters = "dead letter" if self.value_omitted == 1 else "dead letters"
             lines.append(
                 f"passed over {self.value_omitted} {letters} whose value was left out (too large for the "
                 "dead-letter topic): republish each original from the topic, partition and offset listed"
             )
+        for partition, offset in sorted(self.stopped.items()):
+            lines.append(
+                f"partition {partition}: stopped at offset {offset}, as too many letters handled past "
+                "one left in place would not fit the group's commit: run again to go on"
+            )
         return lines
+
+
+class Ranges:
+    """Ascending offsets kept as runs, small enough for a commit's metadata."""
+
+    def __init__(self, runs: list[tuple[int, int]] | None = None) -> None:
+        self.runs = runs or []  # (first, end) with end exclusive, ascending, disjoint
+
+    def __contains__(self, offset: int) -> bool:
+        i = bisect.bisect_right(self.runs, (offset, float("inf"))) - 1
+        return i >= 0 and self.runs[i][0] <= offset < self.runs[i][1]
+
+    def add(self, offset: int) -> None:
+        """Add an offset above every one held."""
+        if self.runs and self.runs[-1][1] == offset:
+            self.runs[-1] = (self.runs[-1][0], offset + 1)
+        else:
+            self.runs.append((offset, offset + 1))
+
+    def from_(self, base: int) -> Ranges:
+        return Ranges([(max(first, base), end) for first, end in self.runs if end > base])
+
+    def encode(self, base: int) -> str:
+        """``gap:length`` per run, each gap counted from the end of the one before (or ``base``)."""
+        parts, previous = [], base
+        for first, end in self.runs:
+            parts.append(f"{first - previous}:{end - first}")
+            previous = end
+        return LEDGER_PREFIX + ",".join(parts) if parts else ""
+
+    @classmethod
+    def decode(cls, text: str, base: int) -> Ranges:
+        if not text.startswith(LEDGER_PREFIX):
+            return cls()  # none, or another tool's metadata
+        runs, previous = [], base
+        try:
+            for part in filter(None, text[len(LEDGER_PREFIX) :].split(",")):
+                gap, length = (int(n) for n in part.split(":"))
+                runs.append((previous + gap, previous + gap + length))
+                previous += gap + length
+        except ValueError:
+            return cls()
+        return cls(runs)
+
+
+@dataclass
+class Ledger:
+    """One partition's progress in this run: what to commit so that nothing left is lost."""
+
+    start: int  # where the group stood when the run began
+    before: Ranges  # handled by earlier runs, at or after ``start``
+    done: Ranges = field(default_factory=Ranges)
+    first_left: int | None = None
+    position: int | None = None  # one past the last offset read
+
+    def commit(self) -> tuple[int, str] | None:
+        if self.position is None:
+            return None
+        offset = self.position if self.first_left is None else self.first_left
+        return offset, self.done.from_(offset).encode(offset)
+
+    def fits(self, offset: int) -> bool:
+        """Whether marking ``offset`` handled keeps the commit within the broker's metadata limit."""
+        if self.first_left is None:
+            return True  # nothing left in place: the commit moves past it, no metadata
+        trial = Ranges(list(self.done.runs))
+        trial.add(offset)
+        return len(trial.from_(self.first_left).encode(self.first_left)) <= LEDGER_BUDGET
+
+    def mark(self, offset: int, handled: bool) -> None:
+        if handled:
+            self.done.add(offset)
+        elif self.first_left is None:
+            self.first_left = offset
+        self.position = offset + 1
 
 
 def parse_time(text: str) -> dt.datetime | None:
@@ -92,6 +214,16 @@ def parse_time(text: str) -> dt.datetime | None:
     except ValueError:
         return None
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+@dataclass
+class Choices:
+    """What the command line asked of this run."""
+
+    filters: Filters = field(default_factory=Filters)
+    to_topic: str | None = None
+    dry_run: bool = False
+    max_replays: int | None = None
 
 
 async def replay(
@@ -106,19 +238,27 @@ async def replay(
     out: Any = None,
     idle_timeout: float = 10.0,
 ) -> Summary:
-    out = out or sys.stdout
-    summary = Summary()
+    group_id = group or f"{settings.kafka_group_id}.replay"
+    committed = await _committed(settings, group_id)
     consumer = AIOKafkaConsumer(
         settings.dlq_topic,
         **client_options(settings),
-        group_id=group or f"{settings.kafka_group_id}.replay",
+        group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 10),
     )
     producer = None if dry_run else make_producer(settings)
-    limiter = AsyncLimiter(rate, 1) if rate else None
+    run = _Run(
+        Choices(filters, to_topic, dry_run, max_replays),
+        Summary(group=group_id, dry_run=dry_run),
+        committed,
+        consumer,
+        producer,
+        AsyncLimiter(rate, 1) if rate else None,
+        out or sys.stdout,
+    )
     from tqdm import tqdm
 
     await consumer.start()
@@ -132,23 +272,9 @@ async def replay(
                 now = asyncio.get_running_loop().time()
                 if batches:
                     quiet_since = now
-                pending = []
-                offsets: dict[TopicPartition, int] = {}
-                for tp, messages in batches.items():
-                    for message in messages:
-                        summary.scanned += 1
-                        offsets[tp] = message.offset + 1
-                        future = await _one(
-                            message, summary, filters, to_topic, dry_run, max_replays, producer, limiter, out
-                        )
-                        if future is not None:
-                            pending.append(future)
-                if pending:
-                    await asyncio.gather(*pending)  # acknowledged before the commit below
-                if offsets and not dry_run:
-                    await consumer.commit(offsets)
-                bar.total = summary.scanned + await _remaining(consumer)
-                bar.n = summary.scanned
+                    await run.take(batches)
+                bar.total = run.summary.scanned + await _remaining(consumer)
+                bar.n = run.summary.scanned
                 bar.refresh()
                 if await _at_end(consumer) or now - quiet_since > idle_timeout:
                     break
@@ -156,50 +282,121 @@ async def replay(
         if producer is not None:
             await producer.stop()
         await consumer.stop()
-    return summary
+    return run.summary
 
 
-async def _one(
+@dataclass
+class _Run:
+    choices: Choices
+    summary: Summary
+    committed: dict[TopicPartition, tuple[int, str]]
+    consumer: Any
+    producer: Any
+    limiter: AsyncLimiter | None
+    out: Any
+    ledgers: dict[TopicPartition, Ledger] = field(default_factory=dict)
+
+    async def take(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Handle one fetch, wait for the broker's acknowledgements, then commit."""
+        pending = []
+        for tp, messages in batches.items():
+            for message in messages:
+                if tp.partition in self.summary.stopped:
+                    break
+                if (future := await self._letter(tp, message)) is not None:
+                    pending.append(future)
+        await asyncio.gather(*pending)
+        if not self.choices.dry_run:
+            offsets = {tp: c for tp, ledger in self.ledgers.items() if (c := ledger.commit()) is not None}
+            await self.consumer.commit(offsets)
+
+    async def _letter(self, tp: TopicPartition, message: Any) -> Any:
+        if tp not in self.ledgers:
+            start, metadata = self.committed.get(tp, (message.offset, ""))
+            self.ledgers[tp] = Ledger(start, Ranges.decode(metadata, start))
+        ledger = self.ledgers[tp]
+        if message.offset in ledger.before:
+            self.summary.scanned += 1
+            self.summary.moved_before += 1
+            ledger.mark(message.offset, handled=True)
+            return None
+        outcome, destination = _decide(message, self.choices)
+        if outcome.handled and not ledger.fits(message.offset):
+            self.summary.stopped[tp.partition] = message.offset
+            self.consumer.pause(tp)
+            return None
+        self.summary.scanned += 1
+        self.summary.count(outcome)
+        ledger.mark(message.offset, outcome.handled)
+        return await _act(message, outcome, destination, self.summary, self.producer, self.limiter, self.out)
+
+
+async def _committed(settings: Settings, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+    """The group's committed offsets on the dead-letter topic, with their metadata; refuses a
+    topic that does not exist rather than letting the broker create it empty."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    try:
+        await admin.start()
+        if settings.dlq_topic not in await admin.list_topics():
+            raise ConfigError(
+                "KAFKA_DLQ_TOPIC",
+                f"topic {settings.dlq_topic!r} does not exist on {settings.kafka_bootstrap_servers}: "
+                "nothing to replay (the worker creates it when it starts)",
+            )
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return {
+        tp: (meta.offset, meta.metadata or "")
+        for tp, meta in offsets.items()
+        if tp.topic == settings.dlq_topic and meta.offset >= 0
+    }
+
+
+def _decide(message: Any, choices: Choices) -> tuple[Outcome, str | None]:
+    headers = _headers(message)
+    if not choices.filters.match(headers, message.key):
+        return Outcome.FILTERED_OUT, None
+    if headers.get(VALUE_OMITTED) == "true":
+        return Outcome.VALUE_OMITTED, None
+    replays = int(headers.get(REPLAY_COUNT, "0") or 0)
+    if choices.max_replays is not None and replays >= choices.max_replays:
+        return Outcome.REFUSED, None
+    destination = choices.to_topic or headers.get("dlq.original.topic")
+    if not destination:
+        return Outcome.UNROUTABLE, None
+    return (Outcome.LISTED if choices.dry_run else Outcome.MOVE), destination
+
+
+async def _act(
     message: Any,
+    outcome: Outcome,
+    destination: str | None,
     summary: Summary,
-    filters: Filters,
-    to_topic: str | None,
-    dry_run: bool,
-    max_replays: int | None,
     producer: Any,
     limiter: AsyncLimiter | None,
     out: Any,
 ) -> Any:
-    headers = {k: v.decode("utf-8", "replace") for k, v in message.headers or ()}
-    if not filters.match(headers, message.key):
-        summary.filtered_out += 1
-        return None
-    if headers.get(VALUE_OMITTED) == "true":
-        summary.value_omitted += 1
-        parts = ("topic", "partition", "offset")
-        original = "/".join(headers.get(f"dlq.original.{part}", "?") for part in parts)
-        where = (
-            f"{message.partition}:{message.offset}",
-            (message.key or b"").decode("utf-8", "replace"),
-            f"not moved: value left out ({headers.get(VALUE_SIZE, '?')} bytes), the original is {original}",
+    """Print or publish one letter; returns the broker's acknowledgement to wait for, if any."""
+    headers = _headers(message)
+    where = f"{message.partition}:{message.offset}"
+    key = (message.key or b"").decode("utf-8", "replace")
+    if outcome is Outcome.VALUE_OMITTED:
+        original = "/".join(
+            headers.get(f"dlq.original.{part}", "?") for part in ("topic", "partition", "offset")
         )
-        print("\t".join(where), file=out)
+        size = headers.get(VALUE_SIZE, "?")
+        print(
+            f"{where}\t{key}\tnot moved: value left out ({size} bytes), the original is {original}", file=out
+        )
         return None
-    count = int(headers.get(REPLAY_COUNT, "0") or 0)
-    if max_replays is not None and count >= max_replays:
-        summary.refused += 1
-        return None
-    destination = to_topic or headers.get("dlq.original.topic")
-    if not destination:
-        summary.unroutable += 1
+    if outcome not in (Outcome.MOVE, Outcome.LISTED):
         return None
     stage = headers.get("dlq.error.stage", "?")
     summary.by_stage[stage] += 1
-    if dry_run:
-        summary.listed += 1
-        key = (message.key or b"").decode("utf-8", "replace")
+    if outcome is Outcome.LISTED:
         fields = (
-            f"{message.partition}:{message.offset}",
+            where,
             key,
             stage,
             headers.get("dlq.error.class", "?"),
@@ -211,15 +408,19 @@ async def _one(
         return None
     if limiter is not None:
         await limiter.acquire()
+    count = int(headers.get(REPLAY_COUNT, "0") or 0)
     kept = [(k, v) for k, v in message.headers or () if not k.startswith("dlq.")]
     kept.append((REPLAY_COUNT, str(count + 1).encode()))
-    summary.moved += 1
     return await producer.send(destination, key=message.key, value=message.value, headers=kept)
+
+
+def _headers(message: Any) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in message.headers or ()}
 
 
 async def _remaining(consumer: AIOKafkaConsumer) -> int:
     total = 0
-    for tp in consumer.assignment():
+    for tp in consumer.assignment() - consumer.paused():
         highwater = consumer.highwater(tp)
         if highwater is not None:
             total += max(0, highwater - await consumer.position(tp))
@@ -227,11 +428,11 @@ async def _remaining(consumer: AIOKafkaConsumer) -> int:
 
 
 async def _at_end(consumer: AIOKafkaConsumer) -> bool:
-    """Every assigned partition's position has reached the high watermark the last fetch reported."""
+    """Every assigned partition not stopped has reached the high watermark the last fetch reported."""
     assigned = consumer.assignment()
     if not assigned:
         return False
-    for tp in assigned:
+    for tp in assigned - consumer.paused():
         highwater = consumer.highwater(tp)
         if highwater is None or await consumer.position(tp) < highwater:
             return False

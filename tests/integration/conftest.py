@@ -228,6 +228,19 @@ async def connect(env: Env) -> asyncpg.Connection:
     return await asyncpg.connect(env.stack.database_url)
 
 
+async def end_offsets(env: Env, topic: str | None = None) -> dict[TopicPartition, int]:
+    """Each partition's end offset (the next offset) of ``topic``, the source topic by default."""
+    topic = topic or env.topic
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=env.stack.bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)]))
+    finally:
+        await consumer.stop()
+
+
 async def committed_offsets(env: Env, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=env.stack.bootstrap, group_id=env.settings.kafka_group_id, enable_auto_commit=False

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.integration.conftest import Env, connect, one_line_error
 from worker.store import Store
@@ -78,6 +79,19 @@ async def test_search_with_other_dimensions_than_the_stored_column_names_the_set
         env, "search", "anything", "--embedding-dimensions", "128", "--embedding-send-dimensions", "false"
     )
     assert_one_line(result, 2, "EMBEDDING_DIMENSIONS", "vector(384)")
+
+
+async def test_replay_of_a_dead_letter_topic_that_does_not_exist_says_so_and_creates_nothing(
+    env: Env,
+) -> None:
+    result = ingest(env, "replay", KAFKA_DLQ_TOPIC=f"{env.topic}.no-such-dlq")
+    assert_one_line(result, 2, "KAFKA_DLQ_TOPIC", f"{env.topic}.no-such-dlq", "does not exist")
+    admin = AIOKafkaAdminClient(bootstrap_servers=env.stack.bootstrap)
+    await admin.start()
+    try:
+        assert f"{env.topic}.no-such-dlq" not in await admin.list_topics()
+    finally:
+        await admin.close()
 
 
 def test_a_health_port_in_use_names_the_setting(env: Env, busy_port: int, tmp_path: Path) -> None:

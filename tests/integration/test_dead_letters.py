@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.integration.conftest import (
@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     assert_stored_state,
     committed_offsets,
     encode,
+    end_offsets,
     expected_state,
     fresh_env,
     run_worker,
@@ -163,16 +164,7 @@ async def test_replay_passes_over_a_letter_without_its_value_and_moves_the_rest(
     original = f"the original is {env.topic}/{sent[-1].partition}/{sent[-1].offset}"
     assert any(original in line for line in replayed.stdout.splitlines()), replayed.stdout
 
-    after = await end_offsets(env, [TopicPartition(env.topic, p) for p in range(PARTITIONS)])
+    after = await end_offsets(env)
     assert sum(after.values()) == sum(ends.values()) + 1, "only the letter with its value went back"
     await run_worker(env)
     await assert_stored_state(env, expected_state([*good, rejected]))
-
-
-async def end_offsets(env: Env, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return dict(await consumer.end_offsets(partitions))
-    finally:
-        await consumer.stop()

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     connect,
     embedding_stats,
     encode,
+    end_offsets,
     expected_state,
     produce,
     produce_raw,
@@ -232,6 +233,37 @@ async def test_replay_round_trip_and_a_second_replay_moves_nothing(env: Env, fau
     second = await asyncio.to_thread(cli, env, "replay")
     assert second.returncode == 0, second.stderr
     assert "moved 0" in second.stdout
+
+
+async def test_a_filtered_replay_leaves_what_it_skipped_for_the_next_run_of_its_group(
+    env: Env, faults: Any
+) -> None:
+    faults(reject_marker="LATER")
+    rejected: list[Event] = [(f"emb-{i}", {"id": f"emb-{i}", "text": f"LATER text {i}."}) for i in range(4)]
+    garbage = [(f"garbage-{i}".encode(), b"not json at all") for i in range(3)]
+    for i in range(4):  # interleaved, so that skipped letters sit between moved ones
+        await produce(env, rejected[i : i + 1])
+        if i < len(garbage):
+            await produce_raw(env, garbage[i : i + 1])
+    await run_worker(env)
+    assert len(await read_dead_letters(env, expected=7)) == 7
+    faults(reject_marker=None)
+    before = sum((await end_offsets(env)).values())
+
+    embed = await asyncio.to_thread(cli, env, "replay", "--stage", "embed")
+    assert embed.returncode == 0, embed.stderr
+    assert "moved 4, listed 0, filtered out 3" in embed.stdout
+    assert f"left 3 in place: group {env.settings.kafka_group_id}.replay reads them again" in embed.stdout
+
+    decode = await asyncio.to_thread(cli, env, "replay", "--stage", "decode")
+    assert decode.returncode == 0, decode.stderr
+    assert "moved 3, listed 0, filtered out 0" in decode.stdout, decode.stdout
+    assert "passed over 4 moved by an earlier run" in decode.stdout
+
+    rest = await asyncio.to_thread(cli, env, "replay")
+    assert rest.returncode == 0, rest.stderr
+    assert "scanned 0 dead letters: moved 0" in rest.stdout, rest.stdout
+    assert sum((await end_offsets(env)).values()) - before == 7, "each letter went back once"
 
 
 async def test_dead_letters_a_crash_duplicated_replay_to_the_same_state_at_no_extra_cost(

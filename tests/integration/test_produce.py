@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.integration.conftest import PARTITIONS, Env, cli, one_line_error
+from tests.integration.conftest import Env, cli, end_offsets, one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +20,7 @@ def line(doc_id: str) -> str:
 
 
 async def published(env: Env) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=env.stack.bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets([TopicPartition(env.topic, p) for p in range(PARTITIONS)])
-    finally:
-        await consumer.stop()
-    return sum(ends.values())
+    return sum((await end_offsets(env)).values())
 
 
 @pytest.mark.parametrize(

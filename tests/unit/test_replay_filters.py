@@ -9,10 +9,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 
 from worker.dlq import DeadLetter, Fit, dead_letter_headers, outgoing
 from worker.errors import AttemptsExhausted, DecodeError, EmbeddingUnavailable, StoreRejected
-from worker.replay import Filters, Summary, _one, parse_time
+from worker.replay import LEDGER_BUDGET, Choices, Filters, Ledger, Ranges, Summary, _Run, parse_time
 
 UTC = dt.UTC
 NOON = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -208,11 +209,14 @@ def test_summary_lines_report_every_count_and_stages_sorted() -> None:
         refused=3,
         unroutable=2,
         by_stage=Counter({"store": 4, "embed": 5, "chunk": 1}),
+        group="docs.replay",
     )
     assert summary.lines() == [
         "scanned 20 dead letters: moved 9, listed 0, filtered out 6, refused (max replays) 3, "
         "no destination 2",
         "by stage: chunk 1, embed 5, store 4",
+        "left 11 in place: group docs.replay reads them again on its next run "
+        "(give other filters, or none, to move them)",
     ]
 
 
@@ -232,6 +236,11 @@ class NoProducer:
         raise AssertionError("a letter without its value was published")
 
 
+async def letter(message: Any, choices: Choices, summary: Summary, out: io.StringIO) -> Any:
+    run = _Run(choices, summary, {}, consumer=None, producer=NoProducer(), limiter=None, out=out)
+    return await run._letter(TopicPartition("docs.dlq", 0), message)
+
+
 def message(fit: Fit, *, offset: int = 5) -> SimpleNamespace:
     letter = DeadLetter("docs", 2, 41, b"doc-9", b"<" * 60_000, (), DecodeError("value is not JSON"))
     record = outgoing(letter, fit)
@@ -246,7 +255,7 @@ async def test_a_letter_without_its_value_is_passed_over_with_where_the_original
     fit: Fit, dry_run: bool
 ) -> None:
     summary, out = Summary(), io.StringIO()
-    moved = await _one(message(fit), summary, Filters(), None, dry_run, None, NoProducer(), None, out)
+    moved = await letter(message(fit), Choices(dry_run=dry_run), summary, out)
     assert moved is None
     assert (summary.value_omitted, summary.moved, summary.listed) == (1, 0, 0)
     assert "0:5" in out.getvalue()
@@ -256,9 +265,9 @@ async def test_a_letter_without_its_value_is_passed_over_with_where_the_original
 
 async def test_filters_come_first_and_a_whole_letter_still_moves() -> None:
     summary, out = Summary(), io.StringIO()
-    await _one(message(Fit.WITHOUT_VALUE), summary, Filters(stage="embed"), None, True, None, None, None, out)
+    await letter(message(Fit.WITHOUT_VALUE), Choices(Filters(stage="embed"), dry_run=True), summary, out)
     assert (summary.filtered_out, summary.value_omitted) == (1, 0)
-    await _one(message(Fit.WHOLE), summary, Filters(), None, True, None, None, None, out)
+    await letter(message(Fit.WHOLE), Choices(dry_run=True), summary, out)
     assert (summary.listed, summary.value_omitted) == (1, 0)
 
 
@@ -267,3 +276,73 @@ def test_the_summary_counts_letters_passed_over_for_their_value_on_a_line_of_the
         "passed over 2 dead letters whose value was left out (too large for the dead-letter topic): "
         "republish each original from the topic, partition and offset listed"
     )
+
+
+# -- what a run commits: letters left in place stay reachable ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [[], [7], [7, 8, 9], [3, 5, 6, 7, 20, 1_000_000], list(range(10, 5_000, 2))],
+)
+def test_ranges_encode_and_decode_round_trip(offsets: list[int]) -> None:
+    ranges = Ranges()
+    for offset in offsets:
+        ranges.add(offset)
+    decoded = Ranges.decode(ranges.encode(3), 3)
+    assert decoded.runs == ranges.runs
+    assert all(o in decoded for o in offsets)
+    assert not any(o in decoded for o in set(range(0, 12)) - set(offsets))
+
+
+@pytest.mark.parametrize("metadata", ["", "something else", "replay-done-v1:x:1", "replay-done-v1:1"])
+def test_metadata_that_is_not_a_ledger_reads_as_nothing_done(metadata: str) -> None:
+    assert Ranges.decode(metadata, 0).runs == []
+
+
+def test_a_run_that_leaves_nothing_commits_past_everything_with_no_metadata() -> None:
+    ledger = Ledger(10, Ranges())
+    for offset in range(10, 15):
+        ledger.mark(offset, handled=True)
+    assert ledger.commit() == (15, "")
+
+
+def test_a_run_commits_no_further_than_the_first_letter_it_leaves() -> None:
+    ledger = Ledger(10, Ranges())
+    for offset, handled in [(10, True), (11, True), (12, False), (13, True), (14, False), (15, True)]:
+        ledger.mark(offset, handled)
+    offset, metadata = ledger.commit() or (-1, "")
+    assert offset == 12
+    assert Ranges.decode(metadata, 12).runs == [(13, 14), (15, 16)]
+
+
+def test_the_next_run_passes_over_what_the_last_one_handled() -> None:
+    first = Ledger(0, Ranges())
+    for offset, handled in [(0, False), (1, True), (2, True), (3, False)]:
+        first.mark(offset, handled)
+    start, metadata = first.commit() or (0, "")
+    before = Ranges.decode(metadata, start)
+    assert (start, [o for o in range(6) if o in before]) == (0, [1, 2])
+
+
+def test_a_ledger_that_would_overflow_the_metadata_limit_does_not_fit() -> None:
+    ledger = Ledger(0, Ranges())
+    ledger.mark(0, handled=False)
+    offset = 1
+    while ledger.fits(offset):  # every other letter handled: one run each
+        ledger.mark(offset, handled=True)
+        ledger.mark(offset + 1, handled=False)
+        offset += 2
+    assert len(ledger.commit()[1]) <= LEDGER_BUDGET  # type: ignore[index]
+    assert offset > 500, "hundreds of scattered letters fit before it stops"
+
+
+def test_nothing_left_in_place_always_fits() -> None:
+    ledger = Ledger(0, Ranges())
+    assert all(ledger.fits(o) for o in range(0, 100_000, 7))
+
+
+def test_the_summary_says_what_was_left_and_how_to_reach_it() -> None:
+    lines = Summary(scanned=5, moved=2, filtered_out=2, refused=1, group="g.replay").lines()
+    assert "left 3 in place: group g.replay reads them again on its next run" in lines[-1]
+    assert not any("left" in line for line in Summary(scanned=2, filtered_out=2, dry_run=True).lines()[2:])
