@@ -92,6 +92,7 @@ class Summary:
     value_omitted: int = 0
     moved_before: int = 0  # handled by an earlier run of the group, passed over
     stopped: dict[int, int] = field(default_factory=dict)  # partition -> offset a full ledger stopped at
+    metadata_kept: bool = True  # whether the broker keeps a commit's metadata
     by_stage: Counter[str] = field(default_factory=Counter)
     group: str = ""
     dry_run: bool = False
@@ -125,11 +126,15 @@ class Summary:
                 f"passed over {self.value_omitted} {letters} whose value was left out (too large for the "
                 "dead-letter topic): republish each original from the topic, partition and offset listed"
             )
+        why = (
+            "as too many letters handled past one left in place would not fit the group's commit: "
+            "run again to go on"
+            if self.metadata_kept
+            else "as this broker keeps no commit metadata, so letters moved past one left in place "
+            "would be moved again by the next run: move those left first (other filters, or none)"
+        )
         for partition, offset in sorted(self.stopped.items()):
-            lines.append(
-                f"partition {partition}: stopped at offset {offset}, as too many letters handled past "
-                "one left in place would not fit the group's commit: run again to go on"
-            )
+            lines.append(f"partition {partition}: stopped at offset {offset}, {why}")
         return lines
 
 
@@ -185,6 +190,7 @@ class Ledger:
     done: Ranges = field(default_factory=Ranges)
     first_left: int | None = None
     position: int | None = None  # one past the last offset read
+    budget: int = LEDGER_BUDGET  # characters of metadata the broker keeps (0: it keeps none)
 
     def commit(self) -> tuple[int, str] | None:
         if self.position is None:
@@ -198,7 +204,7 @@ class Ledger:
             return True  # nothing left in place: the commit moves past it, no metadata
         trial = Ranges(list(self.done.runs))
         trial.add(offset)
-        return len(trial.from_(self.first_left).encode(self.first_left)) <= LEDGER_BUDGET
+        return len(trial.from_(self.first_left).encode(self.first_left)) <= self.budget
 
     def mark(self, offset: int, handled: bool) -> None:
         if handled:
@@ -258,6 +264,7 @@ async def replay(
         producer,
         AsyncLimiter(rate, 1) if rate else None,
         out or sys.stdout,
+        settings,
     )
     from tqdm import tqdm
 
@@ -294,10 +301,15 @@ class _Run:
     producer: Any
     limiter: AsyncLimiter | None
     out: Any
+    settings: Settings
     ledgers: dict[TopicPartition, Ledger] = field(default_factory=dict)
+    budget: int | None = None  # LEDGER_BUDGET once the broker is seen to keep commit metadata, else 0
 
     async def take(self, batches: dict[TopicPartition, list[Any]]) -> None:
         """Handle one fetch, wait for the broker's acknowledgements, then commit."""
+        if self.budget is None:
+            self.budget = LEDGER_BUDGET if self.choices.dry_run else await self._metadata_budget(batches)
+            self.summary.metadata_kept = self.budget > 0
         pending = []
         for tp, messages in batches.items():
             for message in messages:
@@ -313,7 +325,7 @@ class _Run:
     async def _letter(self, tp: TopicPartition, message: Any) -> Any:
         if tp not in self.ledgers:
             start, metadata = self.committed.get(tp, (message.offset, ""))
-            self.ledgers[tp] = Ledger(start, Ranges.decode(metadata, start))
+            self.ledgers[tp] = Ledger(start, Ranges.decode(metadata, start), budget=self.budget or 0)
         ledger = self.ledgers[tp]
         if message.offset in ledger.before:
             self.summary.scanned += 1
@@ -330,6 +342,22 @@ class _Run:
         ledger.mark(message.offset, outcome.handled)
         return await _act(message, outcome, destination, self.summary, self.producer, self.limiter, self.out)
 
+    async def _metadata_budget(self, batches: dict[TopicPartition, list[Any]]) -> int:
+        """Whether the broker keeps a commit's metadata (some Kafka-protocol brokers drop it), seen
+        by committing where the group stands with an empty ledger and reading it back."""
+        if any(metadata.startswith(LEDGER_PREFIX) for _, metadata in self.committed.values()):
+            return LEDGER_BUDGET
+        tp, messages = next(iter(batches.items()))
+        offset = self.committed.get(tp, (messages[0].offset, ""))[0]
+        await self.consumer.commit({tp: (offset, LEDGER_PREFIX)})
+        admin = AIOKafkaAdminClient(**client_options(self.settings))
+        try:
+            await admin.start()
+            answer = await admin.list_consumer_group_offsets(self.summary.group, partitions=[tp])
+        finally:
+            await admin.close()
+        return LEDGER_BUDGET if answer[tp].metadata == LEDGER_PREFIX else 0
+
 
 async def _committed(settings: Settings, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
     """The group's committed offsets on the dead-letter topic, with their metadata; refuses a
@@ -343,7 +371,10 @@ async def _committed(settings: Settings, group_id: str) -> dict[TopicPartition, 
                 f"topic {settings.dlq_topic!r} does not exist on {settings.kafka_bootstrap_servers}: "
                 "nothing to replay (the worker creates it when it starts)",
             )
-        offsets = await admin.list_consumer_group_offsets(group_id)
+        (described,) = await admin.describe_topics([settings.dlq_topic])
+        partitions = [TopicPartition(settings.dlq_topic, p["partition"]) for p in described["partitions"]]
+        # Partitions named: some Kafka-protocol brokers answer the "all partitions" form malformed.
+        offsets = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
     finally:
         await admin.close()
     return {

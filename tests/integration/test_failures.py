@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -250,20 +251,22 @@ async def test_a_filtered_replay_leaves_what_it_skipped_for_the_next_run_of_its_
     faults(reject_marker=None)
     before = sum((await end_offsets(env)).values())
 
-    embed = await asyncio.to_thread(cli, env, "replay", "--stage", "embed")
-    assert embed.returncode == 0, embed.stderr
-    assert "moved 4, listed 0, filtered out 3" in embed.stdout
-    assert f"left 3 in place: group {env.settings.kafka_group_id}.replay reads them again" in embed.stdout
-
-    decode = await asyncio.to_thread(cli, env, "replay", "--stage", "decode")
-    assert decode.returncode == 0, decode.stderr
-    assert "moved 3, listed 0, filtered out 0" in decode.stdout, decode.stdout
-    assert "passed over 4 moved by an earlier run" in decode.stdout
-
-    rest = await asyncio.to_thread(cli, env, "replay")
-    assert rest.returncode == 0, rest.stderr
-    assert "scanned 0 dead letters: moved 0" in rest.stdout, rest.stdout
+    runs = [
+        await asyncio.to_thread(cli, env, "replay", *args)
+        for args in (("--stage", "embed"), ("--stage", "decode"), ())
+    ]
+    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
+    summaries = [r.stdout for r in runs]
+    moved = [int(re.search(r"moved (\d+),", text).group(1)) for text in summaries]  # type: ignore[union-attr]
+    assert sum(moved) == 7, summaries
+    assert f"group {env.settings.kafka_group_id}.replay reads them again" in summaries[0]
+    if env.stack.kind == "tansu":  # it drops commit metadata: a run stops at what it must not pass
+        assert "keeps no commit metadata" in summaries[0]
+        return  # (and its ListOffsets answers lag: the topic's growth is checked on Kafka)
     assert sum((await end_offsets(env)).values()) - before == 7, "each letter went back once"
+    assert moved == [4, 3, 0], summaries
+    assert "passed over 4 moved by an earlier run" in summaries[1]
+    assert "scanned 0 dead letters" in summaries[2]
 
 
 async def test_dead_letters_a_crash_duplicated_replay_to_the_same_state_at_no_extra_cost(

@@ -8,9 +8,11 @@ plays the broker that refuses ``InitProducerId`` outright.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -94,16 +96,21 @@ async def test_a_user_refused_idempotent_producers_exits_2_naming_the_setting(
     assert relaxed.returncode == 0, relaxed.stdout[-2000:] + relaxed.stderr[-2000:]
 
 
-def test_a_broker_that_refuses_init_producer_id_exits_2(env: Env) -> None:
+@pytest.mark.parametrize("command", ["run", "replay", "produce"])
+async def test_a_broker_that_refuses_init_producer_id_exits_2(env: Env, command: str, tmp_path: Path) -> None:
     tansu = TansuBroker()
     tansu.start()
     try:
-        result = run(
-            env.with_(KAFKA_BOOTSTRAP_SERVERS=tansu.bootstrap, KAFKA_PRODUCER_IDEMPOTENCE="true"),
-            "run",
-            "--stop-when-idle",
-            "1",
-        )
+        on_tansu = env.with_(KAFKA_BOOTSTRAP_SERVERS=tansu.bootstrap, KAFKA_PRODUCER_IDEMPOTENCE="true")
+        await ensure_topic(on_tansu.settings, on_tansu.settings.dlq_topic, partitions=1)
+        events = tmp_path / "events.jsonl"
+        events.write_text('{"id": "a", "text": "a document"}\n')
+        args = {
+            "run": ("run", "--stop-when-idle", "1"),
+            "replay": ("replay",),
+            "produce": ("produce", str(events)),
+        }
+        result = await asyncio.to_thread(run, on_tansu, *args[command])
     finally:
         tansu.stop()
     assert result.returncode == 2, result.stderr

@@ -237,7 +237,7 @@ class NoProducer:
 
 
 async def letter(message: Any, choices: Choices, summary: Summary, out: io.StringIO) -> Any:
-    run = _Run(choices, summary, {}, consumer=None, producer=NoProducer(), limiter=None, out=out)
+    run = _Run(choices, summary, {}, None, NoProducer(), None, out, settings=None, budget=LEDGER_BUDGET)  # type: ignore[arg-type]
     return await run._letter(TopicPartition("docs.dlq", 0), message)
 
 
@@ -346,3 +346,13 @@ def test_the_summary_says_what_was_left_and_how_to_reach_it() -> None:
     lines = Summary(scanned=5, moved=2, filtered_out=2, refused=1, group="g.replay").lines()
     assert "left 3 in place: group g.replay reads them again on its next run" in lines[-1]
     assert not any("left" in line for line in Summary(scanned=2, filtered_out=2, dry_run=True).lines()[2:])
+
+
+def test_on_a_broker_that_keeps_no_commit_metadata_nothing_is_handled_past_a_letter_left() -> None:
+    ledger = Ledger(0, Ranges(), budget=0)
+    ledger.mark(0, handled=True)
+    assert ledger.fits(1), "nothing left yet: the commit moves past it"
+    ledger.mark(1, handled=False)
+    assert not ledger.fits(2)
+    lines = Summary(stopped={0: 2}, metadata_kept=False).lines()
+    assert "partition 0: stopped at offset 2, as this broker keeps no commit metadata" in lines[-1]
