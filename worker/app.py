@@ -223,14 +223,35 @@ def _side_task_done(task: asyncio.Task[None], worker: Worker) -> None:
         worker.stop()
 
 
-async def _progress(worker: Worker) -> None:
+async def _progress(worker: Worker, every: float = 0.5) -> None:
+    """A progress bar over the records of the assigned partitions: a total that holds still (done
+    plus remaining, each record counted once), a rate over the time spent working (not joining,
+    waiting for a dependency or idle), and a word on what the worker is doing."""
     from tqdm import tqdm
 
-    with tqdm(desc="ingesting", unit="rec", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+    with tqdm(file=sys.stderr, dynamic_ncols=True, bar_format=bar_format, desc="joining group") as bar:
+        working = 0.0
+        last = worker.records_done
         while True:
-            lag = worker.lag()
-            if lag is not None:
-                bar.total = worker.records_done + lag
-            bar.n = worker.records_done
+            await asyncio.sleep(every)
+            done, remaining, state = worker.records_done, worker.remaining(), _state(worker)
+            if state == "ingesting" or done > last:
+                working += every
+            last = done
+            if remaining is not None:
+                bar.total = done + remaining
+            bar.n = done
+            bar.set_description_str(state, refresh=False)
+            bar.set_postfix_str(f"{done / working if working else 0:,.0f} rec/s working", refresh=False)
             bar.refresh()
-            await asyncio.sleep(0.5)
+
+
+def _state(worker: Worker) -> str:
+    if worker.stopping:
+        return "stopping"
+    if not worker.assignment():
+        return "joining group"
+    if down := worker.down():
+        return "waiting for " + ", ".join(sorted(down))
+    return "caught up" if worker.remaining() == 0 else "ingesting"

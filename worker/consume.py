@@ -61,6 +61,7 @@ class RecordSource(Protocol):
     def assignment(self) -> set[TopicPartition]: ...
     def caught_up(self) -> bool: ...
     def lag(self) -> int | None: ...
+    def unfetched(self) -> int | None: ...
 
 
 class KafkaSource:
@@ -75,6 +76,7 @@ class KafkaSource:
         self._assigned_at: list[float] = []  # recent assignments, to tell a twin static member
         self._paused = False
         self._ends: dict[TopicPartition, int] = {}  # end offsets asked for while paused
+        self._fetched: dict[TopicPartition, int] = {}  # the next offset each partition's fetch gives
         self._ends_asked = 0.0
         self._fatal: WorkerError | None = None  # raised by the next fetch
 
@@ -126,6 +128,8 @@ class KafkaSource:
         if self._paused and time.monotonic() - self._ends_asked >= END_OFFSETS_EVERY:
             await self._ask_end_offsets()
         self._update_lag()
+        for tp, messages in batches.items():
+            self._fetched[tp] = messages[-1].offset + 1
         return [
             Record(
                 m.topic,
@@ -203,13 +207,31 @@ class KafkaSource:
         lags = self._lags().values()
         return None if None in lags else sum(lag for lag in lags if lag is not None)
 
+    def unfetched(self) -> int | None:
+        """Records the assigned partitions hold beyond what was fetched; None before it is known
+        (and with no partitions assigned)."""
+        assigned = self.assignment()
+        if not assigned:
+            return None
+        total = 0
+        for tp in assigned:
+            end = self._end(tp)
+            if end is None:
+                return None
+            total += max(0, end - self._fetched.get(tp, self._committed.get(tp, 0)))
+        return total
+
+    def _end(self, tp: TopicPartition) -> int | None:
+        known = [end for end in (self._consumer.highwater(tp), self._ends.get(tp)) if end is not None]
+        return max(known) if known else None
+
     def _lags(self) -> dict[TopicPartition, int | None]:
         """The newest end offset known (last fetch's high watermark, or the broker's answer while
         paused) minus the committed offset; None before anything is known."""
         lags: dict[TopicPartition, int | None] = {}
         for tp in self.assignment():
-            known = [end for end in (self._consumer.highwater(tp), self._ends.get(tp)) if end is not None]
-            lags[tp] = max(0, max(known) - self._committed.get(tp, 0)) if known else None
+            end = self._end(tp)
+            lags[tp] = None if end is None else max(0, end - self._committed.get(tp, 0))
         return lags
 
     def _update_lag(self) -> None:
@@ -255,6 +277,7 @@ class KafkaSource:
         for tp in revoked:
             self._stored.pop(tp, None)
             self._ends.pop(tp, None)
+            self._fetched.pop(tp, None)
             self._committed.pop(tp, None)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))

@@ -64,6 +64,7 @@ class Worker:
             ),
         )
         self._pipeline: Pipeline | None = None
+        self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
         self._paused = False
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
@@ -79,7 +80,16 @@ class Worker:
 
     @property
     def records_done(self) -> int:
-        return self._records_before + (self._pipeline.finished_records if self._pipeline else 0)
+        pipelines = (p for p in (self._pipeline, self._retiring) if p is not None)
+        return self._records_before + sum(p.finished_records for p in pipelines)
+
+    def remaining(self) -> int | None:
+        """Records not done yet: in flight, or in the assigned partitions beyond the last fetch."""
+        unfetched = self._source.unfetched()
+        if unfetched is None:
+            return None
+        pipelines = (p for p in (self._pipeline, self._retiring) if p is not None)
+        return unfetched + sum(p.inflight.records for p in pipelines)
 
     @property
     def last_error(self) -> str | None:
@@ -207,6 +217,7 @@ class Worker:
         if pipeline is None:
             await self._source.commit()
             return
+        self._retiring = pipeline
         grace = self._settings.shutdown_grace_seconds
         if not await pipeline.drain(within=grace):
             log.warning("work_abandoned", records=pipeline.inflight.records, grace_seconds=grace)
@@ -214,6 +225,7 @@ class Worker:
         await self._source.commit()
         await pipeline.close()
         self._records_before += pipeline.finished_records
+        self._retiring = None
         if pipeline.failure is not None and self.failure is None:
             self.failure = pipeline.failure
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -396,3 +398,21 @@ async def test_writes_over_a_roles_statement_timeout_are_split_until_they_fit(en
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE IF EXISTS {role}")
         await conn.close()
+
+
+async def test_the_progress_bar_holds_its_total_and_says_when_it_is_joining(env: Env, faults: Any) -> None:
+    faults(latency_ms=20)  # a few seconds of work, so that the bar is drawn many times
+    events: list[Event] = [
+        (f"p-{i}", {"id": f"p-{i}", "text": f"progress document {i}."}) for i in range(300)
+    ]
+    await produce(env, events)
+    result = await asyncio.to_thread(cli, env, "run", "--progress", "--stop-when-idle", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames = [f.strip() for f in re.split(r"[\r\n]", result.stderr) if "%|" in f]
+    assert frames and frames[0].startswith("joining group:"), frames[:3]
+    counts = [tuple(map(int, m.groups())) for f in frames if (m := re.search(r"\| (\d+)/(\d+) \[", f))]
+    assert counts, frames[-5:]
+    assert {total for _, total in counts} == {300}, "the total is every record, counted once"
+    assert counts[-1] == (300, 300)
+    assert [n for n, _ in counts] == sorted(n for n, _ in counts)
+    assert "rec/s working" in frames[-1]

@@ -259,6 +259,9 @@ class FakeSource:
     def lag(self) -> int | None:
         return sum(self.end(tp) - self.committed.get(tp, self.logs[tp][0].offset) for tp in self.logs)
 
+    def unfetched(self) -> int | None:
+        return sum(self.end(tp) - self.position[tp] for tp in self.logs)
+
 
 @dataclass
 class FakeStore:
@@ -1356,6 +1359,32 @@ async def test_stop_finishes_the_work_in_flight_fetches_nothing_more_and_commits
     assert set(r.store.documents) == {"d0", "d1"}, "the work in flight was finished"
     assert r.source.committed == {P0: 2}
     assert r.source.stopped
+
+
+async def test_done_and_remaining_always_add_up_to_the_records_and_done_never_falls_on_stop() -> None:
+    r = rig(
+        log_of({0: [upsert(f"d{i}", f"{TEXT_C} {i}", 1) for i in range(40)]}),
+        max_records=5,
+        embedder=FakeEmbedder(delay=0.02),
+        stop_when_idle=None,
+    )
+    seen: list[tuple[int, int | None]] = []
+
+    async def sample() -> None:
+        while True:
+            seen.append((r.worker.records_done, r.worker.remaining()))
+            await asyncio.sleep(0.001)
+
+    sampling = asyncio.create_task(sample())
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: r.worker.records_done >= 10, limit=5)
+    r.worker.stop()
+    await asyncio.wait_for(running, 5)
+    sampling.cancel()
+    done = [d for d, _ in seen]
+    assert done == sorted(done), "the count of records done never falls, not while draining on stop"
+    assert max(done) > 10, "records finished while draining count"
+    assert {d + rest for d, rest in seen if rest is not None} == {40}, "done + remaining is every record"
 
 
 async def test_stop_abandons_a_hung_request_after_the_grace_period() -> None:
