@@ -65,6 +65,7 @@ class Worker:
         )
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
+        self._fetching: asyncio.Future[list[Record]] | None = None
         self._paused = False
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
@@ -89,7 +90,11 @@ class Worker:
         if unfetched is None:
             return None
         pipelines = (p for p in (self._pipeline, self._retiring) if p is not None)
-        return unfetched + sum(p.inflight.records for p in pipelines)
+        fetching = self._fetching
+        in_transit = 0  # fetched, and the fetch loop not yet back to admit them
+        if fetching is not None and fetching.done() and not fetching.cancelled() and not fetching.exception():
+            in_transit = len(fetching.result())
+        return unfetched + in_transit + sum(p.inflight.records for p in pipelines)
 
     @property
     def last_error(self) -> str | None:
@@ -143,9 +148,12 @@ class Worker:
     # -- the fetch loop ------------------------------------------------------------------------
 
     async def _fetch(self) -> list[Record]:
-        fetch = asyncio.ensure_future(self._source.fetch(max_wait=0.2))
+        fetch = self._fetching = asyncio.ensure_future(self._source.fetch(max_wait=0.2))
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._fetching = None
         stop.cancel()
         if not fetch.done():
             fetch.cancel()
