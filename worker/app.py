@@ -11,7 +11,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from worker import metrics
+from worker import logs, metrics
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
@@ -71,6 +71,19 @@ async def prepare(
     retry will change (credentials, authorization, idempotence refused) ends start-up at once,
     with one line naming what to fix.
     """
+    with logs.quiet_connection_errors():
+        await _prepare(settings, store, producer, stop, migrate=migrate, backfill=backfill)
+
+
+async def _prepare(
+    settings: Settings,
+    store: Store,
+    producer: AIOKafkaProducer,
+    stop: asyncio.Event,
+    *,
+    migrate: bool,
+    backfill: bool,
+) -> None:
     limit = settings.startup_timeout_seconds
     started = time.monotonic()
     attempt = 0
@@ -93,13 +106,12 @@ async def prepare(
             attempt += 1
             waited = time.monotonic() - started
             if limit and waited >= limit:
-                raise StartupTimeout(
-                    f"STARTUP_TIMEOUT_SECONDS: gave up after {waited:.0f}s: {_what_failed(exc, settings)}"
-                ) from exc
+                what = _what_failed(exc, settings, cause)
+                raise StartupTimeout(f"STARTUP_TIMEOUT_SECONDS: gave up after {waited:.0f}s: {what}") from exc
             log.warning(
                 "waiting_for_dependencies",
-                error_class=type(exc).__name__,
-                error=str(exc)[:300],
+                error_class=type(cause).__name__,
+                error=_what_failed(exc, settings, cause),
                 attempt=attempt,
             )
             pause = backoff(attempt, initial=1.0, cap=15.0)
@@ -108,10 +120,13 @@ async def prepare(
             return
 
 
-def _what_failed(exc: BaseException, settings: Settings) -> str:
+def _what_failed(exc: BaseException, settings: Settings, cause: BaseException) -> str:
+    """What start-up waits for, with the real cause (aiokafka's own error only says it could not
+    bootstrap; the connection attempt beside it says why)."""
     if isinstance(exc, KafkaError):
+        why = f"{type(cause).__name__}: {cause}" if cause is not exc else str(exc)
         return (
-            f"no Kafka broker answered at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} ({exc})"
+            f"no Kafka broker answered at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} ({why})"
         )
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
@@ -156,6 +171,7 @@ async def serve(
                 "HEALTH_PORT", f"cannot listen on port {settings.health_port}: {exc.strerror}"
             ) from exc
         log.info("health_listening", port=health.port)
+        log.info("settings", settings=settings.shown())
         side = [
             asyncio.create_task(_stop_on(stop, worker), name="stop-relay"),
             asyncio.create_task(_watch_readiness(health), name="readiness"),

@@ -281,7 +281,8 @@ class KafkaSource:
             self._committed.pop(tp, None)
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
-        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
+        if revoked:  # (a first join revokes nothing)
+            log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -37,6 +41,25 @@ def configure(level: str = "info", *, stream: object = None, secrets: tuple[str,
     root.setLevel(logging.WARNING)
 
 
+# aiokafka's lines for a broker it cannot reach: the worker's own start-up line names the cause.
+_CONNECTION = re.compile(
+    r"Unable (to )?connect|Unable to bootstrap|Unable to update metadata|Connection .* closed"
+)
+_quiet = 0
+
+
+@contextlib.contextmanager
+def quiet_connection_errors() -> Iterator[None]:
+    """While start-up waits for the broker and says so itself, leave aiokafka's lines about the
+    same unreachable broker out, so that each attempt is reported once."""
+    global _quiet
+    _quiet += 1
+    try:
+        yield
+    finally:
+        _quiet -= 1
+
+
 class _Redact:
     def __init__(self, secrets: tuple[str, ...]) -> None:
         self._secrets = secrets
@@ -57,9 +80,30 @@ class _Redact:
 
 
 class _ToStructlog(logging.Handler):
+    """Library lines as JSON lines; one line repeated within ``window`` seconds (a client retrying
+    an unreachable broker) is written once, and the next one after it says how often it came."""
+
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._window, self._clock = window, clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # -> (written at, repeats since)
+
     def emit(self, record: logging.LogRecord) -> None:
-        log = structlog.get_logger()
-        log.log(record.levelno, "library_log", logger=record.name, message=record.getMessage()[:2000])
+        message = record.getMessage()[:2000]
+        if _quiet and record.name.startswith("aiokafka") and _CONNECTION.search(message):
+            return
+        key, now = (record.name, message), self._clock()
+        written, repeats = self._seen.get(key, (None, 0))
+        if written is not None and now - written < self._window:
+            self._seen[key] = (written, repeats + 1)
+            return
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        extra = {"repeated": repeats} if repeats else {}
+        structlog.get_logger().log(
+            record.levelno, "library_log", logger=record.name, message=message, **extra
+        )
 
 
 def trace_id_from(headers: object) -> str | None:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -298,6 +298,7 @@ class Pipeline:
             "batch_stored",
             documents=len(batch) - len(moved),
             chunks=sum(len(p.chunks) for p in batch if p.job.doc_id not in moved),
+            offsets=_offset_ranges(p.job for p in batch if p.job.doc_id not in moved),
             replanned=len(moved),
             in_flight=self.inflight.records,
             seconds=round(seconds, 4),
@@ -399,6 +400,17 @@ class Pipeline:
         self.finished_records += 1
         if self.inflight.empty:
             self._drained.set()
+
+
+def _offset_ranges(jobs: Iterable[Job]) -> dict[str, str]:
+    """``{"topic/partition": "first-last"}`` over the records of ``jobs``, for a log line."""
+    spans: dict[str, tuple[int, int]] = {}
+    for job in jobs:
+        for record, _ in job.events:
+            where = f"{record.topic}/{record.partition}"
+            low, high = spans.get(where, (record.offset, record.offset))
+            spans[where] = (min(low, record.offset), max(high, record.offset))
+    return {where: f"{low}-{high}" for where, (low, high) in sorted(spans.items())}
 
 
 async def _stage(

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from worker import logs
 from worker.decode import decode_event
 from worker.errors import RecordError
-from worker.kafka import make_producer, refusal, start_producer
+from worker.kafka import bootstrap_error, make_producer, refusal, start_producer
 from worker.settings import Settings
 
 BOM = b"\xef\xbb\xbf"
@@ -82,7 +83,8 @@ async def produce(settings: Settings, source: str) -> int:
     progress = Progress(total)
     producer = make_producer(settings)
     try:
-        await start_producer(producer)
+        with logs.quiet_connection_errors():  # the line below names the broker and why
+            await start_producer(producer)
         stream = sys.stdin.buffer if source == "-" else path.open("rb")  # noqa: ASYNC230
         with stream:
             for number, key, value in events(stream, max_text_bytes=settings.max_text_bytes):
@@ -102,7 +104,10 @@ async def produce(settings: Settings, source: str) -> int:
         if refused is not None:
             raise refused from exc
         where = settings.kafka_bootstrap_servers
-        print(f"ingest-worker produce: cannot publish to {where}: {exc}; {progress.line()}", file=sys.stderr)
+        if isinstance(getattr(exc, "cause", exc), KafkaConnectionError):  # aiokafka hides why
+            exc = await bootstrap_error(settings) or exc
+        why = f"{type(exc).__name__}: {exc}"
+        print(f"ingest-worker produce: cannot publish to {where}: {why}; {progress.line()}", file=sys.stderr)
         return 1
     except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C
         await _stop(producer, progress)

@@ -214,6 +214,26 @@ class Settings:
         password = urllib.parse.urlsplit(self.database_url.reveal()).password or ""
         return tuple(s for s in (self.api_key, self.kafka_sasl_password.reveal(), password) if s)
 
+    def shown(self) -> dict[str, Any]:
+        """Every setting as a start-up log line shows it: secrets as ``**********`` (a database
+        URL keeps all but its password), lists joined with commas."""
+        shown: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url":
+                parts = urllib.parse.urlsplit(value.reveal())
+                if parts.password:
+                    user = parts.username or ""
+                    netloc = f"{user}:**********@{parts.netloc.rpartition('@')[2]}"
+                    parts = parts._replace(netloc=netloc)
+                value = urllib.parse.urlunsplit(parts)
+            elif isinstance(value, Secret):
+                value = "**********" if value else ""
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            shown[f.name.upper()] = value
+        return shown
+
     @property
     def api_key(self) -> str:
         return self.embedding_api_key.reveal()

@@ -126,3 +126,5 @@ def test_an_unreachable_broker_exits_1_naming_it(env: Env, command: tuple[str, .
     assert result.returncode == 1, result.stderr
     line = one_line_error(result)
     assert nowhere in line
+    assert "Connection refused" in line, "the real cause, not aiokafka's 'Unable to bootstrap'"
+    assert "library_log" not in result.stdout, "each attempt reported once, by the worker's own line"

@@ -416,3 +416,22 @@ async def test_the_progress_bar_holds_its_total_and_says_when_it_is_joining(env:
     assert counts[-1] == (300, 300)
     assert [n for n, _ in counts] == sorted(n for n, _ in counts)
     assert "rec/s working" in frames[-1]
+
+
+async def test_the_log_shows_the_settings_at_start_and_where_each_stored_batch_came_from(env: Env) -> None:
+    events: list[Event] = [(f"l-{i}", {"id": f"l-{i}", "text": f"log document {i}."}) for i in range(12)]
+    ends = await produce(env, events)
+    result = await asyncio.to_thread(cli, env, "run", "--stop-when-idle", "1", extra={"LOG_LEVEL": "info"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    (shown,) = [line["settings"] for line in lines if line["event"] == "settings"]
+    assert shown["KAFKA_TOPIC"] == env.topic
+    assert shown["EMBEDDING_MODEL"] == env.settings.embedding_model
+    assert not [line for line in lines if line["event"] == "partitions_revoked" and not line["partitions"]]
+    covered: dict[str, set[int]] = {}
+    for line in lines:
+        if line["event"] == "batch_stored":
+            for where, span in line["offsets"].items():
+                low, high = map(int, span.split("-"))
+                covered.setdefault(where, set()).update(range(low, high + 1))
+    assert covered == {f"{tp.topic}/{tp.partition}": set(range(end)) for tp, end in ends.items()}

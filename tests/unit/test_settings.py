@@ -272,3 +272,21 @@ def test_cli_flag_wins_over_a_bad_environment_value(
     err = capsys.readouterr().err
     assert "VECTOR_TYPE" in err
     assert "CHUNK_SIZE" not in err
+
+
+def test_the_settings_shown_at_start_hide_every_secret_and_keep_the_rest() -> None:
+    settings = Settings.load(
+        {
+            "KAFKA_TOPIC": "docs,more",
+            "DATABASE_URL": "postgresql://ingest:pg-SECRET-pw@db.internal:5432/search?sslmode=require",
+            "EMBEDDING_API_KEY": "sk-SECRET-key",
+            "KAFKA_SASL_PASSWORD": "kafka-SECRET",
+        }
+    )
+    shown = settings.shown()
+    assert set(shown) == set(VARIABLES)
+    assert "SECRET" not in repr(shown)
+    assert shown["DATABASE_URL"] == "postgresql://ingest:**********@db.internal:5432/search?sslmode=require"
+    assert (shown["EMBEDDING_API_KEY"], shown["KAFKA_SASL_PASSWORD"]) == ("**********", "**********")
+    assert shown["KAFKA_TOPIC"] == "docs,more"
+    assert shown["EMBEDDING_DIMENSIONS"] == settings.embedding_dimensions
