@@ -8,8 +8,10 @@ the broker, Ctrl-C) says how far it got: ``published N of M (through line K)``.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,14 +58,47 @@ class Progress:
 def events(stream: BinaryIO, *, max_text_bytes: int) -> Iterator[tuple[int, bytes, bytes]]:
     """(line number, key, value) of each non-blank line; BadLine for one the worker would refuse."""
     for number, line in enumerate(stream, 1):
-        body = (line.removeprefix(BOM) if number == 1 else line).strip()
-        if not body:
-            continue
-        try:
-            event = decode_event(None, body, max_text_bytes=max_text_bytes)
-        except RecordError as exc:
-            raise BadLine(number, str(exc)) from exc
-        yield number, event.doc_id.encode("utf-8", "surrogatepass"), body
+        if (event := _event(number, line, max_text_bytes)) is not None:
+            yield event
+
+
+async def _streamed(stream: BinaryIO, *, max_text_bytes: int) -> AsyncIterator[tuple[int, bytes, bytes]]:
+    """:func:`events` of a pipe or terminal, read without blocking the event loop: the producer
+    sends what came while the next line is awaited (a slow upstream, a person typing), and
+    Ctrl-C finds every line before it sent."""
+    if stat.S_ISREG(os.fstat(stream.fileno()).st_mode):  # a file given as `< file`: never waits
+        for each in events(stream, max_text_bytes=max_text_bytes):
+            yield each
+        return
+    limit = 4 * max_text_bytes + (1 << 20)  # JSON escapes and metadata around the text
+    reader = asyncio.StreamReader(limit=limit)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
+    try:
+        number = 0
+        while True:
+            number += 1
+            try:
+                line = await reader.readline()
+            except ValueError:
+                raise BadLine(number, f"longer than {limit} bytes") from None
+            if not line:
+                return
+            if (event := _event(number, line, max_text_bytes)) is not None:
+                yield event
+    finally:
+        transport.close()
+
+
+def _event(number: int, line: bytes, max_text_bytes: int) -> tuple[int, bytes, bytes] | None:
+    body = (line.removeprefix(BOM) if number == 1 else line).strip()
+    if not body:
+        return None
+    try:
+        event = decode_event(None, body, max_text_bytes=max_text_bytes)
+    except RecordError as exc:
+        raise BadLine(number, str(exc)) from exc
+    return number, event.doc_id.encode("utf-8", "surrogatepass"), body
 
 
 async def produce(settings: Settings, source: str) -> int:
@@ -87,7 +122,7 @@ async def produce(settings: Settings, source: str) -> int:
             await start_producer(producer)
         stream = sys.stdin.buffer if source == "-" else path.open("rb")  # noqa: ASYNC230
         with stream:
-            for number, key, value in events(stream, max_text_bytes=settings.max_text_bytes):
+            async for number, key, value in _streamed(stream, max_text_bytes=settings.max_text_bytes):
                 progress.pending.append((number, await producer.send(topic, key=key, value=value)))
                 if len(progress.pending) >= ACK_EVERY:
                     await asyncio.gather(*(f for _, f in progress.pending))
@@ -114,7 +149,7 @@ async def produce(settings: Settings, source: str) -> int:
         print(f"ingest-worker produce: interrupted; {progress.line()}", file=sys.stderr)
         raise
     await _stop(producer, progress)
-    print(f"published {progress.sent} events to {topic}")
+    print(f"published {progress.sent} event{'' if progress.sent == 1 else 's'} to {topic}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,30 @@ async def test_standard_input_stops_at_a_bad_line_and_says_how_far_it_got(env: E
     message = one_line_error(result)
     assert "line 3:" in message and "published 2 (through line 2)" in message, message
     assert await published(env) == 2
+
+
+async def test_ctrl_c_while_reading_standard_input_says_how_many_went_out(env: Env) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "produce",
+        "-",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", **env.values},
+    )
+    assert process.stdin is not None
+    process.stdin.write("".join(f"{line(f'i-{n}')}\n" for n in range(50)).encode())
+    await process.stdin.drain()  # ...and the pipe stays open, as a person typing or a slow upstream
+    deadline = asyncio.get_running_loop().time() + 30
+    while await published(env) < 50:
+        assert asyncio.get_running_loop().time() < deadline, "the 50 lines never went out"
+        await asyncio.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, raw = await asyncio.wait_for(process.communicate(), 30)
+    stderr = raw.decode()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted; published 50 (through line 50)" in stderr, stderr
+    assert await published(env) == 50
