@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import structlog
@@ -23,28 +22,13 @@ from worker import metrics
 from worker.errors import ConfigError, WorkerError
 from worker.kafka import client_options
 from worker.settings import Settings
+from worker.types import Record
 
 log = structlog.get_logger()
 
-Headers = Sequence[tuple[str, bytes]]
 PartitionsCallback = Callable[[set[TopicPartition]], Awaitable[None]]
 END_OFFSETS_EVERY = 5.0  # seconds between end-offset requests while paused
 TWIN_ASSIGNMENTS = 5  # static member assignments within one session timeout that tell of a twin
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = ()
-    size: int = field(default=0, compare=False)
-
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
 
 
 class RecordSource(Protocol):

@@ -28,9 +28,9 @@ from worker import metrics
 from worker.errors import BrokerUnavailable, DeadLetterRefused, RecordError
 from worker.kafka import make_producer, start_producer
 from worker.settings import Settings
+from worker.types import Record
 
 log = structlog.get_logger()
-Headers = Sequence[tuple[str, bytes]]
 
 VALUE_OMITTED = "dlq.value.omitted"
 VALUE_SIZE = "dlq.value.size"
@@ -43,12 +43,9 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
+    """A record that can never succeed, and why."""
+
+    record: Record
     error: RecordError
     attempts: int = 1
 
@@ -89,9 +86,9 @@ def dead_letter_headers(
 ) -> list[tuple[str, bytes]]:
     failed_at = failed_at or dt.datetime.now(dt.UTC)
     ours = {
-        "dlq.original.topic": letter.topic,
-        "dlq.original.partition": str(letter.partition),
-        "dlq.original.offset": str(letter.offset),
+        "dlq.original.topic": letter.record.topic,
+        "dlq.original.partition": str(letter.record.partition),
+        "dlq.original.offset": str(letter.record.offset),
         "dlq.error.stage": letter.error.stage,
         "dlq.error.class": type(letter.error).__name__,
         "dlq.error.message": str(letter.error)[:2000],
@@ -99,11 +96,11 @@ def dead_letter_headers(
         "dlq.failed.at": failed_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
     if fit >= Fit.WITHOUT_VALUE:
-        ours |= {VALUE_OMITTED: "true", VALUE_SIZE: str(len(letter.value or b""))}
+        ours |= {VALUE_OMITTED: "true", VALUE_SIZE: str(len(letter.record.value or b""))}
     if fit >= Fit.HEADERS_ONLY:
-        ours |= {KEY_OMITTED: "true", KEY_SIZE: str(len(letter.key or b"")), HEADERS_OMITTED: "true"}
+        ours |= {KEY_OMITTED: "true", KEY_SIZE: str(len(letter.record.key or b"")), HEADERS_OMITTED: "true"}
         return [(k, v.encode("utf-8")) for k, v in ours.items()]
-    kept = [(k, v) for k, v in letter.headers if k not in ours]
+    kept = [(k, v) for k, v in letter.record.headers if k not in ours]
     return kept + [(k, v.encode("utf-8")) for k, v in ours.items()]
 
 
@@ -112,15 +109,15 @@ def outgoing(letter: DeadLetter, fit: Fit = Fit.WHOLE) -> Outgoing:
     value would read as a tombstone (a delete) to anything that replays it."""
     headers = dead_letter_headers(letter, fit=fit)
     if fit == Fit.WHOLE:
-        return Outgoing(letter.key, letter.value, headers)
-    return Outgoing(letter.key if fit == Fit.WITHOUT_VALUE else None, b"", headers)
+        return Outgoing(letter.record.key, letter.record.value, headers)
+    return Outgoing(letter.record.key if fit == Fit.WITHOUT_VALUE else None, b"", headers)
 
 
 def smaller_fits(letter: DeadLetter, after: Fit) -> list[Fit]:
     """The fits after ``after`` that leave out something ``letter`` has."""
     has = {
-        Fit.WITHOUT_VALUE: bool(letter.value),
-        Fit.HEADERS_ONLY: bool(letter.key) or bool(letter.headers),
+        Fit.WITHOUT_VALUE: bool(letter.record.value),
+        Fit.HEADERS_ONLY: bool(letter.record.key) or bool(letter.record.headers),
     }
     return [fit for fit in Fit if fit > after and has[fit]]
 
@@ -185,8 +182,8 @@ class KafkaDeadLetterSink:
                 raise self._unavailable(outcome) from _cause(outcome)
             refusal = outcome
         raise DeadLetterRefused(
-            f"the dead-letter topic {self._topic} refuses the letter of {letter.topic}/{letter.partition}/"
-            f"{letter.offset} even without its value, key and headers ({_describe(refusal)}): "
+            f"the dead-letter topic {self._topic} refuses the letter of {_where(letter.record)} "
+            f"even without its value, key and headers ({_describe(refusal)}): "
             "raise the topic's max.message.bytes"
         ) from _cause(refusal)
 
@@ -264,12 +261,16 @@ def _shrunk(letter: DeadLetter, fit: Fit, topic: str, refusal: BaseException) ->
     metrics.DEAD_LETTERS_OVERSIZE.labels(omitted=fit.omitted).inc()
     log.warning(
         "dead_letter_oversize",
-        topic=letter.topic,
-        partition=letter.partition,
-        offset=letter.offset,
+        topic=letter.record.topic,
+        partition=letter.record.partition,
+        offset=letter.record.offset,
         dlq_topic=topic,
         omitted=fit.omitted,
-        value_bytes=len(letter.value or b""),
-        key_bytes=len(letter.key or b""),
+        value_bytes=len(letter.record.value or b""),
+        key_bytes=len(letter.record.key or b""),
         refused_by=_describe(refusal),
     )
+
+
+def _where(record: Record) -> str:
+    return f"{record.topic}/{record.partition}/{record.offset}"

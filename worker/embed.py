@@ -8,25 +8,20 @@ read their type, never their text.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import collections
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
-import numpy.typing as npt
 import orjson
 
 from worker import metrics
-from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected, RecordError
+from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected
 from worker.limits import AdaptiveConcurrency, Budget
 from worker.settings import Settings
-
-Vector = npt.NDArray[np.float32]
+from worker.types import Vector
 
 # Statuses that say "this input can never be embedded": the record is at fault.
 _REJECTED = frozenset({400, 413, 422})
@@ -196,156 +191,3 @@ def _error_message(payload: bytes) -> str:
 
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
-
-
-class EmbeddingBatcher:
-    """Fill embedding requests across documents, partitions and tenants.
-
-    ``submit`` returns a future per text. A dispatcher forms a request when one of
-    ``max_outstanding`` request slots is free and it has ``batch_size`` inputs or
-    ``batch_chars`` characters pending, or its oldest input has waited ``linger`` seconds.
-    Requests are filled round-robin across tenants, one input each in turn, so a tenant that
-    floods (or keeps failing) gets its share of the embedding capacity and no more.
-    """
-
-    def __init__(
-        self,
-        send: Callable[[list[str]], Awaitable[Sequence[Vector | RecordError]]],
-        *,
-        batch_size: int,
-        batch_chars: int,
-        linger: float,
-        max_outstanding: int,
-    ) -> None:
-        self._send = send
-        self._batch_size = batch_size
-        self._batch_chars = batch_chars
-        self._linger = linger
-        self._queues: dict[str | None, collections.deque[tuple[str, asyncio.Future[Vector]]]] = {}
-        self._turns: collections.deque[str | None] = collections.deque()  # tenants with work, in turn order
-        self._count = 0
-        self._chars = 0
-        self._oldest: float | None = None
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_outstanding)
-        self._requests: dict[asyncio.Task[None], list[asyncio.Future[Vector]]] = {}
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="embed-dispatcher")
-
-    def submit(self, text: str, tenant: str | None = None) -> asyncio.Future[Vector]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Vector] = loop.create_future()
-        queue = self._queues.get(tenant)
-        if queue is None:
-            queue = self._queues[tenant] = collections.deque()
-            self._turns.append(tenant)
-        queue.append((text, future))
-        self._count += 1
-        self._chars += len(text)
-        if self._oldest is None:
-            self._oldest = loop.time()
-        self._wakeup.set()
-        return future
-
-    @property
-    def pending(self) -> int:
-        return self._count
-
-    async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._slots.acquire()
-            try:
-                while True:
-                    self._wakeup.clear()
-                    if self._count >= self._batch_size or self._chars >= self._batch_chars:
-                        break
-                    if self._count and self._oldest is not None:
-                        remaining = self._oldest + self._linger - loop.time()
-                        if remaining <= 0:
-                            break
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    else:
-                        await self._wakeup.wait()
-                texts, futures = self._take()
-            except BaseException:
-                self._slots.release()
-                raise
-            task = loop.create_task(self._request(texts, futures), name="embed-request")
-            self._requests[task] = futures
-            task.add_done_callback(self._request_done)
-
-    def _request_done(self, task: asyncio.Task[None]) -> None:
-        for future in self._requests.pop(task, ()):
-            if not future.done():  # the task was cancelled before it could answer them
-                future.cancel()
-        self._slots.release()
-
-    def _take(self) -> tuple[list[str], list[asyncio.Future[Vector]]]:
-        """One input from each tenant in turn until the request is full."""
-        texts: list[str] = []
-        futures: list[asyncio.Future[Vector]] = []
-        chars = 0
-        while self._turns and len(texts) < self._batch_size:
-            tenant = self._turns[0]
-            queue = self._queues[tenant]
-            text, future = queue[0]
-            if texts and chars + len(text) > self._batch_chars:
-                break
-            queue.popleft()
-            self._turns.rotate(-1)
-            if not queue:
-                del self._queues[tenant]
-                self._turns.remove(tenant)
-            if future.cancelled():
-                self._count -= 1
-                self._chars -= len(text)
-                continue
-            texts.append(text)
-            futures.append(future)
-            chars += len(text)
-        self._count -= len(texts)
-        self._chars -= chars
-        self._oldest = asyncio.get_running_loop().time() if self._count else None
-        return texts, futures
-
-    async def _request(self, texts: list[str], futures: list[asyncio.Future[Vector]]) -> None:
-        if not texts:
-            return
-        try:
-            results = await self._send(texts)
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()
-            raise
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting document as-is
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        if len(results) != len(futures):
-            error = EmbeddingProtocolError(f"{len(results)} results for {len(futures)} inputs")
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for future, result in zip(futures, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, RecordError):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def close(self) -> None:
-        """Cancel the dispatcher, queued inputs and running requests (their futures too)."""
-        self._dispatcher.cancel()
-        for queue in self._queues.values():
-            for _, future in queue:
-                future.cancel()
-        self._queues.clear()
-        self._turns.clear()
-        self._count = self._chars = 0
-        for task in list(self._requests):
-            task.cancel()
-        await asyncio.gather(self._dispatcher, *self._requests, return_exceptions=True)

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
-from worker.consume import Record
 from worker.decode import DocumentEvent
-from worker.embed import Vector
+from worker.types import Record, Vector
 
 
 class PartitionOffsets:

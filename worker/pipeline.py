@@ -24,16 +24,13 @@ import structlog
 
 from worker import metrics
 from worker.chunk import Chunk, chunk_text
-from worker.consume import Record
 from worker.decode import decode_event
 from worker.dependency import Dependency
 from worker.dlq import DeadLetter, DeadLetterSink
-from worker.embed import Embedder, EmbeddingBatcher, Vector
-from worker.embed import probe as probe_embedding
+from worker.embed import Embedder
+from worker.embedding import EmbeddingStage
 from worker.errors import (
-    AttemptsExhausted,
     ChunkError,
-    InputRejected,
     RecordError,
     StaleRead,
     StoreRejected,
@@ -42,9 +39,10 @@ from worker.errors import (
 from worker.inflight import InFlight, Job, Purchase, Purchases, vectors_of
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
-from worker.retry import ShuttingDown, backoff, sleep_unless
+from worker.retry import ShuttingDown, backoff, isolate, sleep_unless
 from worker.settings import Settings
-from worker.store import DocumentStore, DocumentWrite, Source
+from worker.store import DocumentStore, DocumentWrite
+from worker.types import Record, Vector
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -108,14 +106,8 @@ class Pipeline:
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._embedded: asyncio.Queue[Prepared] = asyncio.Queue()
         self._dead: asyncio.Queue[Dead] = asyncio.Queue()
-        self._batcher = EmbeddingBatcher(
-            self._embed_isolating,
-            batch_size=settings.embedding_batch_size,
-            batch_chars=settings.embedding_batch_chars,
-            linger=settings.embedding_linger_ms / 1000,
-            max_outstanding=settings.embedding_concurrency,
-        )
-        self.purchases = Purchases(self._batcher.submit)
+        self._embedding = EmbeddingStage(embedder, dependencies.embedding, settings)
+        self.purchases = Purchases(self._embedding.submit)
         self._carried: dict[Job, list[Purchase]] = {}  # a re-planned job's, until it is prepared again
         self._drained = asyncio.Event()
         self._drained.set()
@@ -143,7 +135,7 @@ class Pipeline:
         try:
             event = decode_event(record.key, record.value, max_text_bytes=self._settings.max_text_bytes)
         except RecordError as exc:
-            self._dead.put_nowait(Dead(_letter(record, exc), None, record))
+            self._dead.put_nowait(Dead(DeadLetter(record, exc), None, record))
             return
         job = self.inflight.route(record, event)
         if job is not None:
@@ -159,7 +151,7 @@ class Pipeline:
 
     async def close(self) -> None:
         """Abandon what is left (its offsets stay uncommitted) and stop the stages."""
-        await self._batcher.close()
+        await self._embedding.close()
         tasks = [*self._stages, *self._waits]
         for task in tasks:
             task.cancel()
@@ -191,6 +183,14 @@ class Pipeline:
         self._stop.set()
 
     async def _prepare(self, jobs: list[Job]) -> None:
+        prepared = await self._plan(jobs)
+        await self._submit(prepared)
+        for job in jobs:  # prepared again: what it held before is held anew, or not needed
+            self.purchases.release(self._carried.pop(job, ()), stored=False)
+
+    async def _plan(self, jobs: list[Job]) -> list[Prepared]:
+        """Each job's winning change against the stored state, chunked; jobs that change nothing
+        finish here, and a document that cannot be chunked is dead-lettered."""
         ids = sorted({job.doc_id for job in jobs})
         stored = await self._deps.database.call(lambda: self._store.read_states(ids))
         prepared: list[Prepared] = []
@@ -204,13 +204,16 @@ class Pipeline:
             try:
                 chunks = [] if change.after.deleted else self._chunk(change.event.text)
             except ChunkError as exc:
-                self._dead.put_nowait(Dead(_letter(record, exc), job, record))
+                self._dead.put_nowait(Dead(DeadLetter(record, exc), job, record))
                 continue
             prepared.append(Prepared(job, change, record, chunks))
+        return prepared
 
-        # Embeddings already paid for (same content, same model) are reused, not bought again:
-        # those being bought for other documents, then those stored. Purchases are held before the
-        # lookup, so none can pass from in flight to stored between the two unseen.
+    async def _submit(self, prepared: list[Prepared]) -> None:
+        """Ask for each chunk's vector, buying only what was never paid for: embeddings being
+        bought for other documents are joined, stored ones reused, the rest bought. Purchases are
+        held before the stored lookup, so none can pass from in flight to stored between the two
+        unseen."""
         for p in prepared:
             for chunk in p.chunks:
                 if chunk.digest not in p.held and (purchase := self.purchases.join(chunk.digest)):
@@ -241,14 +244,12 @@ class Pipeline:
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
         metrics.EMBEDDINGS_REUSED.inc(sum(len(p.chunks) for p in prepared) - bought)
-        for job in jobs:  # prepared again: what it held before is held anew, or not needed
-            self.purchases.release(self._carried.pop(job, ()), stored=False)
 
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
             p.vectors = await vectors_of(futures)
         except RecordError as exc:  # rejected, or failed every attempt while the API was up
-            self._dead.put_nowait(Dead(_letter(p.record, exc), p.job, p.record))
+            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job, p.record))
         except ShuttingDown:
             pass
         except Exception as exc:  # noqa: BLE001 - e.g. vectors of the wrong dimension: misconfiguration
@@ -259,29 +260,20 @@ class Pipeline:
         self.purchases.release(p.held.values(), stored=False)
 
     async def _write(self, batch: list[Prepared]) -> None:
-        writes = [
-            DocumentWrite(
-                p.change, Source(p.record.topic, p.record.partition, p.record.offset), p.chunks, p.vectors
-            )
-            for p in batch
-        ]
+        """Store a batch in one transaction; a document PostgreSQL refuses, or a write it keeps
+        cancelling, is isolated by halving so that the rest of the batch is stored."""
+        await isolate(batch, self._write_once, faults=(StoreRejected, WriteTimedOut), alone=self._write_alone)
+
+    async def _write_once(self, batch: list[Prepared]) -> list[None]:
+        writes = [DocumentWrite(p.change, p.record, p.chunks, p.vectors) for p in batch]
         started = time.perf_counter()
         try:
             moved = await self._deps.database.call(lambda: self._store.write(writes))
         except StaleRead:
             moved = {p.job.doc_id for p in batch}
         except WriteTimedOut as exc:
-            await self._write_smaller(batch, exc)
-            return
-        except StoreRejected as exc:
-            if len(batch) == 1:
-                self.purchases.release(batch[0].held.values(), stored=False)
-                self._dead.put_nowait(Dead(_letter(batch[0].record, exc), batch[0].job, batch[0].record))
-                return
-            half = len(batch) // 2  # isolate the document PostgreSQL refuses
-            await self._write(batch[:half])
-            await self._write(batch[half:])
-            return
+            log.warning("write_timed_out", documents=len(batch), error=str(exc)[:300])
+            raise
         for p in batch:
             if p.job.doc_id in moved:
                 self._carried[p.job] = list(p.held.values())  # its vectors stay for the next plan
@@ -303,16 +295,15 @@ class Pipeline:
             in_flight=self.inflight.records,
             seconds=round(seconds, 4),
         )
+        return [None] * len(batch)
 
-    async def _write_smaller(self, batch: list[Prepared], exc: WriteTimedOut) -> None:
-        """A write the database cancelled (statement_timeout): halves, down to one document, which
-        is retried until it fits; meanwhile /readyz says writes are failing. Never dead-lettered:
+    async def _write_alone(self, p: Prepared, exc: Exception) -> None:
+        """One document at fault: refused, it is dead-lettered. Cancelled by the database
+        (statement_timeout), it is retried until it fits while /readyz says writes are failing:
         the limit is the database's, not the record's fault."""
-        log.warning("write_timed_out", documents=len(batch), error=str(exc)[:300])
-        if len(batch) > 1:
-            half = len(batch) // 2
-            await self._write(batch[:half])
-            await self._write(batch[half:])
+        if isinstance(exc, StoreRejected):
+            self.purchases.release(p.held.values(), stored=False)
+            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job, p.record))
             return
         self._timeouts += 1
         self.write_failure = str(exc)[:300]
@@ -320,7 +311,7 @@ class Pipeline:
             await sleep_unless(self._stop, backoff(self._timeouts, initial=1.0, cap=30.0))
         except ShuttingDown:
             return
-        await self._write(batch)
+        await self._write([p])
 
     async def _send_dead_letters(self, batch: list[Dead]) -> None:
         letters = [d.letter for d in batch]
@@ -349,37 +340,6 @@ class Pipeline:
         if len(chunks) > MAX_CHUNKS_PER_DOCUMENT:
             raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
         return chunks
-
-    async def _embed_isolating(
-        self, texts: list[str], *, checked: bool = False
-    ) -> list[Vector | RecordError]:
-        """Embed; when the API refuses the request (or it fails every attempt while the API is up),
-        split it to find the inputs at fault. The rest of the request is embedded as usual.
-
-        A refusal is first checked against an input any model takes (once per request, not at each
-        split): an API that refuses that too refuses every record, and is waited out as an outage.
-        """
-        attempts = self._settings.embedding_max_attempts
-        deadline = self._settings.embedding_retry_deadline_seconds
-
-        async def attempt() -> list[Vector]:
-            try:
-                return await self._embedder.embed(texts)
-            except InputRejected:
-                if not checked:
-                    await probe_embedding(self._embedder)  # EmbeddingUnavailable if it refuses all
-                raise
-
-        try:
-            return list(await self._deps.embedding.call(attempt, attempts=attempts, deadline=deadline))
-        except (InputRejected, AttemptsExhausted) as exc:
-            if len(texts) == 1:
-                return [exc]
-            half = len(texts) // 2
-            return [
-                *await self._embed_isolating(texts[:half], checked=True),
-                *await self._embed_isolating(texts[half:], checked=True),
-            ]
 
     def _finish(self, job: Job, *, outcome: str | None) -> None:
         """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);
@@ -449,9 +409,3 @@ def _resolved(vector: Vector) -> asyncio.Future[Vector]:
     future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
     future.set_result(vector)
     return future
-
-
-def _letter(record: Record, error: RecordError) -> DeadLetter:
-    return DeadLetter(
-        record.topic, record.partition, record.offset, record.key, record.value, record.headers, error
-    )

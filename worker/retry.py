@@ -1,4 +1,5 @@
-"""Backoff and stop-aware waiting, for every retry loop (the policy itself: worker.dependency).
+"""Backoff, stop-aware waiting, and isolating the item at fault by halving (the retry policy
+itself: worker.dependency).
 
 Every wait races the worker's stop event so that shutdown is prompt.
 """
@@ -8,8 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from worker.errors import WorkerError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ShuttingDown(WorkerError):
@@ -29,3 +35,23 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     if stop.is_set():
         raise ShuttingDown("stopping")
+
+
+async def isolate(
+    items: list[T],
+    attempt: Callable[[list[T]], Awaitable[list[R]]],
+    *,
+    faults: tuple[type[Exception], ...],
+    alone: Callable[[T, Exception], Awaitable[R]],
+) -> list[R]:
+    """``attempt(items)``, one result per item; when it raises one of ``faults``, each half is
+    attempted on its own, down to single items, which ``alone`` answers with the fault. The
+    items at fault are found in about log2(n) rounds each, and the rest succeed as usual."""
+    try:
+        return await attempt(items)
+    except faults as exc:
+        if len(items) == 1:
+            return [await alone(items[0], exc)]
+        half = len(items) // 2
+        first = await isolate(items[:half], attempt, faults=faults, alone=alone)
+        return [*first, *await isolate(items[half:], attempt, faults=faults, alone=alone)]

@@ -18,7 +18,6 @@ import orjson
 from pgvector.asyncpg import register_vector
 
 from worker.chunk import Chunk
-from worker.embed import Vector
 from worker.errors import (
     ConfigError,
     DatabaseRefused,
@@ -29,6 +28,7 @@ from worker.errors import (
 )
 from worker.plan import Change, DocState
 from worker.settings import Settings
+from worker.types import Record, Vector
 
 MIGRATION_LOCK: Final = 0x656D6265  # pg_advisory_xact_lock key: concurrent `migrate`s queue up
 # One HNSW build at a time. Taken with pg_try_advisory_lock and polled from outside any
@@ -230,18 +230,11 @@ _OUTAGE_ERRORS: Final = (
 
 
 @dataclass(frozen=True, slots=True)
-class Source:
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
 class DocumentWrite:
     """One document's change with its chunks and their embeddings, ready to store."""
 
     change: Change
-    source: Source
+    record: Record  # the event's, for the row's source columns
     chunks: Sequence[Chunk]
     embeddings: Sequence[Vector]
 
@@ -536,9 +529,9 @@ def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
             event.tenant,
             len(w.chunks) if live else 0,
             sha256(event.text) if live else None,
-            w.source.topic,
-            w.source.partition,
-            w.source.offset,
+            w.record.topic,
+            w.record.partition,
+            w.record.offset,
         )
         for column, value in zip(columns, row, strict=True):
             column.append(value)

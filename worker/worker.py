@@ -15,7 +15,7 @@ import structlog
 from aiokafka import TopicPartition
 
 from worker import metrics
-from worker.consume import Record, RecordSource
+from worker.consume import RecordSource
 from worker.dependency import Dependency
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
@@ -23,6 +23,7 @@ from worker.embed import probe as probe_embedding
 from worker.pipeline import Dependencies, Pipeline
 from worker.settings import Settings
 from worker.store import DocumentStore
+from worker.types import Record
 
 log = structlog.get_logger()
 

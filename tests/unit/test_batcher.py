@@ -1,4 +1,4 @@
-"""worker/embed.py EmbeddingBatcher: how requests are filled, flushed, answered and cancelled."""
+"""worker/embedding.py EmbeddingBatcher: how requests are filled, flushed, answered and cancelled."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import numpy as np
 import pytest
 
-from worker.embed import EmbeddingBatcher, Vector
+from worker.embedding import EmbeddingBatcher
 from worker.errors import EmbeddingUnavailable, InputRejected, RecordError
+from worker.types import Vector
 
 LONG = 60.0  # a linger that never runs out within a test
 

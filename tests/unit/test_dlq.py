@@ -16,17 +16,18 @@ from tests.unit.test_worker import FakeDeadLetters, log_of, rig, upsert
 from worker.dlq import DeadLetter, Fit, KafkaDeadLetterSink, outgoing, smaller_fits
 from worker.errors import BrokerUnavailable, DeadLetterRefused, DecodeError, DependencyError
 from worker.settings import Settings
+from worker.types import Record
 
 SETTINGS = Settings.load({"KAFKA_TOPIC": "docs"})
 DLQ = SETTINGS.dlq_topic
-Record = tuple[bytes | None, bytes | None, dict[str, bytes]]
+Sent = tuple[bytes | None, bytes | None, dict[str, bytes]]
 HEADERS = [("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
 
 
 def letter(
     offset: int, value: bytes | None, *, key: bytes | None = b"doc-1", headers: Any = HEADERS
 ) -> DeadLetter:
-    return DeadLetter("docs", 2, offset, key, value, headers, DecodeError("value is not JSON"))
+    return DeadLetter(Record("docs", 2, offset, key, value, headers), DecodeError("value is not JSON"))
 
 
 def size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
@@ -38,7 +39,7 @@ class Broker:
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
-        self.log: list[Record] = []
+        self.log: list[Sent] = []
         self.down = False
         self.batches: list[int] = []  # records per batch the producers sent
 
@@ -54,7 +55,7 @@ class FakeProducer:
         self.max_request_size = max_request_size
         self.spoilt = False
         self.started = self.stopped = False
-        self._batch: list[tuple[Record, asyncio.Future[None]]] = []
+        self._batch: list[tuple[Sent, asyncio.Future[None]]] = []
 
     async def start(self) -> None:
         self.started = True

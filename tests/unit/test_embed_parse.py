@@ -13,6 +13,7 @@ import pytest
 from worker.dlq import DeadLetter, dead_letter_headers
 from worker.embed import parse_embeddings
 from worker.errors import EmbeddingProtocolError, InputRejected, RecordError, ValidationError
+from worker.types import Record
 
 
 def answer(*items: tuple[int, Any]) -> bytes:
@@ -135,7 +136,9 @@ CONTRACT_HEADERS = {
 def letter(
     error: RecordError, headers: list[tuple[str, bytes]] | None = None, attempts: int = 1
 ) -> DeadLetter:
-    return DeadLetter("documents", 3, 1234567, b"doc-1", b'{"id": "doc-1"}', headers or [], error, attempts)
+    return DeadLetter(
+        Record("documents", 3, 1234567, b"doc-1", b'{"id": "doc-1"}', headers or []), error, attempts
+    )
 
 
 def test_every_contract_header_with_its_value() -> None:

@@ -11,11 +11,10 @@ from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.consume import Record
 from worker.decode import DocumentEvent
-from worker.embed import Vector
 from worker.errors import InputRejected
 from worker.inflight import InFlight, Job, PartitionOffsets, Purchases, vectors_of
+from worker.types import Record, Vector
 
 TOPIC = "docs"
 P0, P1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)

@@ -14,6 +14,7 @@ from aiokafka import TopicPartition
 from worker.dlq import DeadLetter, Fit, dead_letter_headers, outgoing
 from worker.errors import AttemptsExhausted, DecodeError, EmbeddingUnavailable, StoreRejected
 from worker.replay import LEDGER_BUDGET, Choices, Filters, Ledger, Ranges, Summary, _Run, parse_time
+from worker.types import Record
 
 UTC = dt.UTC
 NOON = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -90,7 +91,9 @@ def test_every_filter_must_match() -> None:
 
 def at(moment: dt.datetime) -> dict[str, str]:
     """Headers stamped the way worker.dlq stamps dlq.failed.at."""
-    letter = DeadLetter("docs", 0, 7, b"k", b"{}", (), AttemptsExhausted(EmbeddingUnavailable("503"), 5))
+    letter = DeadLetter(
+        Record("docs", 0, 7, b"k", b"{}", ()), AttemptsExhausted(EmbeddingUnavailable("503"), 5)
+    )
     return {k: v.decode() for k, v in dead_letter_headers(letter, failed_at=moment)}
 
 
@@ -221,11 +224,11 @@ def test_summary_lines_report_every_count_and_stages_sorted() -> None:
 
 
 def test_dead_letter_headers_carry_what_the_filters_read() -> None:
-    letter = DeadLetter("docs", 3, 99, b"doc-9", b"{}", (), StoreRejected("value too long"))
+    letter = DeadLetter(Record("docs", 3, 99, b"doc-9", b"{}", ()), StoreRejected("value too long"))
     found = {k: v.decode() for k, v in dead_letter_headers(letter, failed_at=NOON)}
     assert Filters(
         stage="store", error_class="StoreRejected", original_topic="docs", key="doc-9", since=NOON
-    ).match(found, letter.key)
+    ).match(found, letter.record.key)
 
 
 # -- letters sent without their value ---------------------------------------------------------------
@@ -242,7 +245,7 @@ async def letter(message: Any, choices: Choices, summary: Summary, out: io.Strin
 
 
 def message(fit: Fit, *, offset: int = 5) -> SimpleNamespace:
-    letter = DeadLetter("docs", 2, 41, b"doc-9", b"<" * 60_000, (), DecodeError("value is not JSON"))
+    letter = DeadLetter(Record("docs", 2, 41, b"doc-9", b"<" * 60_000, ()), DecodeError("value is not JSON"))
     record = outgoing(letter, fit)
     return SimpleNamespace(
         partition=0, offset=offset, key=record.key, value=record.value, headers=record.headers

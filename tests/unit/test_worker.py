@@ -18,10 +18,10 @@ import pytest
 from aiokafka import TopicPartition
 
 from worker.chunk import chunk_text
-from worker.consume import PartitionsCallback, Record
+from worker.consume import PartitionsCallback
 from worker.dependency import Dependency
 from worker.dlq import DeadLetter
-from worker.embed import KNOWN_GOOD_INPUT, Vector
+from worker.embed import KNOWN_GOOD_INPUT
 from worker.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -35,6 +35,7 @@ from worker.plan import DocState
 from worker.retry import ShuttingDown
 from worker.settings import Settings
 from worker.store import DocumentWrite, sha256
+from worker.types import Record, Vector
 from worker.worker import Worker
 
 TOPIC = "docs"
@@ -372,7 +373,7 @@ class FakeStore:
             self.metadata[doc_id] = w.change.event.metadata
         written = sorted((w for w in writes if w.change.event.doc_id not in moved), key=_doc_id)
         if written:
-            self.journal.append(("write", [(w.source.partition, w.source.offset) for w in written]))
+            self.journal.append(("write", [(w.record.partition, w.record.offset) for w in written]))
         return moved
 
     def put(self, doc_id: str, text: str, version: int | None) -> None:
@@ -475,7 +476,7 @@ class FakeDeadLetters:
             self.journal.append(("dlq_failed", len(letters)))
             raise BrokerUnavailable("dead-letter topic not writable")
         self.letters.extend(letters)
-        self.journal.append(("dlq", [(d.partition, d.offset) for d in letters]))
+        self.journal.append(("dlq", [(d.record.partition, d.record.offset) for d in letters]))
 
     async def ping(self) -> None:
         if self.failures > 0:
@@ -711,7 +712,7 @@ async def test_bad_records_are_dead_lettered_with_their_stage_and_the_rest_store
 
     assert set(r.store.documents) == {"g1", "g2"}
     assert r.store.chunks == {"g1": expected_chunks(TEXT_C), "g2": expected_chunks(TEXT_B)}
-    by_offset = {d.offset: d for d in r.dead.letters}
+    by_offset = {d.record.offset: d for d in r.dead.letters}
     assert len(by_offset) == len(r.dead.letters) == 5
     assert {o - 100: (d.error.stage, type(d.error).__name__) for o, d in by_offset.items()} == {
         1: ("decode", "DecodeError"),
@@ -721,15 +722,8 @@ async def test_bad_records_are_dead_lettered_with_their_stage_and_the_rest_store
         6: ("validate", "ValidationError"),
     }
     for d in r.dead.letters:
-        original = next(rec for rec in records if rec.offset == d.offset)
-        assert (d.topic, d.partition, d.key, d.value, tuple(d.headers)) == (
-            TOPIC,
-            1,
-            original.key,
-            original.value,
-            original.headers,
-        )
-    assert tuple(by_offset[102].headers) == tuple(traceparent)
+        assert d.record == next(rec for rec in records if rec.offset == d.record.offset), "the record, whole"
+    assert tuple(by_offset[102].record.headers) == tuple(traceparent)
     r.assert_all_committed()
     # No offset was marked stored before its dead letter was acknowledged (or its document written).
     r.assert_marks_never_passed_unfinished()
@@ -748,8 +742,12 @@ async def test_rejected_document_is_dead_lettered_and_the_others_in_its_request_
     await r.run()
 
     [letter] = r.dead.letters
-    assert (letter.offset, letter.error.stage, type(letter.error).__name__) == (1, "embed", "InputRejected")
-    assert letter.value == upsert("p", poisoned, 2)[1]
+    assert (letter.record.offset, letter.error.stage, type(letter.error).__name__) == (
+        1,
+        "embed",
+        "InputRejected",
+    )
+    assert letter.record.value == upsert("p", poisoned, 2)[1]
     assert r.store.documents["p"] == DocState(1, False), "the stored version is left as it was"
     assert r.store.chunks["p"] == expected_chunks("Papa version one, stored earlier.")
     for doc_id, text in [("a", TEXT_A2), ("b", TEXT_B), ("c", TEXT_F)]:
@@ -823,7 +821,7 @@ async def test_dead_letter_topic_outage_holds_the_commit_until_the_letters_are_a
         settings=make_settings(EMBEDDING_MAX_ATTEMPTS="2"),
     )
     await r.run()
-    assert [(d.offset, d.error.stage) for d in r.dead.letters] == [(1, "decode")]
+    assert [(d.record.offset, d.error.stage) for d in r.dead.letters] == [(1, "decode")]
     assert r.store.chunks == {"a": expected_chunks(TEXT_C), "b": expected_chunks(TEXT_B)}
     assert r.dead.failures == 0
     assert any(kind == "mark" and detail == {0: 1} for kind, detail in r.journal), (
@@ -1141,7 +1139,7 @@ async def test_documents_sharing_a_rejected_chunk_each_get_its_rejection_and_the
     await until(lambda: sent(embedder, "Yankee") and sent(embedder, "Zulu"))
     answer_x.set()
     await running
-    assert sorted((d.key, d.error.stage, type(d.error).__name__) for d in r.dead.letters) == [
+    assert sorted((d.record.key, d.error.stage, type(d.error).__name__) for d in r.dead.letters) == [
         (b"x", "embed", "InputRejected"),
         (b"y", "embed", "InputRejected"),
     ]
@@ -1223,7 +1221,7 @@ async def test_every_purchase_leaves_once_its_documents_are_stored_or_dead_lette
             pipeline.admit(record)
         assert await pipeline.drain(within=2)
         assert len(pipeline.purchases) == 0
-    assert sorted(d.key for d in dead.letters) == [b"p", b"q"]
+    assert sorted(d.record.key for d in dead.letters) == [b"p", b"q"]
     assert set(store.documents) == {"x", "y"}
     assert any(kind == "stale" for kind, _ in store.journal), "a write was planned again"
     assert all(n == 1 for n in embedder.bought().values()), "re-planning bought a vector again"
