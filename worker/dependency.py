@@ -16,6 +16,7 @@ import datetime as dt
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
@@ -219,3 +220,32 @@ class _OutOfAttempts(Exception):  # an internal signal between _attempts and cal
 def _systemic(exc: DependencyError) -> bool:
     """A rate limit throttles everyone: it never counts against one request's attempts."""
     return isinstance(exc, EmbeddingUnavailable) and exc.status == 429
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """One circuit breaker per dependency, shared by every pipeline of a worker."""
+
+    embedding: Dependency
+    database: Dependency
+    dead_letters: Dependency
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        embedding: Callable[[], Awaitable[object]],
+        database: Callable[[], Awaitable[object]],
+        dead_letters: Callable[[], Awaitable[object]],
+        stop: asyncio.Event,
+        threshold: int,
+    ) -> Dependencies:
+        """Breakers for the three dependencies, each probed with the given request of its own."""
+        return cls(
+            embedding=Dependency("embedding", probe=embedding, stop=stop, threshold=threshold),
+            database=Dependency("database", probe=database, stop=stop, threshold=threshold),
+            dead_letters=Dependency("dead_letters", probe=dead_letters, stop=stop, threshold=threshold),
+        )
+
+    def all(self) -> tuple[Dependency, ...]:
+        return (self.embedding, self.database, self.dead_letters)

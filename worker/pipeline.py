@@ -25,7 +25,7 @@ import structlog
 from worker import metrics
 from worker.chunk import Chunk, chunk_text
 from worker.decode import decode_event
-from worker.dependency import Dependency
+from worker.dependency import Dependencies
 from worker.dlq import DeadLetter, DeadLetterSink
 from worker.embed import Embedder
 from worker.embedding import EmbeddingStage
@@ -42,24 +42,12 @@ from worker.plan import Change, plan
 from worker.retry import ShuttingDown, backoff, isolate, sleep_unless
 from worker.settings import Settings
 from worker.store import DocumentStore, DocumentWrite
-from worker.types import Record, Vector
+from worker.types import Record, TopicPartition, Vector
 
 log = structlog.get_logger()
 T = TypeVar("T")
 
 MAX_CHUNKS_PER_DOCUMENT = 10_000
-
-
-@dataclass(frozen=True)
-class Dependencies:
-    """One circuit breaker per dependency, shared by every pipeline of a worker."""
-
-    embedding: Dependency
-    database: Dependency
-    dead_letters: Dependency
-
-    def all(self) -> tuple[Dependency, ...]:
-        return (self.embedding, self.database, self.dead_letters)
 
 
 @dataclass(eq=False)
@@ -100,7 +88,7 @@ class Pipeline:
         self._dead_letters = dead_letters
         self._settings = settings
         self._stop = stop
-        self.inflight = InFlight(
+        self._inflight = InFlight(
             max_records=settings.max_in_flight_records, max_bytes=settings.max_in_flight_bytes
         )
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
@@ -127,17 +115,42 @@ class Pipeline:
         ]
         self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
 
+    # -- the Worker's view: how full, how far, how it ends -----------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Records admitted and not finished."""
+        return self._inflight.records
+
+    @property
+    def full(self) -> bool:
+        """The in-flight window is full: fetching should pause."""
+        return self._inflight.full
+
+    @property
+    def can_resume(self) -> bool:
+        """Drained far enough below the window for fetching to resume without flapping."""
+        return self._inflight.drained_enough
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight.empty
+
+    def watermarks(self) -> dict[TopicPartition, int]:
+        """Each partition's next offset below which every record is finished (committable)."""
+        return self._inflight.watermarks()
+
     # -- intake (called by the Worker's fetch loop) ------------------------------------------
 
     def admit(self, record: Record) -> None:
-        self.inflight.track(record)
+        self._inflight.track(record)
         self._drained.clear()
         try:
             event = decode_event(record.key, record.value, max_text_bytes=self._settings.max_text_bytes)
         except RecordError as exc:
             self._dead.put_nowait(Dead(DeadLetter(record, exc), None, record))
             return
-        job = self.inflight.route(record, event)
+        job = self._inflight.route(record, event)
         if job is not None:
             self._ready.put_nowait(job)
 
@@ -292,7 +305,7 @@ class Pipeline:
             chunks=sum(len(p.chunks) for p in batch if p.job.doc_id not in moved),
             offsets=_offset_ranges(p.job for p in batch if p.job.doc_id not in moved),
             replanned=len(moved),
-            in_flight=self.inflight.records,
+            in_flight=self._inflight.records,
             seconds=round(seconds, 4),
         )
         return [None] * len(batch)
@@ -344,7 +357,7 @@ class Pipeline:
     def _finish(self, job: Job, *, outcome: str | None) -> None:
         """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);
         every other event of the job changed nothing (stale or superseded)."""
-        following = self.inflight.complete(job)
+        following = self._inflight.complete(job)
         self.finished_records += len(job.events)
         topic = job.events[0][0].topic
         if outcome is not None:
@@ -352,13 +365,13 @@ class Pipeline:
         metrics.RECORDS.labels(topic=topic, outcome="stale").inc(len(job.events) - (outcome is not None))
         if following is not None:
             self._ready.put_nowait(following)
-        elif self.inflight.empty:
+        elif self._inflight.empty:
             self._drained.set()
 
     def _finish_record(self, record: Record) -> None:
-        self.inflight.finish(record)
+        self._inflight.finish(record)
         self.finished_records += 1
-        if self.inflight.empty:
+        if self._inflight.empty:
             self._drained.set()
 
 

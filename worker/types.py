@@ -14,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka.structs import TopicPartition
 
+__all__ = ["Headers", "Record", "TopicPartition", "Vector"]
+
 Headers = Sequence[tuple[str, bytes]]
 Vector = npt.NDArray[np.float32]
 

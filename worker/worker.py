@@ -16,11 +16,11 @@ from aiokafka import TopicPartition
 
 from worker import metrics
 from worker.consume import RecordSource
-from worker.dependency import Dependency
+from worker.dependency import Dependencies
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
 from worker.embed import probe as probe_embedding
-from worker.pipeline import Dependencies, Pipeline
+from worker.pipeline import Pipeline
 from worker.settings import Settings
 from worker.store import DocumentStore
 from worker.types import Record
@@ -46,23 +46,12 @@ class Worker:
         self._settings = settings
         self._stop_when_idle = stop_when_idle
         self._stop = asyncio.Event()
-        threshold = settings.embedding_max_attempts
-        self.dependencies = Dependencies(
-            embedding=Dependency(
-                "embedding",
-                probe=lambda: probe_embedding(embedder),
-                stop=self._stop,
-                threshold=threshold,
-            ),
-            database=Dependency(
-                "database",
-                probe=store.probe,
-                stop=self._stop,
-                threshold=threshold,
-            ),
-            dead_letters=Dependency(
-                "dead_letters", probe=dead_letters.ping, stop=self._stop, threshold=threshold
-            ),
+        self.dependencies = Dependencies.of(
+            embedding=lambda: probe_embedding(embedder),
+            database=store.probe,
+            dead_letters=dead_letters.ping,
+            stop=self._stop,
+            threshold=settings.embedding_max_attempts,
         )
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
@@ -95,7 +84,7 @@ class Worker:
         in_transit = 0  # fetched, and the fetch loop not yet back to admit them
         if fetching is not None and fetching.done() and not fetching.cancelled() and not fetching.exception():
             in_transit = len(fetching.result())
-        return unfetched + in_transit + sum(p.inflight.records for p in pipelines)
+        return unfetched + in_transit + sum(p.in_flight for p in pipelines)
 
     @property
     def last_error(self) -> str | None:
@@ -132,6 +121,7 @@ class Worker:
                 if records:
                     last_arrival = time.monotonic()
                     self._admit(records)
+                self._take_failure()
                 self._apply_backpressure()
                 await self._commit_due()
                 if self._idle_for(last_arrival):
@@ -170,26 +160,33 @@ class Worker:
             if record.tp in assigned:  # a fetch that raced a rebalance may carry others' records
                 self._pipeline.admit(record)
 
-    def _apply_backpressure(self) -> None:
-        if self._pipeline is None:
-            return
-        inflight = self._pipeline.inflight
-        metrics.IN_FLIGHT_RECORDS.set(inflight.records)
-        if self._pipeline.failure is not None:
+    def _take_failure(self) -> None:
+        """A pipeline stage that crashed stops the worker (after committing what is stored)."""
+        if self._pipeline is not None and self._pipeline.failure is not None and self.failure is None:
             self.failure = self._pipeline.failure
             self._stop.set()
-        # While a dependency is down nothing can finish: stop fetching, keep the group membership.
-        hold = inflight.full or not all(d.up for d in self.dependencies.all())
+
+    def _apply_backpressure(self) -> None:
+        """Pause fetching while the window is full or a dependency is down (group membership and
+        heartbeats go on); resume once it has drained far enough and everything is up."""
+        if self._pipeline is None:
+            return
+        metrics.IN_FLIGHT_RECORDS.set(self._pipeline.in_flight)
+        hold = self._pipeline.full or not all(d.up for d in self.dependencies.all())
         if not self._paused and hold:
+            self._set_paused(True)
+        elif self._paused and not hold and self._pipeline.can_resume:
+            self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused:
             self._source.pause()
-            self._paused = True
-            metrics.PAUSED.set(1)
-            log.debug("fetch_paused", records=inflight.records, bytes=inflight.bytes)
-        elif self._paused and not hold and inflight.drained_enough:
+        else:
             self._source.resume()
-            self._paused = False
-            metrics.PAUSED.set(0)
-            log.debug("fetch_resumed", records=inflight.records, bytes=inflight.bytes)
+        self._paused = paused
+        metrics.PAUSED.set(int(paused))
+        in_flight = self._pipeline.in_flight if self._pipeline is not None else 0
+        log.debug("fetch_paused" if paused else "fetch_resumed", records=in_flight)
 
     async def _commit_due(self) -> None:
         if time.monotonic() - self._last_commit >= self._settings.commit_interval_ms / 1000:
@@ -198,13 +195,13 @@ class Worker:
     async def _commit(self) -> None:
         self._last_commit = time.monotonic()
         if self._pipeline is not None:
-            self._source.mark_stored(self._pipeline.inflight.watermarks())
+            self._source.mark_stored(self._pipeline.watermarks())
         await self._source.commit()
 
     def _idle_for(self, last_arrival: float) -> bool:
         if self._stop_when_idle is None or time.monotonic() - last_arrival < self._stop_when_idle:
             return False
-        if self._pipeline is not None and not self._pipeline.inflight.empty:
+        if self._pipeline is not None and not self._pipeline.idle:
             return False
         return self._source.caught_up()
 
@@ -229,8 +226,8 @@ class Worker:
         self._retiring = pipeline
         grace = self._settings.shutdown_grace_seconds
         if not await pipeline.drain(within=grace):
-            log.warning("work_abandoned", records=pipeline.inflight.records, grace_seconds=grace)
-        self._source.mark_stored(pipeline.inflight.watermarks())
+            log.warning("work_abandoned", records=pipeline.in_flight, grace_seconds=grace)
+        self._source.mark_stored(pipeline.watermarks())
         await self._source.commit()
         await pipeline.close()
         self._records_before += pipeline.finished_records
@@ -246,6 +243,4 @@ class Worker:
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
         if self._paused:  # a fresh pipeline has room
-            self._source.resume()
-            self._paused = False
-            metrics.PAUSED.set(0)
+            self._set_paused(False)

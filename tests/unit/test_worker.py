@@ -19,7 +19,7 @@ from aiokafka import TopicPartition
 
 from worker.chunk import chunk_text
 from worker.consume import PartitionsCallback
-from worker.dependency import Dependency
+from worker.dependency import Dependencies
 from worker.dlq import DeadLetter
 from worker.embed import KNOWN_GOOD_INPUT
 from worker.errors import (
@@ -30,7 +30,7 @@ from worker.errors import (
     InputRejected,
     StaleRead,
 )
-from worker.pipeline import Dependencies, Pipeline
+from worker.pipeline import Pipeline
 from worker.plan import DocState
 from worker.retry import ShuttingDown
 from worker.settings import Settings
@@ -557,15 +557,12 @@ async def pipeline_of(
 ) -> AsyncIterator[Pipeline]:
     """A Pipeline alone, with dependencies built as the Worker builds them; closed at the end."""
     settings = make_settings(EMBEDDING_MAX_ATTEMPTS="2")
-    threshold = settings.embedding_max_attempts
-    dependencies = Dependencies(
-        embedding=Dependency(
-            "embedding", probe=lambda: embedder.embed(["health check"]), stop=stop, threshold=threshold
-        ),
-        database=Dependency(
-            "database", probe=lambda: store.read_states(["health-check"]), stop=stop, threshold=threshold
-        ),
-        dead_letters=Dependency("dead_letters", probe=dead.ping, stop=stop, threshold=threshold),
+    dependencies = Dependencies.of(
+        embedding=lambda: embedder.embed(["health check"]),
+        database=lambda: store.read_states(["health-check"]),
+        dead_letters=dead.ping,
+        stop=stop,
+        threshold=settings.embedding_max_attempts,
     )
     pipeline = Pipeline(
         store=store,
