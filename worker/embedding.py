@@ -51,16 +51,13 @@ class EmbeddingStage:
         the inputs at fault are isolated. A refusal is first checked against an input any model
         takes (once per request, not at each split): an API that refuses that too refuses every
         record, and is waited out as an outage."""
-        checked = False
 
         async def attempt(part: list[str]) -> list[Vector | RecordError]:
             async def once() -> list[Vector]:
-                nonlocal checked
                 try:
                     return await self._embedder.embed(part)
                 except InputRejected:
-                    if not checked:
-                        checked = True
+                    if len(part) == len(texts):  # the whole request, not a half of it
                         await probe(self._embedder)  # EmbeddingUnavailable if it refuses all
                     raise
 

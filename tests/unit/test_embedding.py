@@ -1,0 +1,73 @@
+"""worker/embedding.py EmbeddingStage: texts in, a vector or the reason there is none out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from worker.dependency import Dependency
+from worker.embed import KNOWN_GOOD_INPUT, probe
+from worker.embedding import EmbeddingStage
+from worker.errors import InputRejected
+from worker.settings import Settings
+from worker.types import Vector
+
+SETTINGS = Settings.load(
+    {
+        "KAFKA_TOPIC": "docs",
+        "EMBEDDING_LINGER_MS": "1",
+        "EMBEDDING_BATCH_SIZE": "8",
+        "EMBEDDING_MAX_ATTEMPTS": "2",
+    }
+)
+
+
+class Refusing:
+    """Refuses any request holding a text with ``bad`` in it (``every``: every request)."""
+
+    def __init__(self, *, every: bool = False) -> None:
+        self.every = every
+        self.requests: list[list[str]] = []
+
+    async def embed(self, texts: Sequence[str]) -> list[Vector]:
+        self.requests.append(list(texts))
+        if self.every or any("bad" in t for t in texts):
+            raise InputRejected("refused")
+        return [np.full(2, len(t), dtype=np.float32) for t in texts]
+
+
+def stage_of(embedder: Refusing, stop: asyncio.Event) -> tuple[EmbeddingStage, Dependency]:
+    dependency = Dependency(  # as the Worker builds it
+        "embedding-test", probe=lambda: probe(embedder), stop=stop, threshold=SETTINGS.embedding_max_attempts
+    )
+    return EmbeddingStage(embedder, dependency, SETTINGS), dependency
+
+
+async def test_an_input_the_api_refuses_gets_its_error_and_the_rest_their_vectors() -> None:
+    embedder, stop = Refusing(), asyncio.Event()
+    stage, dependency = stage_of(embedder, stop)
+    texts = ["one", "two", "bad three", "four", "five"]
+    futures = [stage.submit(t) for t in texts]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    await stage.close()
+    await dependency.close()
+    assert isinstance(results[2], InputRejected)
+    assert [float(r[0]) for i, r in enumerate(results) if i != 2] == [3, 3, 4, 4]  # type: ignore[index]
+    probes = [r for r in embedder.requests if r == [KNOWN_GOOD_INPUT]]
+    assert len(probes) == 1, "the API is checked once per refused request, not at each split"
+
+
+async def test_an_api_that_refuses_every_input_is_an_outage_not_a_reason_to_dead_letter() -> None:
+    embedder, stop = Refusing(every=True), asyncio.Event()
+    stage, dependency = stage_of(embedder, stop)
+    future = stage.submit("a perfectly good text")
+    done, _ = await asyncio.wait({future}, timeout=1.0)
+    assert not done, "the text was failed while the API refuses everything"
+    assert not dependency.up, "the embedding API is reported down"
+    await stage.close()
+    await dependency.close()
+    with pytest.raises(asyncio.CancelledError):
+        await future
