@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench.ceilings import Ceiling
 from bench.corpus import Published
 from bench.cpu import PidSource, postgres_pids, wait_for_quiet
-from bench.embeddings import EmbeddingAdmin
 from bench.report import BUSY_MACHINE_CORES, Report, cpu_line, megabytes, rate
 from bench.runner import WorkerRun, run_workers, worker_command
+from worker.dev.embedserver.admin import EmbeddingAdmin
 from worker.dev.stack import EmbeddingServer, Stack
 
 TOPIC = "bench"

@@ -120,9 +120,9 @@ async def ceilings(bench: Bench) -> Limits:
 async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRun, WorkerRun]:
     """Items 2 and 7; returns the first instant run (the base of item 5) and the fastest."""
     report = bench.report
-    await bench.instant.reset()
+    bench.instant.reset()
     first = await bench.run("instant", embedding_url=bench.instant.url)  # its schema is redelivered into
-    inputs_first = int((await bench.instant.stats())["inputs"])
+    inputs_first = int(bench.instant.stats()["inputs"])
     runs = [first]
     for i in range(2, bench.plan.repeats + 1):
         runs.append(await bench.run(f"instant_{i}", embedding_url=bench.instant.url))
@@ -146,11 +146,11 @@ async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRu
         )
     )
 
-    await bench.instant.reset()
+    bench.instant.reset()
     again = await bench.run(
         "redelivery", embedding_url=bench.instant.url, schema="bench_instant", fresh=False
     )
-    inputs = int((await bench.instant.stats())["inputs"])
+    inputs = int(bench.instant.stats()["inputs"])
     saved = 1 - inputs / first.chunks if first.chunks else 0.0
     report.add(
         Check(
@@ -174,7 +174,7 @@ async def slow_and_naive(bench: Bench, limits: Limits) -> WorkerRun:
     plan, report = bench.plan, bench.report
     concurrency = plan.setting("EMBEDDING_CONCURRENCY", 4)
     batch_size = plan.setting("EMBEDDING_BATCH_SIZE", 64)
-    await bench.slow.set_latency(plan.latency_ms)
+    bench.slow.set_faults(latency_ms=float(plan.latency_ms))
     runs = await bench.repeat("slow", embedding_url=bench.slow.url)
     for run in runs:
         await bench.drop_schema(f"bench_{run.name}")
@@ -242,7 +242,7 @@ async def slow_and_naive(bench: Bench, limits: Limits) -> WorkerRun:
 
 async def scaling(bench: Bench) -> list[WorkerRun]:
     plan, report = bench.plan, bench.report
-    await bench.slow.set_latency(plan.latency_ms)
+    bench.slow.set_faults(latency_ms=float(plan.latency_ms))
     shares: dict[int, float | None] = {}
     for processes in plan.scaling_processes:
         name = f"scale{processes}"
@@ -313,14 +313,14 @@ async def sweep(bench: Bench, known: Mapping[tuple[float, int], WorkerRun]) -> N
                 run = known.get((latency, concurrency))
                 if run is None:
                     name = f"sweep_{latency:g}ms_c{concurrency}"
-                    await bench.slow.set_latency(latency)
+                    bench.slow.set_faults(latency_ms=float(latency))
                     url = bench.instant.url if latency == 0 else bench.slow.url
                     settings = {"EMBEDDING_CONCURRENCY": str(concurrency)}
                     run = await bench.run(name, embedding_url=url, settings=settings)
                     await bench.drop_schema(f"bench_{name}")
                 bench.report.sweep.append(SweepPoint(latency, concurrency, batch_size, run))
     finally:
-        await bench.slow.set_latency(plan.latency_ms)
+        bench.slow.set_faults(latency_ms=float(plan.latency_ms))
 
 
 # -- 5. memory against backlog size ------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.integration.conftest import Env, connect, one_line_error
+from tests.integration.helpers import Env, connect, one_line_error
 from worker.store import Store
 
 pytestmark = pytest.mark.integration

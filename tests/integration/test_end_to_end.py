@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.helpers import (
     Env,
     Event,
     assert_stored_state,

@@ -36,7 +36,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY
 
-from tests.integration.conftest import (
+from tests.integration.helpers import (
     Env,
     Event,
     assert_stored_state,

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
-from tests.integration.conftest import (
+from tests.integration.helpers import (
     CHUNK_OVERLAP,
     CHUNK_SIZE,
     Env,

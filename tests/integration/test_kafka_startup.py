@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Env, one_line_error
+from tests.integration.helpers import Env, one_line_error
 from worker.dev.apache_kafka import SASL_USERS, KafkaCluster
 from worker.dev.processes import free_port
 from worker.dev.stack import TansuBroker

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import (
+from tests.integration.helpers import (
     Env,
     Event,
     assert_stored_state,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Env, cli, end_offsets, one_line_error
+from tests.integration.helpers import Env, cli, end_offsets, one_line_error
 
 pytestmark = pytest.mark.integration
 

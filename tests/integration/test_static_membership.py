@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.helpers import (
     Env,
     Event,
     assert_stored_state,

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.helpers import (
     CHUNK_OVERLAP,
     CHUNK_SIZE,
     Env,
     Event,
-    _admin,
     assert_stored_state,
     committed_offsets,
     connect,
+    embedding_admin,
     expected_state,
     produce,
     run_worker,
@@ -38,12 +38,12 @@ TEXT = (
 
 
 def stats(env: Env) -> dict[str, Any]:
-    return _admin(env.stack.embeddings.url, "GET", "/admin/stats", None)  # type: ignore[no-any-return]
+    return embedding_admin(env).stats()
 
 
 def inputs_by_text(env: Env) -> Counter[str]:
     """Inputs the embedding server has answered, by text hash, since it started."""
-    found = _admin(env.stack.embeddings.url, "GET", "/admin/stats?texts=1", None)["inputs_by_text_hash"]
+    found = embedding_admin(env).stats(texts=True)["inputs_by_text_hash"]
     return Counter(found)
 
 

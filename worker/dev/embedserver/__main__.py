@@ -1,0 +1,91 @@
+"""``python -m worker.dev.embedserver``: serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from worker.dev.embedserver.backends import BackendUnavailableError, load_backend
+from worker.dev.embedserver.http import start_server
+from worker.dev.embedserver.state import DEFAULT_DIMENSIONS, FaultError, Faults, ServerState
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker.dev.embedserver", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 lets the OS choose")
+    p.add_argument("--backend", choices=("hash", "minilm"), default="hash")
+    p.add_argument(
+        "--dimensions", type=int, default=DEFAULT_DIMENSIONS, help="default when a request names none"
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--slow-rate", type=float, default=0.0)
+    p.add_argument("--slow-ms", type=float, default=0.0)
+    p.add_argument("--rate-429", type=float, default=0.0)
+    p.add_argument("--retry-after", type=float, default=1.0, help="seconds, in the Retry-After header")
+    p.add_argument("--rate-500", type=float, default=0.0)
+    p.add_argument("--rate-503", type=float, default=0.0)
+    p.add_argument("--outage", action="store_true")
+    p.add_argument("--reject-marker", default=None)
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    return p.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace, state: ServerState) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner, url = await start_server(state, args.host, args.port, access_log=args.access_log)
+    try:
+        print(f"listening {url}", flush=True)  # noqa: T201 - the parent process reads the port from this line
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.access_log else logging.WARNING, stream=sys.stderr)
+    try:
+        faults = Faults().merged(
+            {
+                "latency_ms": args.latency_ms,
+                "slow_rate": args.slow_rate,
+                "slow_ms": args.slow_ms,
+                "rate_429": args.rate_429,
+                "retry_after": args.retry_after,
+                "rate_500": args.rate_500,
+                "rate_503": args.rate_503,
+                "outage": args.outage,
+                "reject_marker": args.reject_marker or None,
+                "shuffle": args.shuffle,
+                "seed": args.seed,
+            }
+        )
+        backend = load_backend(args.backend)
+    except (FaultError, BackendUnavailableError) as exc:
+        print(f"embedserver: {exc}", file=sys.stderr)  # noqa: T201 - CLI error line
+        return 2
+    if not 1 <= args.dimensions <= backend.max_dimensions:
+        print(f"embedserver: --dimensions must be 1..{backend.max_dimensions}", file=sys.stderr)  # noqa: T201 - CLI error line
+        return 2
+    state = ServerState(backend=backend, dimensions=args.dimensions, api_key=args.api_key, faults=faults)
+    try:
+        import uvloop  # optional speed-up
+    except ImportError:
+        asyncio.run(_serve(args, state))
+    else:
+        uvloop.run(_serve(args, state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

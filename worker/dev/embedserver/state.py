@@ -1,0 +1,122 @@
+"""Faults to inject, counters, and the state the HTTP handlers share."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from worker.dev.embedserver.backends import Backend, HashBackend
+
+DEFAULT_DIMENSIONS = 384
+
+
+class FaultError(ValueError):
+    """An ``/admin/faults`` update names an unknown fault or gives a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    rate_429: float = 0.0
+    retry_after: float = 1.0
+    rate_500: float = 0.0
+    rate_503: float = 0.0
+    outage: bool = False
+    latency_ms: float = 0.0
+    slow_rate: float = 0.0
+    slow_ms: float = 0.0
+    reject_marker: str | None = None
+    slow_marker: str | None = None  # requests holding an input with it are delayed by slow_ms
+    echo_key: bool = False  # error messages repeat the bearer token, as some providers do
+    refuse_dimensions: bool = False  # 400 for every request that sends `dimensions` (ada-002 does)
+    shuffle: bool = False
+    seed: int = 0
+
+    _PROBABILITIES: ClassVar[frozenset[str]] = frozenset({"rate_429", "rate_500", "rate_503", "slow_rate"})
+
+    def merged(self, updates: Mapping[str, object]) -> Faults:
+        """These faults with ``updates`` applied, each checked for name, type and range."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        clean: dict[str, Any] = {}
+        for key, value in updates.items():
+            if key not in fields:
+                raise FaultError(f"unknown fault {key!r}; known: {', '.join(sorted(fields))}")
+            clean[key] = _check_fault(key, value, self._PROBABILITIES)
+        return dataclasses.replace(self, **clean)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> object:
+    if key in {"outage", "shuffle", "echo_key", "refuse_dimensions"}:
+        if not isinstance(value, bool):
+            raise FaultError(f"fault {key!r} must be true or false")
+        return value
+    if key == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FaultError("fault 'seed' must be an integer")
+        return value
+    if key in {"reject_marker", "slow_marker"}:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise FaultError(f"fault {key!r} must be a non-empty string or null")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FaultError(f"fault {key!r} must be a number")
+    if value < 0 or (key in probabilities and value > 1):
+        raise FaultError(f"fault {key!r} is out of range")
+    return float(value)
+
+
+@dataclass
+class Stats:
+    """Counters of the embeddings endpoints (admin calls are not counted); inputs only on 200."""
+
+    requests: int = 0
+    inputs: int = 0
+    status_counts: collections.Counter[int] = field(default_factory=collections.Counter)
+    by_text: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self, *, texts: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "requests": self.requests,
+            "inputs": self.inputs,
+            "unique_inputs": len(self.by_text),
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+        }
+        if texts:
+            out["inputs_by_text_hash"] = dict(self.by_text)
+        return out
+
+
+@dataclass
+class ServerState:
+    """Everything the server holds: backend, defaults, faults (replaced whole) and counters."""
+
+    backend: Backend = field(default_factory=HashBackend)
+    dimensions: int = DEFAULT_DIMENSIONS
+    api_key: str | None = None
+    faults: Faults = field(default_factory=Faults)
+    stats: Stats = field(default_factory=Stats)
+    initial_faults: Faults | None = None
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.initial_faults is None:
+            self.initial_faults = self.faults
+        self.rng = random.Random(self.faults.seed)
+
+    def set_faults(self, faults: Faults, *, reseed: bool) -> None:
+        if reseed or faults.seed != self.faults.seed:
+            self.rng.seed(faults.seed)
+        self.faults = faults
+
+
+def text_hash(text: str) -> str:
+    """The key of ``inputs_by_text_hash``: blake2b-64 of the UTF-8 text, in hex."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
