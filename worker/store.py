@@ -504,32 +504,47 @@ class Store:
         return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
 
     async def build_ann_index(self) -> bool:
-        """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY. True if built now."""
-        conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+        """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY. True if built now.
+
+        Raises DatabaseUnavailable when the database cannot be reached or goes away meanwhile (an
+        interrupted build leaves an invalid index, which the next build replaces).
+        """
         try:
-            return await self._build_ann_index(conn, wait=True)
-        finally:
-            await conn.close()
+            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+        try:
+            built = await self._build_ann_index(conn, wait=True)
+        except BaseException as exc:
+            # Ending the session ends a build still running in it (a stop cancels the task mid-
+            # statement, where nothing else could be sent) and releases its advisory lock.
+            conn.terminate()
+            if isinstance(exc, _OUTAGE_ERRORS) and not isinstance(exc, asyncpg.QueryCanceledError):
+                raise DatabaseUnavailable(f"the HNSW index build failed: {_describe(exc)}") from exc
+            raise
+        await conn.close()
+        return built
 
     async def _build_ann_index(self, conn: asyncpg.Connection, *, wait: bool) -> bool:
-        """Build the index unless it is ready; if another session is building it, wait or leave it."""
+        """Build the index unless it is ready; if another session is building it, wait or leave it.
+
+        On an error the lock is left to the session, which the caller ends: after a cancelled
+        statement the unlock could not be sent, and its error would hide the cancellation.
+        """
         s = self._settings
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ANN_BUILD_LOCK):
             if not wait:
                 return False
             await asyncio.sleep(1.0)
-        try:
-            state = await conn.fetchval(ANN_INDEX_STATE_SQL, self._ann_index_name)
-            if state == "ready":
-                return False
+        state = str(await conn.fetchval(ANN_INDEX_STATE_SQL, self._ann_index_name))
+        if state != "ready":
             if state == "invalid":  # an earlier build was interrupted: start it again
                 await conn.execute(DROP_INVALID_ANN_INDEX_SQL.format(schema=self._schema))
             await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
             await conn.execute("SET max_parallel_maintenance_workers = 7")
             await conn.execute(HNSW_INDEX_SQL.format(schema=self._schema, vector_type=s.vector_type))
-            return True
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", ANN_BUILD_LOCK)
+        await conn.execute("SELECT pg_advisory_unlock($1)", ANN_BUILD_LOCK)
+        return state != "ready"
 
     async def ann_index_state(self) -> str:
         """ "ready", "missing" or "invalid": searches without a ready index scan every chunk."""
