@@ -15,7 +15,7 @@ from worker import logs, metrics
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
-from worker.errors import ConfigError, DependencyError, WorkerError
+from worker.errors import ConfigError, DatabaseUnavailable, DependencyError, WorkerError
 from worker.health import HealthServer
 from worker.kafka import (
     BrokerError,
@@ -178,6 +178,8 @@ async def serve(
         ]
         if progress:
             side.append(asyncio.create_task(_progress(worker), name="progress"))
+        if backfill and stop_when_idle is None:  # no end to build it at: build it once caught up
+            side.append(asyncio.create_task(_index_once_caught_up(store, worker), name="ann-index"))
         for task in side:
             task.add_done_callback(lambda t: _side_task_done(t, worker))
         try:
@@ -212,13 +214,35 @@ async def _report_ann_index(store: Store, *, backfill: bool) -> None:
         )
 
 
-async def _build_index(store: Store) -> None:
-    log.info("ann_index_build_started")
+async def _build_index(store: Store, **context: object) -> None:
+    log.info("ann_index_build_started", **context)
     started = time.perf_counter()
     built = await store.build_ann_index()
+    metrics.ANN_INDEX_READY.set(1)
     log.info(
-        "ann_index_built" if built else "ann_index_exists", seconds=round(time.perf_counter() - started, 2)
+        "ann_index_built" if built else "ann_index_exists",
+        seconds=round(time.perf_counter() - started, 2),
+        **context,
     )
+
+
+async def _index_once_caught_up(store: Store, worker: Worker) -> None:
+    """`run --backfill` without `--stop-when-idle`: build the HNSW index once the worker first
+    catches up (every assigned partition committed to its end, nothing in flight), CONCURRENTLY
+    (writers go on), in this task while the worker goes on consuming. A database outage is waited
+    out and the build tried again; with several such workers the first to take the build lock
+    builds it and the others find it there."""
+    await worker.first_caught_up()
+    attempt = 0
+    while True:
+        try:
+            await _build_index(store, after="backfill_caught_up", records=worker.records_done)
+        except DatabaseUnavailable as exc:
+            attempt += 1
+            log.warning("ann_index_build_failed", error=str(exc)[:300], attempt=attempt)
+            await asyncio.sleep(backoff(attempt, initial=1.0, cap=60.0))
+        else:
+            return
 
 
 async def _watch_readiness(health: HealthServer, every: float = 10.0) -> None:

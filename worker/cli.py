@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--backfill",
         action="store_true",
-        help="load without the HNSW index, build it once at the end (with --stop-when-idle)",
+        help="load without the HNSW index; build it once caught up (at the end with --stop-when-idle)",
     )
     run.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     run.set_defaults(command=_cmd_run)
@@ -146,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", parents=[settings_flags], help="print the chunks nearest a query")
     search.add_argument("query")
     search.add_argument("-k", type=_count(1), default=5, help="how many hits [5]")
+    search.add_argument("--tenant", help="only chunks of this tenant's documents")
     search.set_defaults(command=_cmd_search)
 
     dev = commands.add_parser("dev", parents=[settings_flags], help="start the embedded stack")
@@ -254,9 +255,9 @@ async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     async with OpenAIEmbedder(settings) as embedder, Store(settings) as store:
         await store.check()  # tables there, column of these dimensions, this model
         [vector] = await embedder.embed([args.query])
-        hits = await store.search(vector, args.k)
+        hits = await store.search(vector, args.k, tenant=args.tenant)
     if not hits:
-        print("no chunks stored yet")
+        print("no chunks stored yet" if args.tenant is None else f"no chunks of tenant {args.tenant!r}")
     for rank, hit in enumerate(hits, 1):
         snippet = " ".join(hit.content.split())[:160]
         print(f"{rank:2}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n    {snippet}")

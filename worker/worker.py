@@ -60,6 +60,7 @@ class Worker:
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
         self.heartbeat: float | None = None  # the fetch loop's last turn (for /healthz); None until it runs
+        self._caught_up = asyncio.Event()  # set the first time the fetch loop finds caught_up()
         self.failure: BaseException | None = None
 
     def stop(self) -> None:
@@ -107,6 +108,16 @@ class Worker:
     def lag(self) -> int | None:
         return self._source.lag()
 
+    def caught_up(self) -> bool:
+        """Every assigned partition committed up to its end, and nothing fetched still in flight."""
+        if self._pipeline is not None and not self._pipeline.idle:
+            return False
+        return self._source.caught_up()
+
+    async def first_caught_up(self) -> None:
+        """Return once the worker has caught up for the first time (at once if it has)."""
+        await self._caught_up.wait()
+
     async def run(self) -> None:
         self._source.on_rebalance(revoked=self._on_revoked, assigned=self._on_assigned)
         last_arrival = time.monotonic()
@@ -124,6 +135,8 @@ class Worker:
                 self._take_failure()
                 self._apply_backpressure()
                 await self._commit_due()
+                if not self._caught_up.is_set() and self.caught_up():
+                    self._caught_up.set()
                 if self._idle_for(last_arrival):
                     log.info("worker_idle", seconds=self._stop_when_idle)
                     break
@@ -201,9 +214,7 @@ class Worker:
     def _idle_for(self, last_arrival: float) -> bool:
         if self._stop_when_idle is None or time.monotonic() - last_arrival < self._stop_when_idle:
             return False
-        if self._pipeline is not None and not self._pipeline.idle:
-            return False
-        return self._source.caught_up()
+        return self.caught_up()
 
     # -- assignments -----------------------------------------------------------------------------
 

@@ -6,8 +6,12 @@ Speed itself is judged by `make bench`; these tests check behaviour only.
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +28,8 @@ from tests.integration.helpers import (
     expected_state,
     produce,
     run_worker,
+    spawn_worker,
+    stored_documents,
 )
 from worker.app import serve
 from worker.chunk import chunk_text
@@ -165,6 +171,57 @@ async def test_backfill_loads_without_the_ann_index_then_builds_it(env: Env) -> 
         await conn.close()
     assert index is not None and method == "hnsw"
     await assert_stored_state(env, expected_state(events))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 120) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await check():
+        assert loop.time() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.5)
+
+
+async def test_a_backfill_without_an_end_builds_the_ann_index_once_caught_up_and_goes_on(
+    env: Env, tmp_path: Path
+) -> None:
+    first: list[Event] = [(f"bf-{i}", {"id": f"bf-{i}", "text": f"backfill {i}. " * 40}) for i in range(30)]
+    await produce(env, first)
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(env.with_(LOG_LEVEL="info"), log, "--backfill")
+    try:
+        await eventually(lambda: has_documents(env, len(first)), "the backlog stored")
+        await eventually(lambda: hnsw_index_is_valid(env), "a valid HNSW index")
+        later: list[Event] = [
+            (f"bg-{i}", {"id": f"bg-{i}", "text": f"and after {i}. " * 40}) for i in range(10)
+        ]
+        await produce(env, later)  # the worker goes on consuming, now writing through the index
+        await eventually(lambda: has_documents(env, len(first) + len(later)), "later events stored")
+        assert worker.poll() is None, log.read_text()[-3000:]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.wait, 60)
+    assert code == 0, log.read_text()[-3000:]
+    await assert_stored_state(env, expected_state(first + later))
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    built = [line for line in lines if line["event"] == "ann_index_built"]
+    assert len(built) == 1, built
+    assert built[0]["after"] == "backfill_caught_up" and built[0]["records"] >= len(first), built
+
+
+async def has_documents(env: Env, count: int) -> bool:
+    return await stored_documents(env) >= count
+
+
+async def hnsw_index_is_valid(env: Env) -> bool:
+    conn = await connect(env)
+    try:
+        valid = await conn.fetchval(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+            f"{env.schema}.chunks_embedding_hnsw_idx",
+        )
+    finally:
+        await conn.close()
+    return valid is True
 
 
 async def test_commits_stop_below_a_slow_record_while_later_ones_are_stored(env: Env, faults: Any) -> None:
