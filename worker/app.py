@@ -15,7 +15,7 @@ from worker import logs, metrics
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
-from worker.errors import ConfigError, DatabaseUnavailable, DependencyError, WorkerError
+from worker.errors import ConfigError, DatabaseUnavailable, DependencyError, WorkerError, describe
 from worker.health import HealthServer
 from worker.kafka import (
     BrokerError,
@@ -124,11 +124,11 @@ def _what_failed(exc: BaseException, settings: Settings, cause: BaseException) -
     """What start-up waits for, with the real cause (aiokafka's own error only says it could not
     bootstrap; the connection attempt beside it says why)."""
     if isinstance(exc, KafkaError):
-        why = f"{type(cause).__name__}: {cause}" if cause is not exc else str(exc)
+        why = describe(cause) if cause is not exc else str(exc)
         return (
             f"no Kafka broker answered at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} ({why})"
         )
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return describe(exc)
 
 
 async def serve(

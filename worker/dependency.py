@@ -23,7 +23,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker import metrics
-from worker.errors import AttemptsExhausted, DependencyError, EmbeddingUnavailable
+from worker.errors import AttemptsExhausted, DependencyError, EmbeddingUnavailable, describe
 from worker.retry import ShuttingDown, backoff, sleep_unless
 
 log = structlog.get_logger()
@@ -126,7 +126,7 @@ class Dependency:
         try:
             await self._probe()
         except DependencyError as exc:
-            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.last_error = describe(exc)
             return False
         if not self.up:
             self._recovered()
@@ -162,12 +162,12 @@ class Dependency:
 
     def _failed(self, exc: DependencyError) -> None:
         self._consecutive += 1
-        self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        self.last_error = describe(exc)
         if self._consecutive >= self._threshold:
             self._open(exc)
 
     def _open(self, exc: DependencyError) -> None:
-        self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        self.last_error = describe(exc)
         if self.up:
             self._up.clear()
             self.down_since = dt.datetime.now(dt.UTC)
@@ -189,7 +189,7 @@ class Dependency:
             try:
                 await self._probe()
             except DependencyError as exc:
-                self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                self.last_error = describe(exc)
                 log.info("dependency_probe_failed", dependency=self.name, error=self.last_error, round=round_)
                 continue
             except Exception:  # a broken probe must not leave the breaker open for good

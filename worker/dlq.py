@@ -32,6 +32,17 @@ from worker.types import Record
 
 log = structlog.get_logger()
 
+# The dlq.* headers (CONTRACT: Dead-letter records); replay reads them and adds REPLAY_COUNT.
+PREFIX = "dlq."
+ORIGINAL_TOPIC = "dlq.original.topic"
+ORIGINAL_PARTITION = "dlq.original.partition"
+ORIGINAL_OFFSET = "dlq.original.offset"
+ERROR_STAGE = "dlq.error.stage"
+ERROR_CLASS = "dlq.error.class"
+ERROR_MESSAGE = "dlq.error.message"
+ATTEMPTS = "dlq.attempts"
+FAILED_AT = "dlq.failed.at"
+REPLAY_COUNT = "dlq.replay.count"
 VALUE_OMITTED = "dlq.value.omitted"
 VALUE_SIZE = "dlq.value.size"
 KEY_OMITTED = "dlq.key.omitted"
@@ -86,14 +97,14 @@ def dead_letter_headers(
 ) -> list[tuple[str, bytes]]:
     failed_at = failed_at or dt.datetime.now(dt.UTC)
     ours = {
-        "dlq.original.topic": letter.record.topic,
-        "dlq.original.partition": str(letter.record.partition),
-        "dlq.original.offset": str(letter.record.offset),
-        "dlq.error.stage": letter.error.stage,
-        "dlq.error.class": type(letter.error).__name__,
-        "dlq.error.message": str(letter.error)[:2000],
-        "dlq.attempts": str(letter.attempts),
-        "dlq.failed.at": failed_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        ORIGINAL_TOPIC: letter.record.topic,
+        ORIGINAL_PARTITION: str(letter.record.partition),
+        ORIGINAL_OFFSET: str(letter.record.offset),
+        ERROR_STAGE: letter.error.stage,
+        ERROR_CLASS: type(letter.error).__name__,
+        ERROR_MESSAGE: str(letter.error)[:2000],
+        ATTEMPTS: str(letter.attempts),
+        FAILED_AT: failed_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
     if fit >= Fit.WITHOUT_VALUE:
         ours |= {VALUE_OMITTED: "true", VALUE_SIZE: str(len(letter.record.value or b""))}

@@ -1,7 +1,11 @@
-"""Every failure the worker knows, with its retriability carried in its type.
+"""Every failure the worker knows; what is done about one is carried in its type.
 
-One retry policy reads `retriable`; everything else only raises. Third-party errors are
-wrapped with ``raise ... from exc`` so the original stays in the traceback.
+A RecordError can never succeed: its record is dead-lettered, under its ``stage``. A
+DependencyError is an outage: the dependency's circuit breaker (worker.dependency) retries it and
+waits it out. Anything else stops the worker, except the two the pipeline handles itself
+(WriteTimedOut: write smaller; StaleRead: plan again). Third-party errors are wrapped with
+``raise ... from exc`` so the original stays in the traceback; ``describe`` gives the one-line
+form logs, /readyz and dead letters use.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from typing import ClassVar
 class WorkerError(Exception):
     """Root of the worker's errors."""
 
-    retriable: ClassVar[bool] = False
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``ClassName: message``, cut to ``limit`` characters of message, for one log or status line."""
+    return f"{type(exc).__name__}: {str(exc)[:limit]}".rstrip(": ")
 
 
 class ConfigError(WorkerError):
@@ -65,14 +72,11 @@ class AttemptsExhausted(RecordError):
 
 
 class DependencyError(WorkerError):
-    retriable = True
-    dependency: ClassVar[str] = "unknown"
+    """An outage of a dependency, not the record's fault: retried, never dead-lettered."""
 
 
 class EmbeddingUnavailable(DependencyError):
     """5xx, 429, timeouts and connection errors of the embedding API."""
-
-    dependency = "embedding"
 
     def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -88,7 +92,7 @@ class EmbeddingProtocolError(WorkerError):
 
 
 class DatabaseUnavailable(DependencyError):
-    dependency = "database"
+    """PostgreSQL cannot be reached, or dropped the connection."""
 
 
 class DatabaseRefused(DatabaseUnavailable):
@@ -97,7 +101,7 @@ class DatabaseRefused(DatabaseUnavailable):
 
 
 class BrokerUnavailable(DependencyError):
-    dependency = "broker"
+    """The dead-letter topic's broker cannot be reached."""
 
 
 class DeadLetterRefused(WorkerError):
@@ -121,10 +125,6 @@ class WriteTimedOut(WorkerError):
     a timeout says the write was too big for the database's limit, not that a record is bad.
     """
 
-    retriable = True
-
 
 class StaleRead(WorkerError):
     """A document changed between planning a batch and writing it (a rebalance race). Re-plan."""
-
-    retriable = True

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import metrics
+from worker.errors import describe
 
 Check = Callable[[], Awaitable[None]]
 State = Callable[[], Awaitable[str]]
@@ -83,7 +84,7 @@ class HealthServer:
         )
         for name, result in zip(self._checks, results, strict=True):
             if isinstance(result, BaseException):
-                failures[name] = f"{type(result).__name__}: {str(result)[:200]}"
+                failures[name] = describe(result, 200)
         failures.update(self._worker.down())
         partitions = len(self._worker.assignment())
         if partitions == 0:

@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker import logs
 from worker.decode import decode_event
-from worker.errors import RecordError
+from worker.errors import RecordError, describe
 from worker.kafka import bootstrap_error, make_producer, refusal, start_producer
 from worker.settings import Settings
 
@@ -141,7 +141,7 @@ async def produce(settings: Settings, source: str) -> int:
         where = settings.kafka_bootstrap_servers
         if isinstance(getattr(exc, "cause", exc), KafkaConnectionError):  # aiokafka hides why
             exc = await bootstrap_error(settings) or exc
-        why = f"{type(exc).__name__}: {exc}"
+        why = describe(exc, 1000)
         print(f"ingest-worker produce: cannot publish to {where}: {why}; {progress.line()}", file=sys.stderr)
         return 1
     except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C

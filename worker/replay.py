@@ -16,7 +16,6 @@ document: it is listed with where the original is, and counted in the summary.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import datetime as dt
 import enum
 import sys
@@ -28,14 +27,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiolimiter import AsyncLimiter
 
-from worker.dlq import VALUE_OMITTED, VALUE_SIZE
+from worker import dlq
 from worker.errors import ConfigError
 from worker.kafka import client_options, make_producer, start_producer
+from worker.replay_ledger import LEDGER_BUDGET, LEDGER_PREFIX, Ledger, Ranges
 from worker.settings import Settings
-
-REPLAY_COUNT = "dlq.replay.count"
-LEDGER_PREFIX = "replay-done-v1:"
-LEDGER_BUDGET = 3_000  # characters of commit metadata; brokers keep 4,096 (offset.metadata.max.bytes)
 
 
 @dataclass(frozen=True)
@@ -48,16 +44,16 @@ class Filters:
     until: dt.datetime | None = None
 
     def match(self, headers: dict[str, str], key: bytes | None) -> bool:
-        if self.stage is not None and headers.get("dlq.error.stage") != self.stage:
+        if self.stage is not None and headers.get(dlq.ERROR_STAGE) != self.stage:
             return False
-        if self.error_class is not None and headers.get("dlq.error.class") != self.error_class:
+        if self.error_class is not None and headers.get(dlq.ERROR_CLASS) != self.error_class:
             return False
-        if self.original_topic is not None and headers.get("dlq.original.topic") != self.original_topic:
+        if self.original_topic is not None and headers.get(dlq.ORIGINAL_TOPIC) != self.original_topic:
             return False
         if self.key is not None and (key or b"").decode("utf-8", "replace") != self.key:
             return False
         if self.since is not None or self.until is not None:
-            failed_at = parse_time(headers.get("dlq.failed.at", ""))
+            failed_at = parse_time(headers.get(dlq.FAILED_AT, ""))
             if failed_at is None:
                 return False
             if self.since is not None and failed_at < self.since:
@@ -136,82 +132,6 @@ class Summary:
         for partition, offset in sorted(self.stopped.items()):
             lines.append(f"partition {partition}: stopped at offset {offset}, {why}")
         return lines
-
-
-class Ranges:
-    """Ascending offsets kept as runs, small enough for a commit's metadata."""
-
-    def __init__(self, runs: list[tuple[int, int]] | None = None) -> None:
-        self.runs = runs or []  # (first, end) with end exclusive, ascending, disjoint
-
-    def __contains__(self, offset: int) -> bool:
-        i = bisect.bisect_right(self.runs, (offset, float("inf"))) - 1
-        return i >= 0 and self.runs[i][0] <= offset < self.runs[i][1]
-
-    def add(self, offset: int) -> None:
-        """Add an offset above every one held."""
-        if self.runs and self.runs[-1][1] == offset:
-            self.runs[-1] = (self.runs[-1][0], offset + 1)
-        else:
-            self.runs.append((offset, offset + 1))
-
-    def from_(self, base: int) -> Ranges:
-        return Ranges([(max(first, base), end) for first, end in self.runs if end > base])
-
-    def encode(self, base: int) -> str:
-        """``gap:length`` per run, each gap counted from the end of the one before (or ``base``)."""
-        parts, previous = [], base
-        for first, end in self.runs:
-            parts.append(f"{first - previous}:{end - first}")
-            previous = end
-        return LEDGER_PREFIX + ",".join(parts) if parts else ""
-
-    @classmethod
-    def decode(cls, text: str, base: int) -> Ranges:
-        if not text.startswith(LEDGER_PREFIX):
-            return cls()  # none, or another tool's metadata
-        runs, previous = [], base
-        try:
-            for part in filter(None, text[len(LEDGER_PREFIX) :].split(",")):
-                gap, length = (int(n) for n in part.split(":"))
-                runs.append((previous + gap, previous + gap + length))
-                previous += gap + length
-        except ValueError:
-            return cls()
-        return cls(runs)
-
-
-@dataclass
-class Ledger:
-    """One partition's progress in this run: what to commit so that nothing left is lost."""
-
-    start: int  # where the group stood when the run began
-    before: Ranges  # handled by earlier runs, at or after ``start``
-    done: Ranges = field(default_factory=Ranges)
-    first_left: int | None = None
-    position: int | None = None  # one past the last offset read
-    budget: int = LEDGER_BUDGET  # characters of metadata the broker keeps (0: it keeps none)
-
-    def commit(self) -> tuple[int, str] | None:
-        if self.position is None:
-            return None
-        offset = self.position if self.first_left is None else self.first_left
-        return offset, self.done.from_(offset).encode(offset)
-
-    def fits(self, offset: int) -> bool:
-        """Whether marking ``offset`` handled keeps the commit within the broker's metadata limit."""
-        if self.first_left is None:
-            return True  # nothing left in place: the commit moves past it, no metadata
-        trial = Ranges(list(self.done.runs))
-        trial.add(offset)
-        return len(trial.from_(self.first_left).encode(self.first_left)) <= self.budget
-
-    def mark(self, offset: int, handled: bool) -> None:
-        if handled:
-            self.done.add(offset)
-        elif self.first_left is None:
-            self.first_left = offset
-        self.position = offset + 1
 
 
 def parse_time(text: str) -> dt.datetime | None:
@@ -388,12 +308,12 @@ def _decide(message: Any, choices: Choices) -> tuple[Outcome, str | None]:
     headers = _headers(message)
     if not choices.filters.match(headers, message.key):
         return Outcome.FILTERED_OUT, None
-    if headers.get(VALUE_OMITTED) == "true":
+    if headers.get(dlq.VALUE_OMITTED) == "true":
         return Outcome.VALUE_OMITTED, None
-    replays = int(headers.get(REPLAY_COUNT, "0") or 0)
+    replays = int(headers.get(dlq.REPLAY_COUNT, "0") or 0)
     if choices.max_replays is not None and replays >= choices.max_replays:
         return Outcome.REFUSED, None
-    destination = choices.to_topic or headers.get("dlq.original.topic")
+    destination = choices.to_topic or headers.get(dlq.ORIGINAL_TOPIC)
     if not destination:
         return Outcome.UNROUTABLE, None
     return (Outcome.LISTED if choices.dry_run else Outcome.MOVE), destination
@@ -414,34 +334,35 @@ async def _act(
     key = (message.key or b"").decode("utf-8", "replace")
     if outcome is Outcome.VALUE_OMITTED:
         original = "/".join(
-            headers.get(f"dlq.original.{part}", "?") for part in ("topic", "partition", "offset")
+            headers.get(name, "?")
+            for name in (dlq.ORIGINAL_TOPIC, dlq.ORIGINAL_PARTITION, dlq.ORIGINAL_OFFSET)
         )
-        size = headers.get(VALUE_SIZE, "?")
+        size = headers.get(dlq.VALUE_SIZE, "?")
         print(
             f"{where}\t{key}\tnot moved: value left out ({size} bytes), the original is {original}", file=out
         )
         return None
     if outcome not in (Outcome.MOVE, Outcome.LISTED):
         return None
-    stage = headers.get("dlq.error.stage", "?")
+    stage = headers.get(dlq.ERROR_STAGE, "?")
     summary.by_stage[stage] += 1
     if outcome is Outcome.LISTED:
         fields = (
             where,
             key,
             stage,
-            headers.get("dlq.error.class", "?"),
-            headers.get("dlq.failed.at", "?"),
+            headers.get(dlq.ERROR_CLASS, "?"),
+            headers.get(dlq.FAILED_AT, "?"),
             f"-> {destination}",
-            headers.get("dlq.error.message", "")[:120],
+            headers.get(dlq.ERROR_MESSAGE, "")[:120],
         )
         print("\t".join(fields), file=out)
         return None
     if limiter is not None:
         await limiter.acquire()
-    count = int(headers.get(REPLAY_COUNT, "0") or 0)
-    kept = [(k, v) for k, v in message.headers or () if not k.startswith("dlq.")]
-    kept.append((REPLAY_COUNT, str(count + 1).encode()))
+    count = int(headers.get(dlq.REPLAY_COUNT, "0") or 0)
+    kept = [(k, v) for k, v in message.headers or () if not k.startswith(dlq.PREFIX)]
+    kept.append((dlq.REPLAY_COUNT, str(count + 1).encode()))
     return await producer.send(destination, key=message.key, value=message.value, headers=kept)
 
 

@@ -26,6 +26,7 @@ from worker.errors import (
     StaleRead,
     StoreRejected,
     WriteTimedOut,
+    describe,
 )
 from worker.plan import Change, DocState
 from worker.settings import Settings
@@ -336,7 +337,7 @@ class Store:
                 command_timeout=120,
             )
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -370,7 +371,7 @@ class Store:
         try:
             conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
@@ -385,7 +386,7 @@ class Store:
             ):
                 await self._build_ann_index(conn, wait=not only_if_empty)
         except asyncpg.PostgresError as exc:
-            raise StoreRejected(f"migration failed: {_describe(exc)}") from exc
+            raise StoreRejected(f"migration failed: {describe(exc)}") from exc
         finally:
             await conn.close()
 
@@ -394,7 +395,7 @@ class Store:
         try:
             conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
         try:
             await self._check_index(conn)
         finally:
@@ -474,18 +475,18 @@ class Store:
                 await conn.execute(TRIM_CHUNKS_SQL.format(schema=self._schema), ids, counts)
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
-            raise StaleRead(_describe(exc)) from exc
+            raise StaleRead(describe(exc)) from exc
         except asyncpg.exceptions.QueryCanceledError as exc:  # statement_timeout, before _OUTAGE_ERRORS
             raise WriteTimedOut(
                 f"a write of {len(writes)} documents ({len(chunk_rows)} chunks) was cancelled: "
-                f"{_describe(exc)} (statement_timeout?)"
+                f"{describe(exc)} (statement_timeout?)"
             ) from exc
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"database write failed: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"database write failed: {describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             if _refuses_every_write(exc):
-                raise DatabaseRefused(f"database refuses writes: {_describe(exc)}") from exc
-            raise StoreRejected(f"database refused the batch: {_describe(exc)}") from exc
+                raise DatabaseRefused(f"database refuses writes: {describe(exc)}") from exc
+            raise StoreRejected(f"database refused the batch: {describe(exc)}") from exc
         return moved
 
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
@@ -505,7 +506,7 @@ class Store:
         try:
             conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
         try:
             built = await self._build_ann_index(conn, wait=True)
         except BaseException as exc:
@@ -513,7 +514,7 @@ class Store:
             # statement, where nothing else could be sent) and releases its advisory lock.
             conn.terminate()
             if isinstance(exc, _OUTAGE_ERRORS) and not isinstance(exc, asyncpg.QueryCanceledError):
-                raise DatabaseUnavailable(f"the HNSW index build failed: {_describe(exc)}") from exc
+                raise DatabaseUnavailable(f"the HNSW index build failed: {describe(exc)}") from exc
             raise
         await conn.close()
         return built
@@ -585,7 +586,7 @@ class Store:
                 if method != "hnsw":
                     rows = await conn.fetch(EXACT_SEARCH_SQL.format(**names), *args, embedding, k)
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"search failed: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"search failed: {describe(exc)}") from exc
         log.debug("search_done", method=method, candidates=count, hits=len(rows), tenant=tenant)
         return [Hit(r["doc_id"], r["chunk_index"], r["content"], float(r["score"])) for r in rows]
 
@@ -610,7 +611,7 @@ class Store:
         try:
             return list(await self._pool.fetch(sql, *args))
         except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"database query failed: {_describe(exc)}") from exc
+            raise DatabaseUnavailable(f"database query failed: {describe(exc)}") from exc
 
 
 def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
@@ -643,8 +644,3 @@ def _refuses_every_write(exc: asyncpg.PostgresError) -> bool:
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
-
-
-def _describe(exc: BaseException) -> str:
-    """An error's class and message, never the connection URL (it may hold a password)."""
-    return f"{type(exc).__name__}: {str(exc)[:300]}"

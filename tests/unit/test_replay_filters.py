@@ -13,7 +13,8 @@ from aiokafka import TopicPartition
 
 from worker.dlq import DeadLetter, Fit, dead_letter_headers, outgoing
 from worker.errors import AttemptsExhausted, DecodeError, EmbeddingUnavailable, StoreRejected
-from worker.replay import LEDGER_BUDGET, Choices, Filters, Ledger, Ranges, Summary, _Run, parse_time
+from worker.replay import Choices, Filters, Summary, _Run, parse_time
+from worker.replay_ledger import LEDGER_BUDGET, Ledger, Ranges
 from worker.types import Record
 
 UTC = dt.UTC
