@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker import metrics
 from worker.errors import AttemptsExhausted, DependencyError, EmbeddingUnavailable, describe
-from worker.retry import ShuttingDown, backoff, sleep_unless
+from worker.retry import Backoff, ShuttingDown, backoff, sleep_unless, unless_stopped
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -39,8 +39,10 @@ class Dependency:
         stop: asyncio.Event,
         threshold: int = 5,
         max_backoff: float = 30.0,
+        backoff: Backoff = backoff,
     ) -> None:
         self.name = name
+        self.backoff = backoff  # the jittered wait before each retry: tests pass a short one
         self._probe = probe
         self._stop = stop
         self._threshold = threshold
@@ -142,15 +144,7 @@ class Dependency:
         if self.up:
             return 0.0
         began = time.monotonic()
-        up = asyncio.ensure_future(self._up.wait())
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({up, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            up.cancel()
-            stop.cancel()
-        if not self.up:
-            raise ShuttingDown("stopping")
+        await unless_stopped(self._stop, self._up.wait())
         return time.monotonic() - began
 
     def _wait(self, state: RetryCallState) -> float:
@@ -158,7 +152,7 @@ class Dependency:
         exc = state.outcome.exception() if state.outcome is not None else None
         if isinstance(exc, EmbeddingUnavailable) and exc.retry_after is not None:
             return exc.retry_after + random.uniform(0, 0.1 * exc.retry_after)
-        return backoff(state.attempt_number, initial=0.2, cap=self._max_backoff)
+        return self.backoff(state.attempt_number, initial=0.2, cap=self._max_backoff)
 
     def _failed(self, exc: DependencyError) -> None:
         self._consecutive += 1
@@ -183,7 +177,7 @@ class Dependency:
         while self.down_since is not None:
             round_ += 1
             try:
-                await sleep_unless(self._stop, backoff(round_, initial=0.5, cap=self._max_backoff) + 0.1)
+                await sleep_unless(self._stop, self.backoff(round_, initial=0.5, cap=self._max_backoff) + 0.1)
             except ShuttingDown:
                 return
             try:
@@ -239,12 +233,17 @@ class Dependencies:
         dead_letters: Callable[[], Awaitable[object]],
         stop: asyncio.Event,
         threshold: int,
+        backoff: Backoff = backoff,
     ) -> Dependencies:
         """Breakers for the three dependencies, each probed with the given request of its own."""
+
+        def breaker(name: str, probe: Callable[[], Awaitable[object]]) -> Dependency:
+            return Dependency(name, probe=probe, stop=stop, threshold=threshold, backoff=backoff)
+
         return cls(
-            embedding=Dependency("embedding", probe=embedding, stop=stop, threshold=threshold),
-            database=Dependency("database", probe=database, stop=stop, threshold=threshold),
-            dead_letters=Dependency("dead_letters", probe=dead_letters, stop=stop, threshold=threshold),
+            breaker("embedding", embedding),
+            breaker("database", database),
+            breaker("dead_letters", dead_letters),
         )
 
     def all(self) -> tuple[Dependency, ...]:

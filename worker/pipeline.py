@@ -39,7 +39,7 @@ from worker.errors import (
 from worker.inflight import InFlight, Job, Purchase, Purchases, vectors_of
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
-from worker.retry import ShuttingDown, backoff, isolate, sleep_unless
+from worker.retry import ShuttingDown, isolate, sleep_unless
 from worker.settings import Settings
 from worker.store import DocumentStore, DocumentWrite
 from worker.types import Record, TopicPartition, Vector
@@ -321,7 +321,7 @@ class Pipeline:
         self._timeouts += 1
         self.write_failure = str(exc)[:300]
         try:
-            await sleep_unless(self._stop, backoff(self._timeouts, initial=1.0, cap=30.0))
+            await sleep_unless(self._stop, self._deps.database.backoff(self._timeouts, initial=1.0, cap=30.0))
         except ShuttingDown:
             return
         await self._write([p])

@@ -7,10 +7,9 @@ Every wait races the worker's stop event so that shutdown is prompt.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from worker.errors import WorkerError
 
@@ -22,17 +21,37 @@ class ShuttingDown(WorkerError):
     """A wait was cut short because the worker is stopping."""
 
 
+class Backoff(Protocol):
+    def __call__(self, attempt: int, *, initial: float = ..., cap: float = ...) -> float: ...
+
+
 def backoff(attempt: int, *, initial: float = 0.2, cap: float = 30.0) -> float:
     """Full-jitter exponential backoff for the ``attempt``-th retry (1-based)."""
     return random.uniform(0, min(cap, initial * 2 ** (attempt - 1)))
+
+
+async def unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, raced against ``stop``: when ``stop`` is set first, the awaitable is
+    cancelled and ShuttingDown raised. One home for every wait that must not hold up shutdown."""
+    task = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled() and stop.is_set():
+        raise ShuttingDown("stopping")
+    return task.result()
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     """Sleep, or raise ShuttingDown as soon as ``stop`` is set."""
     if stop.is_set():
         raise ShuttingDown("stopping")
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+    await unless_stopped(stop, asyncio.sleep(seconds))
     if stop.is_set():
         raise ShuttingDown("stopping")
 

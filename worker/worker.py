@@ -21,6 +21,7 @@ from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
 from worker.embed import probe as probe_embedding
 from worker.pipeline import Pipeline
+from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
 from worker.settings import Settings
 from worker.store import DocumentStore
 from worker.types import Record
@@ -38,6 +39,7 @@ class Worker:
         dead_letters: DeadLetterSink,
         settings: Settings,
         stop_when_idle: float | None = None,
+        backoff: Backoff = backoff,
     ) -> None:
         self._source = source
         self._store = store
@@ -52,6 +54,7 @@ class Worker:
             dead_letters=dead_letters.ping,
             stop=self._stop,
             threshold=settings.embedding_max_attempts,
+            backoff=backoff,
         )
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
@@ -152,18 +155,13 @@ class Worker:
     # -- the fetch loop ------------------------------------------------------------------------
 
     async def _fetch(self) -> list[Record]:
-        fetch = self._fetching = asyncio.ensure_future(self._source.fetch(max_wait=0.2))
-        stop = asyncio.ensure_future(self._stop.wait())
+        self._fetching = asyncio.ensure_future(self._source.fetch(max_wait=0.2))
         try:
-            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            return await unless_stopped(self._stop, self._fetching)
+        except ShuttingDown:
+            return []
         finally:
             self._fetching = None
-        stop.cancel()
-        if not fetch.done():
-            fetch.cancel()
-            await asyncio.gather(fetch, return_exceptions=True)
-            return []
-        return fetch.result()
 
     def _admit(self, records: list[Record]) -> None:
         assigned = self._source.assignment()

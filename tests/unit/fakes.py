@@ -53,6 +53,11 @@ TEXT_C = "Charlie is short."
 TEXT_F = "Foxtrot carries metadata and a tenant, and version zero is a valid version."
 
 
+def fast_backoff(attempt: int, *, initial: float = 0.0, cap: float = 0.0) -> float:
+    """The real retry logic with waits short enough for a fast suite."""
+    return 0.001
+
+
 def make_settings(**overrides: str) -> Settings:
     return Settings.load(
         {
@@ -529,6 +534,7 @@ def rig(
         dead_letters=dead,
         settings=settings or make_settings(),
         stop_when_idle=stop_when_idle,
+        backoff=fast_backoff,
     )
     r = Rig(source, store, embedder, dead, worker, journal)
     source.probe = r.in_flight
@@ -547,6 +553,7 @@ async def pipeline_of(
         dead_letters=dead.ping,
         stop=stop,
         threshold=settings.embedding_max_attempts,
+        backoff=fast_backoff,
     )
     pipeline = Pipeline(
         store=store,

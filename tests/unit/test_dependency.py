@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import worker.dependency
+from tests.unit.fakes import fast_backoff
 from worker.dependency import Dependency
 from worker.errors import (
     AttemptsExhausted,
@@ -27,12 +28,6 @@ from worker.errors import (
 from worker.retry import ShuttingDown
 
 _names = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the real retry logic but make its jittered waits short (the prober adds 0.1 s a round)."""
-    monkeypatch.setattr(worker.dependency, "backoff", lambda attempt, **_: 0.001)
 
 
 class Dependencies:
@@ -54,7 +49,13 @@ class Dependencies:
         threshold: int = 5,
     ) -> Dependency:
         stop = stop or asyncio.Event()
-        dep = Dependency(f"test-dep-{next(_names)}", probe=probe or _healthy, stop=stop, threshold=threshold)
+        dep = Dependency(  # the real retry logic, its jittered waits short (the prober adds 0.1 s a round)
+            f"test-dep-{next(_names)}",
+            probe=probe or _healthy,
+            stop=stop,
+            threshold=threshold,
+            backoff=fast_backoff,
+        )
         self.made.append((dep, stop))
         return dep
 
@@ -173,7 +174,7 @@ async def test_retry_after_is_the_wait_used(
     assert len(waits) == 3
     assert 7.0 <= waits[0] <= 7.7  # Retry-After plus at most 10 % jitter
     assert 2.0 <= waits[1] <= 2.2
-    assert waits[2] == 0.001  # no Retry-After: the (patched) backoff
+    assert waits[2] == 0.001  # no Retry-After: the (given) backoff
 
 
 async def test_retry_after_really_waits(make_dependency: Dependencies) -> None:

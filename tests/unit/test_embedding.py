@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from tests.unit.fakes import fast_backoff
 from worker.dependency import Dependency
 from worker.embed import KNOWN_GOOD_INPUT, probe
 from worker.embedding import EmbeddingStage
@@ -41,7 +42,11 @@ class Refusing:
 
 def stage_of(embedder: Refusing, stop: asyncio.Event) -> tuple[EmbeddingStage, Dependency]:
     dependency = Dependency(  # as the Worker builds it
-        "embedding-test", probe=lambda: probe(embedder), stop=stop, threshold=SETTINGS.embedding_max_attempts
+        "embedding-test",
+        probe=lambda: probe(embedder),
+        stop=stop,
+        threshold=SETTINGS.embedding_max_attempts,
+        backoff=fast_backoff,
     )
     return EmbeddingStage(embedder, dependency, SETTINGS), dependency
 

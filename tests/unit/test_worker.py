@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections import Counter
 
@@ -43,19 +42,6 @@ from worker.errors import (
 from worker.plan import DocState
 from worker.retry import ShuttingDown
 from worker.store import sha256
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the real retry logic but make its jittered waits short, so the suite stays fast.
-
-    Patched wherever the retrying code imported ``backoff`` by name.
-    """
-    for name in ("worker.retry", "worker.pipeline", "worker.dependency"):
-        module = importlib.import_module(name)
-        if hasattr(module, "backoff"):
-            monkeypatch.setattr(module, "backoff", lambda attempt, **_: 0.001)
-
 
 # -- the happy path -------------------------------------------------------------------------
 
