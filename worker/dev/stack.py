@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,9 +137,22 @@ class Postgres:
         )
 
     def stop(self) -> None:
-        if self.server is not None:
-            with contextlib.suppress(subprocess.SubprocessError):
-                self.pg_ctl("-w", "-m", "fast", "stop")
+        """Stop the server and wait for its postmaster to be gone (pg_ctl may give up first)."""
+        if self.server is None:
+            return
+        pid = self._postmaster_pid()
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.pg_ctl("-w", "-m", "fast", "stop")
+        if pid is not None and not _exited(pid, within=10.0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+            _exited(pid, within=10.0)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def restart(self) -> None:
         """Start a stopped server again on the same socket (tests stop it to play an outage)."""
@@ -227,3 +242,17 @@ def embedded_stack(
         stack.stop()
         if temporary and not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _exited(pid: int, *, within: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
