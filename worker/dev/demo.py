@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from worker.dev.apache_kafka import kafka_version
-from worker.dev.stack import embedded_stack
+from worker.dev.stack import BrokerKind, StackRunning, embedded_stack
 from worker.kafka import ensure_topic
 from worker.settings import Settings
 
@@ -60,11 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".run/demo"), help="its data [.run/demo]")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
     _say(f"starting the stack: {BROKERS[args.broker]}, PostgreSQL 18 + pgvector, local embedding server")
+    try:
+        return _demo(workdir, args.broker)
+    except StackRunning as exc:  # another stack in this workdir: leave it alone
+        print(f"python -m worker.dev.demo: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+
+
+def _demo(workdir: Path, broker: BrokerKind) -> int:
+    corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
     with (
-        embedded_stack(workdir, broker=args.broker) as stack,
+        embedded_stack(workdir, broker=broker, fresh=True) as stack,  # its earlier data removed
         resources.as_file(corpus) as corpus_path,
     ):
         env = {**os.environ, **stack.env(), "KAFKA_TOPIC": TOPIC, "HEALTH_PORT": "0"}
