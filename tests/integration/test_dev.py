@@ -151,6 +151,20 @@ def test_a_second_dev_on_a_running_workdir_exits_1_and_leaves_the_first_alone(wo
         assert _listening(exports["KAFKA_BOOTSTRAP_SERVERS"])
         assert sorted(p.name for p in workdir.iterdir()) == before
         assert (workdir / "stack.pid").read_text().strip() == str(first.pid)
+
+        demo = subprocess.run(  # make run, which starts from an empty workdir, on the same one
+            [sys.executable, "-m", "worker.dev.demo", "--workdir", str(workdir)],
+            cwd=ROOT,
+            env=_environ(),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+        assert demo.returncode == 1, demo.stdout[-2000:] + demo.stderr[-2000:]
+        assert f"already running (pid {first.pid})" in demo.stderr
+        assert sorted(p.name for p in workdir.iterdir()) == before
+        assert _postgres_answers(exports["DATABASE_URL"])
     finally:
         assert first.stop() == 0
 

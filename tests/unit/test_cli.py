@@ -141,9 +141,14 @@ def test_every_command_still_accepts_every_setting_flag(command: str) -> None:
         assert getattr(args, name.lower()) == f"value-of-{name}"
 
 
+def _no_stack(*_: object, **__: object) -> None:
+    raise AssertionError("dev started a stack")
+
+
 def test_dev_refuses_a_setting_it_does_not_honour_in_one_line_and_touches_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("worker.dev.stack.embedded_stack", _no_stack)
     workdir = tmp_path / "stack"
     code = cli.main(["dev", "--workdir", str(workdir), "--kafka-topic", "t", "--embedding-model", "m"])
     out, err = capsys.readouterr()
