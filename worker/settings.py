@@ -247,16 +247,20 @@ class Settings:
 
 def secrets_in(flags: Mapping[str, str | None]) -> list[str]:
     """The variables among ``flags`` (field name -> raw text, None: not given) whose value is a
-    secret: the ``Secret`` settings, DATABASE_URL only when it carries a password."""
+    secret: the ``Secret`` settings, and the URLs (DATABASE_URL, EMBEDDING_URL) that carry a
+    password."""
     found = []
     for f in dataclasses.fields(Settings):
         text = flags.get(f.name)
-        if f.type != "Secret" or not text or not text.strip():
+        if not text or not text.strip():
             continue
-        if f.name == "database_url" and not _url_password(text):
-            continue
-        found.append(f.name.upper())
+        secret = bool(_url_password(text)) if f.name in _URLS else f.type == "Secret"
+        if secret:
+            found.append(f.name.upper())
     return found
+
+
+_URLS: Final = ("database_url", "embedding_url")
 
 
 def _url_password(url: str) -> str:

@@ -170,6 +170,7 @@ def test_dev_refuses_a_setting_it_does_not_honour_in_one_line_and_touches_nothin
         ("--kafka-sasl-password", "sasl-flagsecret-2", "KAFKA_SASL_PASSWORD", "sasl-flagsecret-2"),
         ("--database-url", "postgresql://u:pg-flagsecret-3@db/x", "DATABASE_URL", "pg-flagsecret-3"),
         ("--database-url", "postgresql://u@db/x?password=pg-flagsecret-4", "DATABASE_URL", "pg-flagsecret-4"),
+        ("--embedding-url", "https://u:api-flagsecret-5@llm/v1", "EMBEDDING_URL", "api-flagsecret-5"),
     ],
 )
 def test_a_secret_given_as_a_flag_is_warned_about_by_name_never_shown(
@@ -190,6 +191,7 @@ def test_a_secret_given_as_a_flag_is_warned_about_by_name_never_shown(
         (("--database-url", "postgresql://u@db/x"), {}),  # a URL without a password
         ((), {"EMBEDDING_API_KEY": "sk-envsecret-0005"}),  # the environment is where secrets go
         (("--kafka-sasl-username", "someone"), {}),
+        (("--embedding-url", "https://llm.internal/v1"), {}),
     ],
 )
 def test_no_warning_without_a_secret_on_the_command_line(
