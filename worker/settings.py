@@ -265,6 +265,34 @@ class Settings:
         return cls(**values)
 
 
+def secrets_in(flags: Mapping[str, str | None]) -> list[str]:
+    """The variables among ``flags`` (field name -> raw text, None: not given) whose value is a
+    secret: the ``Secret`` settings, and the URLs (DATABASE_URL, EMBEDDING_URL) that carry a
+    password."""
+    found = []
+    for f in dataclasses.fields(Settings):
+        text = flags.get(f.name)
+        if not text or not text.strip():
+            continue
+        secret = bool(_url_password(text)) if f.name in _URLS else f.type == "Secret"
+        if secret:
+            found.append(f.name.upper())
+    return found
+
+
+_URLS: Final = ("database_url", "embedding_url")
+
+
+def _url_password(url: str) -> str:
+    """A libpq URL's password: in its user info or as a ``password`` parameter."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        password = parts.password
+    except ValueError:
+        return ""
+    return password or "".join(urllib.parse.parse_qs(parts.query).get("password", []))
+
+
 def _split_url(url: str, setting: str) -> urllib.parse.SplitResult:
     try:
         return urllib.parse.urlsplit(url)

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import asyncpg
 
 from worker.dev.apache_kafka import kafka_version
-from worker.dev.stack import embedded_stack
+from worker.dev.stack import BrokerKind, StackRunning, embedded_stack
 from worker.kafka import ensure_topic
 from worker.settings import Settings
 
@@ -83,16 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     workdir = args.workdir.resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
     _say(f"starting the stack: {BROKERS[args.broker]}, PostgreSQL 18 + pgvector, local embedding server")
     print(f"   embeddings: {MODELS[args.model]}")  # noqa: T201
+    try:
+        return _demo(workdir, args.broker, args.model)
+    except StackRunning as exc:  # another stack in this workdir: leave it alone
+        print(f"python -m worker.dev.demo: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+
+
+def _demo(workdir: Path, broker: BrokerKind, model: str) -> int:
+    corpus = resources.files("worker.dev").joinpath("corpus.jsonl")
     with (
-        embedded_stack(workdir, broker=args.broker, embed_args=("--backend", args.model)) as stack,
+        embedded_stack(workdir, broker=broker, fresh=True, embed_args=("--backend", model)) as stack,
         resources.as_file(corpus) as corpus_path,
     ):
         env = {**os.environ, **stack.env(), "KAFKA_TOPIC": TOPIC, "HEALTH_PORT": "0"}
-        if args.model == "minilm":
+        if model == "minilm":
             env["EMBEDDING_MODEL"] = "all-MiniLM-L6-v2"
         asyncio.run(ensure_topic(Settings.load(env), TOPIC, PARTITIONS))
         print(f"   broker {stack.broker.bootstrap}, embeddings {stack.embeddings.url}")  # noqa: T201

