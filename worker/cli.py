@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import importlib.metadata
 import os
-import shlex
-import signal
 import sys
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +21,7 @@ from typing import Any, NoReturn
 import structlog
 from aiokafka.errors import KafkaError
 
+from worker import commands as do
 from worker import logs
 from worker.errors import ConfigError, WorkerError
 from worker.kafka import BrokerError, refusal
@@ -278,18 +275,18 @@ def _parser() -> argparse.ArgumentParser:
         help="load without the HNSW index; build it once caught up (at the end with --stop-when-idle)",
     )
     run.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
-    run.set_defaults(command=_cmd_run)
+    run.set_defaults(command=do.run)
 
     migrate = command("migrate")
     migrate.add_argument("--no-ann-index", action="store_true", help="leave the HNSW index out (backfill)")
-    migrate.set_defaults(command=_cmd_migrate)
+    migrate.set_defaults(command=do.migrate)
 
     index = command("build-index")
-    index.set_defaults(command=_cmd_build_index)
+    index.set_defaults(command=do.build_index)
 
     produce = command("produce")
     produce.add_argument("file", help="JSON-lines file, or - for standard input")
-    produce.set_defaults(command=_cmd_produce)
+    produce.set_defaults(command=do.produce)
 
     replay = command("replay")
     replay.add_argument("--to", metavar="TOPIC", help="publish here instead of each record's original topic")
@@ -317,13 +314,13 @@ def _parser() -> argparse.ArgumentParser:
         "--rate", type=_rate, metavar="PER_SECOND", help="records per second at most; 0 for no limit [0]"
     )
     replay.add_argument("--group", help="consumer group [<KAFKA_GROUP_ID>.replay]; a new one starts over")
-    replay.set_defaults(command=_cmd_replay)
+    replay.set_defaults(command=do.replay)
 
     search = command("search")
     search.add_argument("query", help="the text to search for")
     search.add_argument("-k", type=_count(1), default=5, help="how many hits [5]")
     search.add_argument("--tenant", help="only chunks of this tenant's documents")
-    search.set_defaults(command=_cmd_search)
+    search.set_defaults(command=do.search)
 
     dev = command("dev", DEV_DESCRIPTION)
     dev.add_argument("--partitions", type=_count(1), default=4, help="partitions of the topic it creates [4]")
@@ -334,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Tansu (in memory, starts at once) or Apache Kafka (from Maven Central) [tansu]",
     )
     dev.add_argument("--workdir", type=Path, default=Path(".run/dev"), help="where its data lives [.run/dev]")
-    dev.set_defaults(command=_cmd_dev)
+    dev.set_defaults(command=do.dev)
 
     for name, sub in commands.choices.items():
         assert isinstance(sub, _Parser)
@@ -355,106 +352,7 @@ as a flag is refused (exit 2): those belong to 'ingest-worker run'.
 """
 
 
-# -- run ------------------------------------------------------------------------------------
-
-
-async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.app import bound_heap_growth, serve
-
-    bound_heap_growth()
-    stop, abort = asyncio.Event(), asyncio.Event()
-    _on_stop_signals(stop, abort, grace=settings.shutdown_grace_seconds)
-    serving = asyncio.ensure_future(
-        serve(
-            settings,
-            stop=stop,
-            stop_when_idle=args.stop_when_idle,
-            migrate=not args.no_migrate,
-            backfill=args.backfill,
-            progress=args.progress,
-        )
-    )
-    aborting = asyncio.ensure_future(abort.wait())
-    await asyncio.wait({serving, aborting}, return_when=asyncio.FIRST_COMPLETED)
-    if not serving.done():  # a second signal: leave now, as a crash would (nothing is lost)
-        log.warning("stop_forced", hint="records not committed are delivered again")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    aborting.cancel()
-    serving.result()
-    return 0
-
-
-def _on_stop_signals(stop: asyncio.Event, abort: asyncio.Event, *, grace: float) -> None:
-    """SIGTERM or SIGINT: stop (finish in-flight work within ``grace``, commit, leave), saying so
-    at once; a second one: ``abort``. The handlers only set events."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            abort.set()
-            return
-        log.warning("stop_requested", signal=sig.name, grace_seconds=grace, hint="again to stop at once")
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-
-# -- migrate, produce, search -------------------------------------------------------------
-
-
-async def _cmd_build_index(settings: Settings, _: argparse.Namespace) -> int:
-    from worker.store import Store
-
-    started = time.perf_counter()
-    store = Store(settings)
-    await store.check()  # a missing schema says "run migrate", not a traceback
-    built = await store.build_ann_index()
-    state = "built" if built else "already there"
-    print(f"HNSW index on {settings.database_schema}.chunks {state} ({time.perf_counter() - started:.1f}s)")
-    return 0
-
-
-async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.store import Store
-
-    try:
-        await Store(settings).migrate(ann_index=not args.no_ann_index)
-    except ConfigError:
-        raise
-    except WorkerError as exc:
-        print(f"ingest-worker: migrate failed: {exc}", file=sys.stderr)
-        return 1
-    column = f"{settings.vector_type}({settings.embedding_dimensions})"
-    print(f"schema {settings.database_schema} is ready ({column})")
-    return 0
-
-
-async def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.produce import produce
-
-    return await produce(settings, args.file)
-
-
-async def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.embed import OpenAIEmbedder
-    from worker.store import Store
-
-    if not args.query.strip():
-        print("ingest-worker search: error: the query is empty", file=sys.stderr)
-        return 2
-    async with OpenAIEmbedder(settings) as embedder, Store(settings) as store:
-        await store.check()  # tables there, column of these dimensions, this model
-        [vector] = await embedder.embed([args.query])
-        hits = await store.search(vector, args.k, tenant=args.tenant)
-    if not hits:
-        print("no chunks stored yet" if args.tenant is None else f"no chunks of tenant {args.tenant!r}")
-    for rank, hit in enumerate(hits, 1):
-        snippet = " ".join(hit.content.split())[:160]
-        print(f"{rank:2}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n    {snippet}")
-    return 0
+# -- argument types ----------------------------------------------------------------------
 
 
 def _count(low: int) -> Callable[[str], int]:
@@ -489,68 +387,3 @@ def _iso_time(text: str) -> dt.datetime:
     if value is None:
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}")
     return value
-
-
-async def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.replay import Filters, replay
-
-    filters = Filters(args.stage, args.error_class, args.key, args.original_topic, args.since, args.until)
-    summary = await replay(
-        settings,
-        filters=filters,
-        to_topic=args.to,
-        dry_run=args.dry_run,
-        max_replays=args.max_replays,
-        rate=args.rate,
-        group=args.group,
-    )
-    for line in summary.lines():
-        print(line)
-    return 0
-
-
-# -- dev --------------------------------------------------------------------------------------
-
-
-async def _cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dev.processes import StackError
-    from worker.dev.stack import embedded_stack
-    from worker.kafka import ensure_topic
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        with embedded_stack(args.workdir.resolve(), broker=args.broker) as stack:
-            env = stack.env()
-            topics = ",".join(settings.kafka_topic)
-            stack_settings = Settings.load(env, {"kafka_topic": topics})
-            for topic in settings.kafka_topic:
-                await ensure_topic(stack_settings, topic, args.partitions)
-            env["KAFKA_TOPIC"] = topics
-            if settings.kafka_dlq_topic:
-                env["KAFKA_DLQ_TOPIC"] = settings.kafka_dlq_topic
-            env["HEALTH_PORT"] = str(settings.health_port)
-            print("# the embedded stack is up; paste these into another shell:")
-            for key, value in env.items():
-                print(f"export {key}='{value}'")
-            print(f"# then run the worker there: {_self_command()} run", flush=True)
-            started = time.monotonic()
-            await stop.wait()
-            print(f"# stopping after {time.monotonic() - started:.0f}s", file=sys.stderr)
-    except StackError as exc:  # another stack in this workdir (left alone), or one that did not start
-        print(f"ingest-worker dev: error: {exc}", file=sys.stderr)
-        return 1
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    return 0
-
-
-def _self_command() -> str:
-    """How another shell runs this same ingest-worker: the console script's absolute path when
-    that is what runs, else this interpreter with ``-m worker``."""
-    script = Path(sys.argv[0])
-    if script.stem == "ingest-worker" and script.is_file():
-        return shlex.quote(str(script.absolute()))
-    return f"{shlex.quote(sys.executable)} -m worker"

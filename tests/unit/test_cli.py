@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import cli
+from worker import cli, commands
 from worker.settings import describe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,9 +214,9 @@ def test_dev_names_the_console_script_it_runs_as_by_its_absolute_path(
     script.write_text("#!/bin/sh\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["bin/ingest-worker", "dev"])
-    assert cli._self_command() == str(script)
+    assert commands._self_command() == str(script)
 
 
 def test_dev_run_as_a_module_names_this_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", [str(ROOT / "worker" / "__main__.py"), "dev"])
-    assert cli._self_command() == f"{sys.executable} -m worker"
+    assert commands._self_command() == f"{sys.executable} -m worker"

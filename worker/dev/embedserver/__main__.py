@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from worker.dev.embedserver.backends import BackendUnavailableError, load_backend
 from worker.dev.embedserver.http import start_server
 from worker.dev.embedserver.state import DEFAULT_DIMENSIONS, FaultError, Faults, ServerState
+from worker.signals import on_stop_signals
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -40,9 +40,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace, state: ServerState) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(lambda _: stop.set())
     runner, url = await start_server(state, args.host, args.port, access_log=args.access_log)
     try:
         print(f"listening {url}", flush=True)  # noqa: T201 - the parent process reads the port from this line
