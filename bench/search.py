@@ -24,7 +24,8 @@ from pgvector.asyncpg import register_vector
 
 from worker.dev.stack import Postgres
 from worker.settings import Settings
-from worker.store import CHUNK_COLUMNS, EXACT_SEARCH_SQL, SEARCH_CANDIDATES_SQL, Store
+from worker.sql import CHUNK_COLUMNS, EXACT_SEARCH_SQL, SEARCH_CANDIDATES_SQL
+from worker.store import Store
 
 MODEL = "bench-model"
 

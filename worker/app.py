@@ -42,8 +42,8 @@ def bound_heap_growth() -> None:
 
     glibc raises its mmap threshold each time a large mmapped block is freed, after which
     multi-megabyte fetch responses and embedding answers come from the heap and fragment it:
-    RSS then creeps with the length of the run. A fixed threshold returns them to the OS.
-    Measured on a 20,000-record backlog: plateau ~90-100 MB instead of ~105-113 MB.
+    RSS then creeps with the length of the run. A fixed threshold returns them to the OS
+    (bench/MEASUREMENTS.md).
     """
     if not sys.platform.startswith("linux"):
         return

@@ -88,7 +88,7 @@ class KafkaSource:
             max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
             # A fetch response is read whole, then decoded (a copy) while its records are handed out:
             # capping it at one partition's worth keeps memory flat however large the backlog
-            # (20,000-record backlog: peak RSS 86 MB against 83 MB for 2,000; 97 MB at 4 MiB).
+            # (bench/MEASUREMENTS.md).
             fetch_max_bytes=settings.kafka_max_partition_fetch_bytes,
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 10),

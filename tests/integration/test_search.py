@@ -31,7 +31,8 @@ from worker.app import serve
 from worker.chunk import chunk_text
 from worker.dev.embedserver import hash_embedding
 from worker.kafka import ensure_topic
-from worker.store import CHUNK_COLUMNS, Store, sha256
+from worker.sql import CHUNK_COLUMNS
+from worker.store import Store, sha256
 
 pytestmark = pytest.mark.integration
 

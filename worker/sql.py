@@ -1,0 +1,262 @@
+"""Every SQL statement the worker runs, and a store's copy of them with its schema filled in.
+
+Templates name ``{schema}`` (and ``{vector_type}``); :class:`Statements` fills them once per
+store. A batch write is: lock the batch's documents in key order (``lock_states``), upsert them,
+COPY the chunks into ``incoming_chunks``, merge them into ``chunks`` (unchanged ones untouched),
+trim the surplus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+MIGRATION_LOCK: Final = 0x656D6265  # pg_advisory_xact_lock key: concurrent `migrate`s queue up
+# One HNSW build at a time. Taken with pg_try_advisory_lock and polled from outside any
+# transaction: a session blocked on a lock inside a statement holds a snapshot, which a
+# CREATE INDEX CONCURRENTLY waits for, and the two would wait for each other.
+ANN_BUILD_LOCK: Final = 0x656D6269
+
+# What the schema needs, each created only when it is missing: `CREATE ... IF NOT EXISTS` still
+# asks for CREATE on the database or schema (or table ownership), so a least-privilege role
+# (USAGE and DML on tables someone else migrated) could not even start `run` otherwise.
+# Each step: what kind of object, its name (for the existence check), how to create it.
+MIGRATION_STEPS: Final = (
+    ("extension", "vector", "CREATE EXTENSION IF NOT EXISTS vector"),
+    ("schema", "{schema}", "CREATE SCHEMA IF NOT EXISTS {schema}"),
+    (
+        "relation",
+        "{schema}.documents",
+        """CREATE TABLE IF NOT EXISTS {schema}.documents (
+    id              text PRIMARY KEY,
+    version         bigint,
+    deleted         boolean NOT NULL DEFAULT false,
+    metadata        jsonb,
+    tenant          text,
+    chunk_count     integer NOT NULL DEFAULT 0,
+    content_sha256  bytea,
+    source_topic    text,
+    source_partition integer,
+    source_offset   bigint,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+)""",
+    ),
+    (
+        "relation",
+        "{schema}.chunks",
+        """CREATE TABLE IF NOT EXISTS {schema}.chunks (
+    doc_id          text NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
+    chunk_index     integer NOT NULL,
+    content         text NOT NULL,
+    embedding       {vector_type}({dimensions}) NOT NULL,
+    char_start      integer NOT NULL,
+    char_end        integer NOT NULL,
+    model           text NOT NULL,
+    content_sha256  bytea NOT NULL,
+    PRIMARY KEY (doc_id, chunk_index)
+)""",
+    ),
+    (
+        "relation",
+        "{schema}.documents_tenant_idx",
+        "CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted",
+    ),
+    (
+        "relation",
+        "{schema}.chunks_content_sha256_idx",
+        "CREATE INDEX IF NOT EXISTS chunks_content_sha256_idx ON {schema}.chunks (content_sha256)",
+    ),
+)
+# The model whose embeddings the index holds: two models in one index make a search compare
+# vectors of different spaces, so a worker embedding with another model is refused at start.
+INDEX_SETTINGS_STEP: Final = (
+    "relation",
+    "{schema}.index_settings",
+    """CREATE TABLE IF NOT EXISTS {schema}.index_settings (
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    embedding_model  text NOT NULL,
+    recorded_at      timestamptz NOT NULL DEFAULT now()
+)""",
+)
+# Recorded once: the model of the chunks already stored (a schema older than the record), else ours.
+RECORD_MODEL_SQL: Final = """
+INSERT INTO {schema}.index_settings (embedding_model)
+SELECT coalesce((SELECT model FROM {schema}.chunks LIMIT 1), $1)
+ON CONFLICT (singleton) DO NOTHING
+"""
+STORED_MODEL_SQL: Final = "SELECT embedding_model FROM {schema}.index_settings"
+# What a write needs, as a list of what is missing ('' when nothing is): what the database
+# dependency's probe checks, so a revoked grant keeps the breaker open instead of flapping.
+# (has_table_privilege with several privileges is true when any one is held: one call each.)
+_WRITE_NEEDS: Final = (
+    ("$1", "documents", ("SELECT", "INSERT", "UPDATE")),
+    ("$2", "chunks", ("SELECT", "INSERT", "UPDATE", "DELETE")),
+)
+WRITE_PRIVILEGES_SQL: Final = "SELECT concat_ws(', ', {})".format(
+    ", ".join(
+        [f"CASE WHEN to_regclass({p}) IS NULL THEN 'the {t} table' END" for p, t, _ in _WRITE_NEEDS]
+        + [
+            f"CASE WHEN NOT has_table_privilege(to_regclass({p}), '{priv}') THEN '{priv} on {t}' END"
+            for p, t, privileges in _WRITE_NEEDS
+            for priv in privileges
+        ]
+        + ["CASE WHEN NOT has_database_privilege(current_database(), 'TEMPORARY') THEN 'TEMPORARY' END"]
+    )
+)
+EXISTS_SQL: Final = {
+    "extension": "SELECT 1 FROM pg_extension WHERE extname = $1",
+    "schema": "SELECT to_regnamespace($1)",
+    "relation": "SELECT to_regclass($1)",
+}
+# CONCURRENTLY: writers go on while it builds (a plain CREATE INDEX blocks every write for as long
+# as the build takes, minutes on a large table). It cannot run inside a transaction block.
+HNSW_INDEX_SQL: Final = """
+CREATE INDEX CONCURRENTLY IF NOT EXISTS chunks_embedding_hnsw_idx
+    ON {schema}.chunks USING hnsw (embedding {vector_type}_cosine_ops)
+"""
+# "missing", "invalid" (a concurrent build that failed half-way leaves one) or "ready".
+ANN_INDEX_STATE_SQL: Final = """
+SELECT CASE WHEN to_regclass($1) IS NULL THEN 'missing'
+            WHEN (SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)) THEN 'ready'
+            ELSE 'invalid' END
+"""
+DROP_INVALID_ANN_INDEX_SQL: Final = "DROP INDEX CONCURRENTLY IF EXISTS {schema}.chunks_embedding_hnsw_idx"
+CHUNKS_EMPTY_SQL: Final = "SELECT NOT EXISTS (SELECT 1 FROM {schema}.chunks)"
+EMBEDDING_TYPE_SQL: Final = """
+SELECT format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdropped
+"""
+EXTENSION_SCHEMA_SQL: Final = """
+SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'
+"""
+READ_STATES_SQL: Final = "SELECT id, version, deleted FROM {schema}.documents WHERE id = ANY($1::text[])"
+LOCK_STATES_SQL: Final = READ_STATES_SQL + " ORDER BY id FOR UPDATE"
+UPSERT_DOCUMENTS_SQL: Final = """
+INSERT INTO {schema}.documents AS d (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
+                                     source_topic, source_partition, source_offset, updated_at)
+SELECT u.id, u.version, u.deleted, u.metadata::jsonb, u.tenant, u.chunk_count, u.content_sha256,
+       u.source_topic, u.source_partition, u.source_offset, now()
+FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::text[], $5::text[], $6::integer[], $7::bytea[],
+            $8::text[], $9::integer[], $10::bigint[])
+     AS u (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
+           source_topic, source_partition, source_offset)
+ON CONFLICT (id) DO UPDATE SET
+    version = EXCLUDED.version, deleted = EXCLUDED.deleted, metadata = EXCLUDED.metadata,
+    tenant = EXCLUDED.tenant, chunk_count = EXCLUDED.chunk_count, content_sha256 = EXCLUDED.content_sha256,
+    source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
+    source_offset = EXCLUDED.source_offset, updated_at = now()
+"""
+# Chunks arrive by binary COPY into a per-session temporary table, then merge: unchanged chunks
+# are left alone (no new tuple, no HNSW insert), changed ones updated, surplus ones deleted.
+INCOMING_TABLE_SQL: Final = """
+CREATE TEMP TABLE IF NOT EXISTS incoming_chunks (LIKE {schema}.chunks INCLUDING DEFAULTS)
+    ON COMMIT DELETE ROWS
+"""
+MERGE_CHUNKS_SQL: Final = """
+INSERT INTO {schema}.chunks AS c (doc_id, chunk_index, content, embedding, char_start, char_end, model,
+                                  content_sha256)
+SELECT doc_id, chunk_index, content, embedding, char_start, char_end, model, content_sha256
+FROM incoming_chunks ORDER BY doc_id, chunk_index
+ON CONFLICT (doc_id, chunk_index) DO UPDATE SET
+    content = EXCLUDED.content, embedding = EXCLUDED.embedding, char_start = EXCLUDED.char_start,
+    char_end = EXCLUDED.char_end, model = EXCLUDED.model, content_sha256 = EXCLUDED.content_sha256
+WHERE (c.content_sha256, c.char_start, c.char_end, c.model)
+      IS DISTINCT FROM (EXCLUDED.content_sha256, EXCLUDED.char_start, EXCLUDED.char_end, EXCLUDED.model)
+"""
+TRIM_CHUNKS_SQL: Final = """
+DELETE FROM {schema}.chunks c
+USING unnest($1::text[], $2::integer[]) AS keep (doc_id, count)
+WHERE c.doc_id = keep.doc_id AND c.chunk_index >= keep.count
+"""
+CHUNK_COLUMNS: Final = (
+    "doc_id",
+    "chunk_index",
+    "content",
+    "embedding",
+    "char_start",
+    "char_end",
+    "model",
+    "content_sha256",
+)
+# Embeddings already paid for: the same content embedded by the same model (the table fixes dimensions).
+KNOWN_EMBEDDINGS_SQL: Final = """
+SELECT DISTINCT ON (content_sha256) content_sha256, embedding
+FROM {schema}.chunks WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
+"""
+# A search's candidates: chunks embedded by the configured model ($1) only. index_settings records
+# the schema's model, but each row says its own: a schema older than that record may hold rows of
+# two models (and `run --no-migrate` there wrote whatever model it was given), and a query vector
+# compared with another model's vectors gives meaningless scores. With a tenant ($2), only chunks
+# of that tenant's live documents (documents_tenant_idx). The queries below take {candidates} and
+# number their own arguments ({limit}, {query}, {k}) after these.
+SEARCH_CANDIDATES_SQL: Final = "{schema}.chunks c WHERE c.model = $1"
+SEARCH_TENANT_CANDIDATES_SQL: Final = """{schema}.chunks c JOIN {schema}.documents d ON d.id = c.doc_id
+WHERE c.model = $1 AND d.tenant = $2 AND NOT d.deleted"""
+# How many candidates there are, counting no further than {limit}: what chooses exact or HNSW.
+COUNT_CANDIDATES_SQL: Final = "SELECT count(*) FROM (SELECT 1 FROM {candidates} LIMIT {limit}) AS s"
+# Exact: every candidate's distance, the nearest k kept (a top-k sort holds only k rows). OFFSET 0
+# keeps the subquery from being flattened, so the ORDER BY cannot be served by the HNSW index.
+EXACT_SEARCH_SQL: Final = """
+SELECT doc_id, chunk_index, content, 1 - distance AS score
+FROM (SELECT c.doc_id, c.chunk_index, c.content, c.embedding <=> {query} AS distance
+      FROM {candidates} OFFSET 0) AS scored
+ORDER BY distance, doc_id, chunk_index
+LIMIT {k}
+"""
+# Through the HNSW index, with ANN_SEARCH_SETTINGS_SQL: an iterative scan (relaxed order) goes on
+# past rows the filters drop until k are found, and the outer query puts them in exact order.
+ANN_SEARCH_SQL: Final = """
+SELECT doc_id, chunk_index, content, 1 - distance AS score
+FROM (SELECT c.doc_id, c.chunk_index, c.content, c.embedding <=> {query} AS distance
+      FROM {candidates} ORDER BY c.embedding <=> {query} LIMIT {k}) AS nearest
+ORDER BY distance, doc_id, chunk_index
+"""
+ANN_SEARCH_SETTINGS_SQL: Final = """
+SELECT set_config('hnsw.ef_search', $1, true), set_config('hnsw.iterative_scan', 'relaxed_order', true),
+       set_config('hnsw.max_scan_tuples', $2, true)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """This store's statements, its schema (quoted) and vector type filled in once."""
+
+    schema: str
+    read_states: str
+    lock_states: str
+    upsert_documents: str
+    incoming_table: str
+    merge_chunks: str
+    trim_chunks: str
+    known_embeddings: str
+    stored_model: str
+    record_model: str
+    chunks_empty: str
+    hnsw_index: str
+    drop_invalid_ann_index: str
+    search_candidates: str
+    search_tenant_candidates: str
+
+    @classmethod
+    def of(cls, schema: str, vector_type: str) -> Statements:
+        def filled(template: str) -> str:
+            return template.format(schema=schema, vector_type=vector_type)
+
+        return cls(
+            schema=schema,
+            read_states=filled(READ_STATES_SQL),
+            lock_states=filled(LOCK_STATES_SQL),
+            upsert_documents=filled(UPSERT_DOCUMENTS_SQL),
+            incoming_table=filled(INCOMING_TABLE_SQL),
+            merge_chunks=filled(MERGE_CHUNKS_SQL),
+            trim_chunks=filled(TRIM_CHUNKS_SQL),
+            known_embeddings=filled(KNOWN_EMBEDDINGS_SQL),
+            stored_model=filled(STORED_MODEL_SQL),
+            record_model=filled(RECORD_MODEL_SQL),
+            chunks_empty=filled(CHUNKS_EMPTY_SQL),
+            hnsw_index=filled(HNSW_INDEX_SQL),
+            drop_invalid_ann_index=filled(DROP_INVALID_ANN_INDEX_SQL),
+            search_candidates=filled(SEARCH_CANDIDATES_SQL),
+            search_tenant_candidates=filled(SEARCH_TENANT_CANDIDATES_SQL),
+        )
