@@ -67,8 +67,7 @@ class Dead:
     """A dead letter and the records it finishes (a job's, or one undecodable record)."""
 
     letter: DeadLetter
-    job: Job | None
-    record: Record
+    job: Job | None  # None: one record that never became a job (it could not be decoded)
 
 
 class Pipeline:
@@ -148,7 +147,7 @@ class Pipeline:
         try:
             event = decode_event(record.key, record.value, max_text_bytes=self._settings.max_text_bytes)
         except RecordError as exc:
-            self._dead.put_nowait(Dead(DeadLetter(record, exc), None, record))
+            self._dead.put_nowait(Dead(DeadLetter(record, exc), None))
             return
         job = self._inflight.route(record, event)
         if job is not None:
@@ -217,7 +216,7 @@ class Pipeline:
             try:
                 chunks = [] if change.after.deleted else self._chunk(change.event.text)
             except ChunkError as exc:
-                self._dead.put_nowait(Dead(DeadLetter(record, exc), job, record))
+                self._dead.put_nowait(Dead(DeadLetter(record, exc), job))
                 continue
             prepared.append(Prepared(job, change, record, chunks))
         return prepared
@@ -262,7 +261,7 @@ class Pipeline:
         try:
             p.vectors = await vectors_of(futures)
         except RecordError as exc:  # rejected, or failed every attempt while the API was up
-            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job, p.record))
+            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
         except ShuttingDown:
             pass
         except Exception as exc:  # noqa: BLE001 - e.g. vectors of the wrong dimension: misconfiguration
@@ -316,7 +315,7 @@ class Pipeline:
         the limit is the database's, not the record's fault."""
         if isinstance(exc, StoreRejected):
             self.purchases.release(p.held.values(), stored=False)
-            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job, p.record))
+            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
             return
         self._timeouts += 1
         self.write_failure = str(exc)[:300]
@@ -330,19 +329,20 @@ class Pipeline:
         letters = [d.letter for d in batch]
         await self._deps.dead_letters.call(functools.partial(self._dead_letters.send, letters))
         for dead in batch:
-            log.warning(
-                "record_dead_lettered",
-                topic=dead.record.topic,
-                partition=dead.record.partition,
-                offset=dead.record.offset,
-                stage=dead.letter.error.stage,
-                error_class=type(dead.letter.error).__name__,
-                error=str(dead.letter.error)[:300],
-                trace_id=trace_id_from(dead.record.headers),
-            )
+            record = dead.letter.record
+            with structlog.contextvars.bound_contextvars(trace_id=trace_id_from(record.headers)):
+                log.warning(
+                    "record_dead_lettered",
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    stage=dead.letter.error.stage,
+                    error_class=type(dead.letter.error).__name__,
+                    error=str(dead.letter.error)[:300],
+                )
             if dead.job is None:
-                metrics.RECORDS.labels(topic=dead.record.topic, outcome="dead_lettered").inc()
-                self._finish_record(dead.record)
+                metrics.RECORDS.labels(topic=record.topic, outcome="dead_lettered").inc()
+                self._finish_record(record)
             else:
                 self._finish(dead.job, outcome="dead_lettered")
 

@@ -8,6 +8,8 @@ from collections import Counter
 
 import orjson
 import pytest
+import structlog
+import structlog.testing
 
 from tests.unit.fakes import (
     MARKER,
@@ -150,10 +152,14 @@ async def test_bad_records_are_dead_lettered_with_their_stage_and_the_rest_store
         headers={(1, 2): traceparent},
     )
     r = rig(records)
-    await r.run()
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logged:
+        await r.run()
 
     assert set(r.store.documents) == {"g1", "g2"}
     assert r.store.chunks == {"g1": expected_chunks(TEXT_C), "g2": expected_chunks(TEXT_B)}
+    traces = {e["offset"]: e.get("trace_id") for e in logged if e["event"] == "record_dead_lettered"}
+    assert traces[102] == "4bf92f3577b34da6a3ce929d0e0e4736", "the W3C trace id, bound to its log line"
+    assert traces[103] is None
     by_offset = {d.record.offset: d for d in r.dead.letters}
     assert len(by_offset) == len(r.dead.letters) == 5
     assert {o - 100: (d.error.stage, type(d.error).__name__) for o, d in by_offset.items()} == {
