@@ -13,15 +13,25 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 from worker.errors import ConfigError
 
 IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # used with fullmatch
-SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS: Final = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-VECTOR_TYPES: Final = {"vector": 2000, "halfvec": 4000}  # type -> most dimensions HNSW can index
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# Enumerated settings: each value one of its Literal's (matched without regard to case).
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+VectorType = Literal["vector", "halfvec"]
+Encoding = Literal["base64", "float"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+ENUMERATED: Final[dict[str, Any]] = {
+    "SecurityProtocol": SecurityProtocol,
+    "SaslMechanism": SaslMechanism,
+    "VectorType": VectorType,
+    "Encoding": Encoding,
+    "LogLevel": LogLevel,
+}
+MAX_INDEXED_DIMENSIONS: Final[dict[str, int]] = {"vector": 2000, "halfvec": 4000}  # HNSW's limits
 
 
 class Secret:
@@ -65,10 +75,10 @@ class Settings:
     kafka_topic: tuple[str, ...] = _setting(("documents",), "topic(s) to consume; comma list")
     kafka_group_id: str = _setting("embedding-ingest", "consumer group id")
     kafka_dlq_topic: str = _setting("", "dead-letter topic [<first topic>.dlq]")
-    kafka_security_protocol: str = _setting("PLAINTEXT", "/".join(SECURITY_PROTOCOLS))
-    kafka_sasl_mechanism: str = _setting("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_security_protocol: SecurityProtocol = _setting("PLAINTEXT", "/".join(get_args(SecurityProtocol)))
+    kafka_sasl_mechanism: SaslMechanism = _setting("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     kafka_sasl_username: str = _setting("", "SASL user name")
-    kafka_sasl_password: Secret = _setting(NO_SECRET, "SASL password")  # noqa: RUF009 - Secret is immutable
+    kafka_sasl_password: Secret = _setting(NO_SECRET, "SASL password")
     kafka_ssl_cafile: str = _setting("", "CA bundle for SSL/SASL_SSL (system default if empty)")
     kafka_producer_idempotence: bool = _setting(True, "idempotent dead-letter/produce producer")
     kafka_max_poll_records: int = _setting(500, "records fetched per poll", low=1, high=100_000)
@@ -83,24 +93,24 @@ class Settings:
         300_000, "longest a batch may take before the group evicts us", low=1000, high=86_400_000
     )
     # PostgreSQL
-    database_url: Secret = _setting(LOCAL_DATABASE, "libpq URL (sslmode honoured)")  # noqa: RUF009 - Secret is immutable
+    database_url: Secret = _setting(LOCAL_DATABASE, "libpq URL (sslmode honoured)")
     database_schema: str = _setting("public", "schema of the documents and chunks tables")
     database_pool_size: int = _setting(4, "asyncpg pool size", low=1, high=1000)
     database_statement_cache_size: int = _setting(
         100, "prepared statements cached per connection; 0 behind pgbouncer", low=0, high=100_000
     )
-    vector_type: str = _setting("vector", "pgvector column type: vector or halfvec")
+    vector_type: VectorType = _setting("vector", "pgvector column type: vector or halfvec")
     # Embedding API
     embedding_url: str = _setting("http://127.0.0.1:8000/v1", "base URL of an OpenAI-compatible API")
     embedding_model: str = _setting("text-embedding-3-small", "model name sent with each request")
     embedding_dimensions: int = _setting(1536, "vector dimensions", low=1, high=16_000)
     embedding_send_dimensions: bool = _setting(True, "send `dimensions` in requests")
-    embedding_api_key: Secret = _setting(NO_SECRET, "bearer token")  # noqa: RUF009 - Secret is immutable
+    embedding_api_key: Secret = _setting(NO_SECRET, "bearer token")
     embedding_api_key_file: str = _setting("", "file holding the bearer token")
     embedding_batch_size: int = _setting(64, "inputs per embedding request", low=1, high=2048)
     embedding_concurrency: int = _setting(4, "embedding requests in flight", low=1, high=1024)
     embedding_timeout: float = _setting(60.0, "seconds per embedding request", low=0.1, high=3600)
-    embedding_encoding: str = _setting("base64", "encoding_format asked for: base64 or float")
+    embedding_encoding: Encoding = _setting("base64", "encoding_format asked for: base64 or float")
     embedding_batch_chars: int = _setting(
         100_000, "characters per embedding request at most", low=1000, high=10_000_000
     )
@@ -142,7 +152,7 @@ class Settings:
     health_port: int = _setting(
         8080, "HTTP port for /healthz /readyz /metrics; 0 picks one", low=0, high=65535
     )
-    log_level: str = _setting("info", "debug, info, warning or error")
+    log_level: LogLevel = _setting("info", "debug, info, warning or error")
     shutdown_grace_seconds: float = _setting(30.0, "time to finish in-flight work on stop", low=0, high=3600)
     startup_timeout_seconds: float = _setting(
         300.0,
@@ -163,10 +173,6 @@ class Settings:
             raise bad("kafka_group_id", "must not be empty")
         if self.kafka_dlq_topic in self.kafka_topic:
             raise bad("kafka_dlq_topic", "must differ from the consumed topic")
-        if self.kafka_security_protocol not in SECURITY_PROTOCOLS:
-            raise bad("kafka_security_protocol", f"must be one of {', '.join(SECURITY_PROTOCOLS)}")
-        if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
-            raise bad("kafka_sasl_mechanism", "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
             raise bad("kafka_sasl_mechanism", f"is required with {self.kafka_security_protocol}")
         url = _split_url(self.database_url.reveal(), "DATABASE_URL")
@@ -180,29 +186,23 @@ class Settings:
             raise bad("kafka_ssl_cafile", f"{self.kafka_ssl_cafile} is not a readable file")
         if not IDENTIFIER.fullmatch(self.database_schema):
             raise bad("database_schema", "must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
-        if self.vector_type not in VECTOR_TYPES:
-            raise bad("vector_type", "must be vector or halfvec")
-        if self.embedding_dimensions > VECTOR_TYPES[self.vector_type]:
+        if self.embedding_dimensions > MAX_INDEXED_DIMENSIONS[self.vector_type]:
             raise bad(
                 "embedding_dimensions",
                 f"{self.embedding_dimensions} is more than an HNSW index on {self.vector_type} takes "
-                f"({VECTOR_TYPES[self.vector_type]}); use VECTOR_TYPE=halfvec (up to 4000)",
+                f"({MAX_INDEXED_DIMENSIONS[self.vector_type]}); use VECTOR_TYPE=halfvec (up to 4000)",
             )
         emb = _split_url(self.embedding_url, "EMBEDDING_URL")
         if emb.scheme not in ("http", "https") or not emb.netloc:
             raise bad("embedding_url", "must be an http:// or https:// URL")
         if not self.embedding_model:
             raise bad("embedding_model", "must not be empty")
-        if self.embedding_encoding not in ("base64", "float"):
-            raise bad("embedding_encoding", "must be base64 or float")
         if self.chunk_overlap >= self.chunk_size // 2:
             raise bad("chunk_overlap", f"must be less than half of CHUNK_SIZE ({self.chunk_size})")
         if not re.fullmatch(r"[0-9]+\s*(kB|MB|GB)", self.index_build_memory):
             raise bad("index_build_memory", "must be a PostgreSQL size such as 512MB or 2GB")
         if self.database_writers > self.database_pool_size:
             raise bad("database_writers", f"must not exceed DATABASE_POOL_SIZE ({self.database_pool_size})")
-        if self.log_level not in LOG_LEVELS:
-            raise bad("log_level", "must be debug, info, warning or error")
 
     @property
     def dlq_topic(self) -> str:
@@ -347,14 +347,11 @@ def _parse(name: str, text: str) -> Any:
         return Secret(text)
     if kind == "tuple[str, ...]":
         return tuple(part.strip() for part in text.split(",") if part.strip())
-    return _CASE.get(name, lambda value: value)(text)
-
-
-# Enumerated settings are matched without regard to case.
-_CASE = {
-    "kafka_security_protocol": str.upper,
-    "kafka_sasl_mechanism": str.upper,
-    "vector_type": str.lower,
-    "embedding_encoding": str.lower,
-    "log_level": str.lower,
-}
+    if isinstance(kind, str) and kind in ENUMERATED:
+        choices = get_args(ENUMERATED[kind])
+        found = {choice.lower(): choice for choice in choices}.get(text.lower())
+        if found is None:
+            named = [c for c in choices if c]
+            raise ConfigError(env, f"must be {', '.join(named[:-1])} or {named[-1]}, got {text!r}")
+        return found
+    return text
