@@ -13,10 +13,9 @@ that can never succeed goes to the dead-letter topic and its partition goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -41,6 +40,7 @@ from worker.logs import trace_id_from
 from worker.plan import Change, plan
 from worker.retry import ShuttingDown, isolate, sleep_unless
 from worker.settings import Settings
+from worker.stages import stage_loop
 from worker.store import DocumentStore, DocumentWrite
 from worker.types import Record, TopicPartition, Vector
 
@@ -105,11 +105,11 @@ class Pipeline:
         self.finished_records = 0
         most = settings.write_batch_documents
         stages = [
-            ("prepare", _stage(self._ready, most, 0.002, self._prepare)),
-            ("dead-letters", _stage(self._dead, 500, 0.002, self._send_dead_letters)),
+            ("prepare", stage_loop(self._ready, most, 0.002, self._prepare)),
+            ("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters)),
         ]
         stages += [
-            (f"store-{n}", _stage(self._embedded, most, 0.005, self._write))
+            (f"store-{n}", stage_loop(self._embedded, most, 0.005, self._write))
             for n in range(settings.database_writers)
         ]
         self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
@@ -384,38 +384,6 @@ def _offset_ranges(jobs: Iterable[Job]) -> dict[str, str]:
             low, high = spans.get(where, (record.offset, record.offset))
             spans[where] = (min(low, record.offset), max(high, record.offset))
     return {where: f"{low}-{high}" for where, (low, high) in sorted(spans.items())}
-
-
-async def _stage(
-    queue: asyncio.Queue[T], most: int, linger: float, handle: Callable[[list[T]], Awaitable[None]]
-) -> None:
-    """A stage's loop: take a batch from its queue, handle it, mark it done (also when handling fails)."""
-    while True:
-        batch = await _take(queue, most, linger=linger)
-        try:
-            await handle(batch)
-        finally:
-            for _ in batch:
-                queue.task_done()
-
-
-async def _take(queue: asyncio.Queue[T], most: int, *, linger: float) -> list[T]:
-    """Wait for one item, then gather up to ``most`` within ``linger`` seconds."""
-    items = [await queue.get()]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + linger
-    while len(items) < most:
-        try:
-            items.append(queue.get_nowait())
-            continue
-        except asyncio.QueueEmpty:
-            pass
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        with contextlib.suppress(TimeoutError):
-            items.append(await asyncio.wait_for(queue.get(), remaining))
-    return items
 
 
 def _resolved(vector: Vector) -> asyncio.Future[Vector]:
