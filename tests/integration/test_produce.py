@@ -84,14 +84,19 @@ async def test_ctrl_c_while_reading_standard_input_says_how_many_went_out(env: E
         env={"PATH": "/usr/bin:/bin", **env.values},
     )
     assert process.stdin is not None
-    process.stdin.write("".join(f"{line(f'i-{n}')}\n" for n in range(50)).encode())
-    await process.stdin.drain()  # ...and the pipe stays open, as a person typing or a slow upstream
-    deadline = asyncio.get_running_loop().time() + 30
-    while await published(env) < 50:
-        assert asyncio.get_running_loop().time() < deadline, "the 50 lines never went out"
-        await asyncio.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, raw = await asyncio.wait_for(process.communicate(), 30)
+    try:
+        process.stdin.write("".join(f"{line(f'i-{n}')}\n" for n in range(50)).encode())
+        await process.stdin.drain()  # ...and the pipe stays open, as a person typing or a slow upstream
+        deadline = asyncio.get_running_loop().time() + 30
+        while await published(env) < 50:
+            assert asyncio.get_running_loop().time() < deadline, "the 50 lines never went out"
+            await asyncio.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, raw = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
     stderr = raw.decode()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
