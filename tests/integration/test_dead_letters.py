@@ -16,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from tests.contract import DLQ_HEADERS
 from tests.integration.helpers import (
     PARTITIONS,
     Env,
@@ -30,7 +31,7 @@ from tests.integration.helpers import (
 )
 from tests.integration.services import Services
 from tests.integration.test_failures import cli
-from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
+from tests.integration.test_operations import read_dead_letters
 
 pytestmark = pytest.mark.integration
 

@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
+from tests.contract import DLQ_HEADERS
 from tests.integration.helpers import (
     CHUNK_OVERLAP,
     CHUNK_SIZE,
@@ -32,7 +33,7 @@ from tests.integration.helpers import (
     run_worker,
     spawn_worker,
 )
-from tests.integration.test_operations import DLQ_HEADERS, read_dead_letters
+from tests.integration.test_operations import read_dead_letters
 from worker.app import serve
 from worker.chunk import chunk_text
 from worker.store import Store

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from tests.contract import DLQ_HEADERS
 from tests.integration.helpers import (
     Env,
     Event,
@@ -37,17 +38,6 @@ from worker.dev.processes import free_port
 from worker.store import Store
 
 pytestmark = pytest.mark.integration
-
-DLQ_HEADERS = {
-    "dlq.original.topic",
-    "dlq.original.partition",
-    "dlq.original.offset",
-    "dlq.error.stage",
-    "dlq.error.class",
-    "dlq.error.message",
-    "dlq.attempts",
-    "dlq.failed.at",
-}
 
 
 async def read_dead_letters(env: Env, expected: int, within: float = 20) -> list[object]:

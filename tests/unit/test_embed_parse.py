@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
+from tests.contract import DLQ_HEADERS
 from worker.dlq import DeadLetter, dead_letter_headers
 from worker.embed import parse_embeddings
 from worker.errors import EmbeddingProtocolError, InputRejected, RecordError, ValidationError
@@ -121,17 +122,6 @@ def test_negative_index_is_a_protocol_error() -> None:
 
 # -- dead-letter headers --------------------------------------------------------------------
 
-CONTRACT_HEADERS = {
-    "dlq.original.topic",
-    "dlq.original.partition",
-    "dlq.original.offset",
-    "dlq.error.stage",
-    "dlq.error.class",
-    "dlq.error.message",
-    "dlq.attempts",
-    "dlq.failed.at",
-}
-
 
 def letter(
     error: RecordError, headers: list[tuple[str, bytes]] | None = None, attempts: int = 1
@@ -147,8 +137,8 @@ def test_every_contract_header_with_its_value() -> None:
         letter(ValidationError("`text` must be a string"), attempts=3), failed_at=failed_at
     )
     ours = {k: v for k, v in headers if k.startswith("dlq.")}
-    assert set(ours) == CONTRACT_HEADERS
-    assert len(headers) == len(CONTRACT_HEADERS), "each header exactly once"
+    assert set(ours) == DLQ_HEADERS
+    assert len(headers) == len(DLQ_HEADERS), "each header exactly once"
     assert all(isinstance(v, bytes) for _, v in headers)
     assert {k: v.decode("utf-8") for k, v in ours.items()} == {
         "dlq.original.topic": "documents",
@@ -188,7 +178,7 @@ def test_original_headers_are_kept_first_and_unchanged() -> None:
     ]
     headers = dead_letter_headers(letter(ValidationError("x"), original))
     assert headers[: len(original)] == original
-    assert {k for k, _ in headers[len(original) :]} == CONTRACT_HEADERS
+    assert {k for k, _ in headers[len(original) :]} == DLQ_HEADERS
 
 
 def test_a_second_failure_replaces_the_first_ones_headers() -> None:
@@ -197,7 +187,7 @@ def test_a_second_failure_replaces_the_first_ones_headers() -> None:
     )
     second = dead_letter_headers(letter(InputRejected("second"), [*first, ("dlq.replay.count", b"1")]))
     names = [k for k, _ in second]
-    assert sorted(names) == sorted([*CONTRACT_HEADERS, "dlq.replay.count"]), "no header twice"
+    assert sorted(names) == sorted([*DLQ_HEADERS, "dlq.replay.count"]), "no header twice"
     values = dict(second)
     assert values["dlq.error.message"] == b"second"
     assert values["dlq.replay.count"] == b"1"
