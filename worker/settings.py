@@ -210,9 +210,13 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every secret value, so logs can mask them wherever they turn up."""
-        password = urllib.parse.urlsplit(self.database_url.reveal()).password or ""
-        return tuple(s for s in (self.api_key, self.kafka_sasl_password.reveal(), password) if s)
+        """Every secret value, so logs can mask them wherever they turn up: the key, the SASL
+        password, and a password either URL carries (as written, and decoded)."""
+        found = [self.api_key, self.kafka_sasl_password.reveal()]
+        for url in (self.database_url.reveal(), self.embedding_url):
+            password = _url_password(url)
+            found += [password, urllib.parse.unquote(password)]
+        return tuple(dict.fromkeys(s for s in found if s))
 
     def shown(self) -> dict[str, Any]:
         """Every setting as a start-up log line shows it: secrets as ``**********`` (a database
@@ -220,13 +224,8 @@ class Settings:
         shown: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "database_url":
-                parts = urllib.parse.urlsplit(value.reveal())
-                if parts.password:
-                    user = parts.username or ""
-                    netloc = f"{user}:**********@{parts.netloc.rpartition('@')[2]}"
-                    parts = parts._replace(netloc=netloc)
-                value = urllib.parse.urlunsplit(parts)
+            if f.name in _URLS:
+                value = _masked_url(value.reveal() if isinstance(value, Secret) else value)
             elif isinstance(value, Secret):
                 value = "**********" if value else ""
             elif isinstance(value, tuple):
@@ -291,6 +290,18 @@ def _url_password(url: str) -> str:
     except ValueError:
         return ""
     return password or "".join(urllib.parse.parse_qs(parts.query).get("password", []))
+
+
+def _masked_url(url: str) -> str:
+    """``url`` with its password (in the user info, or a ``password`` parameter) as ``**********``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        parts = parts._replace(netloc=f"{parts.username or ''}:**********@{parts.netloc.rpartition('@')[2]}")
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "password" for key, _ in query):
+        masked = [(key, "**********" if key == "password" else value) for key, value in query]
+        parts = parts._replace(query=urllib.parse.urlencode(masked, safe="*/"))
+    return urllib.parse.urlunsplit(parts)
 
 
 def _split_url(url: str, setting: str) -> urllib.parse.SplitResult:

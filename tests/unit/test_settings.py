@@ -290,3 +290,21 @@ def test_the_settings_shown_at_start_hide_every_secret_and_keep_the_rest() -> No
     assert (shown["EMBEDDING_API_KEY"], shown["KAFKA_SASL_PASSWORD"]) == ("**********", "**********")
     assert shown["KAFKA_TOPIC"] == "docs,more"
     assert shown["EMBEDDING_DIMENSIONS"] == settings.embedding_dimensions
+
+
+@pytest.mark.parametrize(
+    ("database_url", "embedding_url"),
+    [
+        ("postgresql://u:pg-SECRET@db/x", "http://api/v1"),
+        ("postgresql://u@db/x?sslmode=require&password=pg-SECRET", "http://api/v1"),
+        ("postgresql://u@db/x", "https://user:emb-SECRET@api.example/v1"),
+    ],
+)
+def test_a_password_in_either_url_is_masked_in_logs_and_in_the_settings_shown(
+    database_url: str, embedding_url: str
+) -> None:
+    settings = Settings.load({"DATABASE_URL": database_url, "EMBEDDING_URL": embedding_url})
+    secret = "pg-SECRET" if "pg-SECRET" in database_url else "emb-SECRET"
+    assert secret in settings.secrets, "logs mask it wherever it turns up"
+    assert "SECRET" not in repr(settings.shown())
+    assert "sslmode=require" in settings.shown()["DATABASE_URL"] or "sslmode" not in database_url
