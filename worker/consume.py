@@ -46,6 +46,8 @@ class RecordSource(Protocol):
     def caught_up(self) -> bool: ...
     def lag(self) -> int | None: ...
     def unfetched(self) -> int | None: ...
+    def committed_offset(self, tp: TopicPartition) -> int | None: ...
+    async def rewind(self, tp: TopicPartition, offset: int) -> int: ...
 
 
 class KafkaSource:
@@ -190,6 +192,20 @@ class KafkaSource:
     def lag(self) -> int | None:
         lags = self._lags().values()
         return None if None in lags else sum(lag for lag in lags if lag is not None)
+
+    def committed_offset(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset for an assigned partition (None: nothing committed yet)."""
+        return self._committed.get(tp)
+
+    async def rewind(self, tp: TopicPartition, offset: int) -> int:
+        """Fetch ``tp`` again from ``offset`` (below what the group committed): what is re-read is
+        stored again idempotently, and no commit goes below what the group already committed.
+        Returns where fetching resumes: ``offset``, or the log's start if retention removed it."""
+        start = int((await self._consumer.beginning_offsets([tp]))[tp])
+        resume = max(offset, start)
+        self._consumer.seek(tp, resume)
+        self._fetched.pop(tp, None)
+        return resume
 
     def unfetched(self) -> int | None:
         """Records the assigned partitions hold beyond what was fetched; None before it is known

@@ -41,10 +41,12 @@ class PartitionOffsets:
         while self._order and self._order[0] in self._done:
             self._done.discard(self._order.popleft())
 
-    def watermark(self) -> int | None:
-        """The next offset to commit: everything below it is finished. None before any record."""
-        if self._order:
-            return self._order[0]
+    def watermark(self, also: frozenset[int] = frozenset()) -> int | None:
+        """The next offset to commit: everything below it is finished (or in ``also``, offsets
+        about to finish). None before any record."""
+        for offset in self._order:
+            if offset not in self._done and offset not in also:
+                return offset
         return self._next
 
     def __len__(self) -> int:
@@ -98,8 +100,14 @@ class InFlight:
     def empty(self) -> bool:
         return self.records == 0
 
-    def watermarks(self) -> dict[TopicPartition, int]:
-        marks = {tp: offsets.watermark() for tp, offsets in self._offsets.items()}
+    def watermarks(self, also: Iterable[Record] = ()) -> dict[TopicPartition, int]:
+        """Each partition's watermark; with ``also``, as it will be once those records finish."""
+        finishing: dict[TopicPartition, set[int]] = {}
+        for record in also:
+            finishing.setdefault(record.tp, set()).add(record.offset)
+        marks = {
+            tp: offsets.watermark(frozenset(finishing.get(tp, ()))) for tp, offsets in self._offsets.items()
+        }
         return {tp: mark for tp, mark in marks.items() if mark is not None}
 
     # -- per-document ordering ---------------------------------------------------------------

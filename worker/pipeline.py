@@ -41,7 +41,7 @@ from worker.plan import Change, plan
 from worker.retry import ShuttingDown, isolate, sleep_unless
 from worker.settings import Settings
 from worker.stages import stage_loop
-from worker.store import DocumentStore, DocumentWrite
+from worker.store import DocumentStore, DocumentWrite, Progress
 from worker.types import Record, TopicPartition, Vector
 
 log = structlog.get_logger()
@@ -278,9 +278,13 @@ class Pipeline:
 
     async def _write_once(self, batch: list[Prepared]) -> list[None]:
         writes = [DocumentWrite(p.change, p.record, p.chunks, p.vectors) for p in batch]
+        progress = Progress(  # the database records how far it got, in the write's own transaction
+            before=self._inflight.watermarks(),
+            after=self._inflight.watermarks(also=(r for p in batch for r in p.job.records)),
+        )
         started = time.perf_counter()
         try:
-            moved = await self._deps.database.call(lambda: self._store.write(writes))
+            moved = await self._deps.database.call(lambda: self._store.write(writes, progress))
         except StaleRead:
             moved = {p.job.doc_id for p in batch}
         except WriteTimedOut as exc:

@@ -58,6 +58,17 @@ MIGRATION_STEPS: Final = (
     ),
     (
         "relation",
+        "{schema}.source_offsets",
+        """CREATE TABLE IF NOT EXISTS {schema}.source_offsets (
+    topic           text NOT NULL,
+    partition       integer NOT NULL,
+    next_offset     bigint NOT NULL,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition)
+)""",
+    ),
+    (
+        "relation",
         "{schema}.documents_tenant_idx",
         "CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted",
     ),
@@ -169,6 +180,20 @@ DELETE FROM {schema}.chunks c
 USING unnest($1::text[], $2::integer[]) AS keep (doc_id, count)
 WHERE c.doc_id = keep.doc_id AND c.chunk_index >= keep.count
 """
+# How far the database got, per source partition: recorded in each write's own transaction (the
+# watermarks before it: every record below was stored, or dead-lettered, by then), so that a
+# database restored from a backup says how far *it* got, and the worker rewinds to there.
+RECORD_OFFSETS_SQL: Final = """
+INSERT INTO {schema}.source_offsets AS o (topic, partition, next_offset, updated_at)
+SELECT t, p, n, now() FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS u (t, p, n)
+ON CONFLICT (topic, partition) DO UPDATE SET
+    next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()
+WHERE EXCLUDED.next_offset > o.next_offset
+"""
+READ_OFFSETS_SQL: Final = """
+SELECT topic, partition, next_offset FROM {schema}.source_offsets
+WHERE (topic, partition) IN (SELECT * FROM unnest($1::text[], $2::integer[]))
+"""
 CHUNK_COLUMNS: Final = (
     "doc_id",
     "chunk_index",
@@ -237,6 +262,8 @@ class Statements:
     drop_invalid_ann_index: str
     search_candidates: str
     search_tenant_candidates: str
+    record_offsets: str
+    read_offsets: str
 
     @classmethod
     def of(cls, schema: str, vector_type: str) -> Statements:
@@ -259,4 +286,6 @@ class Statements:
             drop_invalid_ann_index=filled(DROP_INVALID_ANN_INDEX_SQL),
             search_candidates=filled(SEARCH_CANDIDATES_SQL),
             search_tenant_candidates=filled(SEARCH_TENANT_CANDIDATES_SQL),
+            record_offsets=filled(RECORD_OFFSETS_SQL),
+            read_offsets=filled(READ_OFFSETS_SQL),
         )

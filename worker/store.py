@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -45,7 +45,7 @@ from worker.sql import (
     WRITE_PRIVILEGES_SQL,
     Statements,
 )
-from worker.types import Record, Vector
+from worker.types import Record, TopicPartition, Vector
 
 log = structlog.get_logger()
 
@@ -78,6 +78,16 @@ class DocumentWrite:
     embeddings: Sequence[Vector]
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Each partition's next offset below which every record is finished: ``before`` a batch,
+    and ``after`` it (its records stored too). A write records the one that its transaction makes
+    true, so that the database alone says how far it got."""
+
+    before: Mapping[TopicPartition, int]
+    after: Mapping[TopicPartition, int]
+
+
 class DocumentStore(Protocol):
     """What the Worker needs of the database (a fake implements it in unit tests)."""
 
@@ -86,7 +96,9 @@ class DocumentStore(Protocol):
         ...
 
     async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]: ...
-    async def write(self, writes: Sequence[DocumentWrite]) -> set[str]: ...
+    async def write(self, writes: Sequence[DocumentWrite], progress: Progress | None = None) -> set[str]: ...
+    async def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]: ...
+    async def record_progress(self, watermarks: Mapping[TopicPartition, int]) -> None: ...
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]: ...
 
 
@@ -101,6 +113,7 @@ class Store:
         self._sql = Statements.of(self._schema, settings.vector_type)
         self._pool: asyncpg.Pool | None = None
         self._vector_schema = "public"
+        self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -114,7 +127,7 @@ class Store:
         if self._pool is not None:
             return
         try:
-            self._vector_schema = await self._extension_schema()
+            self._vector_schema, self._records_offsets = await self._inspect()
             self._pool = await asyncpg.create_pool(
                 self._settings.database_url.reveal(),
                 min_size=1,
@@ -134,15 +147,17 @@ class Store:
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
 
-    async def _extension_schema(self) -> str:
+    async def _inspect(self) -> tuple[str, bool]:
+        """pgvector's schema (for its codec), and whether ``source_offsets`` exists."""
         conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         try:
             schema = await conn.fetchval(EXTENSION_SCHEMA_SQL)
+            offsets = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.source_offsets")
         finally:
             await conn.close()
         if schema is None:
             raise ConfigError("DATABASE_URL", "the pgvector extension is not installed there; run `migrate`")
-        return str(schema)
+        return str(schema), offsets is not None
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -218,8 +233,9 @@ class Store:
         rows = await self._fetch(self._sql.read_states, list(doc_ids))
         return {row["id"]: DocState(row["version"], row["deleted"]) for row in rows}
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> set[str]:
-        """Apply a planned batch in one transaction.
+    async def write(self, writes: Sequence[DocumentWrite], progress: Progress | None = None) -> set[str]:
+        """Apply a planned batch in one transaction, recording in the same one how far each
+        partition got (``progress``: with this batch, or before it when part of it moved).
 
         Returns the ids of documents that changed since they were planned (a rebalance race):
         those are not written, and must be planned again.
@@ -256,6 +272,15 @@ class Store:
                     await conn.execute(self._sql.merge_chunks)
                 counts = [0 if w.change.after.deleted else len(w.chunks) for w in writes]
                 await conn.execute(self._sql.trim_chunks, ids, counts)
+                watermarks = None if progress is None else progress.before if moved else progress.after
+                if watermarks and self._records_offsets:
+                    tps = sorted(watermarks)  # key order, as every row this worker locks
+                    await conn.execute(
+                        self._sql.record_offsets,
+                        [tp.topic for tp in tps],
+                        [tp.partition for tp in tps],
+                        [watermarks[tp] for tp in tps],
+                    )
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
             raise StaleRead(describe(exc)) from exc
@@ -271,6 +296,28 @@ class Store:
                 raise DatabaseRefused(f"database refuses writes: {describe(exc)}") from exc
             raise StoreRejected(f"database refused the batch: {describe(exc)}") from exc
         return moved
+
+    async def record_progress(self, watermarks: Mapping[TopicPartition, int]) -> None:
+        """Record how far each partition got where no write did (what is committed next)."""
+        if not watermarks or not self._records_offsets:
+            return
+        tps = sorted(watermarks)
+        await self._fetch(
+            self._sql.record_offsets,
+            [tp.topic for tp in tps],
+            [tp.partition for tp in tps],
+            [watermarks[tp] for tp in tps],
+        )
+
+    async def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """How far the database got on each of ``partitions`` (those it has a record of)."""
+        wanted = sorted(partitions)
+        if not wanted or not self._records_offsets:
+            return {}
+        rows = await self._fetch(
+            self._sql.read_offsets, [tp.topic for tp in wanted], [tp.partition for tp in wanted]
+        )
+        return {TopicPartition(r["topic"], r["partition"]): int(r["next_offset"]) for r in rows}
 
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
         """Stored embeddings of these content hashes (same model): what need not be embedded again."""

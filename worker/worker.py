@@ -20,6 +20,7 @@ from worker.dependency import Dependencies
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
 from worker.embed import probe as probe_embedding
+from worker.errors import DependencyError, describe
 from worker.pipeline import Pipeline
 from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
 from worker.settings import Settings
@@ -27,6 +28,8 @@ from worker.store import DocumentStore
 from worker.types import Record
 
 log = structlog.get_logger()
+
+REWIND_READ_TIMEOUT = 10.0  # seconds to read (or record) the database's offsets
 
 
 class Worker:
@@ -59,6 +62,7 @@ class Worker:
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
         self._fetching: asyncio.Future[list[Record]] | None = None
+        self._recorded: dict[TopicPartition, int] = {}  # progress last recorded in the database
         self._paused = False
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
@@ -206,8 +210,22 @@ class Worker:
     async def _commit(self) -> None:
         self._last_commit = time.monotonic()
         if self._pipeline is not None:
-            self._source.mark_stored(self._pipeline.watermarks())
+            marks = self._pipeline.watermarks()
+            await self._record_progress(marks)
+            self._source.mark_stored(marks)
         await self._source.commit()
+
+    async def _record_progress(self, marks: dict[TopicPartition, int]) -> None:
+        """Tell the database how far it got, also where no write did (dead letters, unchanged
+        documents at a partition's end): else a rebalance would rewind those partitions to its last
+        write. Best effort: a write records its own progress anyway."""
+        if marks == self._recorded:
+            return
+        try:
+            await asyncio.wait_for(self._store.record_progress(marks), REWIND_READ_TIMEOUT)
+        except (DependencyError, TimeoutError):
+            return
+        self._recorded = dict(marks)
 
     def _idle_for(self, last_arrival: float) -> bool:
         if self._stop_when_idle is None or time.monotonic() - last_arrival < self._stop_when_idle:
@@ -236,7 +254,9 @@ class Worker:
         grace = self._settings.shutdown_grace_seconds
         if not await pipeline.drain(within=grace):
             log.warning("work_abandoned", records=pipeline.in_flight, grace_seconds=grace)
-        self._source.mark_stored(pipeline.watermarks())
+        marks = pipeline.watermarks()
+        await self._record_progress(marks)
+        self._source.mark_stored(marks)
         await self._source.commit()
         await pipeline.close()
         self._records_before += pipeline.finished_records
@@ -244,11 +264,47 @@ class Worker:
         if pipeline.failure is not None and self.failure is None:
             self.failure = pipeline.failure
 
+    async def _rewind_to_database(self, assigned: set[TopicPartition]) -> None:
+        """Start each partition from the lower of the group's committed offset and the database's
+        own record of how far it got: a database restored from a backup is brought forward from
+        the topic (as far as its retention allows) instead of missing what came since."""
+        try:
+            stored = await asyncio.wait_for(self._store.stored_offsets(assigned), REWIND_READ_TIMEOUT)
+        except (DependencyError, TimeoutError) as exc:
+            log.warning(
+                "database_offsets_unread", error=describe(exc), hint="partitions start where committed"
+            )
+            return
+        for tp in sorted(assigned):
+            committed, database = self._source.committed_offset(tp), stored.get(tp)
+            if committed is not None and database is not None and database < committed:
+                resumed = await self._source.rewind(tp, database)
+                log.warning(
+                    "rewound_to_database",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    committed=committed,
+                    database=database,
+                    resumed=resumed,
+                    hint="the database is behind the group's commits (restored from a backup?)",
+                )
+                if resumed > database:
+                    log.error(
+                        "database_behind_retention",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        database=database,
+                        resumed=resumed,
+                        lost=resumed - database,
+                        hint="retention removed records the database never stored: republish them",
+                    )
+
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # aiokafka's eager protocol revokes every partition: the whole pipeline goes.
         await self._retire_pipeline()
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._rewind_to_database(assigned)
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
         if self._paused:  # a fresh pipeline has room

@@ -184,7 +184,7 @@ def spawn_worker(env: Env, log: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 async def connect(env: Env) -> asyncpg.Connection:
-    return await asyncpg.connect(env.stack.database_url)
+    return await asyncpg.connect(env.values["DATABASE_URL"])
 
 
 async def end_offsets(env: Env, topic: str | None = None) -> dict[TopicPartition, int]:

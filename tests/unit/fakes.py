@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from worker.errors import (
 from worker.pipeline import Pipeline
 from worker.plan import DocState
 from worker.settings import Settings
-from worker.store import DocumentWrite, sha256
+from worker.store import DocumentWrite, Progress, sha256
 from worker.types import Record, Vector
 from worker.worker import Worker
 
@@ -252,6 +252,15 @@ class FakeSource:
     def unfetched(self) -> int | None:
         return sum(self.end(tp) - self.position[tp] for tp in self.logs)
 
+    def committed_offset(self, tp: TopicPartition) -> int | None:
+        return self.committed.get(tp)
+
+    async def rewind(self, tp: TopicPartition, offset: int) -> int:
+        resume = max(offset, self.logs[tp][0].offset)  # the log starts at its first record
+        self.position[tp] = resume
+        self.journal.append(("rewind", {tp.partition: resume}))
+        return resume
+
 
 @dataclass
 class FakeStore:
@@ -265,6 +274,7 @@ class FakeStore:
     chunk_model: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     tenants: dict[str, str | None] = field(default_factory=dict)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # how far it got (source_offsets)
     journal: Journal = field(default_factory=list)
     # Runs at the start of the next write, once: another worker committing in between plan and write.
     interfere: Callable[[FakeStore], None] | None = None
@@ -295,6 +305,13 @@ class FakeStore:
             raise RuntimeError("a bug in read_states")
         return {i: self.documents[i] for i in doc_ids if i in self.documents}
 
+    async def record_progress(self, watermarks: Mapping[TopicPartition, int]) -> None:
+        for tp, mark in watermarks.items():
+            self.offsets[tp] = max(self.offsets.get(tp, mark), mark)
+
+    async def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
+
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
         self._outage("known_embeddings")
         self.lookups.append(list(hashes))
@@ -309,7 +326,7 @@ class FakeStore:
                     known[digest] = np.asarray(vector, dtype=np.float32)
         return known
 
-    async def write(self, writes: Sequence[DocumentWrite]) -> set[str]:
+    async def write(self, writes: Sequence[DocumentWrite], progress: Progress | None = None) -> set[str]:
         if not writes:
             return set()
         ids = [w.change.event.doc_id for w in writes]
@@ -339,6 +356,9 @@ class FakeStore:
             for w in writes
             if self.documents.get(w.change.event.doc_id) != w.change.before
         }
+        if progress is not None:
+            for tp, mark in (progress.before if moved else progress.after).items():
+                self.offsets[tp] = max(self.offsets.get(tp, mark), mark)
         if moved:
             self.journal.append(("moved", sorted(moved)))
         for w in writes:

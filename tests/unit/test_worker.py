@@ -851,3 +851,62 @@ async def test_stop_abandons_a_hung_request_after_the_grace_period() -> None:
     assert r.store.documents == {}
     assert r.embedder.active == [], "the hung request was cancelled"
     assert r.source.stopped
+
+
+# -- the database's own record of how far it got ------------------------------------------------
+
+
+async def test_an_assignment_rewinds_a_partition_to_where_a_restored_database_got() -> None:
+    r = rig(log_of({0: [upsert(f"d{i}", versioned(f"d{i}", 1), 1) for i in range(6)]}), stop_when_idle=None)
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: r.source.committed.get(P0) == 6)
+    assert r.store.offsets == {P0: 6}, "the database recorded how far it got"
+    assert r.source.callbacks is not None
+    on_revoked, on_assigned = r.source.callbacks
+    await on_revoked({P0})
+    # Restored from a backup taken after d0 and d1: the rest is gone from the database.
+    for doc_id in ("d2", "d3", "d4", "d5"):
+        r.store.documents.pop(doc_id)
+        r.store.chunks.pop(doc_id)
+    r.store.offsets[P0] = 2
+    with structlog.testing.capture_logs() as logged:
+        await on_assigned({P0})
+    await until(lambda: set(r.store.documents) == {f"d{i}" for i in range(6)})
+    r.worker.stop()
+    await asyncio.wait_for(running, 3)
+    rewound = [e for e in logged if e["event"] == "rewound_to_database"]
+    assert [(e["partition"], e["committed"], e["database"]) for e in rewound] == [(0, 6, 2)]
+    assert ("rewind", {0: 2}) in r.journal
+    assert r.source.committed == {P0: 6}, "no commit went backwards"
+
+
+async def test_a_partition_whose_last_records_were_dead_lettered_is_not_rewound_on_reassignment() -> None:
+    records = log_of({0: [upsert("a", TEXT_C), (b"bad", b"{not json"), (b"worse", b"[1]")]})
+    r = rig(records, stop_when_idle=None)
+    r.source.ready = lambda rec: rec.offset == 0 or "a" in r.store.documents  # the poison after the write
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: r.source.committed.get(P0) == 3)
+    assert r.source.callbacks is not None
+    on_revoked, on_assigned = r.source.callbacks
+    await on_revoked({P0})
+    await on_assigned({P0})
+    r.worker.stop()
+    await asyncio.wait_for(running, 3)
+    assert not [j for j in r.journal if j[0] == "rewind"], "nothing to re-read"
+    assert len(r.dead.letters) == 2, "no dead letter sent twice"
+
+
+async def test_a_database_further_behind_than_the_topic_holds_is_reported_as_lost_records() -> None:
+    r = rig(log_of({1: [upsert(f"d{i}", versioned(f"d{i}", 1), 1) for i in range(4)]}), stop_when_idle=None)
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: r.source.committed.get(P1) == 104)
+    assert r.source.callbacks is not None
+    on_revoked, on_assigned = r.source.callbacks
+    await on_revoked({P1})
+    r.store.offsets[P1] = 60  # a backup older than the topic's retention (the log starts at 100)
+    with structlog.testing.capture_logs() as logged:
+        await on_assigned({P1})
+    r.worker.stop()
+    await asyncio.wait_for(running, 3)
+    [lost] = [e for e in logged if e["event"] == "database_behind_retention"]
+    assert (lost["database"], lost["resumed"], lost["lost"], lost["log_level"]) == (60, 100, 40, "error")
