@@ -278,9 +278,11 @@ class Pipeline:
 
     async def _write_once(self, batch: list[Prepared]) -> list[None]:
         writes = [DocumentWrite(p.change, p.record, p.chunks, p.vectors) for p in batch]
+        records = [r for p in batch for r in p.job.records]
+        touched = {r.tp for r in records}  # only these partitions' rows: writers lock no more
         progress = Progress(  # the database records how far it got, in the write's own transaction
-            before=self._inflight.watermarks(),
-            after=self._inflight.watermarks(also=(r for p in batch for r in p.job.records)),
+            before={tp: m for tp, m in self._inflight.watermarks().items() if tp in touched},
+            after={tp: m for tp, m in self._inflight.watermarks(also=records).items() if tp in touched},
         )
         started = time.perf_counter()
         try:
