@@ -126,5 +126,10 @@ class WriteTimedOut(WorkerError):
     """
 
 
+class Fenced(WorkerError):
+    """This member's partitions were claimed by another (it lost them, frozen past its session):
+    what it still holds is abandoned, never written over the new owner's rows."""
+
+
 class StaleRead(WorkerError):
     """A document changed between planning a batch and writing it (a rebalance race). Re-plan."""

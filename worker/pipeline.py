@@ -30,6 +30,7 @@ from worker.embed import Embedder
 from worker.embedding import EmbeddingStage
 from worker.errors import (
     ChunkError,
+    Fenced,
     RecordError,
     StaleRead,
     StoreRejected,
@@ -101,6 +102,8 @@ class Pipeline:
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
         self.write_failure: str | None = None  # a one-document write the database keeps cancelling
+        self.epoch: int | None = None  # this assignment's claim on its partitions (set by the Worker)
+        self.fenced = False  # another member claimed them: nothing more is written
         self._timeouts = 0
         self.finished_records = 0
         most = settings.write_batch_documents
@@ -283,10 +286,17 @@ class Pipeline:
         progress = Progress(  # the database records how far it got, in the write's own transaction
             before={tp: m for tp, m in self._inflight.watermarks().items() if tp in touched},
             after={tp: m for tp, m in self._inflight.watermarks(also=records).items() if tp in touched},
+            epoch=self.epoch,
         )
+        if self.fenced:
+            return [None] * len(batch)  # abandoned: the partitions' new owner stores them
         started = time.perf_counter()
         try:
             moved = await self._deps.database.call(lambda: self._store.write(writes, progress))
+        except Fenced as exc:
+            self.fenced = True
+            log.warning("write_fenced", documents=len(batch), error=str(exc)[:300])
+            return [None] * len(batch)
         except StaleRead:
             moved = {p.job.doc_id for p in batch}
         except WriteTimedOut as exc:

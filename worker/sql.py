@@ -63,10 +63,12 @@ MIGRATION_STEPS: Final = (
     topic           text NOT NULL,
     partition       integer NOT NULL,
     next_offset     bigint NOT NULL,
+    owner_epoch     bigint NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, partition)
 )""",
     ),
+    ("relation", "{schema}.owner_epochs", "CREATE SEQUENCE IF NOT EXISTS {schema}.owner_epochs"),
     (
         "relation",
         "{schema}.documents_tenant_idx",
@@ -183,12 +185,30 @@ WHERE c.doc_id = keep.doc_id AND c.chunk_index >= keep.count
 # How far the database got, per source partition: recorded in each write's own transaction (the
 # watermarks before it: every record below was stored, or dead-lettered, by then), so that a
 # database restored from a backup says how far *it* got, and the worker rewinds to there.
+# Each assignment claims its partitions under a new owner epoch (a sequence: later assignments
+# draw higher ones); every write, and every progress record, first locks its partitions' rows in
+# key order and goes ahead only if they still carry its epoch. A member that lost its partitions
+# while frozen (a zombie) is thereby refused, its work abandoned, and never overwrites what the
+# partitions' new owner stored. A partition the database has no row for starts at $3.
+CLAIM_SQL: Final = """
+INSERT INTO {schema}.source_offsets AS o (topic, partition, next_offset, owner_epoch, updated_at)
+SELECT t, p, n, e.epoch, now()
+FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS u (t, p, n),
+     (SELECT nextval('{schema}.owner_epochs') AS epoch) AS e
+ORDER BY t, p
+ON CONFLICT (topic, partition) DO UPDATE SET owner_epoch = EXCLUDED.owner_epoch, updated_at = now()
+RETURNING owner_epoch
+"""
+LOCK_OWNED_SQL: Final = """
+SELECT o.topic, o.partition, o.owner_epoch FROM {schema}.source_offsets o
+WHERE (o.topic, o.partition) IN (SELECT * FROM unnest($1::text[], $2::integer[]))
+ORDER BY o.topic, o.partition
+FOR UPDATE
+"""
 RECORD_OFFSETS_SQL: Final = """
-INSERT INTO {schema}.source_offsets AS o (topic, partition, next_offset, updated_at)
-SELECT t, p, n, now() FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS u (t, p, n)
-ON CONFLICT (topic, partition) DO UPDATE SET
-    next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()
-WHERE EXCLUDED.next_offset > o.next_offset
+UPDATE {schema}.source_offsets AS o SET next_offset = u.n, updated_at = now()
+FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS u (t, p, n)
+WHERE o.topic = u.t AND o.partition = u.p AND u.n > o.next_offset
 """
 READ_OFFSETS_SQL: Final = """
 SELECT topic, partition, next_offset FROM {schema}.source_offsets
@@ -264,6 +284,8 @@ class Statements:
     search_tenant_candidates: str
     record_offsets: str
     read_offsets: str
+    claim: str
+    lock_owned: str
 
     @classmethod
     def of(cls, schema: str, vector_type: str) -> Statements:
@@ -288,4 +310,6 @@ class Statements:
             search_tenant_candidates=filled(SEARCH_TENANT_CANDIDATES_SQL),
             record_offsets=filled(RECORD_OFFSETS_SQL),
             read_offsets=filled(READ_OFFSETS_SQL),
+            claim=filled(CLAIM_SQL),
+            lock_owned=filled(LOCK_OWNED_SQL),
         )

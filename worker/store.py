@@ -24,6 +24,7 @@ from worker.errors import (
     ConfigError,
     DatabaseRefused,
     DatabaseUnavailable,
+    Fenced,
     StaleRead,
     StoreRejected,
     WriteTimedOut,
@@ -86,6 +87,7 @@ class Progress:
 
     before: Mapping[TopicPartition, int]
     after: Mapping[TopicPartition, int]
+    epoch: int | None = None  # this assignment's claim on its partitions (None: none taken)
 
 
 class DocumentStore(Protocol):
@@ -98,7 +100,8 @@ class DocumentStore(Protocol):
     async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]: ...
     async def write(self, writes: Sequence[DocumentWrite], progress: Progress | None = None) -> set[str]: ...
     async def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]: ...
-    async def record_progress(self, watermarks: Mapping[TopicPartition, int]) -> None: ...
+    async def record_progress(self, watermarks: Mapping[TopicPartition, int], epoch: int | None) -> None: ...
+    async def claim(self, starts: Mapping[TopicPartition, int]) -> int | None: ...
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]: ...
 
 
@@ -272,15 +275,8 @@ class Store:
                     await conn.execute(self._sql.merge_chunks)
                 counts = [0 if w.change.after.deleted else len(w.chunks) for w in writes]
                 await conn.execute(self._sql.trim_chunks, ids, counts)
-                watermarks = None if progress is None else progress.before if moved else progress.after
-                if watermarks and self._records_offsets:
-                    tps = sorted(watermarks)  # key order, as every row this worker locks
-                    await conn.execute(
-                        self._sql.record_offsets,
-                        [tp.topic for tp in tps],
-                        [tp.partition for tp in tps],
-                        [watermarks[tp] for tp in tps],
-                    )
+                if progress is not None and self._records_offsets:
+                    await self._record(conn, progress.before if moved else progress.after, progress.epoch)
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
             raise StaleRead(describe(exc)) from exc
@@ -297,17 +293,48 @@ class Store:
             raise StoreRejected(f"database refused the batch: {describe(exc)}") from exc
         return moved
 
-    async def record_progress(self, watermarks: Mapping[TopicPartition, int]) -> None:
+    async def record_progress(self, watermarks: Mapping[TopicPartition, int], epoch: int | None) -> None:
         """Record how far each partition got where no write did (what is committed next)."""
         if not watermarks or not self._records_offsets:
             return
-        tps = sorted(watermarks)
-        await self._fetch(
-            self._sql.record_offsets,
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._record(conn, watermarks, epoch)
+        except _OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"database write failed: {describe(exc)}") from exc
+
+    async def claim(self, starts: Mapping[TopicPartition, int]) -> int | None:
+        """Take ``starts``' partitions for this assignment: a new owner epoch, which every later
+        write checks. A partition the database has no row for starts at its given offset."""
+        if not starts or not self._records_offsets:
+            return None
+        tps = sorted(starts)
+        rows = await self._fetch(
+            self._sql.claim,
             [tp.topic for tp in tps],
             [tp.partition for tp in tps],
-            [watermarks[tp] for tp in tps],
+            [starts[tp] for tp in tps],
         )
+        return int(rows[0]["owner_epoch"])
+
+    async def _record(
+        self, conn: asyncpg.Connection, watermarks: Mapping[TopicPartition, int], epoch: int | None
+    ) -> None:
+        """Lock the partitions' rows in key order, refuse (Fenced) if another assignment has
+        claimed any of them since ``epoch``, then record how far each got."""
+        if not watermarks:
+            return
+        tps = sorted(watermarks)
+        topics, partitions = [tp.topic for tp in tps], [tp.partition for tp in tps]
+        owned = await conn.fetch(self._sql.lock_owned, topics, partitions)
+        if epoch is not None:
+            taken = [f"{r['topic']}/{r['partition']}" for r in owned if r["owner_epoch"] != epoch]
+            if taken:
+                raise Fenced(
+                    f"partitions {', '.join(taken)} were claimed by another member since epoch {epoch}"
+                )
+        await conn.execute(self._sql.record_offsets, topics, partitions, [watermarks[tp] for tp in tps])
 
     async def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """How far the database got on each of ``partitions`` (those it has a record of)."""

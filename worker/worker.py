@@ -20,7 +20,7 @@ from worker.dependency import Dependencies
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
 from worker.embed import probe as probe_embedding
-from worker.errors import DependencyError, describe
+from worker.errors import DependencyError, Fenced, describe
 from worker.pipeline import Pipeline
 from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
 from worker.settings import Settings
@@ -63,6 +63,8 @@ class Worker:
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
         self._fetching: asyncio.Future[list[Record]] | None = None
         self._recorded: dict[TopicPartition, int] = {}  # progress last recorded in the database
+        self._lost = False  # fenced: waiting for the next assignment
+        self._epoch: int | None = None  # the current assignment's claim on its partitions
         self._paused = False
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
@@ -140,6 +142,7 @@ class Worker:
                     last_arrival = time.monotonic()
                     self._admit(records)
                 self._take_failure()
+                await self._leave_if_fenced()
                 self._apply_backpressure()
                 await self._commit_due()
                 if not self._caught_up.is_set() and self.caught_up():
@@ -168,6 +171,8 @@ class Worker:
             self._fetching = None
 
     def _admit(self, records: list[Record]) -> None:
+        if self._lost:
+            return  # fetched before the pause took effect: the partitions' new owner has them
         assigned = self._source.assignment()
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
@@ -180,6 +185,23 @@ class Worker:
         if self._pipeline is not None and self._pipeline.failure is not None and self.failure is None:
             self.failure = self._pipeline.failure
             self._stop.set()
+
+    async def _leave_if_fenced(self) -> None:
+        """Another member claimed this one's partitions (it was frozen past its session): abandon
+        the pipeline, commit nothing, fetch nothing until the group assigns partitions again."""
+        if self._pipeline is None or not self._pipeline.fenced:
+            return
+        pipeline, self._pipeline = self._pipeline, None
+        log.warning(
+            "partitions_lost",
+            abandoned=pipeline.in_flight,
+            hint="another member owns them now; waiting for the group to assign partitions again",
+        )
+        await pipeline.close()
+        self._records_before += pipeline.finished_records
+        self._lost = True
+        if not self._paused:
+            self._set_paused(True)
 
     def _apply_backpressure(self) -> None:
         """Pause fetching while the window is full or a dependency is down (group membership and
@@ -222,8 +244,8 @@ class Worker:
         if marks == self._recorded:
             return
         try:
-            await asyncio.wait_for(self._store.record_progress(marks), REWIND_READ_TIMEOUT)
-        except (DependencyError, TimeoutError):
+            await asyncio.wait_for(self._store.record_progress(marks, self._epoch), REWIND_READ_TIMEOUT)
+        except (DependencyError, TimeoutError, Fenced):
             return
         self._recorded = dict(marks)
 
@@ -235,7 +257,7 @@ class Worker:
     # -- assignments -----------------------------------------------------------------------------
 
     def _new_pipeline(self) -> Pipeline:
-        return Pipeline(
+        pipeline = Pipeline(
             store=self._store,
             embedder=self._embedder,
             dead_letters=self._dead_letters,
@@ -243,6 +265,8 @@ class Worker:
             stop=self._stop,
             dependencies=self.dependencies,
         )
+        pipeline.epoch = self._epoch
+        return pipeline
 
     async def _retire_pipeline(self) -> None:
         """Finish in-flight work within the grace period, commit what is stored, abandon the rest."""
@@ -264,21 +288,36 @@ class Worker:
         if pipeline.failure is not None and self.failure is None:
             self.failure = pipeline.failure
 
-    async def _rewind_to_database(self, assigned: set[TopicPartition]) -> None:
+    async def _claim(self, starts: dict[TopicPartition, int]) -> int | None:
+        """Claim the assigned partitions in the database (a new owner epoch): from now on a member
+        that held them before, frozen past its session, has its writes refused."""
+        try:
+            return await asyncio.wait_for(self._store.claim(starts), REWIND_READ_TIMEOUT)
+        except (DependencyError, TimeoutError) as exc:
+            log.warning(
+                "partitions_unclaimed",
+                error=describe(exc),
+                hint="writes go unfenced until the next assignment",
+            )
+            return None
+
+    async def _rewind_to_database(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
         """Start each partition from the lower of the group's committed offset and the database's
         own record of how far it got: a database restored from a backup is brought forward from
-        the topic (as far as its retention allows) instead of missing what came since."""
+        the topic (as far as its retention allows) instead of missing what came since. Returns
+        where each partition starts."""
+        starts = {tp: self._source.committed_offset(tp) or 0 for tp in assigned}
         try:
             stored = await asyncio.wait_for(self._store.stored_offsets(assigned), REWIND_READ_TIMEOUT)
         except (DependencyError, TimeoutError) as exc:
             log.warning(
                 "database_offsets_unread", error=describe(exc), hint="partitions start where committed"
             )
-            return
+            return starts
         for tp in sorted(assigned):
             committed, database = self._source.committed_offset(tp), stored.get(tp)
             if committed is not None and database is not None and database < committed:
-                resumed = await self._source.rewind(tp, database)
+                resumed = starts[tp] = await self._source.rewind(tp, database)
                 log.warning(
                     "rewound_to_database",
                     topic=tp.topic,
@@ -298,14 +337,18 @@ class Worker:
                         lost=resumed - database,
                         hint="retention removed records the database never stored: republish them",
                     )
+        return starts
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # aiokafka's eager protocol revokes every partition: the whole pipeline goes.
         await self._retire_pipeline()
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._rewind_to_database(assigned)
+        starts = await self._rewind_to_database(assigned)
+        self._epoch = await self._claim(starts)
+        self._lost = False
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
+        self._pipeline.epoch = self._epoch
         if self._paused:  # a fresh pipeline has room
             self._set_paused(False)

@@ -24,6 +24,7 @@ from worker.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
     EmbeddingUnavailable,
+    Fenced,
     InputRejected,
     StaleRead,
 )
@@ -275,6 +276,8 @@ class FakeStore:
     metadata: dict[str, Any] = field(default_factory=dict)
     tenants: dict[str, str | None] = field(default_factory=dict)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # how far it got (source_offsets)
+    owners: dict[TopicPartition, int] = field(default_factory=dict)  # owner epoch per partition
+    epoch: int = 0  # the last epoch drawn
     journal: Journal = field(default_factory=list)
     # Runs at the start of the next write, once: another worker committing in between plan and write.
     interfere: Callable[[FakeStore], None] | None = None
@@ -305,9 +308,22 @@ class FakeStore:
             raise RuntimeError("a bug in read_states")
         return {i: self.documents[i] for i in doc_ids if i in self.documents}
 
-    async def record_progress(self, watermarks: Mapping[TopicPartition, int]) -> None:
+    async def record_progress(self, watermarks: Mapping[TopicPartition, int], epoch: int | None) -> None:
+        self._check_owner(watermarks, epoch)
         for tp, mark in watermarks.items():
             self.offsets[tp] = max(self.offsets.get(tp, mark), mark)
+
+    async def claim(self, starts: Mapping[TopicPartition, int]) -> int | None:
+        self.epoch += 1
+        for tp, start in starts.items():
+            self.owners[tp] = self.epoch
+            self.offsets.setdefault(tp, start)
+        return self.epoch
+
+    def _check_owner(self, watermarks: Mapping[TopicPartition, int], epoch: int | None) -> None:
+        taken = [tp for tp in watermarks if epoch is not None and self.owners.get(tp, epoch) != epoch]
+        if taken:
+            raise Fenced(f"{taken} claimed since epoch {epoch}")
 
     async def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
@@ -357,6 +373,7 @@ class FakeStore:
             if self.documents.get(w.change.event.doc_id) != w.change.before
         }
         if progress is not None:
+            self._check_owner(progress.after, progress.epoch)
             for tp, mark in (progress.before if moved else progress.after).items():
                 self.offsets[tp] = max(self.offsets.get(tp, mark), mark)
         if moved:

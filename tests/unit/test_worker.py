@@ -910,3 +910,29 @@ async def test_a_database_further_behind_than_the_topic_holds_is_reported_as_los
     await asyncio.wait_for(running, 3)
     [lost] = [e for e in logged if e["event"] == "database_behind_retention"]
     assert (lost["database"], lost["resumed"], lost["lost"], lost["log_level"]) == (60, 100, 40, "error")
+
+
+async def test_a_member_whose_partitions_were_claimed_by_another_writes_nothing_more() -> None:
+    release = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["doc"] = release  # the worker is "frozen" with these documents in flight
+    records = log_of({0: [upsert(f"z{i}", versioned(f"z{i}", 1)) for i in range(3)]})
+    r = rig(records, embedder=embedder, stop_when_idle=None)
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: r.source.callbacks is not None)
+    _, on_assigned = r.source.callbacks  # type: ignore[misc]
+    await on_assigned({P0})
+    await asyncio.wait_for(embedder.entered.wait(), 2)
+    await r.store.claim({P0: 0})  # meanwhile the group gave P0 to another member, which claimed it
+    with structlog.testing.capture_logs() as logged:
+        release.set()
+        await until(lambda: any(e["event"] == "partitions_lost" for e in logged))
+    r.worker.stop()
+    await asyncio.wait_for(running, 3)
+    assert r.store.documents == {}, "nothing written over the new owner's rows"
+    assert r.source.committed.get(P0, 0) == 0, "no offset committed past what was abandoned"
+    assert r.source.paused, "and nothing more fetched until the group assigns partitions again"
+    assert [e["event"] for e in logged if e["event"] in ("write_fenced", "partitions_lost")][:2] == [
+        "write_fenced",
+        "partitions_lost",
+    ]
