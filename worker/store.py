@@ -303,6 +303,8 @@ class Store:
                 await self._record(conn, watermarks, epoch)
         except _OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database write failed: {describe(exc)}") from exc
+        except asyncpg.PostgresError as exc:
+            raise DatabaseRefused(f"database refuses the progress record: {describe(exc)}") from exc
 
     async def claim(self, starts: Mapping[TopicPartition, int]) -> int | None:
         """Take ``starts``' partitions for this assignment: a new owner epoch, which every later
@@ -445,6 +447,10 @@ class Store:
             return list(await self._pool.fetch(sql, *args))
         except _OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database query failed: {describe(exc)}") from exc
+        except asyncpg.PostgresError as exc:
+            if _refuses_every_write(exc):  # a privilege or an object missing: no retry changes it
+                raise DatabaseRefused(f"database refuses the query: {describe(exc)}") from exc
+            raise
 
 
 def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:

@@ -211,6 +211,7 @@ async def test_a_least_privilege_role_runs_against_a_schema_someone_else_migrate
         await conn.execute(
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {env.schema} TO {role}"
         )
+        await conn.execute(f"GRANT USAGE ON SEQUENCE {env.schema}.owner_epochs TO {role}")
         assert not await conn.fetchval(
             "SELECT has_database_privilege($1, current_database(), 'CREATE')", role
         )
