@@ -295,6 +295,7 @@ class Pipeline:
             moved = await self._deps.database.call(lambda: self._store.write(writes, progress))
         except Fenced as exc:
             self.fenced = True
+            self._drained.set()  # nothing more will finish: a drain (revoke, stop) need not wait
             log.warning("write_fenced", documents=len(batch), error=str(exc)[:300])
             return [None] * len(batch)
         except StaleRead:
