@@ -8,11 +8,10 @@ that nothing changed since the batch was planned, upsert the documents, replace 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -31,42 +30,19 @@ from worker.errors import (
     describe,
 )
 from worker.plan import Change, DocState
+from worker.schema import OUTAGE_ERRORS, Schema
 from worker.search import EXACT_SEARCH_MAX_ROWS, Hit, nearest
 from worker.settings import Settings
 from worker.sql import (
-    ANN_BUILD_LOCK,
     ANN_INDEX_STATE_SQL,
     CHUNK_COLUMNS,
-    EMBEDDING_TYPE_SQL,
-    EXISTS_SQL,
     EXTENSION_SCHEMA_SQL,
-    INDEX_SETTINGS_STEP,
-    MIGRATION_LOCK,
-    MIGRATION_STEPS,
     WRITE_PRIVILEGES_SQL,
     Statements,
 )
 from worker.types import Record, TopicPartition, Vector
 
 log = structlog.get_logger()
-
-# Errors that say "the database is not there right now", as opposed to "it refuses this data".
-_OUTAGE_ERRORS: Final = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.LockNotAvailableError,
-    asyncpg.exceptions.QueryCanceledError,
-    # A connection left mid-operation by a server that went away: seen when PostgreSQL stops
-    # during a write and the pool's reset of the connection on release fails.
-    asyncpg.InternalClientError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +90,7 @@ class Store:
         self._settings = settings
         self._schema = _quote(settings.database_schema)
         self._sql = Statements.of(self._schema, settings.vector_type)
+        self.schema = Schema(settings, self._schema, self._sql)
         self._pool: asyncpg.Pool | None = None
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
@@ -139,7 +116,7 @@ class Store:
                 init=self._init_connection,
                 command_timeout=120,
             )
-        except _OUTAGE_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
 
     async def close(self) -> None:
@@ -165,69 +142,14 @@ class Store:
     # -- schema ---------------------------------------------------------------------------
 
     async def migrate(self, *, ann_index: bool = True, only_if_empty: bool = False) -> None:
-        """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently.
-
-        The HNSW index is built after the rest, CONCURRENTLY; with ``only_if_empty`` (``run``'s
-        start-up) only on an empty table, where that takes no time: a worker never spends its
-        start-up building an index over rows others keep writing (``build-index`` does that).
-        """
-        s = self._settings
-        names = {"schema": self._schema, "vector_type": s.vector_type, "dimensions": s.embedding_dimensions}
-        try:
-            conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
-        except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                for kind, name, sql in (*MIGRATION_STEPS, INDEX_SETTINGS_STEP):
-                    if await conn.fetchval(EXISTS_SQL[kind], name.format(**names)) is None:
-                        await conn.execute(sql.format(**names))
-                if await conn.fetchval(self._sql.stored_model) is None:
-                    await conn.execute(self._sql.record_model, s.embedding_model)
-                await self._check_index(conn)
-            if ann_index and (not only_if_empty or await conn.fetchval(self._sql.chunks_empty)):
-                await self._build_ann_index(conn, wait=not only_if_empty)
-        except asyncpg.PostgresError as exc:
-            raise StoreRejected(f"migration failed: {describe(exc)}") from exc
-        finally:
-            await conn.close()
+        """See :meth:`worker.schema.Schema.migrate`."""
+        await self.schema.migrate(ann_index=ann_index, only_if_empty=only_if_empty)
 
     async def check(self) -> None:
-        """What `migrate` checks, for `run --no-migrate`: the schema is there, its column and model ours."""
-        try:
-            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
-        except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
-        try:
-            await self._check_index(conn)
-        finally:
-            await conn.close()
+        await self.schema.check()
 
-    async def _check_index(self, conn: asyncpg.Connection) -> None:
-        s = self._settings
-        existing = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
-        if existing is None:
-            raise ConfigError(
-                "DATABASE_SCHEMA", f"{s.database_schema}.chunks does not exist; run `ingest-worker migrate`"
-            )
-        wanted = f"{s.vector_type}({s.embedding_dimensions})"
-        if existing != wanted:
-            raise ConfigError(
-                "EMBEDDING_DIMENSIONS",
-                f"the existing {s.database_schema}.chunks.embedding column is {existing}, "
-                f"not {wanted} (VECTOR_TYPE, EMBEDDING_DIMENSIONS); use another DATABASE_SCHEMA",
-            )
-        stored = None
-        if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.index_settings") is not None:
-            stored = await conn.fetchval(self._sql.stored_model)
-        if stored is not None and stored != s.embedding_model:
-            raise ConfigError(
-                "EMBEDDING_MODEL",
-                f"the index in {s.database_schema} holds embeddings of {stored!r}, not "
-                f"{s.embedding_model!r}: two models in one index mix vector spaces; use another "
-                "DATABASE_SCHEMA for the new model",
-            )
+    async def build_ann_index(self) -> bool:
+        return await self.schema.build_ann_index()
 
     # -- the write path -------------------------------------------------------------------
 
@@ -280,12 +202,12 @@ class Store:
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
             raise StaleRead(describe(exc)) from exc
-        except asyncpg.exceptions.QueryCanceledError as exc:  # statement_timeout, before _OUTAGE_ERRORS
+        except asyncpg.exceptions.QueryCanceledError as exc:  # statement_timeout, before OUTAGE_ERRORS
             raise WriteTimedOut(
                 f"a write of {len(writes)} documents ({len(chunk_rows)} chunks) was cancelled: "
                 f"{describe(exc)} (statement_timeout?)"
             ) from exc
-        except _OUTAGE_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database write failed: {describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             if _refuses_every_write(exc):
@@ -301,7 +223,7 @@ class Store:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await self._record(conn, watermarks, epoch)
-        except _OUTAGE_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database write failed: {describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             raise DatabaseRefused(f"database refuses the progress record: {describe(exc)}") from exc
@@ -356,56 +278,9 @@ class Store:
         rows = await self._fetch(sql, list(hashes), self._settings.embedding_model)
         return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
 
-    async def build_ann_index(self) -> bool:
-        """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY. True if built now.
-
-        Raises DatabaseUnavailable when the database cannot be reached or goes away meanwhile (an
-        interrupted build leaves an invalid index, which the next build replaces).
-        """
-        try:
-            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
-        except _OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
-        try:
-            built = await self._build_ann_index(conn, wait=True)
-        except BaseException as exc:
-            # Ending the session ends a build still running in it (a stop cancels the task mid-
-            # statement, where nothing else could be sent) and releases its advisory lock.
-            conn.terminate()
-            if isinstance(exc, _OUTAGE_ERRORS) and not isinstance(exc, asyncpg.QueryCanceledError):
-                raise DatabaseUnavailable(f"the HNSW index build failed: {describe(exc)}") from exc
-            raise
-        await conn.close()
-        return built
-
-    async def _build_ann_index(self, conn: asyncpg.Connection, *, wait: bool) -> bool:
-        """Build the index unless it is ready; if another session is building it, wait or leave it.
-
-        On an error the lock is left to the session, which the caller ends: after a cancelled
-        statement the unlock could not be sent, and its error would hide the cancellation.
-        """
-        s = self._settings
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ANN_BUILD_LOCK):
-            if not wait:
-                return False
-            await asyncio.sleep(1.0)
-        state = str(await conn.fetchval(ANN_INDEX_STATE_SQL, self._ann_index_name))
-        if state != "ready":
-            if state == "invalid":  # an earlier build was interrupted: start it again
-                await conn.execute(self._sql.drop_invalid_ann_index)
-            await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
-            await conn.execute("SET max_parallel_maintenance_workers = 7")
-            await conn.execute(self._sql.hnsw_index)
-        await conn.execute("SELECT pg_advisory_unlock($1)", ANN_BUILD_LOCK)
-        return state != "ready"
-
     async def ann_index_state(self) -> str:
         """ "ready", "missing" or "invalid": searches without a ready index scan every chunk."""
-        return str(await self._fetchval(ANN_INDEX_STATE_SQL, self._ann_index_name))
-
-    @property
-    def _ann_index_name(self) -> str:
-        return f"{self._schema}.chunks_embedding_hnsw_idx"
+        return str(await self._fetchval(ANN_INDEX_STATE_SQL, self.schema.ann_index_name))
 
     async def search(
         self,
@@ -422,7 +297,7 @@ class Store:
         try:
             async with self._pool.acquire() as conn:
                 return await nearest(conn, self._sql, model, embedding, k, tenant, exact_up_to)
-        except _OUTAGE_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"search failed: {describe(exc)}") from exc
 
     async def ping(self) -> None:
@@ -445,7 +320,7 @@ class Store:
             raise DatabaseUnavailable("not connected yet: start-up is waiting for the database")
         try:
             return list(await self._pool.fetch(sql, *args))
-        except _OUTAGE_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"database query failed: {describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             if _refuses_every_write(exc):  # a privilege or an object missing: no retry changes it
