@@ -25,12 +25,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from aiolimiter import AsyncLimiter
 
 from worker import dlq
 from worker.errors import ConfigError
 from worker.kafka import client_options, make_producer, start_producer
 from worker.replay_ledger import LEDGER_BUDGET, LEDGER_PREFIX, Ledger, Ranges
+from worker.retry import backoff
 from worker.settings import Settings
 
 
@@ -294,7 +296,7 @@ async def _committed(settings: Settings, group_id: str) -> dict[TopicPartition, 
         (described,) = await admin.describe_topics([settings.dlq_topic])
         partitions = [TopicPartition(settings.dlq_topic, p["partition"]) for p in described["partitions"]]
         # Partitions named: some Kafka-protocol brokers answer the "all partitions" form malformed.
-        offsets = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        offsets = await _group_offsets(admin, group_id, partitions, settings.startup_timeout_seconds)
     finally:
         await admin.close()
     return {
@@ -302,6 +304,28 @@ async def _committed(settings: Settings, group_id: str) -> dict[TopicPartition, 
         for tp, meta in offsets.items()
         if tp.topic == settings.dlq_topic and meta.offset >= 0
     }
+
+
+async def _group_offsets(
+    admin: AIOKafkaAdminClient, group_id: str, partitions: list[TopicPartition], within: float
+) -> dict[TopicPartition, Any]:
+    """The group's committed offsets, waiting (up to ``within`` seconds) for a coordinator: a
+    broker where no group was ever used answers "not available" while it creates its offsets
+    topic, which is a wait, not a failure."""
+    deadline = asyncio.get_running_loop().time() + within
+    attempt = 0
+    while True:
+        try:
+            offsets: dict[TopicPartition, Any] = await admin.list_consumer_group_offsets(
+                group_id, partitions=partitions
+            )
+        except KafkaError as exc:
+            attempt += 1
+            if not exc.retriable or asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(backoff(attempt, initial=0.5, cap=5.0))
+        else:
+            return offsets
 
 
 def _decide(message: Any, choices: Choices) -> tuple[Outcome, str | None]:

@@ -72,7 +72,9 @@ def _setting(default: Any, help: str, **bounds: Any) -> Any:
 class Settings:
     # Kafka
     kafka_bootstrap_servers: str = _setting("127.0.0.1:9092", "comma-separated host:port list")
-    kafka_topic: tuple[str, ...] = _setting(("documents",), "topic(s) to consume; comma list")
+    kafka_topic: tuple[str, ...] = _setting(
+        ("documents",), "topic(s) to consume (produce publishes to the first); comma list"
+    )
     kafka_group_id: str = _setting("embedding-ingest", "consumer group id")
     kafka_dlq_topic: str = _setting("", "dead-letter topic [<first topic>.dlq]")
     kafka_security_protocol: SecurityProtocol = _setting("PLAINTEXT", "/".join(get_args(SecurityProtocol)))

@@ -9,14 +9,17 @@ plays the broker that refuses ``InitProducerId`` outright.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import Env, one_line_error
+from worker.dev import apache_kafka
 from worker.dev.apache_kafka import SASL_USERS, KafkaCluster
 from worker.dev.processes import free_port
 from worker.dev.stack import TansuBroker
@@ -128,3 +131,21 @@ def test_an_unreachable_broker_exits_1_naming_it(env: Env, command: tuple[str, .
     assert nowhere in line
     assert "Connection refused" in line, "the real cause, not aiokafka's 'Unable to bootstrap'"
     assert "library_log" not in result.stdout, "each attempt reported once, by the worker's own line"
+
+
+async def test_replay_on_a_broker_where_no_group_was_ever_used_waits_for_its_coordinator(env: Env) -> None:
+    """A fresh broker answers "coordinator not available" while it creates its offsets topic."""
+    if not apache_kafka.available():
+        pytest.skip("needs the local Apache Kafka (`java` and `mvn`, or the jars fetched already)")
+    workdir = Path(tempfile.mkdtemp(prefix="ingest-test-fresh-kafka-"))
+    fresh = KafkaCluster(workdir, size=1)
+    try:
+        await asyncio.to_thread(fresh.start)
+        on_fresh = env.with_(KAFKA_BOOTSTRAP_SERVERS=fresh.bootstrap)
+        await ensure_topic(on_fresh.settings, on_fresh.settings.dlq_topic, partitions=1)
+        result = await asyncio.to_thread(run, on_fresh, "replay")
+    finally:
+        await asyncio.to_thread(fresh.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scanned 0 dead letters" in result.stdout
