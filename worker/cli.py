@@ -92,6 +92,7 @@ USES: dict[str, frozenset[str]] = {
             "KAFKA_TOPIC",  # the dead-letter topic's default name
             "KAFKA_DLQ_TOPIC",
             "KAFKA_GROUP_ID",
+            "STARTUP_TIMEOUT_SECONDS",  # how long it waits for the group's coordinator
             "KAFKA_SESSION_TIMEOUT_MS",
         }
     ),
