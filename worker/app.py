@@ -275,7 +275,8 @@ async def _progress(worker: Worker, every: float = 0.5) -> None:
         last = worker.records_done
         while True:
             await asyncio.sleep(every)
-            done, remaining, state = worker.records_done, worker.remaining(), _state(worker)
+            done, remaining = worker.records_done, worker.remaining()
+            state = _state(worker, remaining)
             if state == "ingesting" or done > last:
                 working += every
             last = done
@@ -287,11 +288,11 @@ async def _progress(worker: Worker, every: float = 0.5) -> None:
             bar.refresh()
 
 
-def _state(worker: Worker) -> str:
+def _state(worker: Worker, remaining: int | None) -> str:
     if worker.stopping:
         return "stopping"
     if not worker.assignment():
         return "joining group"
     if down := worker.down():
         return "waiting for " + ", ".join(sorted(down))
-    return "caught up" if worker.remaining() == 0 else "ingesting"
+    return "caught up" if remaining == 0 else "ingesting"

@@ -280,6 +280,8 @@ class Pipeline:
         await isolate(batch, self._write_once, faults=(StoreRejected, WriteTimedOut), alone=self._write_alone)
 
     async def _write_once(self, batch: list[Prepared]) -> list[None]:
+        if self.fenced:
+            return [None] * len(batch)  # abandoned: the partitions' new owner stores them
         writes = [DocumentWrite(p.change, p.record, p.chunks, p.vectors) for p in batch]
         records = [r for p in batch for r in p.job.records]
         touched = {r.tp for r in records}  # only these partitions' rows: writers lock no more
@@ -288,8 +290,6 @@ class Pipeline:
             after={tp: m for tp, m in self._inflight.watermarks(also=records).items() if tp in touched},
             epoch=self.epoch,
         )
-        if self.fenced:
-            return [None] * len(batch)  # abandoned: the partitions' new owner stores them
         started = time.perf_counter()
         try:
             moved = await self._deps.database.call(lambda: self._store.write(writes, progress))

@@ -254,7 +254,8 @@ class _Run:
             self.summary.moved_before += 1
             ledger.mark(message.offset, handled=True)
             return None
-        outcome, destination = _decide(message, self.choices)
+        headers = _headers(message)
+        outcome, destination = _decide(message, headers, self.choices)
         if outcome.handled and not ledger.fits(message.offset):
             self.summary.stopped[tp.partition] = message.offset
             self.consumer.pause(tp)
@@ -262,7 +263,9 @@ class _Run:
         self.summary.scanned += 1
         self.summary.count(outcome)
         ledger.mark(message.offset, outcome.handled)
-        return await _act(message, outcome, destination, self.summary, self.producer, self.limiter, self.out)
+        return await _act(
+            message, headers, outcome, destination, self.summary, self.producer, self.limiter, self.out
+        )
 
     async def _metadata_budget(self, batches: dict[TopicPartition, list[Any]]) -> int:
         """Whether the broker keeps a commit's metadata (some Kafka-protocol brokers drop it), seen
@@ -328,8 +331,7 @@ async def _group_offsets(
             return offsets
 
 
-def _decide(message: Any, choices: Choices) -> tuple[Outcome, str | None]:
-    headers = _headers(message)
+def _decide(message: Any, headers: dict[str, str], choices: Choices) -> tuple[Outcome, str | None]:
     if not choices.filters.match(headers, message.key):
         return Outcome.FILTERED_OUT, None
     if headers.get(dlq.VALUE_OMITTED) == "true":
@@ -345,6 +347,7 @@ def _decide(message: Any, choices: Choices) -> tuple[Outcome, str | None]:
 
 async def _act(
     message: Any,
+    headers: dict[str, str],
     outcome: Outcome,
     destination: str | None,
     summary: Summary,
@@ -353,7 +356,6 @@ async def _act(
     out: Any,
 ) -> Any:
     """Print or publish one letter; returns the broker's acknowledgement to wait for, if any."""
-    headers = _headers(message)
     where = f"{message.partition}:{message.offset}"
     key = (message.key or b"").decode("utf-8", "replace")
     if outcome is Outcome.VALUE_OMITTED:

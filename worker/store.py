@@ -234,12 +234,7 @@ class Store:
         if not starts or not self._records_offsets:
             return None
         tps = sorted(starts)
-        rows = await self._fetch(
-            self._sql.claim,
-            [tp.topic for tp in tps],
-            [tp.partition for tp in tps],
-            [starts[tp] for tp in tps],
-        )
+        rows = await self._fetch(self._sql.claim, *_columns(tps), [starts[tp] for tp in tps])
         return int(rows[0]["owner_epoch"])
 
     async def _record(
@@ -250,7 +245,7 @@ class Store:
         if not watermarks:
             return
         tps = sorted(watermarks)
-        topics, partitions = [tp.topic for tp in tps], [tp.partition for tp in tps]
+        topics, partitions = _columns(tps)
         owned = await conn.fetch(self._sql.lock_owned, topics, partitions)
         if epoch is not None:
             taken = [f"{r['topic']}/{r['partition']}" for r in owned if r["owner_epoch"] != epoch]
@@ -265,9 +260,7 @@ class Store:
         wanted = sorted(partitions)
         if not wanted or not self._records_offsets:
             return {}
-        rows = await self._fetch(
-            self._sql.read_offsets, [tp.topic for tp in wanted], [tp.partition for tp in wanted]
-        )
+        rows = await self._fetch(self._sql.read_offsets, *_columns(wanted))
         return {TopicPartition(r["topic"], r["partition"]): int(r["next_offset"]) for r in rows}
 
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
@@ -348,6 +341,11 @@ def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+def _columns(partitions: Sequence[TopicPartition]) -> tuple[list[str], list[int]]:
+    """Topics and partition numbers as two arrays, the form the offsets statements unnest."""
+    return [tp.topic for tp in partitions], [tp.partition for tp in partitions]
 
 
 def _refuses_every_write(exc: asyncpg.PostgresError) -> bool:

@@ -79,22 +79,24 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _pipelines(self) -> list[Pipeline]:
+        """The current pipeline, and one draining on stop or revoke."""
+        return [p for p in (self._pipeline, self._retiring) if p is not None]
+
     @property
     def records_done(self) -> int:
-        pipelines = (p for p in (self._pipeline, self._retiring) if p is not None)
-        return self._records_before + sum(p.finished_records for p in pipelines)
+        return self._records_before + sum(p.finished_records for p in self._pipelines())
 
     def remaining(self) -> int | None:
         """Records not done yet: in flight, or in the assigned partitions beyond the last fetch."""
         unfetched = self._source.unfetched()
         if unfetched is None:
             return None
-        pipelines = (p for p in (self._pipeline, self._retiring) if p is not None)
         fetching = self._fetching
         in_transit = 0  # fetched, and the fetch loop not yet back to admit them
         if fetching is not None and fetching.done() and not fetching.cancelled() and not fetching.exception():
             in_transit = len(fetching.result())
-        return unfetched + in_transit + sum(p.in_flight for p in pipelines)
+        return unfetched + in_transit + sum(p.in_flight for p in self._pipelines())
 
     @property
     def last_error(self) -> str | None:
@@ -241,8 +243,8 @@ class Worker:
         """Tell the database how far it got, also where no write did (dead letters, unchanged
         documents at a partition's end): else a rebalance would rewind those partitions to its last
         write. Best effort: a write records its own progress anyway."""
-        if marks == self._recorded:
-            return
+        if marks == self._recorded or not self.dependencies.database.up:
+            return  # unchanged, or the database is down (and the commit must not wait on it)
         try:
             await asyncio.wait_for(self._store.record_progress(marks, self._epoch), REWIND_READ_TIMEOUT)
         except (DependencyError, TimeoutError, Fenced):
