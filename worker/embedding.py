@@ -42,8 +42,14 @@ class EmbeddingStage:
         """A future for ``text``'s vector; it fails with the RecordError of an input at fault."""
         return self._batcher.submit(text, tenant)
 
-    async def close(self) -> None:
-        """Cancel what is queued or in flight (its futures too)."""
+    def withdraw(self, future: asyncio.Future[Vector]) -> bool:
+        """Cancel ``future``'s input unless it was sent already (then it is paid for): True if so."""
+        return self._batcher.withdraw(future)
+
+    async def finish(self, within: float) -> None:
+        """Let requests already sent be answered (they are paid for) within ``within`` seconds,
+        then cancel whatever is left, queued or in flight (its futures too)."""
+        await self._batcher.answered(within)
         await self._batcher.close()
 
     async def _request(self, texts: list[str]) -> list[Vector | RecordError]:
@@ -102,6 +108,7 @@ class EmbeddingBatcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_outstanding)
         self._requests: dict[asyncio.Task[None], list[asyncio.Future[Vector]]] = {}
+        self._sent: set[asyncio.Future[Vector]] = set()  # inputs of requests in flight
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="embed-dispatcher")
 
     def submit(self, text: str, tenant: str | None = None) -> asyncio.Future[Vector]:
@@ -142,10 +149,24 @@ class EmbeddingBatcher:
                 raise
             task = loop.create_task(self._request(texts, futures), name="embed-request")
             self._requests[task] = futures
+            self._sent.update(futures)
             task.add_done_callback(self._request_done)
+
+    def withdraw(self, future: asyncio.Future[Vector]) -> bool:
+        """Cancel a queued input (``_take`` skips it); False once it was sent, or done."""
+        if future.done() or future in self._sent:
+            return False
+        future.cancel()
+        return True
+
+    async def answered(self, within: float) -> None:
+        """Wait, at most ``within`` seconds, for the requests in flight now to be answered."""
+        if self._requests and within > 0:
+            await asyncio.wait(list(self._requests), timeout=within)
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
         for future in self._requests.pop(task, ()):
+            self._sent.discard(future)
             if not future.done():  # the task was cancelled before it could answer them
                 future.cancel()
         self._slots.release()

@@ -5,21 +5,19 @@ Records of one partition finish out of order; the partition's commit watermark i
 offset not yet finished (stored or dead-lettered), so committing it never skips a record.
 Events of one document never run together: a document's later events wait until its running
 job finishes, then run as one job (folded, so only the winner is embedded).
-A content is bought once while it is in flight: documents that want a chunk already being
-embedded (or embedded and not yet stored) share that purchase.
+(Embeddings being bought are shared through worker.purchases.)
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
 from worker.decode import DocumentEvent
-from worker.types import Record, Vector
+from worker.types import Record
 
 
 class PartitionOffsets:
@@ -130,84 +128,3 @@ class InFlight:
         if following is not None:
             self._running[job.doc_id] = following
         return following
-
-
-@dataclass(eq=False)
-class Purchase:
-    """One content's embedding, bought once: its future and how many prepared documents hold it."""
-
-    digest: bytes
-    vector: asyncio.Future[Vector]
-    holders: int = 1
-
-    @property
-    def failed(self) -> bool:
-        return self.vector.done() and (self.vector.cancelled() or self.vector.exception() is not None)
-
-
-class Purchases:
-    """Embeddings bought and not yet stored, by content digest (a process embeds with one model).
-
-    A document wanting a chunk whose content is being bought joins that purchase instead of
-    buying it again. A purchase is forgotten (later documents find the vector in the store, or
-    buy afresh) once a document holding it is stored, once its request fails, or once the last
-    document holding it lets go. Cancelling its future is the batcher's job (on close).
-    """
-
-    def __init__(self, buy: Callable[[str, str | None], asyncio.Future[Vector]]) -> None:
-        self._buy = buy
-        self._by_digest: dict[bytes, Purchase] = {}
-
-    def join(self, digest: bytes) -> Purchase | None:
-        """Hold the purchase of this content, if one is in flight and has not failed."""
-        purchase = self._by_digest.get(digest)
-        if purchase is None or purchase.failed:  # failed: its done callback has not run yet
-            return None
-        purchase.holders += 1
-        return purchase
-
-    def buy(self, digest: bytes, text: str, tenant: str | None) -> Purchase:
-        """Buy this content for one document (which holds the purchase): call ``join`` first."""
-        current = self._by_digest.get(digest)
-        assert current is None or current.failed, "bought a content that is in flight: join it"
-        purchase = self._by_digest[digest] = Purchase(digest, self._buy(text, tenant))
-        purchase.vector.add_done_callback(lambda _: self._settled(purchase))
-        return purchase
-
-    def release(self, held: Iterable[Purchase], *, stored: bool) -> None:
-        """A document lets go of its purchases; ``stored``: its chunks are in the store now."""
-        for purchase in held:
-            purchase.holders -= 1
-            if stored or purchase.holders == 0:
-                self._forget(purchase)
-
-    def clear(self) -> None:
-        self._by_digest.clear()
-
-    def __len__(self) -> int:
-        return len(self._by_digest)
-
-    def __iter__(self) -> Iterator[Purchase]:
-        return iter(list(self._by_digest.values()))
-
-    def _settled(self, purchase: Purchase) -> None:
-        if purchase.failed:
-            self._forget(purchase)
-
-    def _forget(self, purchase: Purchase) -> None:
-        if self._by_digest.get(purchase.digest) is purchase:  # not a later purchase of the content
-            del self._by_digest[purchase.digest]
-
-
-async def vectors_of(futures: list[asyncio.Future[Vector]]) -> list[Vector]:
-    """The futures' vectors, or the first failure as soon as there is one.
-
-    Never cancels them (gather would, were its caller cancelled): other documents may be waiting
-    for the same purchases.
-    """
-    if futures:
-        await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-    for future in futures:
-        if future.done() and not future.cancelled() and (exc := future.exception()) is not None:
-            raise exc
-    return [future.result() for future in futures]  # all done; a cancelled one (close) raises

@@ -51,6 +51,12 @@ for _omitted in ("value", "value_key_headers"):
 EMBEDDINGS_REUSED: Final = Counter(
     "ingest_embeddings_reused", "Chunks whose embedding was already stored or in flight: not bought again"
 )
+EMBEDDINGS_KEPT: Final = Counter(
+    "ingest_embeddings_kept", "Paid embeddings written to the embedding ledger as they arrived"
+)
+EMBEDDINGS_AWAITED: Final = Counter(
+    "ingest_embeddings_awaited", "Contents another process was buying, awaited instead of bought again"
+)
 IN_FLIGHT_RECORDS: Final = Gauge(
     "ingest_in_flight_records", "Records fetched and not yet stored or dead-lettered"
 )

@@ -7,7 +7,10 @@
 Stages are joined by asyncio queues; the in-flight window (records and bytes) bounds what the
 queues can hold, because the Worker pauses fetching while it is full. A dependency outage
 holds work in place (retried with backoff, never dead-lettered, never committed); a record
-that can never succeed goes to the dead-letter topic and its partition goes on.
+that can never succeed goes to the dead-letter topic and its partition goes on. Embeddings are
+bought through the process's purchases (worker.purchases), which outlive the pipeline: on a
+revoke or a stop it stores what is ready (``settle``) and drops the rest at once, and what it
+had paid for is kept in the ledger.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from worker.chunk import Chunk, chunk_text
 from worker.decode import decode_event
 from worker.dependency import Dependencies
 from worker.dlq import DeadLetter, DeadLetterSink
-from worker.embed import Embedder
-from worker.embedding import EmbeddingStage
 from worker.errors import (
     ChunkError,
     Fenced,
@@ -36,9 +37,10 @@ from worker.errors import (
     StoreRejected,
     WriteTimedOut,
 )
-from worker.inflight import InFlight, Job, Purchase, Purchases, vectors_of
+from worker.inflight import InFlight, Job
 from worker.logs import trace_id_from
 from worker.plan import Change, plan
+from worker.purchases import Purchase, Purchases, vectors_of
 from worker.retry import ShuttingDown, isolate, sleep_unless
 from worker.settings import Settings
 from worker.stages import stage_loop
@@ -76,7 +78,7 @@ class Pipeline:
         self,
         *,
         store: DocumentStore,
-        embedder: Embedder,
+        purchases: Purchases,
         dead_letters: DeadLetterSink,
         settings: Settings,
         stop: asyncio.Event,
@@ -84,7 +86,6 @@ class Pipeline:
     ) -> None:
         self._deps = dependencies
         self._store = store
-        self._embedder = embedder
         self._dead_letters = dead_letters
         self._settings = settings
         self._stop = stop
@@ -94,8 +95,8 @@ class Pipeline:
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._embedded: asyncio.Queue[Prepared] = asyncio.Queue()
         self._dead: asyncio.Queue[Dead] = asyncio.Queue()
-        self._embedding = EmbeddingStage(embedder, dependencies.embedding, settings)
-        self.purchases = Purchases(self._embedding.submit)
+        self.purchases = purchases
+        self._holding: set[Prepared] = set()  # documents holding purchases, let go of on close
         self._carried: dict[Job, list[Purchase]] = {}  # a re-planned job's, until it is prepared again
         self._drained = asyncio.Event()
         self._drained.set()
@@ -107,15 +108,18 @@ class Pipeline:
         self._timeouts = 0
         self.finished_records = 0
         most = settings.write_batch_documents
-        stages = [
-            ("prepare", stage_loop(self._ready, most, 0.002, self._prepare)),
-            ("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters)),
-        ]
+        self._prepare_stage = asyncio.create_task(
+            self._supervised("prepare", stage_loop(self._ready, most, 0.002, self._prepare)), name="prepare"
+        )
+        stages = [("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters))]
         stages += [
             (f"store-{n}", stage_loop(self._embedded, most, 0.005, self._write))
             for n in range(settings.database_writers)
         ]
-        self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
+        self._stages = [
+            self._prepare_stage,
+            *(asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages),
+        ]
 
     # -- the Worker's view: how full, how far, how it ends -----------------------------------
 
@@ -164,14 +168,32 @@ class Pipeline:
             return False
         return True
 
+    async def settle(self, within: float) -> bool:
+        """Take nothing further, and store what is ready: documents with every vector, and dead
+        letters. What still waits for the embedding API is left for ``close`` to drop (what it
+        paid for is kept in the ledger). False when ``within`` seconds ran out first."""
+        self._prepare_stage.cancel()
+        for task in self._waits:  # a document whose vectors are all in is ready already
+            task.cancel()
+        await asyncio.gather(self._prepare_stage, *self._waits, return_exceptions=True)
+        ready = asyncio.gather(self._embedded.join(), self._dead.join())
+        try:
+            await asyncio.wait_for(ready, within)
+        except TimeoutError:
+            return False
+        return True
+
     async def close(self) -> None:
-        """Abandon what is left (its offsets stay uncommitted) and stop the stages."""
-        await self._embedding.close()
+        """Abandon what is left (its offsets stay uncommitted), stop the stages, and let go of
+        the purchases its documents held (what was sent stays bought: see worker.purchases)."""
         tasks = [*self._stages, *self._waits]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.purchases.clear()  # their futures are done: answered, or cancelled by the batcher
+        for p in list(self._holding):
+            self._let_go(p, stored=False)
+        for held in self._carried.values():
+            self.purchases.release(held, stored=False)
         self._carried.clear()
 
     # -- stages --------------------------------------------------------------------------------
@@ -203,6 +225,11 @@ class Pipeline:
         for job in jobs:  # prepared again: what it held before is held anew, or not needed
             self.purchases.release(self._carried.pop(job, ()), stored=False)
 
+    def _let_go(self, p: Prepared, *, stored: bool) -> None:
+        self.purchases.release(p.held.values(), stored=stored)
+        p.held = {}
+        self._holding.discard(p)
+
     async def _plan(self, jobs: list[Job]) -> list[Prepared]:
         """Each job's winning change against the stored state, chunked; jobs that change nothing
         finish here, and a document that cannot be chunked is dead-lettered."""
@@ -226,20 +253,30 @@ class Pipeline:
 
     async def _submit(self, prepared: list[Prepared]) -> None:
         """Ask for each chunk's vector, buying only what was never paid for: embeddings being
-        bought for other documents are joined, stored ones reused, the rest bought. Purchases are
-        held before the stored lookup, so none can pass from in flight to stored between the two
-        unseen."""
+        bought here for other documents are joined, paid or stored ones reused, the rest bought
+        (or awaited, where another process is buying them). Purchases are held before the
+        lookups, so none can pass from in flight to paid or stored between them unseen."""
+        self._holding.update(prepared)
         for p in prepared:
             for chunk in p.chunks:
                 if chunk.digest not in p.held and (purchase := self.purchases.join(chunk.digest)):
                     p.held[chunk.digest] = purchase
-        hashes = {c.digest for p in prepared for c in p.chunks if c.digest not in p.held}
-        known = (
-            await self._deps.database.call(lambda: self._store.known_embeddings(sorted(hashes)))
-            if hashes
-            else {}
-        )
-        bought = 0
+        known: dict[bytes, Vector] = {}
+        for p in prepared:
+            for chunk in p.chunks:
+                if chunk.digest not in p.held and (vector := self.purchases.paid(chunk.digest)) is not None:
+                    known[chunk.digest] = vector
+        unheld = {c.digest for p in prepared for c in p.chunks if c.digest not in p.held}
+        hashes = sorted(unheld - known.keys())
+        if hashes:
+            known |= await self._deps.database.call(lambda: self._store.known_embeddings(hashes))
+        wanted = {
+            c.digest: (c.content, p.change.event.tenant)
+            for p in prepared
+            for c in p.chunks
+            if c.digest not in p.held and c.digest not in known
+        }
+        acquired = await self.purchases.acquire(wanted)  # each held once, by its first document
         for p in prepared:
             futures: list[asyncio.Future[Vector]] = []
             for chunk in p.chunks:
@@ -249,16 +286,14 @@ class Pipeline:
                     futures.append(_resolved(known[digest]))
                     continue
                 if purchase is None:
-                    purchase = self.purchases.join(digest)  # bought for a document before this one
-                if purchase is None:
-                    purchase = self.purchases.buy(digest, chunk.content, p.change.event.tenant)
-                    bought += 1
+                    purchase = acquired.pop(digest, None) or self.purchases.join(digest)
+                assert purchase is not None, "every content wanted was acquired"
                 p.held[digest] = purchase
                 futures.append(purchase.vector)
             task = asyncio.create_task(self._await_vectors(p, futures), name="await-vectors")
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
-        metrics.EMBEDDINGS_REUSED.inc(sum(len(p.chunks) for p in prepared) - bought)
+        metrics.EMBEDDINGS_REUSED.inc(sum(len(p.chunks) for p in prepared) - len(wanted))
 
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
@@ -272,7 +307,7 @@ class Pipeline:
         else:
             self._embedded.put_nowait(p)
             return
-        self.purchases.release(p.held.values(), stored=False)
+        self._let_go(p, stored=False)
 
     async def _write(self, batch: list[Prepared]) -> None:
         """Store a batch in one transaction; a document PostgreSQL refuses, or a write it keeps
@@ -306,9 +341,11 @@ class Pipeline:
         for p in batch:
             if p.job.doc_id in moved:
                 self._carried[p.job] = list(p.held.values())  # its vectors stay for the next plan
+                p.held = {}
+                self._holding.discard(p)
                 self._ready.put_nowait(p.job)  # changed under us since planning: plan again
                 continue
-            self.purchases.release(p.held.values(), stored=True)  # the store has them from now on
+            self._let_go(p, stored=True)  # the store has them from now on
             metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
             metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
             self._finish(p.job, outcome="stored")
@@ -331,7 +368,7 @@ class Pipeline:
         (statement_timeout), it is retried until it fits while /readyz says writes are failing:
         the limit is the database's, not the record's fault."""
         if isinstance(exc, StoreRejected):
-            self.purchases.release(p.held.values(), stored=False)
+            self._let_go(p, stored=False)
             self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
             return
         self._timeouts += 1

@@ -135,6 +135,12 @@ class Settings:
     embedding_max_attempts: int = _setting(
         5, "attempts per embedding request before pausing", low=1, high=100
     )
+    embedding_ledger_hours: float = _setting(
+        168.0,
+        "keep each paid embedding not yet stored this long, so none is bought twice; 0: no ledger",
+        low=0,
+        high=87_600,
+    )
     # Pipeline
     max_in_flight_records: int = _setting(
         1000, "records fetched but not yet stored; past it partitions pause", low=1, high=10_000_000
@@ -155,7 +161,13 @@ class Settings:
         8080, "HTTP port for /healthz /readyz /metrics; 0 picks one", low=0, high=65535
     )
     log_level: LogLevel = _setting("info", "debug, info, warning or error")
-    shutdown_grace_seconds: float = _setting(30.0, "time to finish in-flight work on stop", low=0, high=3600)
+    shutdown_grace_seconds: float = _setting(
+        30.0,
+        "on a stop or revoke: time to store what is ready; on a stop, also to receive the answers "
+        "already paid for",
+        low=0,
+        high=3600,
+    )
     startup_timeout_seconds: float = _setting(
         300.0,
         "start-up waits this long for an unreachable broker or database, then exits 1; 0: forever",

@@ -71,6 +71,18 @@ MIGRATION_STEPS: Final = (
     ("relation", "{schema}.owner_epochs", "CREATE SEQUENCE IF NOT EXISTS {schema}.owner_epochs"),
     (
         "relation",
+        "{schema}.embedding_ledger",
+        """CREATE TABLE IF NOT EXISTS {schema}.embedding_ledger (
+    model           text NOT NULL,
+    content_sha256  bytea NOT NULL,
+    embedding       {vector_type}({dimensions}),
+    buyer           bigint,
+    bought_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (model, content_sha256)
+)""",
+    ),
+    (
+        "relation",
         "{schema}.documents_tenant_idx",
         "CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted",
     ),
@@ -101,15 +113,18 @@ STORED_MODEL_SQL: Final = "SELECT embedding_model FROM {schema}.index_settings"
 # What a write needs, as a list of what is missing ('' when nothing is): what the database
 # dependency's probe checks, so a revoked grant keeps the breaker open instead of flapping.
 # (has_table_privilege with several privileges is true when any one is held: one call each.)
+# The ledger ($3) only where it exists: a schema migrated before it has none, and runs without.
 _WRITE_NEEDS: Final = (
     ("$1", "documents", ("SELECT", "INSERT", "UPDATE")),
     ("$2", "chunks", ("SELECT", "INSERT", "UPDATE", "DELETE")),
+    ("$3", "embedding_ledger", ("SELECT", "INSERT", "UPDATE", "DELETE")),
 )
 WRITE_PRIVILEGES_SQL: Final = "SELECT concat_ws(', ', {})".format(
     ", ".join(
-        [f"CASE WHEN to_regclass({p}) IS NULL THEN 'the {t} table' END" for p, t, _ in _WRITE_NEEDS]
+        [f"CASE WHEN to_regclass({p}) IS NULL THEN 'the {t} table' END" for p, t, _ in _WRITE_NEEDS[:2]]
         + [
-            f"CASE WHEN NOT has_table_privilege(to_regclass({p}), '{priv}') THEN '{priv} on {t}' END"
+            f"CASE WHEN to_regclass({p}) IS NOT NULL AND NOT has_table_privilege(to_regclass({p}), "
+            f"'{priv}') THEN '{priv} on {t}' END"
             for p, t, privileges in _WRITE_NEEDS
             for priv in privileges
         ]
@@ -229,6 +244,73 @@ KNOWN_EMBEDDINGS_SQL: Final = """
 SELECT DISTINCT ON (content_sha256) content_sha256, embedding
 FROM {schema}.chunks WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
 """
+# The embedding ledger: every embedding the moment it is paid for, so that work abandoned on a
+# revoke, a stop or a kill -9 never buys it again. A row with no embedding is a purchase in
+# progress ("intent"): its buyer, a process holding the session advisory lock of that number, is
+# sending it now, and other processes wanting the content wait for it instead of buying it too.
+# A buyer is alive while its lock is held: a killed process's connection closes, its lock goes,
+# and its intents are taken over at once.
+LIVE_BUYERS_SQL: Final = """(SELECT (k.classid::bigint << 32) | k.objid::bigint FROM pg_locks k
+    WHERE k.locktype = 'advisory' AND k.objsubid = 1 AND k.granted
+      AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
+KNOWN_EMBEDDINGS_WITH_LEDGER_SQL: Final = """
+SELECT DISTINCT ON (content_sha256) content_sha256, embedding FROM (
+    SELECT content_sha256, embedding FROM {schema}.chunks
+    WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
+    UNION ALL
+    SELECT content_sha256, embedding FROM {schema}.embedding_ledger
+    WHERE content_sha256 = ANY($1::bytea[]) AND model = $2 AND embedding IS NOT NULL
+) AS known
+"""
+# Take the purchase of these contents ($2, distinct) for buyer $3: new ones, ones nobody is
+# buying any more (the buyer is gone, or has held it past $4 seconds). Returns those taken; the
+# rest are being bought by a live buyer (or were bought since the caller looked).
+CLAIM_PURCHASES_SQL: Final = """
+INSERT INTO {schema}.embedding_ledger AS l (model, content_sha256, buyer, bought_at)
+SELECT $1, h, $3, now() FROM unnest($2::bytea[]) AS h ORDER BY h
+ON CONFLICT (model, content_sha256) DO UPDATE SET buyer = EXCLUDED.buyer, bought_at = now()
+WHERE l.embedding IS NULL
+  AND (l.buyer IS NULL OR l.buyer = EXCLUDED.buyer OR l.bought_at < now() - make_interval(secs => $4)
+       OR l.buyer NOT IN {live})
+RETURNING l.content_sha256
+"""
+# Paid for: the vector, whoever held the intent by now.
+KEEP_EMBEDDING_SQL: Final = """
+INSERT INTO {schema}.embedding_ledger AS l (model, content_sha256, embedding, buyer, bought_at)
+VALUES ($1, $2, $3, NULL, now())
+ON CONFLICT (model, content_sha256) DO UPDATE SET embedding = EXCLUDED.embedding, buyer = NULL
+WHERE l.embedding IS NULL
+"""
+# Not bought after all (withdrawn before it was sent, or failed): others may buy it.
+DROP_PURCHASES_SQL: Final = """
+DELETE FROM {schema}.embedding_ledger
+WHERE model = $1 AND content_sha256 = ANY($2::bytea[]) AND embedding IS NULL AND buyer = $3
+"""
+# Contents another process is buying: each one's vector once it is known (in the ledger, or
+# stored), else whether its buyer still holds it (false: the caller may take the purchase over).
+WATCH_PURCHASES_SQL: Final = """
+SELECT h AS content_sha256,
+       coalesce(l.embedding, (SELECT c.embedding FROM {schema}.chunks c
+                              WHERE c.content_sha256 = h AND c.model = $1 LIMIT 1)) AS embedding,
+       coalesce(l.embedding IS NULL AND l.buyer IN {live}
+                AND l.bought_at >= now() - make_interval(secs => $3), false) AS pending
+FROM unnest($2::bytea[]) AS h
+LEFT JOIN {schema}.embedding_ledger l ON l.model = $1 AND l.content_sha256 = h
+"""
+# Bounded by the ledger's retention, and nothing kept twice: a vector a stored chunk holds, an
+# intent whose buyer is gone, and anything older than $1 hours go (at most {limit} rows a turn).
+PRUNE_LEDGER_SQL: Final = """
+DELETE FROM {schema}.embedding_ledger
+WHERE ctid = ANY(ARRAY(
+    SELECT l.ctid FROM {schema}.embedding_ledger l
+    WHERE l.bought_at < now() - make_interval(hours => $1)
+       OR (l.embedding IS NULL AND l.buyer NOT IN {live})
+       OR EXISTS (SELECT 1 FROM {schema}.chunks c
+                  WHERE c.content_sha256 = l.content_sha256 AND c.model = l.model)
+    LIMIT {limit}))
+"""
+LEDGER_PRUNE_LIMIT: Final = 10_000
+LEDGER_PRUNE_LOCK: Final = 0x656D626C  # pg_try_advisory_xact_lock key: one pruner at a time
 # A search's candidates: chunks embedded by the configured model ($1) only. index_settings records
 # the schema's model, but each row says its own: a schema older than that record may hold rows of
 # two models (and `run --no-migrate` there wrote whatever model it was given), and a query vector
@@ -286,11 +368,19 @@ class Statements:
     read_offsets: str
     claim: str
     lock_owned: str
+    known_embeddings_with_ledger: str
+    claim_purchases: str
+    keep_embedding: str
+    drop_purchases: str
+    watch_purchases: str
+    prune_ledger: str
 
     @classmethod
     def of(cls, schema: str, vector_type: str) -> Statements:
         def filled(template: str) -> str:
-            return template.format(schema=schema, vector_type=vector_type)
+            return template.format(
+                schema=schema, vector_type=vector_type, live=LIVE_BUYERS_SQL, limit=LEDGER_PRUNE_LIMIT
+            )
 
         return cls(
             schema=schema,
@@ -312,4 +402,10 @@ class Statements:
             read_offsets=filled(READ_OFFSETS_SQL),
             claim=filled(CLAIM_SQL),
             lock_owned=filled(LOCK_OWNED_SQL),
+            known_embeddings_with_ledger=filled(KNOWN_EMBEDDINGS_WITH_LEDGER_SQL),
+            claim_purchases=filled(CLAIM_PURCHASES_SQL),
+            keep_embedding=filled(KEEP_EMBEDDING_SQL),
+            drop_purchases=filled(DROP_PURCHASES_SQL),
+            watch_purchases=filled(WATCH_PURCHASES_SQL),
+            prune_ledger=filled(PRUNE_LEDGER_SQL),
         )

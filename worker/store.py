@@ -29,6 +29,7 @@ from worker.errors import (
     WriteTimedOut,
     describe,
 )
+from worker.ledger import LedgerTable, PaidEmbeddings
 from worker.plan import Change, DocState
 from worker.schema import OUTAGE_ERRORS, Schema
 from worker.search import EXACT_SEARCH_MAX_ROWS, Hit, nearest
@@ -69,6 +70,11 @@ class Progress:
 class DocumentStore(Protocol):
     """What the Worker needs of the database (a fake implements it in unit tests)."""
 
+    @property
+    def ledger(self) -> PaidEmbeddings:
+        """The embedding ledger's table (worker.ledger)."""
+        ...
+
     async def probe(self) -> None:
         """Raise DatabaseUnavailable unless the database answers and lets this role write."""
         ...
@@ -94,6 +100,7 @@ class Store:
         self._pool: asyncpg.Pool | None = None
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
+        self._ledger = LedgerTable(settings, self._sql, fetch=self._fetch, pool=lambda: self._pool)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -107,7 +114,7 @@ class Store:
         if self._pool is not None:
             return
         try:
-            self._vector_schema, self._records_offsets = await self._inspect()
+            self._vector_schema, self._records_offsets, self._ledger.exists = await self._inspect()
             self._pool = await asyncpg.create_pool(
                 self._settings.database_url.reveal(),
                 min_size=1,
@@ -119,7 +126,12 @@ class Store:
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
 
+    @property
+    def ledger(self) -> LedgerTable:
+        return self._ledger
+
     async def close(self) -> None:
+        await self._ledger.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -127,17 +139,19 @@ class Store:
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
 
-    async def _inspect(self) -> tuple[str, bool]:
-        """pgvector's schema (for its codec), and whether ``source_offsets`` exists."""
+    async def _inspect(self) -> tuple[str, bool, bool]:
+        """pgvector's schema (for its codec), and whether ``source_offsets`` and
+        ``embedding_ledger`` exist (a schema migrated before them has neither)."""
         conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         try:
             schema = await conn.fetchval(EXTENSION_SCHEMA_SQL)
             offsets = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.source_offsets")
+            ledger = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.embedding_ledger")
         finally:
             await conn.close()
         if schema is None:
             raise ConfigError("DATABASE_URL", "the pgvector extension is not installed there; run `migrate`")
-        return str(schema), offsets is not None
+        return str(schema), offsets is not None, ledger is not None
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -264,10 +278,11 @@ class Store:
         return {TopicPartition(r["topic"], r["partition"]): int(r["next_offset"]) for r in rows}
 
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
-        """Stored embeddings of these content hashes (same model): what need not be embedded again."""
+        """Embeddings of these content hashes (same model), stored or in the ledger: what need not
+        be embedded again."""
         if not hashes:
             return {}
-        sql = self._sql.known_embeddings
+        sql = self._sql.known_embeddings_with_ledger if self._ledger.enabled else self._sql.known_embeddings
         rows = await self._fetch(sql, list(hashes), self._settings.embedding_model)
         return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
 
@@ -299,7 +314,10 @@ class Store:
     async def probe(self) -> None:
         """The database answers and this role may still write both tables (and stage its COPY)."""
         missing = await self._fetchval(
-            WRITE_PRIVILEGES_SQL, f"{self._schema}.documents", f"{self._schema}.chunks"
+            WRITE_PRIVILEGES_SQL,
+            f"{self._schema}.documents",
+            f"{self._schema}.chunks",
+            f"{self._schema}.embedding_ledger",
         )
         if missing:
             raise DatabaseRefused(f"this role may not write: it lacks {missing}")

@@ -2,8 +2,12 @@
 
 Nothing else starts tasks behind its back. ``stop()`` only sets an event; every wait races it.
 Each assignment of partitions gets a fresh :class:`~worker.pipeline.Pipeline`; on a rebalance
-(and on stop) the worker lets it finish within the grace period, commits what is stored, and
-abandons the rest, which the partitions' next owner re-processes.
+(and on stop) the worker stores what is ready, commits, and abandons the rest at once, which the
+partitions' next owner re-processes: nobody waits on the embedding API. Embeddings are bought
+through one registry for the process (worker.purchases), and every one paid for is kept in the
+ledger (worker.ledger), so the abandoned work costs nothing to redo. On stop, once it has left
+the group, the worker still lets the requests it had sent be answered (within the grace period),
+and keeps their vectors.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from worker.dependency import Dependencies
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
 from worker.embed import probe as probe_embedding
+from worker.embedding import EmbeddingStage
 from worker.errors import DependencyError, Fenced, describe
+from worker.ledger import Ledger
 from worker.pipeline import Pipeline
+from worker.purchases import Purchases
 from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
 from worker.settings import Settings
 from worker.store import DocumentStore
@@ -59,6 +66,7 @@ class Worker:
             threshold=settings.embedding_max_attempts,
             backoff=backoff,
         )
+        self._buying: tuple[EmbeddingStage, Ledger, Purchases] | None = None  # made in run()
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
         self._fetching: asyncio.Future[list[Record]] | None = None
@@ -68,6 +76,7 @@ class Worker:
         self._paused = False
         self._last_commit = 0.0
         self._records_before = 0  # finished by pipelines of earlier assignments
+        self._abandoned = 0  # left undone by the last pipeline, until the partitions are assigned again
         self.heartbeat: float | None = None  # the fetch loop's last turn (for /healthz); None until it runs
         self._caught_up = asyncio.Event()  # set the first time the fetch loop finds caught_up()
         self.failure: BaseException | None = None
@@ -96,7 +105,7 @@ class Worker:
         in_transit = 0  # fetched, and the fetch loop not yet back to admit them
         if fetching is not None and fetching.done() and not fetching.cancelled() and not fetching.exception():
             in_transit = len(fetching.result())
-        return unfetched + in_transit + sum(p.in_flight for p in self._pipelines())
+        return unfetched + in_transit + sum(p.in_flight for p in self._pipelines()) + self._abandoned
 
     @property
     def last_error(self) -> str | None:
@@ -132,6 +141,9 @@ class Worker:
     async def run(self) -> None:
         self._source.on_rebalance(revoked=self._on_revoked, assigned=self._on_assigned)
         last_arrival = time.monotonic()
+        stage = EmbeddingStage(self._embedder, self.dependencies.embedding, self._settings)
+        ledger = Ledger(self._store.ledger, self.dependencies.database)
+        self._buying = (stage, ledger, Purchases(stage, ledger))
         try:
             await self._source.start()
             log.info(
@@ -153,8 +165,10 @@ class Worker:
                     log.info("worker_idle", seconds=self._stop_when_idle)
                     break
         finally:
+            stopped_at = time.monotonic()
             await self._retire_pipeline()
             await self._source.stop()
+            await self._finish_buying(stopped_at)
             for dependency in self.dependencies.all():
                 await dependency.close()
             log.info("worker_stopped", records=self.records_done)
@@ -201,6 +215,7 @@ class Worker:
         )
         await pipeline.close()
         self._records_before += pipeline.finished_records
+        self._abandoned = pipeline.in_flight
         self._lost = True
         if not self._paused:
             self._set_paused(True)
@@ -258,10 +273,22 @@ class Worker:
 
     # -- assignments -----------------------------------------------------------------------------
 
+    async def _finish_buying(self, stopped_at: float) -> None:
+        """Out of the group: let the requests already sent be answered, within what is left of
+        the grace period, and keep their vectors in the ledger (they are paid for)."""
+        if self._buying is None:
+            return
+        stage, ledger, _ = self._buying
+        deadline = stopped_at + self._settings.shutdown_grace_seconds
+        await stage.finish(within=max(0.0, deadline - time.monotonic()))
+        await ledger.close(within=max(1.0, deadline - time.monotonic()))  # a write takes a moment
+        self._buying = None
+
     def _new_pipeline(self) -> Pipeline:
+        assert self._buying is not None, "pipelines are made in run()"
         pipeline = Pipeline(
             store=self._store,
-            embedder=self._embedder,
+            purchases=self._buying[2],
             dead_letters=self._dead_letters,
             settings=self._settings,
             stop=self._stop,
@@ -271,21 +298,29 @@ class Worker:
         return pipeline
 
     async def _retire_pipeline(self) -> None:
-        """Finish in-flight work within the grace period, commit what is stored, abandon the rest."""
+        """Store what is ready (within the grace period), commit, and abandon the rest at once."""
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is None:
             await self._source.commit()
             return
         self._retiring = pipeline
         grace = self._settings.shutdown_grace_seconds
-        if not await pipeline.drain(within=grace):
-            log.warning("work_abandoned", records=pipeline.in_flight, grace_seconds=grace)
+        settled = await pipeline.settle(within=grace)
+        if pipeline.in_flight:
+            log.info(
+                "work_abandoned",
+                records=pipeline.in_flight,
+                hint="the partitions' next owner processes them; what was paid for is not bought again"
+                if settled
+                else f"not stored within SHUTDOWN_GRACE_SECONDS ({grace:g})",
+            )
         marks = pipeline.watermarks()
         await self._record_progress(marks)
         self._source.mark_stored(marks)
         await self._source.commit()
         await pipeline.close()
         self._records_before += pipeline.finished_records
+        self._abandoned = pipeline.in_flight
         self._retiring = None
         if pipeline.failure is not None and self.failure is None:
             self.failure = pipeline.failure
@@ -349,6 +384,7 @@ class Worker:
         starts = await self._rewind_to_database(assigned)
         self._epoch = await self._claim(starts)
         self._lost = False
+        self._abandoned = 0  # fetched again from the commits, so counted by unfetched() from now on
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
         self._pipeline.epoch = self._epoch

@@ -20,6 +20,7 @@ from worker.chunk import chunk_text
 from worker.consume import PartitionsCallback
 from worker.dependency import Dependencies
 from worker.dlq import DeadLetter
+from worker.embedding import EmbeddingStage
 from worker.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -28,8 +29,10 @@ from worker.errors import (
     InputRejected,
     StaleRead,
 )
+from worker.ledger import Ledger
 from worker.pipeline import Pipeline
 from worker.plan import DocState
+from worker.purchases import Purchases
 from worker.settings import Settings
 from worker.store import DocumentWrite, Progress, sha256
 from worker.types import Record, Vector
@@ -264,6 +267,53 @@ class FakeSource:
 
 
 @dataclass
+class FakeLedgerTable:
+    """PaidEmbeddings (the embedding ledger's table) in dicts. Another process's table shares
+    ``vectors``, ``intents`` and ``live`` and has its own ``buyer``."""
+
+    vectors: dict[bytes, Vector] = field(default_factory=dict)
+    intents: dict[bytes, int] = field(default_factory=dict)  # content -> the buyer announcing it
+    live: set[int] = field(default_factory=lambda: {1})  # buyers whose process still runs
+    buyer: int = 1
+    enabled: bool = True
+    journal: Journal = field(default_factory=list)
+
+    async def claim(self, hashes: Sequence[bytes]) -> set[bytes]:
+        mine = set()
+        for digest in hashes:
+            owner = self.intents.get(digest)
+            if digest not in self.vectors and (
+                owner is None or owner == self.buyer or owner not in self.live
+            ):
+                self.intents[digest] = self.buyer
+                mine.add(digest)
+        self.journal.append(("ledger_claim", len(mine)))
+        return mine
+
+    async def keep(self, vectors: Mapping[bytes, Vector]) -> None:
+        for digest, vector in vectors.items():
+            self.vectors[digest] = vector
+            self.intents.pop(digest, None)
+        self.journal.append(("ledger_keep", len(vectors)))
+
+    async def drop(self, hashes: Sequence[bytes]) -> None:
+        for digest in hashes:
+            if self.intents.get(digest) == self.buyer:
+                del self.intents[digest]
+
+    async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]:
+        return {h: self.vectors[h] if h in self.vectors else self.intents.get(h) in self.live for h in hashes}
+
+    async def prune(self) -> int:
+        return 0
+
+    def elsewhere(self, buyer: int) -> FakeLedgerTable:
+        """The same table as another process (``buyer``, alive) sees it."""
+        self.live.add(buyer)
+        return FakeLedgerTable(self.vectors, self.intents, self.live, buyer, self.enabled, self.journal)
+
+
+@dataclass
 class FakeStore:
     """DocumentStore in dicts, applying a batch like store.Store.write: documents that moved since
     they were planned are left alone and returned; the rest are written."""
@@ -291,6 +341,7 @@ class FakeStore:
     writes: int = 0
     writing: set[str] = field(default_factory=set)
     overlaps: list[str] = field(default_factory=list)  # documents in two writes at once
+    ledger: FakeLedgerTable = field(default_factory=FakeLedgerTable)
 
     def _outage(self, call: str) -> None:
         if self.failures > 0:
@@ -340,6 +391,10 @@ class FakeStore:
                 digest = sha256(content)
                 if digest in wanted:
                     known[digest] = np.asarray(vector, dtype=np.float32)
+        if self.ledger.enabled:
+            known |= {
+                digest: self.ledger.vectors[digest] for digest in wanted if digest in self.ledger.vectors
+            }
         return known
 
     async def write(self, writes: Sequence[DocumentWrite], progress: Progress | None = None) -> set[str]:
@@ -592,9 +647,11 @@ async def pipeline_of(
         threshold=settings.embedding_max_attempts,
         backoff=fast_backoff,
     )
+    stage = EmbeddingStage(embedder, dependencies.embedding, settings)
+    ledger = Ledger(store.ledger, dependencies.database)
     pipeline = Pipeline(
         store=store,
-        embedder=embedder,
+        purchases=Purchases(stage, ledger),
         dead_letters=dead,
         settings=settings,
         stop=stop,
@@ -604,6 +661,8 @@ async def pipeline_of(
         yield pipeline
     finally:
         await pipeline.close()
+        await stage.finish(within=0)
+        await ledger.close(within=1)
         for dependency in dependencies.all():
             await dependency.close()
 

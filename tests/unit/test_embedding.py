@@ -57,7 +57,7 @@ async def test_an_input_the_api_refuses_gets_its_error_and_the_rest_their_vector
     texts = ["one", "two", "bad three", "four", "five"]
     futures = [stage.submit(t) for t in texts]
     results = await asyncio.gather(*futures, return_exceptions=True)
-    await stage.close()
+    await stage.finish(within=0)
     await dependency.close()
     assert isinstance(results[2], InputRejected)
     assert [float(r[0]) for i, r in enumerate(results) if i != 2] == [3, 3, 4, 4]  # type: ignore[index]
@@ -72,7 +72,7 @@ async def test_an_api_that_refuses_every_input_is_an_outage_not_a_reason_to_dead
     done, _ = await asyncio.wait({future}, timeout=1.0)
     assert not done, "the text was failed while the API refuses everything"
     assert not dependency.up, "the embedding API is reported down"
-    await stage.close()
+    await stage.finish(within=0)
     await dependency.close()
     with pytest.raises(asyncio.CancelledError):
         await future

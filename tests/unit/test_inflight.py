@@ -1,20 +1,15 @@
-"""worker/inflight.py: partition watermarks, the in-flight window, per-document ordering, and
-the embeddings being bought."""
+"""worker/inflight.py: partition watermarks, the in-flight window, per-document ordering."""
 
 from __future__ import annotations
 
-import asyncio
-
-import numpy as np
 import pytest
 from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.decode import DocumentEvent
-from worker.errors import InputRejected
-from worker.inflight import InFlight, Job, PartitionOffsets, Purchases, vectors_of
-from worker.types import Record, Vector
+from worker.inflight import InFlight, Job, PartitionOffsets
+from worker.types import Record
 
 TOPIC = "docs"
 P0, P1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
@@ -301,101 +296,3 @@ def test_routing_keeps_each_document_in_order_with_one_job_at_a_time(steps: list
     assert window.empty
     assert processed == admitted, "every event processed once, each document's in admission order"
     assert window.watermarks() == ({P0: offset} if offset else {})
-
-
-# -- embeddings being bought ---------------------------------------------------------------------
-
-D1 = bytes(32)  # a content digest
-VECTOR = np.ones(4, dtype=np.float32)
-
-
-class FakeBuy:
-    """The batcher's submit: a pending future per call, recorded with its text and tenant."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str | None]] = []
-
-    def __call__(self, text: str, tenant: str | None) -> asyncio.Future[Vector]:
-        self.calls.append((text, tenant))
-        return asyncio.get_running_loop().create_future()
-
-
-async def test_a_content_in_flight_is_joined_not_bought_again() -> None:
-    buy = FakeBuy()
-    purchases = Purchases(buy)
-    assert purchases.join(D1) is None
-    first = purchases.buy(D1, "boilerplate", "acme")
-    assert purchases.join(D1) is first, "being embedded: shared"
-    first.vector.set_result(VECTOR)
-    assert purchases.join(D1) is first, "embedded and not yet stored: shared"
-    assert first.holders == 3
-    assert buy.calls == [("boilerplate", "acme")]
-
-
-async def test_a_purchase_leaves_once_a_holder_is_stored_and_its_other_holders_keep_its_vector() -> None:
-    buy = FakeBuy()
-    purchases = Purchases(buy)
-    first = purchases.buy(D1, "boilerplate", None)
-    other = purchases.join(D1)
-    assert other is first
-    first.vector.set_result(VECTOR)
-    purchases.release([first], stored=True)
-    assert len(purchases) == 0 and purchases.join(D1) is None, "from now on the store has it"
-    assert other.vector.result() is VECTOR
-    later = purchases.buy(D1, "boilerplate", None)  # e.g. once the stored document was deleted
-    purchases.release([other], stored=False)
-    assert purchases.join(D1) is later, "letting go of the old purchase leaves a later one alone"
-
-
-async def test_a_purchase_leaves_when_its_last_holder_lets_go_unstored() -> None:
-    purchases = Purchases(FakeBuy())
-    first = purchases.buy(D1, "boilerplate", None)
-    second = purchases.join(D1)
-    assert second is first
-    first.vector.set_result(VECTOR)
-    purchases.release([first], stored=False)  # e.g. dead-lettered for another of its chunks
-    assert len(purchases) == 1, "still held by the second document"
-    purchases.release([second], stored=False)
-    assert len(purchases) == 0
-
-
-@pytest.mark.parametrize("failure", ["rejected", "cancelled"])
-async def test_a_failed_purchase_leaves_at_once_and_the_next_document_buys_afresh(failure: str) -> None:
-    buy = FakeBuy()
-    purchases = Purchases(buy)
-    failed = purchases.buy(D1, "boilerplate", None)
-    if failure == "rejected":
-        failed.vector.set_exception(InputRejected("embedding API answered 400"))
-    else:
-        failed.vector.cancel()
-    assert purchases.join(D1) is None, "not even before its done callback has run"
-    await asyncio.sleep(0)
-    assert len(purchases) == 0
-    fresh = purchases.buy(D1, "boilerplate", None)
-    assert fresh is not failed and len(buy.calls) == 2
-    purchases.release([failed], stored=False)
-    assert purchases.join(D1) is fresh
-
-
-async def test_a_document_giving_up_its_wait_never_cancels_a_shared_purchase() -> None:
-    loop = asyncio.get_running_loop()
-    shared: asyncio.Future[Vector] = loop.create_future()
-    waiter = asyncio.create_task(vectors_of([shared]))
-    await asyncio.sleep(0)
-    waiter.cancel()  # asyncio.gather would cancel ``shared`` with it
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert not shared.done(), "other documents still wait for it"
-
-
-async def test_a_document_fails_with_its_first_failed_chunk_without_waiting_for_the_others() -> None:
-    loop = asyncio.get_running_loop()
-    slow: asyncio.Future[Vector] = loop.create_future()
-    rejected: asyncio.Future[Vector] = loop.create_future()
-    waiter = asyncio.create_task(vectors_of([slow, rejected]))
-    rejected.set_exception(InputRejected("embedding API answered 400"))
-    with pytest.raises(InputRejected):
-        await asyncio.wait_for(waiter, 1)
-    assert not slow.done()
-    slow.set_result(VECTOR)
-    assert [v.tolist() for v in await vectors_of([slow, slow])] == [VECTOR.tolist()] * 2

@@ -645,11 +645,17 @@ async def test_closing_the_pipeline_while_documents_wait_for_a_shared_chunk_leav
         stop.set()  # as the Worker does: stop, drain for the grace period, close
         if cause == "outage":  # every wait for the API races the stop: the requests end at once
             await until(lambda: all(p.vector.done() for p in held))
-            assert all(isinstance(p.vector.exception(), ShuttingDown) for p in held)
+            # sent ones end with the stop; the rest, never sent and held by nobody now, are withdrawn
+            assert all(p.vector.cancelled() or isinstance(p.vector.exception(), ShuttingDown) for p in held)
         assert not await pipeline.drain(within=0.1)
         await asyncio.wait_for(pipeline.close(), 1)
-        assert all(p.vector.done() for p in held), "a future left pending"
-        assert len(pipeline.purchases) == 0
+        assert all(p.holders == 0 for p in pipeline.purchases), "the pipeline let go of everything"
+        if cause == "hung":
+            kept = list(pipeline.purchases)
+            assert kept and not any(p.vector.done() for p in kept), "sent (paid for): kept waiting"
+    # the process's embedding stage finishes (the Worker: once it has left the group)
+    assert all(p.vector.done() for p in held), "a future left pending"
+    assert len(pipeline.purchases) == 0
     assert dead.letters == [], "a document waiting for a request that never answered is not its fault"
     assert store.documents == {}
 
@@ -722,27 +728,34 @@ async def test_a_non_retriable_embedding_error_stops_the_worker() -> None:
 # -- rebalancing and stopping ----------------------------------------------------------------
 
 
-async def test_a_revoke_finishes_the_work_in_flight_and_commits_it_before_returning() -> None:
+async def test_a_revoke_stores_what_is_ready_and_does_not_wait_for_the_embedding_api() -> None:
     revoked = False
+    answer = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Alpha"] = answer  # d1's request is in flight until the test answers it
     r = rig(
-        log_of({0: [upsert(f"d{i}", versioned(f"d{i}", 1), 1) for i in range(4)]}),
-        embedder=FakeEmbedder(delay=0.05),
+        log_of({0: [upsert("d0", TEXT_C, 1), upsert("d1", TEXT_A2, 1), upsert("d2", TEXT_B, 1)]}),
+        embedder=embedder,
         stop_when_idle=0.05,
     )
-    # d0 and d1 are there at first; d2 and d3 only for the next assignment.
-    r.source.ready = lambda rec: rec.offset < 2 or revoked
+    # d0 first; d1 once d0 is stored; d2 only for the next assignment.
+    r.source.ready = lambda rec: rec.offset == 0 or (rec.offset == 1 and "d0" in r.store.documents) or revoked
     running = asyncio.create_task(r.worker.run())
-    await asyncio.wait_for(r.embedder.entered.wait(), 2)
+    await until(lambda: any("Alpha" in t for call in embedder.calls for t in call))
     assert r.source.callbacks is not None
     on_revoked, on_assigned = r.source.callbacks
-    await asyncio.wait_for(on_revoked({P0}), 2)
-    assert set(r.store.documents) == {"d0", "d1"}, "the revoke waited for the work in flight"
-    assert r.source.committed == {P0: 2}, "and committed it before the partition went"
+    await asyncio.wait_for(on_revoked({P0}), 0.5)  # with d1's request unanswered
+    assert set(r.store.documents) == {"d0"}, "what was ready is stored"
+    assert r.source.committed == {P0: 1}, "and committed before the partition went"
+    answer.set()  # the answer arrives after its document was abandoned: it is paid for, and kept
+    await until(lambda: {sha256(c) for c in chunk_contents(TEXT_A2)} <= set(r.store.ledger.vectors))
     revoked = True
+    r.source.position[P0] = r.source.committed[P0]  # as Kafka does: fetched again from the commit
     await on_assigned({P0})
     await asyncio.wait_for(running, 3)
-    assert set(r.store.documents) == {f"d{i}" for i in range(4)}
-    assert r.worker.records_done == 4
+    assert set(r.store.documents) == {"d0", "d1", "d2"}
+    assert r.store.chunks["d1"] == expected_chunks(TEXT_A2)
+    assert all(n == 1 for n in embedder.bought().values()), "nothing paid for was bought again"
     r.assert_all_committed()
 
 
@@ -787,24 +800,27 @@ async def test_stop_during_a_database_or_dead_letter_outage_ends_run_without_an_
         assert r.dead.letters == []
 
 
-async def test_stop_finishes_the_work_in_flight_fetches_nothing_more_and_commits_it() -> None:
+async def test_stop_stores_what_is_ready_fetches_nothing_more_and_keeps_what_it_paid_for() -> None:
     r = rig(
-        log_of({0: [upsert(f"d{i}", TEXT_C, 1) for i in range(6)]}),
+        log_of({0: [upsert("d0", TEXT_C, 1), *(upsert(f"d{i}", TEXT_B, 1) for i in range(1, 6))]}),
         embedder=FakeEmbedder(delay=0.1),
         stop_when_idle=None,  # only stop() ends this run
     )
-    # Two records are there before stop(); the rest would be there for any fetch after it.
-    r.source.ready = lambda rec: rec.offset < 2 or r.worker.stopping
+    # d0 is stored before stop(), d1 is being embedded at stop(); the rest would be there for any
+    # fetch after it.
+    r.source.ready = lambda rec: rec.offset == 0 or (rec.offset == 1 and "d0" in r.store.documents)
     running = asyncio.create_task(r.worker.run())
-    await asyncio.wait_for(r.embedder.entered.wait(), 2)
+    await until(lambda: "d0" in r.store.documents and len(r.embedder.calls) == 2)
     stopped_at = time.monotonic()
     r.worker.stop()
     await asyncio.wait_for(running, 2)
     assert [rec.offset for rec in r.source.delivered] == [0, 1], "nothing fetched after stop()"
     assert all(t <= stopped_at for t in r.source.fetch_started)
-    assert set(r.store.documents) == {"d0", "d1"}, "the work in flight was finished"
-    assert r.source.committed == {P0: 2}
+    assert set(r.store.documents) == {"d0"}
+    assert r.source.committed == {P0: 1}, "what was stored is committed; d1 is left to the next owner"
     assert r.source.stopped
+    kept = {sha256(c) for c in chunk_contents(TEXT_B)}
+    assert kept <= set(r.store.ledger.vectors), "d1's request was answered after stop(): paid, and kept"
 
 
 async def test_done_and_remaining_always_add_up_to_the_records_and_done_never_falls_on_stop() -> None:

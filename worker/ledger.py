@@ -1,0 +1,298 @@
+"""The embedding ledger: every embedding kept the moment it is paid for, and each purchase
+announced before it is made, so that no content is bought twice, across processes and restarts.
+
+    claim (intents, before sending) -> the API answers -> keep (the vector, written at once)
+      -> a stored chunk holds it -> pruned (also: past its retention, or its buyer gone)
+
+A revoked or stopping pipeline can therefore drop unfinished work at once: what it paid for is
+in the ledger (the reuse lookup reads it), and what it was still buying is announced there, so
+that the partitions' new owner waits for those answers instead of buying them again. A buyer is
+alive while its process holds a session advisory lock of its number (``LedgerTable.buyer``): a
+killed process's connection closes, its lock goes, and its announced purchases are taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import asyncpg
+import structlog
+
+from worker import metrics
+from worker.dependency import Dependency
+from worker.errors import DatabaseUnavailable, DependencyError, describe
+from worker.retry import ShuttingDown
+from worker.settings import Settings
+from worker.sql import LEDGER_PRUNE_LIMIT, LEDGER_PRUNE_LOCK, Statements
+from worker.types import Vector
+
+log = structlog.get_logger()
+
+WATCH_INTERVAL = 0.25  # seconds between looks at purchases another process is making
+PRUNE_INTERVAL = 60.0  # seconds between prunes
+
+
+class PaidEmbeddings(Protocol):
+    """The ledger's table (a fake implements it in unit tests)."""
+
+    @property
+    def enabled(self) -> bool: ...
+    async def claim(self, hashes: Sequence[bytes]) -> set[bytes]: ...
+    async def keep(self, vectors: Mapping[bytes, Vector]) -> None: ...
+    async def drop(self, hashes: Sequence[bytes]) -> None: ...
+    async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]: ...
+    async def prune(self) -> int: ...
+
+
+class LedgerTable:
+    """``embedding_ledger`` in PostgreSQL, through the store's pool; ``enabled`` once the table is
+    there and EMBEDDING_LEDGER_HOURS is not 0."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sql: Statements,
+        *,
+        fetch: Callable[..., Awaitable[list[asyncpg.Record]]],
+        pool: Callable[[], asyncpg.Pool | None],
+    ) -> None:
+        self._settings = settings
+        self._sql = sql
+        self._fetch = fetch
+        self._pool = pool
+        self._model = settings.embedding_model
+        self._stale = 2 * settings.embedding_timeout  # an announced purchase older than this is free
+        self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
+        self._presence: asyncpg.Connection | None = None
+        self.exists = False  # set by the store when it finds the table
+
+    @property
+    def enabled(self) -> bool:
+        return self.exists and self._settings.embedding_ledger_hours > 0
+
+    async def claim(self, hashes: Sequence[bytes]) -> set[bytes]:
+        """Announce the purchase of these contents; returns those this process is to buy (the rest
+        another process is buying, or bought since the caller looked)."""
+        if not self.enabled:
+            return set(hashes)
+        await self._be_present()
+        rows = await self._fetch(
+            self._sql.claim_purchases, self._model, sorted(set(hashes)), self.buyer, self._stale
+        )
+        return {bytes(r["content_sha256"]) for r in rows}
+
+    async def keep(self, vectors: Mapping[bytes, Vector]) -> None:
+        if not self.enabled or not vectors:
+            return
+        rows = [(self._model, digest, vector) for digest, vector in sorted(vectors.items())]
+        await self._run(lambda conn: conn.executemany(self._sql.keep_embedding, rows))
+
+    async def drop(self, hashes: Sequence[bytes]) -> None:
+        if self.enabled and hashes:
+            await self._fetch(self._sql.drop_purchases, self._model, sorted(hashes), self.buyer)
+
+    async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]:
+        """Each content's vector once known; else True while its buyer is still buying it."""
+        if not self.enabled or not hashes:
+            return {h: False for h in hashes}
+        rows = await self._fetch(self._sql.watch_purchases, self._model, list(hashes), self._stale)
+        return {
+            bytes(r["content_sha256"]): (
+                r["embedding"].to_numpy() if r["embedding"] is not None else bool(r["pending"])
+            )
+            for r in rows
+        }
+
+    async def prune(self) -> int:
+        """Delete what need not be kept (one worker at a time); the rows deleted."""
+        if not self.enabled:
+            return 0
+        hours = self._settings.embedding_ledger_hours
+
+        async def once(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LEDGER_PRUNE_LOCK):
+                    return 0
+                status = await conn.execute(self._sql.prune_ledger, hours)
+                return int(status.split()[-1])
+
+        deleted = 0
+        while (turn := await self._run(once)) > 0:
+            deleted += turn
+            if turn < LEDGER_PRUNE_LIMIT:
+                break
+        return deleted
+
+    async def close(self) -> None:
+        if self._presence is not None:
+            await self._presence.close()
+            self._presence = None
+
+    async def _be_present(self) -> None:
+        """Hold this process's buyer lock on a connection of its own (again after it was lost)."""
+        if self._presence is not None and not self._presence.is_closed():
+            return
+        try:
+            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.buyer):
+                self.buyer = secrets.randbits(62) + 1  # another process drew the same number
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"cannot announce purchases: {describe(exc)}") from exc
+        self._presence = conn
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        pool = self._pool()
+        if pool is None:
+            raise DatabaseUnavailable("not connected yet")
+        try:
+            async with pool.acquire() as conn:
+                return await work(conn)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"ledger write failed: {describe(exc)}") from exc
+
+
+class Ledger:
+    """This process's side of the ledger: announces purchases, writes answers as they arrive
+    (batched, in the background), watches purchases other processes are making, and prunes."""
+
+    def __init__(
+        self, table: PaidEmbeddings, database: Dependency, *, watch_every: float = WATCH_INTERVAL
+    ) -> None:
+        self._table = table
+        self._database = database
+        self._watch_every = watch_every
+        self._unwritten: dict[bytes, Vector] = {}  # answered, not yet in the table
+        self._writing: dict[bytes, Vector] = {}  # being written now
+        self._dropped: set[bytes] = set()  # announced, then not bought after all
+        self._watched: dict[bytes, asyncio.Future[Vector | None]] = {}
+        self._wake = asyncio.Event()
+        self._written = asyncio.Event()
+        self._written.set()
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="ledger-writer"),
+            asyncio.create_task(self._watch_loop(), name="ledger-watcher"),
+            asyncio.create_task(self._prune_loop(), name="ledger-pruner"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_died)
+
+    @property
+    def enabled(self) -> bool:
+        return self._table.enabled
+
+    def unwritten(self, digest: bytes) -> Vector | None:
+        """A vector paid for and not yet in the table (the reuse lookup cannot see it yet)."""
+        return self._unwritten.get(digest, self._writing.get(digest))
+
+    async def claim(self, hashes: Sequence[bytes]) -> set[bytes]:
+        self._dropped.difference_update(hashes)
+        return await self._database.call(lambda: self._table.claim(hashes))
+
+    def abandon(self, hashes: Iterable[bytes]) -> None:
+        """Announced, then not bought after all (the caller was cancelled): others may buy them."""
+        self._dropped.update(hashes)
+        self._written.clear()
+        self._wake.set()
+
+    def settled(self, digest: bytes, future: asyncio.Future[Vector]) -> None:
+        """A purchase's answer: its vector is kept; a failed or withdrawn one is dropped."""
+        if not self.enabled:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self._dropped.add(digest)
+        else:
+            self._unwritten[digest] = future.result()
+        self._written.clear()
+        self._wake.set()
+
+    def watch(self, digest: bytes) -> asyncio.Future[Vector | None]:
+        """A future for a content another process is buying: its vector once that is paid for;
+        None once this process has taken the purchase over (that one gave up, or died): buy it."""
+        future: asyncio.Future[Vector | None] = asyncio.get_running_loop().create_future()
+        self._watched[digest] = future
+        return future
+
+    async def flush(self, within: float) -> bool:
+        """Wait until every answer so far is in the table; False when ``within`` ran out first."""
+        try:
+            await asyncio.wait_for(self._written.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, within: float) -> None:
+        if not await self.flush(within) and self._unwritten:
+            log.warning("ledger_unwritten", embeddings=len(self._unwritten) + len(self._writing))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for future in self._watched.values():
+            future.cancel()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._writing, self._unwritten = self._unwritten, {}
+            dropped, self._dropped = sorted(self._dropped - self._writing.keys()), set()
+            try:
+                await self._write(dropped, self._writing)
+            except ShuttingDown:
+                self._unwritten.update(self._writing)  # close() says how many were not written
+            except DependencyError as exc:  # refused (not an outage): the vectors go unkept
+                log.warning("ledger_write_failed", embeddings=len(self._writing), error=describe(exc))
+            self._writing = {}
+            if not self._unwritten and not self._dropped:
+                self._written.set()
+
+    async def _write(self, dropped: list[bytes], kept: Mapping[bytes, Vector]) -> None:
+        if dropped:
+            await self._database.call(lambda: self._table.drop(dropped))
+        if kept:
+            await self._database.call(lambda: self._table.keep(kept))
+            metrics.EMBEDDINGS_KEPT.inc(len(kept))
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_every)
+            for digest in [d for d, f in self._watched.items() if f.done()]:
+                del self._watched[digest]  # withdrawn by every document that wanted it
+            if not self._watched:
+                continue
+            try:
+                await self._look(list(self._watched))
+            except DependencyError as exc:
+                log.info("ledger_watch_failed", error=describe(exc))
+
+    async def _look(self, digests: list[bytes]) -> None:
+        seen = await self._database.call(lambda: self._table.watch(digests))
+        free = [d for d in digests if seen.get(d) is False]
+        mine = await self.claim(free) if free else set()
+        for digest in digests:
+            state = seen.get(digest)
+            if digest not in self._watched or state is True or (state is False and digest not in mine):
+                continue
+            future = self._watched.pop(digest)
+            if future.done():
+                continue
+            if isinstance(state, bool):  # False, and taken over: this process buys it
+                future.set_result(None)
+            else:
+                future.set_result(state)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            with contextlib.suppress(DependencyError):
+                if deleted := await self._table.prune():
+                    log.info("ledger_pruned", rows=deleted)
+
+
+def _died(task: asyncio.Task[None]) -> None:
+    """A ledger task that crashed (a bug): said loudly; purchases go on, bought without it."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("ledger_task_died", task=task.get_name(), error=describe(exc), exc_info=exc)

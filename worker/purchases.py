@@ -1,0 +1,195 @@
+"""Embeddings bought once per content, across documents, assignments and processes.
+
+    wanted content -> joined (being bought here) | paid (ledger, not yet written) | stored
+      -> claimed in the ledger and bought here | awaited (another process is buying it)
+
+One registry per process, outliving the pipelines of successive assignments: a purchase already
+sent to the API when its documents were abandoned (a revoke, a stop) is kept until it is
+answered, joinable by the next pipeline, and its vector goes to the ledger either way. Only
+what was never sent is withdrawn: nobody has paid for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker import metrics
+from worker.ledger import Ledger
+from worker.types import Vector
+
+
+class Buyer(Protocol):
+    """The embedding stage, as purchases see it."""
+
+    def submit(self, text: str, tenant: str | None = None) -> asyncio.Future[Vector]: ...
+    def withdraw(self, future: asyncio.Future[Vector]) -> bool: ...
+
+
+@dataclass(eq=False)
+class Purchase:
+    """One content's embedding: the future its holders await, and how many prepared documents
+    hold it."""
+
+    digest: bytes
+    vector: asyncio.Future[Vector]
+    holders: int = 1
+    bought: asyncio.Future[Vector] | None = None  # this process's request (None: another one buys it)
+
+    @property
+    def failed(self) -> bool:
+        return self.vector.done() and (self.vector.cancelled() or self.vector.exception() is not None)
+
+
+class Purchases:
+    """Embeddings bought and not yet stored, by content digest (a process embeds with one model).
+
+    A document wanting a chunk whose content is being bought joins that purchase. A purchase is
+    forgotten (later documents find the vector in the store or the ledger, or buy afresh) once a
+    document holding it is stored, once it fails, or once the last document holding it lets go
+    and it is answered or withdrawn.
+    """
+
+    def __init__(self, buyer: Buyer, ledger: Ledger) -> None:
+        self._buyer = buyer
+        self._ledger = ledger
+        self._by_digest: dict[bytes, Purchase] = {}
+
+    def join(self, digest: bytes) -> Purchase | None:
+        """Hold the purchase of this content, if one is in flight and has not failed."""
+        purchase = self._by_digest.get(digest)
+        if purchase is None or purchase.failed:  # failed: its done callback has not run yet
+            return None
+        purchase.holders += 1
+        return purchase
+
+    def paid(self, digest: bytes) -> Vector | None:
+        """A vector paid for that the store and the ledger cannot show yet (being written)."""
+        return self._ledger.unwritten(digest)
+
+    async def acquire(self, wanted: Mapping[bytes, tuple[str, str | None]]) -> dict[bytes, Purchase]:
+        """Purchases of contents nobody here is buying (call ``join`` first), each held once:
+        bought here, or awaited where another process announced it is buying them."""
+        if not wanted:
+            return {}
+        claim = asyncio.ensure_future(self._ledger.claim(list(wanted)))
+        try:
+            mine = await asyncio.shield(claim)
+        except asyncio.CancelledError:  # announced, and then abandoned: let others buy them
+            claim.add_done_callback(self._abandon)
+            raise
+        taken: dict[bytes, Purchase] = {}
+        for digest, (text, tenant) in wanted.items():
+            current = self._by_digest.get(digest)
+            assert current is None or current.failed, "acquired a content that is in flight: join it"
+            if digest in mine:
+                taken[digest] = self._buy(digest, text, tenant)
+            else:
+                taken[digest] = self._await_elsewhere(digest, text, tenant)
+        return taken
+
+    def _abandon(self, claim: asyncio.Future[set[bytes]]) -> None:
+        if not claim.cancelled() and claim.exception() is None:
+            self._ledger.abandon(claim.result())
+
+    def release(self, held: Iterable[Purchase], *, stored: bool) -> None:
+        """A document lets go of its purchases; ``stored``: its chunks are in the store now."""
+        for purchase in held:
+            purchase.holders -= 1
+            if stored:
+                self._forget(purchase)
+            elif purchase.holders <= 0:
+                self._let_go(purchase)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def __iter__(self) -> Iterator[Purchase]:
+        return iter(list(self._by_digest.values()))
+
+    def _buy(self, digest: bytes, text: str, tenant: str | None) -> Purchase:
+        bought = self._submit(digest, text, tenant)
+        purchase = self._register(Purchase(digest, bought, bought=bought))
+        return purchase
+
+    def _await_elsewhere(self, digest: bytes, text: str, tenant: str | None) -> Purchase:
+        """Another process is buying it: wait for the ledger to show it, or to hand it over."""
+        metrics.EMBEDDINGS_AWAITED.inc()
+        vector: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
+        purchase = self._register(Purchase(digest, vector))
+        watched = self._ledger.watch(digest)
+
+        def seen(w: asyncio.Future[Vector | None]) -> None:
+            if vector.done():
+                return
+            if w.cancelled():
+                vector.cancel()
+            elif (found := w.result()) is not None:
+                vector.set_result(found)
+            else:  # that process gave up or died, and this one took the purchase over
+                purchase.bought = self._submit(digest, text, tenant)
+                _forward(purchase.bought, vector)
+
+        watched.add_done_callback(seen)
+        vector.add_done_callback(lambda _: watched.cancel())  # let go of, or answered: stop watching
+        return purchase
+
+    def _submit(self, digest: bytes, text: str, tenant: str | None) -> asyncio.Future[Vector]:
+        bought = self._buyer.submit(text, tenant)
+        bought.add_done_callback(lambda f: self._ledger.settled(digest, f))  # kept, or announced no more
+        return bought
+
+    def _register(self, purchase: Purchase) -> Purchase:
+        self._by_digest[purchase.digest] = purchase
+        purchase.vector.add_done_callback(lambda _: self._settled(purchase))
+        return purchase
+
+    def _let_go(self, purchase: Purchase) -> None:
+        """No document holds it any more: withdraw it unless it is paid for (sent, or answered)."""
+        if purchase.vector.done():
+            self._forget(purchase)
+        elif purchase.bought is None:
+            purchase.vector.cancel()  # only awaited: stop watching
+        elif self._buyer.withdraw(purchase.bought):
+            self._forget(purchase)
+        # else sent: it stays, joinable, until answered (its vector goes to the ledger); then forgotten
+
+    def _settled(self, purchase: Purchase) -> None:
+        if purchase.failed or purchase.holders <= 0:
+            self._forget(purchase)
+
+    def _forget(self, purchase: Purchase) -> None:
+        if self._by_digest.get(purchase.digest) is purchase:  # not a later purchase of the content
+            del self._by_digest[purchase.digest]
+
+
+def _forward(source: asyncio.Future[Vector], target: asyncio.Future[Vector]) -> None:
+    """``target`` gets ``source``'s outcome."""
+
+    def done(_: asyncio.Future[Vector]) -> None:
+        if target.done():
+            return
+        if source.cancelled():
+            target.cancel()
+        elif (exc := source.exception()) is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(source.result())
+
+    source.add_done_callback(done)
+
+
+async def vectors_of(futures: list[asyncio.Future[Vector]]) -> list[Vector]:
+    """The futures' vectors, or the first failure as soon as there is one.
+
+    Never cancels them (gather would, were its caller cancelled): other documents may be waiting
+    for the same purchases.
+    """
+    if futures:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+    for future in futures:
+        if future.done() and not future.cancelled() and (exc := future.exception()) is not None:
+            raise exc
+    return [future.result() for future in futures]  # all done; a cancelled one (close) raises
