@@ -8,7 +8,9 @@ A revoked or stopping pipeline can therefore drop unfinished work at once: what 
 in the ledger (the reuse lookup reads it), and what it was still buying is announced there, so
 that the partitions' new owner waits for those answers instead of buying them again. A buyer is
 alive while its process holds a session advisory lock of its number (``LedgerTable.buyer``): a
-killed process's connection closes, its lock goes, and its announced purchases are taken over.
+killed process's connection closes, its lock goes, and its announced purchases are taken over at
+once. An announcement is also a lease its buyer renews while it waits: a frozen process's ones
+are taken over once they are ``LEASE`` seconds old.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from worker.types import Vector
 log = structlog.get_logger()
 
 WATCH_INTERVAL = 0.25  # seconds between looks at purchases another process is making
+LEASE = 10.0  # seconds an announced purchase stands unrenewed (renewed every third of it)
 PRUNE_INTERVAL = 60.0  # seconds between prunes
 
 
@@ -44,6 +47,7 @@ class PaidEmbeddings(Protocol):
     async def claim(self, hashes: Sequence[bytes]) -> set[bytes]: ...
     async def keep(self, vectors: Mapping[bytes, Vector]) -> None: ...
     async def drop(self, hashes: Sequence[bytes]) -> None: ...
+    async def renew(self, hashes: Sequence[bytes]) -> None: ...
     async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]: ...
     async def prune(self) -> int: ...
 
@@ -65,7 +69,7 @@ class LedgerTable:
         self._fetch = fetch
         self._pool = pool
         self._model = settings.embedding_model
-        self._stale = 2 * settings.embedding_timeout  # an announced purchase older than this is free
+        self._stale = LEASE  # an announced purchase not renewed for this long is free
         self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
         self._presence: asyncpg.Connection | None = None
         self.exists = False  # set by the store when it finds the table
@@ -94,6 +98,10 @@ class LedgerTable:
     async def drop(self, hashes: Sequence[bytes]) -> None:
         if self.enabled and hashes:
             await self._fetch(self._sql.drop_purchases, self._model, sorted(hashes), self.buyer)
+
+    async def renew(self, hashes: Sequence[bytes]) -> None:
+        if self.enabled and hashes:
+            await self._fetch(self._sql.renew_purchases, self._model, sorted(hashes), self.buyer)
 
     async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]:
         """Each content's vector once known; else True while its buyer is still buying it."""
@@ -168,6 +176,7 @@ class Ledger:
         self._unwritten: dict[bytes, Vector] = {}  # answered, not yet in the table
         self._writing: dict[bytes, Vector] = {}  # being written now
         self._dropped: set[bytes] = set()  # announced, then not bought after all
+        self._announced: set[bytes] = set()  # announced here and not answered yet: renewed
         self._watched: dict[bytes, asyncio.Future[Vector | None]] = {}
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
@@ -176,6 +185,7 @@ class Ledger:
             asyncio.create_task(self._write_loop(), name="ledger-writer"),
             asyncio.create_task(self._watch_loop(), name="ledger-watcher"),
             asyncio.create_task(self._prune_loop(), name="ledger-pruner"),
+            asyncio.create_task(self._renew_loop(), name="ledger-renewer"),
         ]
         for task in self._tasks:
             task.add_done_callback(_died)
@@ -190,10 +200,15 @@ class Ledger:
 
     async def claim(self, hashes: Sequence[bytes]) -> set[bytes]:
         self._dropped.difference_update(hashes)
-        return await self._database.call(lambda: self._table.claim(hashes))
+        mine = await self._database.call(lambda: self._table.claim(hashes))
+        if self.enabled:
+            self._announced |= mine
+        return mine
 
     def abandon(self, hashes: Iterable[bytes]) -> None:
         """Announced, then not bought after all (the caller was cancelled): others may buy them."""
+        hashes = set(hashes)
+        self._announced -= hashes
         self._dropped.update(hashes)
         self._written.clear()
         self._wake.set()
@@ -202,6 +217,7 @@ class Ledger:
         """A purchase's answer: its vector is kept; a failed or withdrawn one is dropped."""
         if not self.enabled:
             return
+        self._announced.discard(digest)
         if future.cancelled() or future.exception() is not None:
             self._dropped.add(digest)
         else:
@@ -283,6 +299,13 @@ class Ledger:
                 future.set_result(None)
             else:
                 future.set_result(state)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE / 3)
+            if self._announced:
+                with contextlib.suppress(DependencyError):
+                    await self._table.renew(sorted(self._announced))
 
     async def _prune_loop(self) -> None:
         while True:

@@ -249,7 +249,9 @@ FROM {schema}.chunks WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
 # progress ("intent"): its buyer, a process holding the session advisory lock of that number, is
 # sending it now, and other processes wanting the content wait for it instead of buying it too.
 # A buyer is alive while its lock is held: a killed process's connection closes, its lock goes,
-# and its intents are taken over at once.
+# and its intents are taken over at once. An intent is also a lease, renewed by its buyer while it
+# waits for the answer: one that a frozen process (SIGSTOP, a stalled VM) no longer renews is
+# taken over once it is $lease seconds old.
 LIVE_BUYERS_SQL: Final = """(SELECT (k.classid::bigint << 32) | k.objid::bigint FROM pg_locks k
     WHERE k.locktype = 'advisory' AND k.objsubid = 1 AND k.granted
       AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
@@ -263,7 +265,7 @@ SELECT DISTINCT ON (content_sha256) content_sha256, embedding FROM (
 ) AS known
 """
 # Take the purchase of these contents ($2, distinct) for buyer $3: new ones, ones nobody is
-# buying any more (the buyer is gone, or has held it past $4 seconds). Returns those taken; the
+# buying any more (the buyer is gone, or has not renewed it for $4 seconds). Returns those taken; the
 # rest are being bought by a live buyer (or were bought since the caller looked).
 CLAIM_PURCHASES_SQL: Final = """
 INSERT INTO {schema}.embedding_ledger AS l (model, content_sha256, buyer, bought_at)
@@ -280,6 +282,10 @@ INSERT INTO {schema}.embedding_ledger AS l (model, content_sha256, embedding, bu
 VALUES ($1, $2, $3, NULL, now())
 ON CONFLICT (model, content_sha256) DO UPDATE SET embedding = EXCLUDED.embedding, buyer = NULL
 WHERE l.embedding IS NULL
+"""
+RENEW_PURCHASES_SQL: Final = """
+UPDATE {schema}.embedding_ledger SET bought_at = now()
+WHERE model = $1 AND content_sha256 = ANY($2::bytea[]) AND embedding IS NULL AND buyer = $3
 """
 # Not bought after all (withdrawn before it was sent, or failed): others may buy it.
 DROP_PURCHASES_SQL: Final = """
@@ -370,6 +376,7 @@ class Statements:
     lock_owned: str
     known_embeddings_with_ledger: str
     claim_purchases: str
+    renew_purchases: str
     keep_embedding: str
     drop_purchases: str
     watch_purchases: str
@@ -404,6 +411,7 @@ class Statements:
             lock_owned=filled(LOCK_OWNED_SQL),
             known_embeddings_with_ledger=filled(KNOWN_EMBEDDINGS_WITH_LEDGER_SQL),
             claim_purchases=filled(CLAIM_PURCHASES_SQL),
+            renew_purchases=filled(RENEW_PURCHASES_SQL),
             keep_embedding=filled(KEEP_EMBEDDING_SQL),
             drop_purchases=filled(DROP_PURCHASES_SQL),
             watch_purchases=filled(WATCH_PURCHASES_SQL),

@@ -301,6 +301,9 @@ class FakeLedgerTable:
             if self.intents.get(digest) == self.buyer:
                 del self.intents[digest]
 
+    async def renew(self, hashes: Sequence[bytes]) -> None:
+        self.journal.append(("ledger_renew", len(hashes)))
+
     async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]:
         return {h: self.vectors[h] if h in self.vectors else self.intents.get(h) in self.live for h in hashes}
 
