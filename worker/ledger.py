@@ -36,6 +36,10 @@ log = structlog.get_logger()
 
 WATCH_INTERVAL = 0.25  # seconds between looks at purchases another process is making
 LEASE = 10.0  # seconds an announced purchase stands unrenewed (renewed every third of it)
+# Answers wait this long before they are written: most are stored by then (a batch takes tens of
+# milliseconds), and those are not written twice, only their announcement taken back. What a
+# kill -9 loses of what was paid for is at most this much of the answers.
+WRITE_DELAY = 0.25
 PRUNE_INTERVAL = 60.0  # seconds between prunes
 
 
@@ -168,17 +172,24 @@ class Ledger:
     (batched, in the background), watches purchases other processes are making, and prunes."""
 
     def __init__(
-        self, table: PaidEmbeddings, database: Dependency, *, watch_every: float = WATCH_INTERVAL
+        self,
+        table: PaidEmbeddings,
+        database: Dependency,
+        *,
+        watch_every: float = WATCH_INTERVAL,
+        write_delay: float = WRITE_DELAY,
     ) -> None:
         self._table = table
         self._database = database
         self._watch_every = watch_every
+        self._write_delay = write_delay
         self._unwritten: dict[bytes, Vector] = {}  # answered, not yet in the table
         self._writing: dict[bytes, Vector] = {}  # being written now
         self._dropped: set[bytes] = set()  # announced, then not bought after all
         self._announced: set[bytes] = set()  # announced here and not answered yet: renewed
         self._watched: dict[bytes, asyncio.Future[Vector | None]] = {}
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()  # flush(): write now, without the delay
         self._written = asyncio.Event()
         self._written.set()
         self._tasks = [
@@ -225,6 +236,11 @@ class Ledger:
         self._written.clear()
         self._wake.set()
 
+    def stored(self, digest: bytes) -> None:
+        """A stored chunk holds this content's vector now: it need not be written here too."""
+        if self._unwritten.pop(digest, None) is not None:
+            self._dropped.add(digest)
+
     def watch(self, digest: bytes) -> asyncio.Future[Vector | None]:
         """A future for a content another process is buying: its vector once that is paid for;
         None once this process has taken the purchase over (that one gave up, or died): buy it."""
@@ -234,6 +250,7 @@ class Ledger:
 
     async def flush(self, within: float) -> bool:
         """Wait until every answer so far is in the table; False when ``within`` ran out first."""
+        self._hurry.set()
         try:
             await asyncio.wait_for(self._written.wait(), within)
         except TimeoutError:
@@ -252,6 +269,8 @@ class Ledger:
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), self._write_delay)
             self._wake.clear()
             self._writing, self._unwritten = self._unwritten, {}
             dropped, self._dropped = sorted(self._dropped - self._writing.keys()), set()

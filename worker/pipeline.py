@@ -64,6 +64,10 @@ class Prepared:
     vectors: list[Vector] = field(default_factory=list)
     held: dict[bytes, Purchase] = field(default_factory=dict)  # purchases it waits for, by digest
 
+    @property
+    def tenant(self) -> str | None:
+        return self.change.event.tenant
+
 
 @dataclass(eq=False)
 class Dead:
@@ -252,48 +256,14 @@ class Pipeline:
         return prepared
 
     async def _submit(self, prepared: list[Prepared]) -> None:
-        """Ask for each chunk's vector, buying only what was never paid for: embeddings being
-        bought here for other documents are joined, paid or stored ones reused, the rest bought
-        (or awaited, where another process is buying them). Purchases are held before the
-        lookups, so none can pass from in flight to paid or stored between them unseen."""
+        """Ask for each chunk's vector (see Purchases.supply), and wait for them apart."""
         self._holding.update(prepared)
-        for p in prepared:
-            for chunk in p.chunks:
-                if chunk.digest not in p.held and (purchase := self.purchases.join(chunk.digest)):
-                    p.held[chunk.digest] = purchase
-        known: dict[bytes, Vector] = {}
-        for p in prepared:
-            for chunk in p.chunks:
-                if chunk.digest not in p.held and (vector := self.purchases.paid(chunk.digest)) is not None:
-                    known[chunk.digest] = vector
-        unheld = {c.digest for p in prepared for c in p.chunks if c.digest not in p.held}
-        hashes = sorted(unheld - known.keys())
-        if hashes:
-            known |= await self._deps.database.call(lambda: self._store.known_embeddings(hashes))
-        wanted = {
-            c.digest: (c.content, p.change.event.tenant)
-            for p in prepared
-            for c in p.chunks
-            if c.digest not in p.held and c.digest not in known
-        }
-        acquired = await self.purchases.acquire(wanted)  # each held once, by its first document
-        for p in prepared:
-            futures: list[asyncio.Future[Vector]] = []
-            for chunk in p.chunks:
-                digest = chunk.digest
-                purchase = p.held.get(digest)
-                if purchase is None and digest in known:
-                    futures.append(_resolved(known[digest]))
-                    continue
-                if purchase is None:
-                    purchase = acquired.pop(digest, None) or self.purchases.join(digest)
-                assert purchase is not None, "every content wanted was acquired"
-                p.held[digest] = purchase
-                futures.append(purchase.vector)
+        lookup = self._store.known_embeddings
+        wants = await self.purchases.supply(prepared, lambda h: self._deps.database.call(lambda: lookup(h)))
+        for p, futures in zip(prepared, wants, strict=True):
             task = asyncio.create_task(self._await_vectors(p, futures), name="await-vectors")
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
-        metrics.EMBEDDINGS_REUSED.inc(sum(len(p.chunks) for p in prepared) - len(wanted))
 
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
@@ -438,9 +408,3 @@ def _offset_ranges(jobs: Iterable[Job]) -> dict[str, str]:
             low, high = spans.get(where, (record.offset, record.offset))
             spans[where] = (min(low, record.offset), max(high, record.offset))
     return {where: f"{low}-{high}" for where, (low, high) in sorted(spans.items())}
-
-
-def _resolved(vector: Vector) -> asyncio.Future[Vector]:
-    future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
-    future.set_result(vector)
-    return future

@@ -12,13 +12,28 @@ what was never sent is withdrawn: nobody has paid for it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from worker import metrics
+from worker.chunk import Chunk
 from worker.ledger import Ledger
 from worker.types import Vector
+
+
+class Wanting(Protocol):
+    """A document wanting its chunks' vectors (the pipeline's Prepared)."""
+
+    @property
+    def chunks(self) -> Sequence[Chunk]: ...
+    @property
+    def tenant(self) -> str | None: ...
+    @property
+    def held(self) -> dict[bytes, Purchase]: ...
+
+
+Lookup = Callable[[list[bytes]], Awaitable[Mapping[bytes, Vector]]]
 
 
 class Buyer(Protocol):
@@ -65,9 +80,41 @@ class Purchases:
         purchase.holders += 1
         return purchase
 
-    def paid(self, digest: bytes) -> Vector | None:
-        """A vector paid for that the store and the ledger cannot show yet (being written)."""
-        return self._ledger.unwritten(digest)
+    async def supply(self, documents: Sequence[Wanting], known: Lookup) -> list[list[asyncio.Future[Vector]]]:
+        """Each document's chunk vectors (as futures), buying only what was never paid for:
+        contents being bought here for other documents are joined, paid (``known``: stored or in
+        the ledger) ones reused, the rest acquired. Purchases are held (in each document's
+        ``held``) before the lookups, so none can pass from in flight to paid unseen between them."""
+        for d in documents:
+            for chunk in d.chunks:
+                if chunk.digest not in d.held and (purchase := self.join(chunk.digest)):
+                    d.held[chunk.digest] = purchase
+        unheld = {c.digest for d in documents for c in d.chunks if c.digest not in d.held}
+        found: dict[bytes, Vector] = {}
+        for digest in unheld:
+            if (vector := self._ledger.unwritten(digest)) is not None:  # not in the table yet
+                found[digest] = vector
+        if hashes := sorted(unheld - found.keys()):
+            found |= await known(hashes)
+        missing = unheld - found.keys()
+        wanted = {c.digest: (c.content, d.tenant) for d in documents for c in d.chunks if c.digest in missing}
+        acquired = await self.acquire(wanted)  # each held once, by its first document
+        supplied = []
+        for d in documents:
+            futures: list[asyncio.Future[Vector]] = []
+            for chunk in d.chunks:
+                purchase = d.held.get(chunk.digest)
+                if purchase is None and chunk.digest in found:
+                    futures.append(_resolved(found[chunk.digest]))
+                    continue
+                if purchase is None:
+                    purchase = acquired.pop(chunk.digest, None) or self.join(chunk.digest)
+                assert purchase is not None, "every content wanted was acquired"
+                d.held[chunk.digest] = purchase
+                futures.append(purchase.vector)
+            supplied.append(futures)
+        metrics.EMBEDDINGS_REUSED.inc(sum(len(d.chunks) for d in documents) - len(wanted))
+        return supplied
 
     async def acquire(self, wanted: Mapping[bytes, tuple[str, str | None]]) -> dict[bytes, Purchase]:
         """Purchases of contents nobody here is buying (call ``join`` first), each held once:
@@ -100,6 +147,7 @@ class Purchases:
             purchase.holders -= 1
             if stored:
                 self._forget(purchase)
+                self._ledger.stored(purchase.digest)  # not written twice, if not written yet
             elif purchase.holders <= 0:
                 self._let_go(purchase)
 
@@ -193,3 +241,9 @@ async def vectors_of(futures: list[asyncio.Future[Vector]]) -> list[Vector]:
         if future.done() and not future.cancelled() and (exc := future.exception()) is not None:
             raise exc
     return [future.result() for future in futures]  # all done; a cancelled one (close) raises
+
+
+def _resolved(vector: Vector) -> asyncio.Future[Vector]:
+    future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
+    future.set_result(vector)
+    return future

@@ -41,7 +41,7 @@ async def unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T:
         stopped.cancel()
         if not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, stopped, return_exceptions=True)  # both gone before returning
     if task.cancelled() and stop.is_set():
         raise ShuttingDown("stopping")
     return task.result()

@@ -52,7 +52,7 @@ class Process:
         self.table = table
         self.buyer = FakeBuyer()
         database = Dependency("database", probe=table.prune, stop=asyncio.Event(), backoff=fast_backoff)
-        self.ledger = Ledger(table, database, watch_every=0.005)
+        self.ledger = Ledger(table, database, watch_every=0.005, write_delay=0.005)
         self.purchases = Purchases(self.buyer, self.ledger)
 
     async def close(self) -> None:
@@ -128,12 +128,20 @@ async def test_a_failed_purchase_leaves_at_once_and_the_next_document_buys_afres
 async def test_what_was_paid_for_is_kept_the_moment_it_is_answered(here: Process) -> None:
     purchase = (await here.purchases.acquire({D1: ("boilerplate", None)}))[D1]
     assert here.table.intents == {D1: here.table.buyer}, "announced before it is sent"
-    here.ledger._wake.clear()
     purchase.vector.set_result(VECTOR)
     await asyncio.sleep(0)
-    assert here.purchases.paid(D1) is VECTOR, "visible before it is written"
+    assert here.ledger.unwritten(D1) is VECTOR, "visible (to supply) before it is written"
     assert await here.ledger.flush(within=1)
     assert here.table.vectors[D1] is VECTOR and not here.table.intents
+
+
+async def test_a_vector_stored_before_it_is_written_is_not_written_twice(here: Process) -> None:
+    purchase = (await here.purchases.acquire({D1: ("boilerplate", None)}))[D1]
+    purchase.vector.set_result(VECTOR)
+    await asyncio.sleep(0)
+    here.purchases.release([purchase], stored=True)  # stored within the write delay, as most are
+    assert await here.ledger.flush(within=1)
+    assert here.table.vectors == {} and here.table.intents == {}, "only its announcement taken back"
 
 
 async def test_letting_go_withdraws_what_was_never_sent_and_keeps_what_was_sent(here: Process) -> None:
