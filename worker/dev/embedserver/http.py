@@ -136,6 +136,8 @@ def _injected_fault(state: ServerState) -> web.Response | None:
 async def _answer(request: web.Request, state: ServerState) -> web.Response:
     faults = state.faults
     delay_ms = faults.latency_ms
+    if faults.latency_jitter_ms > 0:  # drawn only when set, so seeded fault sequences stay as they were
+        delay_ms += state.rng.uniform(0.0, faults.latency_jitter_ms)
     if faults.slow_rate > 0 and state.rng.random() < faults.slow_rate:
         delay_ms += faults.slow_ms
     if delay_ms > 0:

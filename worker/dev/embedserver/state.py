@@ -28,6 +28,7 @@ class Faults:
     rate_503: float = 0.0
     outage: bool = False
     latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0  # each request waits latency_ms + uniform(0, latency_jitter_ms)
     slow_rate: float = 0.0
     slow_ms: float = 0.0
     reject_marker: str | None = None
