@@ -59,8 +59,8 @@ SCALING_PROCESSES = (1, 2, 4)
 # Small, so one process is bound by the latency (2 x 16 / 100 ms = 320 chunks/s) while even four stay
 # below what PostgreSQL can index on this machine: the runs then measure scaling, not the database.
 SCALING_SETTINGS = {"EMBEDDING_CONCURRENCY": "2", "EMBEDDING_BATCH_SIZE": "16"}
-CHURN_DOCS = 6000  # item 8's topic: about 50 s of work for two members at 1-2 s per embedding request
-QUICK_CHURN_DOCS = 1500
+CHURN_DOCS = 5000  # item 8's topic: about 50 s of work for two members at 1-2 s per embedding request
+QUICK_CHURN_DOCS = 3000
 SWEEP_LATENCIES_MS = (0.0, 50.0, 100.0, 200.0)
 SWEEP_CONCURRENCY = (2, 4, 16)
 QUICK_SWEEP_LATENCIES_MS = (0.0, 100.0)

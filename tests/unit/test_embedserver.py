@@ -340,6 +340,20 @@ async def test_latency_jitter_spreads_delays_over_the_range(
     assert max(delays) - min(delays) > 0.1  # uniform(0, 300 ms) over 12 draws: not one fixed latency
 
 
+async def test_a_request_given_up_during_the_latency_counts_as_499(serve: Serve) -> None:
+    url, state = await serve(faults=Faults(latency_ms=300))
+    timeout = aiohttp.ClientTimeout(total=0.1)
+    async with aiohttp.ClientSession(timeout=timeout) as impatient:
+        with pytest.raises(TimeoutError):
+            await post(impatient, f"{url}/embeddings", {"model": "m", "input": ["a", "b"]})
+    for _ in range(50):
+        if state.stats.status_counts:
+            break
+        await asyncio.sleep(0.02)
+    assert state.stats.status_counts == {499: 1}
+    assert state.stats.inputs == 0  # nothing embedded, nothing bought
+
+
 async def test_slow_rate_adds_an_extra_delay(serve: Serve, http: aiohttp.ClientSession) -> None:
     url, _ = await serve(faults=Faults(slow_rate=1.0, slow_ms=120))
     started = time.perf_counter()

@@ -76,7 +76,9 @@ def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> obje
 
 @dataclass
 class Stats:
-    """Counters of the embeddings endpoints (admin calls are not counted); inputs only on 200."""
+    """Counters of the embeddings endpoints (admin calls are not counted); inputs only on 200.
+
+    A request the client gave up on before its answer counts as status 499 (no inputs)."""
 
     requests: int = 0
     inputs: int = 0
