@@ -3,13 +3,14 @@
     .venv/bin/python -m bench            # the full run (about 5 minutes on 2 cores)
     .venv/bin/python -m bench --quick    # a smoke run of the harness itself (about 1 minute)
     .venv/bin/python -m bench --broker tansu   # on the embedded broker instead of Apache Kafka
+    .venv/bin/python -m bench --only churn --out churn.md   # one item (and the setup it needs)
 
 Starts the local stack (Apache Kafka where ``java`` and ``mvn`` are, else Tansu) plus a second
 embedding server that answers after ``LATENCY_MS``, publishes a deterministic corpus, then measures:
 the ceilings (plain consume+decode, plain binary COPY with and without the HNSW index), the real
 worker with the instant and the slow embedding server, the naive baseline, the embedding inputs
-saved when the stream is redelivered, scaling over processes, a latency x concurrency sweep, and
-peak RSS against a 10x backlog.
+saved when the stream is redelivered, scaling over processes, rebalance churn (a member joins, another
+leaves), a latency x concurrency sweep, and peak RSS against a 10x backlog.
 Prints each figure with its goal; writes ``bench/RESULTS.md`` and ``bench/throughput.png``.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import shutil
 import signal
@@ -25,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+import worker
+from bench import churn
 from bench.context import Bench, Plan
 from bench.cpu import busy_cores, wait_for_quiet
-from bench.items import run_all
+from bench.items import ONLY, run_all, run_only
 from bench.report import BUSY_MACHINE_CORES, Report, markdown, plot_throughput, summary, worker_revision
 from worker.dev import apache_kafka
 from worker.dev.processes import StackError
@@ -55,6 +59,8 @@ SCALING_PROCESSES = (1, 2, 4)
 # Small, so one process is bound by the latency (2 x 16 / 100 ms = 320 chunks/s) while even four stay
 # below what PostgreSQL can index on this machine: the runs then measure scaling, not the database.
 SCALING_SETTINGS = {"EMBEDDING_CONCURRENCY": "2", "EMBEDDING_BATCH_SIZE": "16"}
+CHURN_DOCS = 5000  # item 8's topic: about 50 s of work for two members at 1-2 s per embedding request
+QUICK_CHURN_DOCS = 3000
 SWEEP_LATENCIES_MS = (0.0, 50.0, 100.0, 200.0)
 SWEEP_CONCURRENCY = (2, 4, 16)
 QUICK_SWEEP_LATENCIES_MS = (0.0, 100.0)
@@ -76,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--naive-sample", type=int, default=None, help="records the naive run does [100]")
     parser.add_argument("--backlog-factor", type=int, default=10, help="the large backlog, x base [10]")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the latency sweep")
+    parser.add_argument(
+        "--only", choices=ONLY, default=None, help="run one item (and the setup it needs), not the full bench"
+    )
+    parser.add_argument(
+        "--churn-docs", type=int, default=None, help=f"documents of item 8's topic [{CHURN_DOCS}]"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results file [bench/RESULTS.md]")
     parser.add_argument("--plot", type=Path, default=None, help="plot file [bench/throughput.png]")
     parser.add_argument("--workdir", type=Path, default=Path(".run/bench"), help="worker logs [.run/bench]")
@@ -90,10 +102,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.docs = 200 if args.quick else 2000
     if args.naive_sample is None:
         args.naive_sample = 20 if args.quick else 100
-    if args.docs < 1 or args.naive_sample < 1 or args.backlog_factor < 1:
-        parser.error("--docs, --naive-sample and --backlog-factor must be at least 1")
-    # A smoke run must not overwrite the real results.
-    args.out = args.out or (args.workdir / "RESULTS.md" if args.quick else ROOT / "RESULTS.md")
+    if args.churn_docs is None:
+        args.churn_docs = QUICK_CHURN_DOCS if args.quick else CHURN_DOCS
+    if min(args.docs, args.naive_sample, args.backlog_factor, args.churn_docs) < 1:
+        parser.error("--docs, --naive-sample, --backlog-factor and --churn-docs must be at least 1")
+    # A smoke run, or one item alone, must not overwrite the real results.
+    partial = args.quick or args.only is not None
+    name = f"RESULTS-{args.only}.md" if args.only else "RESULTS.md"
+    args.out = args.out or (args.workdir / name if partial else ROOT / name)
     args.plot = args.plot or (args.workdir / "throughput.png" if args.quick else ROOT / "throughput.png")
     return args
 
@@ -113,6 +129,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sweep_latencies_ms=QUICK_SWEEP_LATENCIES_MS if args.quick else SWEEP_LATENCIES_MS,
         sweep_concurrency=QUICK_SWEEP_CONCURRENCY if args.quick else SWEEP_CONCURRENCY,
         repeats=1 if args.quick else REPEATS,
+        churn_docs=args.churn_docs,
     )
 
 
@@ -121,8 +138,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _measure_this_checkout() -> None:
+    """Worker processes import the ``worker`` package this harness imported (and reports as
+    measured), not the checkout the venv's editable install points at: from a git worktree
+    that is another one."""
+    root = str(Path(worker.__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _measure_this_checkout()
     signal.signal(signal.SIGTERM, _interrupt)
     plan = make_plan(args)
     command = shlex.join([".venv/bin/python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
@@ -138,8 +164,20 @@ def main(argv: list[str] | None = None) -> int:
             "scaling": f"{', '.join(map(str, SCALING_PROCESSES))} processes with {SCALING_SETTINGS}",
             "repeats": f"{plan.repeats} (items 2, 3 and the COPY ceilings: the best counts)",
             "sweep": f"latencies {plan.sweep_latencies_ms} ms x concurrency {plan.sweep_concurrency}",
+            "churn (item 8)": f"{args.churn_docs} documents on {churn.PARTITIONS} partitions, "
+            f"embeddings after {churn.LATENCY_MS:g} ms + uniform(0, {churn.JITTER_MS:g}) ms, "
+            f"KAFKA_SESSION_TIMEOUT_MS={churn.SESSION_TIMEOUT_MS}, --stop-when-idle {churn.IDLE_SECONDS:g}; "
+            f"B joins once A has stored {churn.JOIN_AFTER_BATCHES} batches, A leaves "
+            f"{churn.LEAVE_AFTER_SECONDS:g} s after B's first",
         },
     )
+    if args.only is not None:
+        report.settings = {
+            k: v
+            for k, v in report.settings.items()
+            if not k.startswith(("documents", "topic", "scaling", "repeats", "sweep"))
+        }
+        report.notes.append(f"Only item {args.only} (`--only {args.only}`): not a full run.")
     if args.quick:
         report.notes.append(
             "A `--quick` smoke run: it checks the harness; its samples are too small to judge the goals."
@@ -163,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             slow.start()
             bench = Bench(plan, stack, slow, report, logs)
             budget = bench.quiet_budget
-            asyncio.run(run_all(bench, with_sweep=args.sweep))
+            if args.only is not None:
+                asyncio.run(run_only(bench, args.only))
+            else:
+                asyncio.run(run_all(bench, with_sweep=args.sweep))
             if bench.quiet_budget < budget - 1:
                 report.notes.append(
                     f"Before worker runs the harness waited {budget - bench.quiet_budget:.0f} s in all "
@@ -181,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     after = busy_cores()
     report.background = (before, after)
     report.notes.append(f"The workers' JSON logs of the last run are in `{logs}`.")
-    plot = plot_throughput(report, args.plot, copy_rows_per_s=report.copy_rows_per_s)
+    plot = None if args.only else plot_throughput(report, args.plot, copy_rows_per_s=report.copy_rows_per_s)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(report, plot))
     failed = [c.item for c in report.ordered() if c.passed is False]

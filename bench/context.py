@@ -43,6 +43,7 @@ class Plan:
     sweep_latencies_ms: tuple[float, ...]
     sweep_concurrency: tuple[int, ...]
     repeats: int = 1  # runs of items 2 and 3 (and the COPY ceilings); the best counts
+    churn_docs: int = 5000  # the rebalance churn topic (item 8)
 
     def setting(self, name: str, default: int) -> int:
         return int(self.worker_settings.get(name, default))

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
+from bench.churn import churn
 from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, best, little_bound, run_note, spread
 from bench.corpus import make_documents, publish
 from bench.naive import NaiveConfig, run_naive
@@ -366,6 +367,7 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
     first, fast = await instant_and_redelivery(bench, limits)
     slow = await slow_and_naive(bench, limits)
     scaled = await scaling(bench)
+    await churn(bench)
     if with_sweep:
         concurrency = plan.setting("EMBEDDING_CONCURRENCY", 4)
         known = {(0.0, concurrency): fast, (plan.latency_ms, concurrency): slow}
@@ -375,3 +377,13 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
             known[(plan.latency_ms, scaling_concurrency)] = scaled[0]
         await sweep(bench, known)
     await backlog(bench, first)
+
+
+ONLY = ("churn",)  # items `--only` can run by themselves
+
+
+async def run_only(bench: Bench, item: str) -> None:
+    """One item with just the setup it needs (``--only``)."""
+    assert item in ONLY
+    await bench.warm_up()
+    await churn(bench)

@@ -106,7 +106,7 @@ class _Log:
     errors: list[str] = field(default_factory=list)
 
 
-def _timestamp(line: dict[str, Any]) -> float | None:
+def log_timestamp(line: dict[str, Any]) -> float | None:
     raw = line.get("timestamp")
     if not isinstance(raw, str):
         return None
@@ -125,7 +125,7 @@ def _parse_log(path: Path) -> _Log:
             continue
         if not isinstance(line, dict):
             continue
-        at = _timestamp(line)
+        at = log_timestamp(line)
         event = line.get("event")
         if event == "batch_stored" and at is not None:
             seconds = line.get("seconds")
@@ -213,7 +213,7 @@ class _StoredPoll:
             await self._conn.close()
 
 
-async def _stop(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+async def stop_worker(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
     if process.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -307,7 +307,7 @@ async def run_workers(
             await asyncio.sleep(POLL_SECONDS)
         exited = time.time()
     finally:
-        await asyncio.gather(*(_stop(c) for c in children))
+        await asyncio.gather(*(stop_worker(c) for c in children))
     try:
         if fresh:
             await poll.tick()

@@ -322,6 +322,38 @@ async def test_latency_is_added_without_blocking_the_loop(serve: Serve, http: ai
     assert 0.15 <= elapsed < 0.6  # six concurrent delays overlap; sequential would take 0.9 s
 
 
+async def test_latency_jitter_spreads_delays_over_the_range(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, _ = await serve(faults=Faults(latency_ms=100, latency_jitter_ms=300, seed=7))
+    body = {"model": "m", "input": "text"}
+
+    async def timed() -> float:
+        started = time.perf_counter()
+        status, _, _ = await post(http, f"{url}/embeddings", body)
+        assert status == 200
+        return time.perf_counter() - started
+
+    delays = await asyncio.gather(*(timed() for _ in range(12)))
+    assert min(delays) >= 0.1
+    assert max(delays) < 0.4 + 0.3  # latency + jitter, and scheduling slack
+    assert max(delays) - min(delays) > 0.1  # uniform(0, 300 ms) over 12 draws: not one fixed latency
+
+
+async def test_a_request_given_up_during_the_latency_counts_as_499(serve: Serve) -> None:
+    url, state = await serve(faults=Faults(latency_ms=300))
+    timeout = aiohttp.ClientTimeout(total=0.1)
+    async with aiohttp.ClientSession(timeout=timeout) as impatient:
+        with pytest.raises(TimeoutError):
+            await post(impatient, f"{url}/embeddings", {"model": "m", "input": ["a", "b"]})
+    for _ in range(50):
+        if state.stats.status_counts:
+            break
+        await asyncio.sleep(0.02)
+    assert state.stats.status_counts == {499: 1}
+    assert state.stats.inputs == 0  # nothing embedded, nothing bought
+
+
 async def test_slow_rate_adds_an_extra_delay(serve: Serve, http: aiohttp.ClientSession) -> None:
     url, _ = await serve(faults=Faults(slow_rate=1.0, slow_ms=120))
     started = time.perf_counter()
@@ -339,7 +371,14 @@ async def test_admin_faults_merge_validate_and_reset(serve: Serve, http: aiohttp
     assert faults["latency_ms"] == 1  # untouched keys keep their value
     async with http.get(admin) as resp:
         assert (await resp.json())["retry_after"] == 0.25
-    for bad in ({"no_such_fault": 1}, {"rate_500": 2}, {"outage": "yes"}, {"seed": 1.5}, [1]):
+    for bad in (
+        {"no_such_fault": 1},
+        {"rate_500": 2},
+        {"outage": "yes"},
+        {"seed": 1.5},
+        {"latency_jitter_ms": -1},
+        [1],
+    ):
         status, answer, _ = await post(http, admin, bad)
         assert status == 400, bad
         assert_openai_error(answer, "invalid_request_error")

@@ -24,6 +24,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument(
+        "--latency-jitter-ms", type=float, default=0.0, help="each request waits latency + uniform(0, this)"
+    )
     p.add_argument("--slow-rate", type=float, default=0.0)
     p.add_argument("--slow-ms", type=float, default=0.0)
     p.add_argument("--rate-429", type=float, default=0.0)
@@ -56,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults = Faults().merged(
             {
                 "latency_ms": args.latency_ms,
+                "latency_jitter_ms": args.latency_jitter_ms,
                 "slow_rate": args.slow_rate,
                 "slow_ms": args.slow_ms,
                 "rate_429": args.rate_429,

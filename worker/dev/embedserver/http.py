@@ -17,6 +17,7 @@ from worker.dev.embedserver.state import FaultError, Faults, ServerState, Stats,
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 THREAD_THRESHOLD_CHARS = 32_000  # embed larger requests off the event loop
+CLIENT_GONE = 499  # counted, never sent: the client hung up before its answer (nginx's code for it)
 
 
 def _json(payload: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -136,10 +137,14 @@ def _injected_fault(state: ServerState) -> web.Response | None:
 async def _answer(request: web.Request, state: ServerState) -> web.Response:
     faults = state.faults
     delay_ms = faults.latency_ms
+    if faults.latency_jitter_ms > 0:  # drawn only when set, so seeded fault sequences stay as they were
+        delay_ms += state.rng.uniform(0.0, faults.latency_jitter_ms)
     if faults.slow_rate > 0 and state.rng.random() < faults.slow_rate:
         delay_ms += faults.slow_ms
     if delay_ms > 0:
         await asyncio.sleep(delay_ms / 1000)
+        if request.transport is None or request.transport.is_closing():
+            return web.Response(status=CLIENT_GONE)  # given up on while it waited: nothing embedded
     denied = _check_auth(request, state.api_key)
     if denied is not None:
         return denied
@@ -150,6 +155,8 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         parsed = _parse(await request.read(), state)
     except _Invalid as exc:
         return exc.response
+    except ConnectionResetError:  # the client hung up while sending its body
+        return web.Response(status=CLIENT_GONE)
     if faults.slow_marker is not None and any(faults.slow_marker in text for text in parsed.texts):
         await asyncio.sleep(faults.slow_ms / 1000)
     if faults.refuse_dimensions and parsed.dimensions is not None:

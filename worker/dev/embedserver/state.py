@@ -28,6 +28,7 @@ class Faults:
     rate_503: float = 0.0
     outage: bool = False
     latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0  # each request waits latency_ms + uniform(0, latency_jitter_ms)
     slow_rate: float = 0.0
     slow_ms: float = 0.0
     reject_marker: str | None = None
@@ -75,7 +76,9 @@ def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> obje
 
 @dataclass
 class Stats:
-    """Counters of the embeddings endpoints (admin calls are not counted); inputs only on 200."""
+    """Counters of the embeddings endpoints (admin calls are not counted); inputs only on 200.
+
+    A request the client gave up on before its answer counts as status 499 (no inputs)."""
 
     requests: int = 0
     inputs: int = 0
