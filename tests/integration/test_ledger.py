@@ -1,0 +1,80 @@
+"""The embedding ledger's statements on the real PostgreSQL (worker/ledger.py, worker/sql.py):
+announcements between two processes, a buyer's liveness through its session lock, and the prune.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.integration.helpers import Env, Event, connect, produce, run_worker
+from worker.store import Store, sha256
+
+pytestmark = pytest.mark.integration
+
+X, Y = sha256("content x"), sha256("content y")
+
+
+def vector(env: Env, value: float) -> np.ndarray:
+    return np.full(env.settings.embedding_dimensions, value, dtype=np.float32)
+
+
+async def test_a_purchase_announced_by_a_live_process_is_awaited_and_taken_over_once_it_dies(
+    env: Env,
+) -> None:
+    await Store(env.settings).migrate(ann_index=False)  # as `migrate` does: before any open()
+    a, b = Store(env.settings), Store(env.settings)  # two processes
+    await a.open()
+    await b.open()
+    try:
+        assert await a.ledger.claim([X, Y]) == {X, Y}
+        assert await b.ledger.claim([X, Y]) == set(), "announced by a live buyer: not b's to buy"
+        assert await b.ledger.watch([X, Y]) == {X: True, Y: True}
+        await a.ledger.keep({X: vector(env, 0.5)})
+        seen = await b.ledger.watch([X, Y])
+        assert isinstance(seen[X], np.ndarray) and seen[X].tolist() == vector(env, 0.5).tolist()
+        assert seen[Y] is True
+        assert X in await b.known_embeddings([X, Y]), "the reuse lookup reads the ledger"
+        await a.close()  # its session, and with it the buyer's lock, is gone: as after a kill -9
+        assert (await b.ledger.watch([Y]))[Y] is False
+        assert await b.ledger.claim([Y]) == {Y}, "taken over at once"
+        await b.ledger.drop([Y])
+        conn = await connect(env)
+        try:
+            rows = await conn.fetch(f"SELECT content_sha256 FROM {env.schema}.embedding_ledger")
+        finally:
+            await conn.close()
+        assert [bytes(r[0]) for r in rows] == [X], "a dropped announcement leaves no row"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_prune_keeps_only_what_is_paid_for_unstored_and_recent(env: Env) -> None:
+    events: list[Event] = [("d1", {"id": "d1", "text": "stored content of the first document."})]
+    await produce(env, events)
+    await run_worker(env)
+    conn = await connect(env)
+    store = Store(env.settings)
+    await store.open()
+    try:
+        [stored] = [bytes(r[0]) for r in await conn.fetch(f"SELECT content_sha256 FROM {env.schema}.chunks")]
+        fresh, old, dead, live = (sha256(f"ledger row {n}") for n in range(4))
+        await store.ledger.keep({stored: vector(env, 0.1), fresh: vector(env, 0.2), old: vector(env, 0.3)})
+        await conn.execute(
+            f"UPDATE {env.schema}.embedding_ledger SET bought_at = now() - interval '200 hours' "
+            "WHERE content_sha256 = $1",
+            old,
+        )
+        assert await store.ledger.claim([live]) == {live}  # this process: alive
+        await conn.execute(
+            f"INSERT INTO {env.schema}.embedding_ledger (model, content_sha256, buyer) VALUES ($1, $2, 42)",
+            env.settings.embedding_model,
+            dead,
+        )  # announced by a process whose lock is gone
+        assert await store.ledger.prune() == 3
+        rows = await conn.fetch(f"SELECT content_sha256 FROM {env.schema}.embedding_ledger")
+        assert {bytes(r[0]) for r in rows} == {fresh, live}
+    finally:
+        await store.close()
+        await conn.close()
