@@ -278,7 +278,7 @@ class Ledger:
                 await self._write(dropped, self._writing)
             except ShuttingDown:
                 self._unwritten.update(self._writing)  # close() says how many were not written
-            except DependencyError as exc:  # refused (not an outage): the vectors go unkept
+            except (DependencyError, asyncpg.PostgresError) as exc:  # refused (not an outage): unkept
                 log.warning("ledger_write_failed", embeddings=len(self._writing), error=describe(exc))
             self._writing = {}
             if not self._unwritten and not self._dropped:
