@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from worker import metrics
@@ -48,6 +50,7 @@ class RecordSource(Protocol):
     def unfetched(self) -> int | None: ...
     def committed_offset(self, tp: TopicPartition) -> int | None: ...
     async def rewind(self, tp: TopicPartition, offset: int) -> int: ...
+    def resume_from(self, tp: TopicPartition, offset: int) -> None: ...
 
 
 class KafkaSource:
@@ -96,6 +99,10 @@ class KafkaSource:
             heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 10),
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
             rebalance_timeout_ms=rebalance_ms,
+            # Sticky: a rebalance moves as few partitions as it can, and a member keeps its work in
+            # flight on those it keeps (Worker). Range as well, the protocol of members older than
+            # this one, so that a rolling deploy's mixed group agrees on one.
+            partition_assignment_strategy=(StickyPartitionAssignor, RangePartitionAssignor),
         )
 
     async def stop(self) -> None:
@@ -206,6 +213,12 @@ class KafkaSource:
         self._consumer.seek(tp, resume)
         self._fetched.pop(tp, None)
         return resume
+
+    def resume_from(self, tp: TopicPartition, offset: int) -> None:
+        """Fetch ``tp`` from ``offset``: where this member's own fetching had got to, for a
+        partition it kept through a rebalance (its records up to there are still in flight here)."""
+        self._consumer.seek(tp, offset)
+        self._fetched[tp] = offset
 
     def unfetched(self) -> int | None:
         """Records the assigned partitions hold beyond what was fetched; None before it is known

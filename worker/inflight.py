@@ -47,6 +47,11 @@ class PartitionOffsets:
                 return offset
         return self._next
 
+    @property
+    def next_offset(self) -> int | None:
+        """One past the last offset handed out (None before any)."""
+        return self._next
+
     def __len__(self) -> int:
         return len(self._order)
 
@@ -74,6 +79,12 @@ class InFlight:
         self._waiting: dict[str, Job] = {}
 
     # -- the window -------------------------------------------------------------------------
+
+    def admitted(self, record: Record) -> bool:
+        """This record (or a later one of its partition) was admitted already: a fetch that raced
+        a rebalance handed it out twice."""
+        offsets = self._offsets.get(record.tp)
+        return offsets is not None and offsets.next_offset is not None and record.offset < offsets.next_offset
 
     def track(self, record: Record) -> None:
         self._offsets.setdefault(record.tp, PartitionOffsets()).add(record.offset)
@@ -107,6 +118,33 @@ class InFlight:
             tp: offsets.watermark(frozenset(finishing.get(tp, ()))) for tp, offsets in self._offsets.items()
         }
         return {tp: mark for tp, mark in marks.items() if mark is not None}
+
+    def partitions(self) -> dict[TopicPartition, int]:
+        """Each partition records were admitted from, with the next offset after the last one."""
+        return {tp: o.next_offset for tp, o in self._offsets.items() if o.next_offset is not None}
+
+    def spans(self, partitions: set[TopicPartition]) -> bool:
+        """A document's pending events come from some of ``partitions`` and from others too."""
+        for job in (*self._running.values(), *self._waiting.values()):
+            inside = {r.tp in partitions for r in job.records}
+            if len(inside) > 1:
+                return True
+        return False
+
+    def forget(self, partitions: set[TopicPartition]) -> set[Job]:
+        """Give up ``partitions`` (another member owns them now): their records leave the window
+        unfinished, and their watermarks go. Returns their jobs, which must finish nowhere."""
+        gone: set[Job] = set()
+        for table in (self._running, self._waiting):
+            for doc_id, job in list(table.items()):
+                if job.records[0].tp in partitions:
+                    gone.add(job)
+                    del table[doc_id]
+                    self.records -= len(job.records)
+                    self.bytes -= sum(r.size for r in job.records)
+        for tp in partitions:
+            self._offsets.pop(tp, None)
+        return gone
 
     # -- per-document ordering ---------------------------------------------------------------
 

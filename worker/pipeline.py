@@ -8,9 +8,12 @@ Stages are joined by asyncio queues; the in-flight window (records and bytes) bo
 queues can hold, because the Worker pauses fetching while it is full. A dependency outage
 holds work in place (retried with backoff, never dead-lettered, never committed); a record
 that can never succeed goes to the dead-letter topic and its partition goes on. Embeddings are
-bought through the process's purchases (worker.purchases), which outlive the pipeline: on a
-revoke or a stop it stores what is ready (``settle``) and drops the rest at once, and what it
-had paid for is kept in the ledger.
+bought through the process's purchases (worker.purchases), which outlive the pipeline.
+
+On a revoke it stores what is ready and holds the rest (``settle``); given partitions again, it
+drops the documents of those it lost and goes on with the rest (``keep_only``, ``resume``),
+without waiting on the embedding API at any point. On a stop it is closed after ``settle``:
+what it had paid for is kept in the ledger.
 """
 
 from __future__ import annotations
@@ -104,6 +107,12 @@ class Pipeline:
         self._carried: dict[Job, list[Purchase]] = {}  # a re-planned job's, until it is prepared again
         self._drained = asyncio.Event()
         self._drained.set()
+        self._intake = asyncio.Event()  # cleared by settle(): nothing more moves towards storing
+        self._intake.set()
+        self._output = asyncio.Event()  # cleared once settled: nothing is stored or dead-lettered
+        self._output.set()
+        self._settled = True
+        self._dropped: set[Job] = set()  # jobs of partitions given up in flight: they finish nowhere
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
         self.write_failure: str | None = None  # a one-document write the database keeps cancelling
@@ -153,6 +162,8 @@ class Pipeline:
     # -- intake (called by the Worker's fetch loop) ------------------------------------------
 
     def admit(self, record: Record) -> None:
+        if self._inflight.admitted(record):
+            return  # handed out twice by a fetch that raced a rebalance: in flight already
         self._inflight.track(record)
         self._drained.clear()
         try:
@@ -172,20 +183,46 @@ class Pipeline:
             return False
         return True
 
+    @property
+    def suspended(self) -> bool:
+        return not self._output.is_set()
+
+    def partitions(self) -> dict[TopicPartition, int]:
+        """The partitions it took records from, each with the next offset after the last one."""
+        return self._inflight.partitions()
+
     async def settle(self, within: float) -> bool:
-        """Take nothing further, and store what is ready: documents with every vector, and dead
-        letters. What still waits for the embedding API is left for ``close`` to drop (what it
-        paid for is kept in the ledger). False when ``within`` seconds ran out first."""
-        self._prepare_stage.cancel()
-        for task in self._waits:  # a document whose vectors are all in is ready already
-            task.cancel()
-        await asyncio.gather(self._prepare_stage, *self._waits, return_exceptions=True)
+        """Store what is ready (documents with every vector, and dead letters), then hold the rest:
+        nothing moves until ``resume`` (or ``close``), and nothing waits on the embedding API.
+        False when ``within`` seconds ran out first."""
+        self._intake.clear()
         ready = asyncio.gather(self._embedded.join(), self._dead.join())
         try:
             await asyncio.wait_for(ready, within)
         except TimeoutError:
-            return False
-        return True
+            self._settled = False
+        else:
+            self._settled = True
+        self._output.clear()
+        return self._settled
+
+    def keep_only(self, partitions: set[TopicPartition]) -> int | None:
+        """After ``settle``: drop the documents of every other partition (another member owns them
+        now; what was paid for them stays bought), keep the rest in flight. Returns how many
+        records were dropped; None when the rest cannot be kept apart (the pipeline must close)."""
+        lost = set(self._inflight.partitions()) - partitions
+        if self.fenced or not self._settled or self._inflight.spans(lost):
+            return None
+        before = self._inflight.records
+        self._dropped |= self._inflight.forget(lost)
+        for job in [j for j in self._carried if j in self._dropped]:
+            self.purchases.release(self._carried.pop(job), stored=False)
+        return before - self._inflight.records
+
+    def resume(self) -> None:
+        """Go on after ``settle`` (and ``keep_only``), with ``epoch`` set to the new assignment's."""
+        self._output.set()
+        self._intake.set()
 
     async def close(self) -> None:
         """Abandon what is left (its offsets stay uncommitted), stop the stages, and let go of
@@ -224,6 +261,10 @@ class Pipeline:
         self._stop.set()
 
     async def _prepare(self, jobs: list[Job]) -> None:
+        await self._intake.wait()
+        for job in [j for j in jobs if j in self._dropped]:
+            self.purchases.release(self._carried.pop(job, ()), stored=False)
+        jobs = [j for j in jobs if j not in self._dropped]
         prepared = await self._plan(jobs)
         await self._submit(prepared)
         for job in jobs:  # prepared again: what it held before is held anew, or not needed
@@ -268,21 +309,31 @@ class Pipeline:
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
             p.vectors = await vectors_of(futures)
+            await self._intake.wait()
         except RecordError as exc:  # rejected, or failed every attempt while the API was up
-            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
+            await self._intake.wait()
+            if p.job not in self._dropped:
+                self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
         except ShuttingDown:
             pass
         except Exception as exc:  # noqa: BLE001 - e.g. vectors of the wrong dimension: misconfiguration
             self._fail("embed", exc)
         else:
-            self._embedded.put_nowait(p)
-            return
+            if p.job not in self._dropped:
+                self._embedded.put_nowait(p)
+                return
         self._let_go(p, stored=False)
 
     async def _write(self, batch: list[Prepared]) -> None:
         """Store a batch in one transaction; a document PostgreSQL refuses, or a write it keeps
         cancelling, is isolated by halving so that the rest of the batch is stored."""
-        await isolate(batch, self._write_once, faults=(StoreRejected, WriteTimedOut), alone=self._write_alone)
+        await self._output.wait()
+        for p in [p for p in batch if p.job in self._dropped]:
+            self._let_go(p, stored=False)
+        batch = [p for p in batch if p.job not in self._dropped]
+        faults = (StoreRejected, WriteTimedOut)
+        if batch:
+            await isolate(batch, self._write_once, faults=faults, alone=self._write_alone)
 
     async def _write_once(self, batch: list[Prepared]) -> list[None]:
         if self.fenced:
@@ -350,6 +401,10 @@ class Pipeline:
         await self._write([p])
 
     async def _send_dead_letters(self, batch: list[Dead]) -> None:
+        await self._output.wait()
+        batch = [d for d in batch if d.job is None or d.job not in self._dropped]
+        if not batch:
+            return
         letters = [d.letter for d in batch]
         await self._deps.dead_letters.call(functools.partial(self._dead_letters.send, letters))
         for dead in batch:
@@ -381,6 +436,8 @@ class Pipeline:
     def _finish(self, job: Job, *, outcome: str | None) -> None:
         """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);
         every other event of the job changed nothing (stale or superseded)."""
+        if job in self._dropped:
+            return  # its partition went to another member while it was in flight
         following = self._inflight.complete(job)
         self.finished_records += len(job.events)
         topic = job.events[0][0].topic

@@ -1,9 +1,12 @@
 """The Worker owns the lifecycle: group membership, fetching, backpressure, commits, shutdown.
 
 Nothing else starts tasks behind its back. ``stop()`` only sets an event; every wait races it.
-Each assignment of partitions gets a fresh :class:`~worker.pipeline.Pipeline`; on a rebalance
-(and on stop) the worker stores what is ready, commits, and abandons the rest at once, which the
-partitions' next owner re-processes: nobody waits on the embedding API. Embeddings are bought
+On a rebalance the worker stores what is ready, commits, and holds the rest of its
+:class:`~worker.pipeline.Pipeline`; given its partitions again (the sticky assignor keeps as many
+as it can where they were), it goes on with their work in flight, fetching on from where it had
+got to, and drops that of the partitions another member took, which that member re-processes.
+On stop it stores what is ready, commits, and abandons the rest. Nobody waits on the embedding
+API. Embeddings are bought
 through one registry for the process (worker.purchases), and every one paid for is kept in the
 ledger (worker.ledger), so the abandoned work costs nothing to redo. On stop, once it has left
 the group, the worker still lets the requests it had sent be answered (within the grace period),
@@ -338,55 +341,95 @@ class Worker:
             )
             return None
 
-    async def _rewind_to_database(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
-        """Start each partition from the lower of the group's committed offset and the database's
-        own record of how far it got: a database restored from a backup is brought forward from
-        the topic (as far as its retention allows) instead of missing what came since. Returns
-        where each partition starts."""
-        starts = {tp: self._source.committed_offset(tp) or 0 for tp in assigned}
+    async def _database_offsets(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """The database's own record of how far it got on each partition ({} when unreadable)."""
         try:
-            stored = await asyncio.wait_for(self._store.stored_offsets(assigned), REWIND_READ_TIMEOUT)
+            return await asyncio.wait_for(self._store.stored_offsets(assigned), REWIND_READ_TIMEOUT)
         except (DependencyError, TimeoutError) as exc:
             log.warning(
                 "database_offsets_unread", error=describe(exc), hint="partitions start where committed"
             )
-            return starts
-        for tp in sorted(assigned):
-            committed, database = self._source.committed_offset(tp), stored.get(tp)
-            if committed is not None and database is not None and database < committed:
-                resumed = starts[tp] = await self._source.rewind(tp, database)
-                log.warning(
-                    "rewound_to_database",
+            return {}
+
+    def _database_behind(self, stored: dict[TopicPartition, int]) -> set[TopicPartition]:
+        """Partitions the database has recorded less of than the group committed (a restore)."""
+        return {
+            tp
+            for tp, database in stored.items()
+            if (committed := self._source.committed_offset(tp)) is not None and database < committed
+        }
+
+    async def _rewind_to_database(
+        self, assigned: set[TopicPartition], stored: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Start each partition from the lower of the group's committed offset and the database's
+        own record of how far it got (``stored``): a database restored from a backup is brought
+        forward from the topic (as far as its retention allows) instead of missing what came
+        since. Returns where each partition starts."""
+        starts = {tp: self._source.committed_offset(tp) or 0 for tp in assigned}
+        for tp in sorted(assigned & self._database_behind(stored)):
+            committed, database = self._source.committed_offset(tp), stored[tp]
+            resumed = starts[tp] = await self._source.rewind(tp, database)
+            log.warning(
+                "rewound_to_database",
+                topic=tp.topic,
+                partition=tp.partition,
+                committed=committed,
+                database=database,
+                resumed=resumed,
+                hint="the database is behind the group's commits (restored from a backup?)",
+            )
+            if resumed > database:
+                log.error(
+                    "database_behind_retention",
                     topic=tp.topic,
                     partition=tp.partition,
-                    committed=committed,
                     database=database,
                     resumed=resumed,
-                    hint="the database is behind the group's commits (restored from a backup?)",
+                    lost=resumed - database,
+                    hint="retention removed records the database never stored: republish them",
                 )
-                if resumed > database:
-                    log.error(
-                        "database_behind_retention",
-                        topic=tp.topic,
-                        partition=tp.partition,
-                        database=database,
-                        resumed=resumed,
-                        lost=resumed - database,
-                        hint="retention removed records the database never stored: republish them",
-                    )
         return starts
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        # aiokafka's eager protocol revokes every partition: the whole pipeline goes.
-        await self._retire_pipeline()
+        """aiokafka's eager protocol revokes every partition: store what is ready, commit it (the
+        source commits after this), and hold the rest until the assignment says what stays."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return
+        grace = self._settings.shutdown_grace_seconds
+        if not await pipeline.settle(within=grace):
+            log.warning("work_unsettled", records=pipeline.in_flight, grace_seconds=grace)
+        marks = pipeline.watermarks()
+        await self._record_progress(marks)
+        self._source.mark_stored(marks)
+
+    async def _keep_what_stays(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """The held pipeline goes on with the partitions assigned again, fetched on from where it
+        had got to, and drops the others' work; where it cannot, it is abandoned whole."""
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.suspended:
+            return {}
+        kept = {tp: offset for tp, offset in pipeline.partitions().items() if tp in assigned}
+        dropped = pipeline.keep_only(set(kept))
+        if dropped is None:
+            await self._retire_pipeline()
+            return {}
+        for tp, offset in kept.items():
+            self._source.resume_from(tp, offset)
+        log.info("work_kept", records=pipeline.in_flight, partitions=len(kept), dropped=dropped)
+        return kept
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        starts = await self._rewind_to_database(assigned)
+        stored = await self._database_offsets(assigned)
+        kept = await self._keep_what_stays(assigned - self._database_behind(stored))
+        starts = await self._rewind_to_database(assigned - kept.keys(), stored) | kept
         self._epoch = await self._claim(starts)
         self._lost = False
         self._abandoned = 0  # fetched again from the commits, so counted by unfetched() from now on
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
         self._pipeline.epoch = self._epoch
-        if self._paused:  # a fresh pipeline has room
+        self._pipeline.resume()
+        if self._paused:  # the new assignment's partitions are not paused: backpressure decides anew
             self._set_paused(False)

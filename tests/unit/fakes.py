@@ -175,6 +175,7 @@ class FakeSource:
         self.exhausted = asyncio.Event()  # every record handed out
         self.started = self.stopped = False
         self.callbacks: tuple[PartitionsCallback, PartitionsCallback] | None = None
+        self.assigned: set[TopicPartition] | None = None  # None: every partition of the logs
 
     def end(self, tp: TopicPartition) -> int:
         return self.logs[tp][-1].offset + 1
@@ -195,7 +196,7 @@ class FakeSource:
         self.fetch_started.append(time.monotonic())
         batch: list[Record] = []
         if not self.paused:
-            for tp in sorted(self.logs):
+            for tp in sorted(self.assignment()):
                 ready = []
                 for r in self.logs[tp]:
                     if r.offset < self.position[tp]:
@@ -245,16 +246,16 @@ class FakeSource:
         self.journal.append(("resume", None))
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self.logs)
+        return set(self.logs) if self.assigned is None else self.assigned & set(self.logs)
 
     def caught_up(self) -> bool:
-        return all(self.committed.get(tp, -1) >= self.end(tp) for tp in self.logs)
+        return all(self.committed.get(tp, -1) >= self.end(tp) for tp in self.assignment())
 
     def lag(self) -> int | None:
-        return sum(self.end(tp) - self.committed.get(tp, self.logs[tp][0].offset) for tp in self.logs)
+        return sum(self.end(tp) - self.committed.get(tp, self.logs[tp][0].offset) for tp in self.assignment())
 
     def unfetched(self) -> int | None:
-        return sum(self.end(tp) - self.position[tp] for tp in self.logs)
+        return sum(self.end(tp) - self.position[tp] for tp in self.assignment())
 
     def committed_offset(self, tp: TopicPartition) -> int | None:
         return self.committed.get(tp)
@@ -264,6 +265,10 @@ class FakeSource:
         self.position[tp] = resume
         self.journal.append(("rewind", {tp.partition: resume}))
         return resume
+
+    def resume_from(self, tp: TopicPartition, offset: int) -> None:
+        self.position[tp] = offset
+        self.journal.append(("resume_from", {tp.partition: offset}))
 
 
 @dataclass

@@ -354,6 +354,7 @@ async def test_the_breaker_can_open_again_after_recovery(make_dependency: Depend
         await until(lambda: dep.up)
         assert up_metric(dep) == 1.0
         assert dep.describe() is None
+        await asyncio.wait_for(make_dependency.tasks[-1], 1)  # its success resets the count: not mid-trip
 
 
 async def test_a_poisonous_input_is_exhausted_even_with_threshold_one(

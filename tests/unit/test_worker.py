@@ -759,6 +759,56 @@ async def test_a_revoke_stores_what_is_ready_and_does_not_wait_for_the_embedding
     r.assert_all_committed()
 
 
+async def test_a_rebalance_keeps_the_work_in_flight_of_the_partitions_it_gives_back() -> None:
+    answer = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Alpha"] = answer
+    r = rig(log_of({0: [upsert("a", TEXT_A2, 1), upsert("c", TEXT_C, 1)]}), embedder=embedder)
+    r.source.ready = lambda rec: rec.offset == 0 or bool(embedder.active)  # c once a is sent
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: "c" in r.store.documents and bool(embedder.active))
+    assert r.source.callbacks is not None
+    on_revoked, on_assigned = r.source.callbacks
+    await asyncio.wait_for(on_revoked({P0}), 0.5)
+    assert r.source.committed == {P0: 0}, "a, still being embedded, holds the partition's commit"
+    with structlog.testing.capture_logs() as logged:
+        await on_assigned({P0})  # the sticky assignor gave P0 back
+    answer.set()
+    await asyncio.wait_for(running, 3)
+    [kept] = [e for e in logged if e["event"] == "work_kept"]
+    assert (kept["records"], kept["partitions"], kept["dropped"]) == (1, 1, 0)
+    assert ("resume_from", {0: 2}) in r.journal, "fetched on from where it had got to"
+    assert [rec.offset for rec in r.source.delivered] == [0, 1], "nothing fetched twice"
+    assert r.embedder.inputs() == Counter(chunk_contents(TEXT_A2) + chunk_contents(TEXT_C))
+    assert set(r.store.documents) == {"a", "c"}
+    r.assert_all_committed()
+
+
+async def test_a_rebalance_drops_the_work_of_a_partition_it_loses_and_goes_on_with_the_rest() -> None:
+    answer = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Alpha"] = embedder.hold["Bravo"] = answer
+    r = rig(log_of({0: [upsert("a", TEXT_A2, 1)], 1: [upsert("b", TEXT_B, 1)]}), embedder=embedder)
+    r.source.ready = lambda rec: rec.partition == 0 or bool(embedder.active)  # b once a is sent
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: len(embedder.calls) == 2)
+    assert r.source.callbacks is not None
+    on_revoked, on_assigned = r.source.callbacks
+    await asyncio.wait_for(on_revoked({P0, P1}), 0.5)
+    r.source.assigned = {P0}  # another member joined and took P1
+    with structlog.testing.capture_logs() as logged:
+        await on_assigned({P0})
+    answer.set()
+    await asyncio.wait_for(running, 3)
+    [kept] = [e for e in logged if e["event"] == "work_kept"]
+    assert (kept["partitions"], kept["dropped"]) == (1, 1)
+    assert set(r.store.documents) == {"a"}, "b is the new owner's to store"
+    assert r.source.committed[P0] == 1
+    assert r.source.committed.get(P1, 100) == 100, "and P1 committed here no further than b"
+    assert r.worker.records_done == 1
+    assert {sha256(c) for c in chunk_contents(TEXT_B)} <= set(r.store.ledger.vectors), "b's were paid: kept"
+
+
 async def test_stop_during_an_embedding_outage_ends_run_within_the_grace_period() -> None:
     grace = 0.1
     r = rig(
