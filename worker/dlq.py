@@ -27,6 +27,7 @@ from aiokafka.errors import (
 from worker import metrics
 from worker.errors import BrokerUnavailable, DeadLetterRefused, RecordError
 from worker.kafka import make_producer, start_producer
+from worker.logs import trace_id_from
 from worker.settings import Settings
 from worker.types import Record
 
@@ -90,6 +91,22 @@ class DeadLetterSink(Protocol):
     async def ping(self) -> None:
         """Raise BrokerUnavailable unless the dead-letter topic can be reached."""
         ...
+
+
+def log_sent(letters: Sequence[DeadLetter]) -> None:
+    """One ``record_dead_lettered`` line per letter sent, with its W3C trace id when it has one."""
+    for letter in letters:
+        record = letter.record
+        with structlog.contextvars.bound_contextvars(trace_id=trace_id_from(record.headers)):
+            log.warning(
+                "record_dead_lettered",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                stage=letter.error.stage,
+                error_class=type(letter.error).__name__,
+                error=str(letter.error)[:300],
+            )
 
 
 def dead_letter_headers(

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -31,24 +30,21 @@ from worker import metrics
 from worker.chunk import Chunk, chunk_text
 from worker.decode import decode_event
 from worker.dependency import Dependencies
-from worker.dlq import DeadLetter, DeadLetterSink
+from worker.dlq import DeadLetter, DeadLetterSink, log_sent
 from worker.errors import (
     ChunkError,
-    Fenced,
     RecordError,
-    StaleRead,
     StoreRejected,
-    WriteTimedOut,
 )
 from worker.inflight import InFlight, Job
-from worker.logs import trace_id_from
 from worker.plan import Change, plan
 from worker.purchases import Purchase, Purchases, vectors_of
-from worker.retry import ShuttingDown, isolate, sleep_unless
+from worker.retry import ShuttingDown
 from worker.settings import Settings
 from worker.stages import stage_loop
-from worker.store import DocumentStore, DocumentWrite, Progress
+from worker.store import DocumentStore
 from worker.types import Record, TopicPartition, Vector
+from worker.writer import Writer
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -105,8 +101,6 @@ class Pipeline:
         self.purchases = purchases
         self._holding: set[Prepared] = set()  # documents holding purchases, let go of on close
         self._carried: dict[Job, list[Purchase]] = {}  # a re-planned job's, until it is prepared again
-        self._drained = asyncio.Event()
-        self._drained.set()
         self._intake = asyncio.Event()  # cleared by settle(): nothing more moves towards storing
         self._intake.set()
         self._output = asyncio.Event()  # cleared once settled: nothing is stored or dead-lettered
@@ -115,24 +109,27 @@ class Pipeline:
         self._dropped: set[Job] = set()  # jobs of partitions given up in flight: they finish nowhere
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
-        self.write_failure: str | None = None  # a one-document write the database keeps cancelling
-        self.epoch: int | None = None  # this assignment's claim on its partitions (set by the Worker)
-        self.fenced = False  # another member claimed them: nothing more is written
-        self._timeouts = 0
         self.finished_records = 0
-        most = settings.write_batch_documents
-        self._prepare_stage = asyncio.create_task(
-            self._supervised("prepare", stage_loop(self._ready, most, 0.002, self._prepare)), name="prepare"
+        self._writer = Writer(
+            store,
+            dependencies.database,
+            stop,
+            watermarks=lambda also: self._inflight.watermarks(also=also),
+            stored=self._stored,
+            moved=self._moved,
+            refused=self._refused,
+            in_flight=lambda: self._inflight.records,
         )
-        stages = [("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters))]
+        most = settings.write_batch_documents
+        stages = [
+            ("prepare", stage_loop(self._ready, most, 0.002, self._prepare)),
+            ("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters)),
+        ]
         stages += [
             (f"store-{n}", stage_loop(self._embedded, most, 0.005, self._write))
             for n in range(settings.database_writers)
         ]
-        self._stages = [
-            self._prepare_stage,
-            *(asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages),
-        ]
+        self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
 
     # -- the Worker's view: how full, how far, how it ends -----------------------------------
 
@@ -165,7 +162,6 @@ class Pipeline:
         if self._inflight.admitted(record):
             return  # handed out twice by a fetch that raced a rebalance: in flight already
         self._inflight.track(record)
-        self._drained.clear()
         try:
             event = decode_event(record.key, record.value, max_text_bytes=self._settings.max_text_bytes)
         except RecordError as exc:
@@ -175,13 +171,24 @@ class Pipeline:
         if job is not None:
             self._ready.put_nowait(job)
 
-    async def drain(self, within: float) -> bool:
-        """Wait until everything admitted is finished; False when ``within`` seconds ran out first."""
-        try:
-            await asyncio.wait_for(self._drained.wait(), within)
-        except TimeoutError:
-            return False
-        return True
+    @property
+    def epoch(self) -> int | None:
+        """This assignment's claim on its partitions (set by the Worker), checked by every write."""
+        return self._writer.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int | None) -> None:
+        self._writer.epoch = epoch
+
+    @property
+    def fenced(self) -> bool:
+        """Another member claimed the partitions: nothing more is written."""
+        return self._writer.fenced
+
+    @property
+    def write_failure(self) -> str | None:
+        """A one-document write the database keeps cancelling."""
+        return self._writer.failure
 
     @property
     def suspended(self) -> bool:
@@ -325,80 +332,27 @@ class Pipeline:
         self._let_go(p, stored=False)
 
     async def _write(self, batch: list[Prepared]) -> None:
-        """Store a batch in one transaction; a document PostgreSQL refuses, or a write it keeps
-        cancelling, is isolated by halving so that the rest of the batch is stored."""
         await self._output.wait()
         for p in [p for p in batch if p.job in self._dropped]:
             self._let_go(p, stored=False)
-        batch = [p for p in batch if p.job not in self._dropped]
-        faults = (StoreRejected, WriteTimedOut)
-        if batch:
-            await isolate(batch, self._write_once, faults=faults, alone=self._write_alone)
+        await self._writer.write([p for p in batch if p.job not in self._dropped])
 
-    async def _write_once(self, batch: list[Prepared]) -> list[None]:
-        if self.fenced:
-            return [None] * len(batch)  # abandoned: the partitions' new owner stores them
-        writes = [DocumentWrite(p.change, p.record, p.chunks, p.vectors) for p in batch]
-        records = [r for p in batch for r in p.job.records]
-        touched = {r.tp for r in records}  # only these partitions' rows: writers lock no more
-        progress = Progress(  # the database records how far it got, in the write's own transaction
-            before={tp: m for tp, m in self._inflight.watermarks().items() if tp in touched},
-            after={tp: m for tp, m in self._inflight.watermarks(also=records).items() if tp in touched},
-            epoch=self.epoch,
-        )
-        started = time.perf_counter()
-        try:
-            moved = await self._deps.database.call(lambda: self._store.write(writes, progress))
-        except Fenced as exc:
-            self.fenced = True
-            self._drained.set()  # nothing more will finish: a drain (revoke, stop) need not wait
-            log.warning("write_fenced", documents=len(batch), error=str(exc)[:300])
-            return [None] * len(batch)
-        except StaleRead:
-            moved = {p.job.doc_id for p in batch}
-        except WriteTimedOut as exc:
-            log.warning("write_timed_out", documents=len(batch), error=str(exc)[:300])
-            raise
-        for p in batch:
-            if p.job.doc_id in moved:
-                self._carried[p.job] = list(p.held.values())  # its vectors stay for the next plan
-                p.held = {}
-                self._holding.discard(p)
-                self._ready.put_nowait(p.job)  # changed under us since planning: plan again
-                continue
-            self._let_go(p, stored=True)  # the store has them from now on
-            metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
-            metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
-            self._finish(p.job, outcome="stored")
-        self._timeouts, self.write_failure = 0, None
-        seconds = time.perf_counter() - started
-        metrics.BATCH_SECONDS.observe(seconds)
-        log.info(
-            "batch_stored",
-            documents=len(batch) - len(moved),
-            chunks=sum(len(p.chunks) for p in batch if p.job.doc_id not in moved),
-            offsets=_offset_ranges(p.job for p in batch if p.job.doc_id not in moved),
-            replanned=len(moved),
-            in_flight=self._inflight.records,
-            seconds=round(seconds, 4),
-        )
-        return [None] * len(batch)
+    def _stored(self, p: Prepared) -> None:
+        self._let_go(p, stored=True)  # the store has them from now on
+        metrics.DOCUMENTS_WRITTEN.labels(op="delete" if p.change.after.deleted else "upsert").inc()
+        metrics.CHUNKS_WRITTEN.inc(len(p.chunks))
+        self._finish(p.job, outcome="stored")
 
-    async def _write_alone(self, p: Prepared, exc: Exception) -> None:
-        """One document at fault: refused, it is dead-lettered. Cancelled by the database
-        (statement_timeout), it is retried until it fits while /readyz says writes are failing:
-        the limit is the database's, not the record's fault."""
-        if isinstance(exc, StoreRejected):
-            self._let_go(p, stored=False)
-            self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
-            return
-        self._timeouts += 1
-        self.write_failure = str(exc)[:300]
-        try:
-            await sleep_unless(self._stop, self._deps.database.backoff(self._timeouts, initial=1.0, cap=30.0))
-        except ShuttingDown:
-            return
-        await self._write([p])
+    def _moved(self, p: Prepared) -> None:
+        """Changed under us since planning: plan again; its vectors stay for the next plan."""
+        self._carried[p.job] = list(p.held.values())
+        p.held = {}
+        self._holding.discard(p)
+        self._ready.put_nowait(p.job)
+
+    def _refused(self, p: Prepared, exc: StoreRejected) -> None:
+        self._let_go(p, stored=False)
+        self._dead.put_nowait(Dead(DeadLetter(p.record, exc), p.job))
 
     async def _send_dead_letters(self, batch: list[Dead]) -> None:
         await self._output.wait()
@@ -407,18 +361,9 @@ class Pipeline:
             return
         letters = [d.letter for d in batch]
         await self._deps.dead_letters.call(functools.partial(self._dead_letters.send, letters))
+        log_sent(letters)
         for dead in batch:
             record = dead.letter.record
-            with structlog.contextvars.bound_contextvars(trace_id=trace_id_from(record.headers)):
-                log.warning(
-                    "record_dead_lettered",
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    stage=dead.letter.error.stage,
-                    error_class=type(dead.letter.error).__name__,
-                    error=str(dead.letter.error)[:300],
-                )
             if dead.job is None:
                 metrics.RECORDS.labels(topic=record.topic, outcome="dead_lettered").inc()
                 self._finish_record(record)
@@ -446,22 +391,7 @@ class Pipeline:
         metrics.RECORDS.labels(topic=topic, outcome="stale").inc(len(job.events) - (outcome is not None))
         if following is not None:
             self._ready.put_nowait(following)
-        elif self._inflight.empty:
-            self._drained.set()
 
     def _finish_record(self, record: Record) -> None:
         self._inflight.finish(record)
         self.finished_records += 1
-        if self._inflight.empty:
-            self._drained.set()
-
-
-def _offset_ranges(jobs: Iterable[Job]) -> dict[str, str]:
-    """``{"topic/partition": "first-last"}`` over the records of ``jobs``, for a log line."""
-    spans: dict[str, tuple[int, int]] = {}
-    for job in jobs:
-        for record, _ in job.events:
-            where = f"{record.topic}/{record.partition}"
-            low, high = spans.get(where, (record.offset, record.offset))
-            spans[where] = (min(low, record.offset), max(high, record.offset))
-    return {where: f"{low}-{high}" for where, (low, high) in sorted(spans.items())}
