@@ -377,13 +377,50 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
             known[(plan.latency_ms, scaling_concurrency)] = scaled[0]
         await sweep(bench, known)
     await backlog(bench, first)
+    await ledger_cost(bench)
 
 
-ONLY = ("churn",)  # items `--only` can run by themselves
+# -- 9. what the embedding ledger costs the write path -------------------------------------------
+
+
+async def ledger_cost(bench: Bench) -> None:
+    """Instant embeddings with the ledger (the default) and without (EMBEDDING_LEDGER_HOURS=0),
+    alternating, so that both see the same machine; the best of each counts."""
+    report, repeats = bench.report, max(3, bench.plan.repeats)
+    runs: dict[bool, list[WorkerRun]] = {True: [], False: []}
+    for i in range(repeats):
+        for on in (True, False):
+            name = f"ledger_{'on' if on else 'off'}_{i + 1}"
+            settings = {} if on else {"EMBEDDING_LEDGER_HOURS": "0"}
+            runs[on].append(await bench.run(name, embedding_url=bench.instant.url, settings=settings))
+            await bench.drop_schema(f"bench_{name}")
+    with_ledger, without = best(runs[True]), best(runs[False])
+    ratio = with_ledger.chunks_per_s / without.chunks_per_s if without.chunks_per_s else 0.0
+    report.add(
+        Check(
+            "9. the embedding ledger's cost, instant embeddings",
+            f"{ratio:.2f} of the throughput without it ({rate(with_ledger.chunks_per_s, 'chunks/s')} vs "
+            f"{rate(without.chunks_per_s, 'chunks/s')})",
+            note=f"{repeats} runs each, alternating, the best counts ("
+            + ", ".join(f"{rate(r.chunks_per_s, 'chunks/s')}" for r in runs[True])
+            + " with; "
+            + ", ".join(f"{rate(r.chunks_per_s, 'chunks/s')}" for r in runs[False])
+            + " without); instant embeddings, so the database is the bottleneck and the ledger's "
+            "writes (announcements, answers not stored within a quarter second, their removal) are "
+            "all it costs",
+        )
+    )
+
+
+ONLY = ("churn", "ledger")  # items `--only` can run by themselves
 
 
 async def run_only(bench: Bench, item: str) -> None:
     """One item with just the setup it needs (``--only``)."""
     assert item in ONLY
     await bench.warm_up()
-    await churn(bench)
+    if item == "ledger":
+        await publish_base(bench)
+        await ledger_cost(bench)
+    else:
+        await churn(bench)
