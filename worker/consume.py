@@ -51,6 +51,9 @@ class RecordSource(Protocol):
     def committed_offset(self, tp: TopicPartition) -> int | None: ...
     async def rewind(self, tp: TopicPartition, offset: int) -> int: ...
     def resume_from(self, tp: TopicPartition, offset: int) -> None: ...
+    async def start_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]: ...
+    @property
+    def rebalancing(self) -> bool: ...
 
 
 class KafkaSource:
@@ -68,6 +71,7 @@ class KafkaSource:
         self._fetched: dict[TopicPartition, int] = {}  # the next offset each partition's fetch gives
         self._ends_asked = 0.0
         self._fatal: WorkerError | None = None  # raised by the next fetch
+        self._rebalancing = False  # from a revoke until the assignment's callback has run
 
     def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
         self._revoked, self._assigned = revoked, assigned
@@ -192,9 +196,10 @@ class KafkaSource:
         return set() if self._consumer is None else set(self._consumer.assignment())
 
     def caught_up(self) -> bool:
-        """Every assigned partition's committed offset has reached its high watermark."""
+        """Every assigned partition's committed offset has reached its high watermark, and so has
+        its fetching (a partition rewound below its commit has records to read again)."""
         lags = self._lags()
-        return bool(lags) and all(lag == 0 for lag in lags.values())
+        return bool(lags) and all(lag == 0 for lag in lags.values()) and self.unfetched() == 0
 
     def lag(self) -> int | None:
         lags = self._lags().values()
@@ -205,20 +210,33 @@ class KafkaSource:
         return self._committed.get(tp)
 
     async def rewind(self, tp: TopicPartition, offset: int) -> int:
-        """Fetch ``tp`` again from ``offset`` (below what the group committed): what is re-read is
-        stored again idempotently, and no commit goes below what the group already committed.
-        Returns where fetching resumes: ``offset``, or the log's start if retention removed it."""
+        """Where ``tp`` can be fetched again from ``offset`` (below what the group committed):
+        ``offset``, or the log's start if retention removed it. What is re-read is stored again
+        idempotently, and no commit goes below what the group already committed. The caller
+        seeks there (``resume_from``)."""
         start = int((await self._consumer.beginning_offsets([tp]))[tp])
-        resume = max(offset, start)
-        self._consumer.seek(tp, resume)
-        self._fetched.pop(tp, None)
-        return resume
+        return max(offset, start)
 
     def resume_from(self, tp: TopicPartition, offset: int) -> None:
-        """Fetch ``tp`` from ``offset``: where this member's own fetching had got to, for a
-        partition it kept through a rebalance (its records up to there are still in flight here)."""
+        """Fetch ``tp`` from ``offset`` (called at the end of the assignment's callback, with no
+        await after it, so that nothing fetched from another position reaches the Worker)."""
         self._consumer.seek(tp, offset)
         self._fetched[tp] = offset
+
+    async def start_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where each partition starts for a new owner: the group's committed offset, else the
+        log's start (auto_offset_reset=earliest)."""
+        starts = {tp: c for tp in partitions if (c := self._committed.get(tp)) is not None}
+        fresh = [tp for tp in partitions if tp not in starts]
+        if fresh:  # (not seek_to_beginning: it waits on the fetcher, which waits on the callback)
+            starts |= {tp: int(o) for tp, o in (await self._consumer.beginning_offsets(fresh)).items()}
+        return starts
+
+    @property
+    def rebalancing(self) -> bool:
+        """Between a revoke and the end of the next assignment's callback: records fetched then
+        may come from positions the callback is about to move, so the Worker takes none."""
+        return self._rebalancing
 
     def unfetched(self) -> int | None:
         """Records the assigned partitions hold beyond what was fetched; None before it is known
@@ -253,6 +271,13 @@ class KafkaSource:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     async def _partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._rebalancing = True
+        try:
+            await self._assigned_now(assigned)
+        finally:
+            self._rebalancing = False
+
+    async def _assigned_now(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             with contextlib.suppress(KafkaError):
                 committed = await self._consumer.committed(tp)
@@ -284,6 +309,7 @@ class KafkaSource:
             )
 
     async def _partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._rebalancing = True
         if self._revoked is not None:
             await self._revoked(revoked)
         await self.commit(revoked)

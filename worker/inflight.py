@@ -124,12 +124,17 @@ class InFlight:
         return {tp: o.next_offset for tp, o in self._offsets.items() if o.next_offset is not None}
 
     def spans(self, partitions: set[TopicPartition]) -> bool:
-        """A document's pending events come from some of ``partitions`` and from others too."""
-        for job in (*self._running.values(), *self._waiting.values()):
-            inside = {r.tp in partitions for r in job.records}
-            if len(inside) > 1:
+        """A document's pending events (its running and its waiting job together) come from some
+        of ``partitions`` and from others too."""
+        for doc_id, running in self._running.items():
+            waiting = self._waiting.get(doc_id)
+            records = running.records + (waiting.records if waiting is not None else [])
+            if len({r.tp in partitions for r in records}) > 1:
                 return True
         return False
+
+    def tracks(self, tp: TopicPartition) -> bool:
+        return tp in self._offsets
 
     def forget(self, partitions: set[TopicPartition]) -> set[Job]:
         """Give up ``partitions`` (another member owns them now): their records leave the window

@@ -28,6 +28,7 @@ from worker import metrics
 from worker.dependency import Dependency
 from worker.errors import DatabaseUnavailable, DependencyError, describe
 from worker.retry import ShuttingDown
+from worker.schema import OUTAGE_ERRORS
 from worker.settings import Settings
 from worker.sql import LEDGER_PRUNE_LIMIT, LEDGER_PRUNE_LOCK, Statements
 from worker.types import Vector
@@ -76,6 +77,7 @@ class LedgerTable:
         self._stale = LEASE  # an announced purchase not renewed for this long is free
         self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
         self._presence: asyncpg.Connection | None = None
+        self._presence_lock = asyncio.Lock()  # one presence connection, one buyer number
         self.exists = False  # set by the store when it finds the table
 
     @property
@@ -146,15 +148,16 @@ class LedgerTable:
 
     async def _be_present(self) -> None:
         """Hold this process's buyer lock on a connection of its own (again after it was lost)."""
-        if self._presence is not None and not self._presence.is_closed():
-            return
-        try:
-            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.buyer):
-                self.buyer = secrets.randbits(62) + 1  # another process drew the same number
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise DatabaseUnavailable(f"cannot announce purchases: {describe(exc)}") from exc
-        self._presence = conn
+        async with self._presence_lock:
+            if self._presence is not None and not self._presence.is_closed():
+                return
+            try:
+                conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+                while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.buyer):
+                    self.buyer = secrets.randbits(62) + 1  # another process drew the same number
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                raise DatabaseUnavailable(f"cannot announce purchases: {describe(exc)}") from exc
+            self._presence = conn
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         pool = self._pool()
@@ -163,7 +166,7 @@ class LedgerTable:
         try:
             async with pool.acquire() as conn:
                 return await work(conn)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except OUTAGE_ERRORS as exc:  # a deadlock with a prune, too: retried
             raise DatabaseUnavailable(f"ledger write failed: {describe(exc)}") from exc
 
 
@@ -300,20 +303,25 @@ class Ledger:
                 continue
             try:
                 await self._look(list(self._watched))
-            except DependencyError as exc:
+            except ShuttingDown:
+                return
+            except (DependencyError, asyncpg.PostgresError) as exc:
                 log.info("ledger_watch_failed", error=describe(exc))
 
     async def _look(self, digests: list[bytes]) -> None:
         seen = await self._database.call(lambda: self._table.watch(digests))
-        free = [d for d in digests if seen.get(d) is False]
+        free = [d for d in digests if seen.get(d) is False and self._watching(d)]
         mine = await self.claim(free) if free else set()
         for digest in digests:
             state = seen.get(digest)
-            if digest not in self._watched or state is True or (state is False and digest not in mine):
+            if not self._watching(digest):  # let go of meanwhile: a purchase taken over is not made
+                self._watched.pop(digest, None)
+                if digest in mine:
+                    self.abandon([digest])
+                continue
+            if state is None or state is True or (state is False and digest not in mine):
                 continue
             future = self._watched.pop(digest)
-            if future.done():
-                continue
             if isinstance(state, bool):  # False, and taken over: this process buys it
                 future.set_result(None)
             else:
@@ -323,15 +331,21 @@ class Ledger:
         while True:
             await asyncio.sleep(LEASE / 3)
             if self._announced:
-                with contextlib.suppress(DependencyError):
+                with contextlib.suppress(DependencyError, asyncpg.PostgresError):
                     await self._table.renew(sorted(self._announced))
+
+    def _watching(self, digest: bytes) -> bool:
+        future = self._watched.get(digest)
+        return future is not None and not future.done()
 
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(PRUNE_INTERVAL)
-            with contextlib.suppress(DependencyError):
+            try:
                 if deleted := await self._table.prune():
                     log.info("ledger_pruned", rows=deleted)
+            except (DependencyError, asyncpg.PostgresError) as exc:  # the next turn tries again
+                log.info("ledger_prune_failed", error=describe(exc))
 
 
 def _died(task: asyncio.Task[None]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -106,7 +107,8 @@ class Pipeline:
         self._output = asyncio.Event()  # cleared once settled: nothing is stored or dead-lettered
         self._output.set()
         self._settled = True
-        self._dropped: set[Job] = set()  # jobs of partitions given up in flight: they finish nowhere
+        # Jobs of partitions given up in flight: they finish nowhere (gone once nothing holds them).
+        self._dropped: weakref.WeakSet[Job] = weakref.WeakSet()
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
         self.finished_records = 0
@@ -202,6 +204,8 @@ class Pipeline:
         """Store what is ready (documents with every vector, and dead letters), then hold the rest:
         nothing moves until ``resume`` (or ``close``), and nothing waits on the embedding API.
         False when ``within`` seconds ran out first."""
+        if self.suspended:
+            return self._settled  # settled on the revoke already: what came since waits
         self._intake.clear()
         ready = asyncio.gather(self._embedded.join(), self._dead.join())
         try:
@@ -221,7 +225,7 @@ class Pipeline:
         if self.fenced or not self._settled or self._inflight.spans(lost):
             return None
         before = self._inflight.records
-        self._dropped |= self._inflight.forget(lost)
+        self._dropped.update(self._inflight.forget(lost))
         for job in [j for j in self._carried if j in self._dropped]:
             self.purchases.release(self._carried.pop(job), stored=False)
         return before - self._inflight.records
@@ -356,7 +360,12 @@ class Pipeline:
 
     async def _send_dead_letters(self, batch: list[Dead]) -> None:
         await self._output.wait()
-        batch = [d for d in batch if d.job is None or d.job not in self._dropped]
+        # not for a partition given up (forgotten), nor for a job dropped with one
+        batch = [
+            d
+            for d in batch
+            if self._inflight.tracks(d.letter.record.tp) and (d.job is None or d.job not in self._dropped)
+        ]
         if not batch:
             return
         letters = [d.letter for d in batch]

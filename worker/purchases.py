@@ -129,9 +129,11 @@ class Purchases:
             raise
         taken: dict[bytes, Purchase] = {}
         for digest, (text, tenant) in wanted.items():
-            current = self._by_digest.get(digest)
-            assert current is None or current.failed, "acquired a content that is in flight: join it"
-            if digest in mine:
+            if (joined := self.join(digest)) is not None:  # acquired meanwhile for another document
+                if digest in mine and joined.bought is None:  # awaited from another process: not ours
+                    self._ledger.abandon([digest])
+                taken[digest] = joined
+            elif digest in mine:
                 taken[digest] = self._buy(digest, text, tenant)
             else:
                 taken[digest] = self._await_elsewhere(digest, text, tenant)
@@ -170,7 +172,9 @@ class Purchases:
         watched = self._ledger.watch(digest)
 
         def seen(w: asyncio.Future[Vector | None]) -> None:
-            if vector.done():
+            if vector.done():  # let go of meanwhile: a purchase taken over for it is not made
+                if not w.cancelled() and w.result() is None:
+                    self._ledger.abandon([digest])
                 return
             if w.cancelled():
                 vector.cancel()

@@ -309,7 +309,7 @@ PRUNE_LEDGER_SQL: Final = """
 DELETE FROM {schema}.embedding_ledger
 WHERE ctid = ANY(ARRAY(
     SELECT l.ctid FROM {schema}.embedding_ledger l
-    WHERE l.bought_at < now() - make_interval(hours => $1)
+    WHERE l.bought_at < now() - $1::float8 * interval '1 hour'
        OR (l.embedding IS NULL AND l.buyer NOT IN {live})
        OR EXISTS (SELECT 1 FROM {schema}.chunks c
                   WHERE c.content_sha256 = l.content_sha256 AND c.model = l.model)

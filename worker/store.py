@@ -317,7 +317,7 @@ class Store:
             WRITE_PRIVILEGES_SQL,
             f"{self._schema}.documents",
             f"{self._schema}.chunks",
-            f"{self._schema}.embedding_ledger",
+            f"{self._schema}.embedding_ledger" if self._ledger.enabled else None,  # off: not needed
         )
         if missing:
             raise DatabaseRefused(f"this role may not write: it lacks {missing}")

@@ -192,6 +192,8 @@ class Worker:
     def _admit(self, records: list[Record]) -> None:
         if self._lost:
             return  # fetched before the pause took effect: the partitions' new owner has them
+        if self._source.rebalancing:
+            return  # from positions the assignment is about to set: fetched again from there
         assigned = self._source.assignment()
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
@@ -365,9 +367,10 @@ class Worker:
         """Start each partition from the lower of the group's committed offset and the database's
         own record of how far it got (``stored``): a database restored from a backup is brought
         forward from the topic (as far as its retention allows) instead of missing what came
-        since. Returns where each partition starts."""
-        starts = {tp: self._source.committed_offset(tp) or 0 for tp in assigned}
-        for tp in sorted(assigned & self._database_behind(stored)):
+        since. Every other partition starts where the group committed. Returns where each starts."""
+        behind = self._database_behind(stored)
+        starts = await self._source.start_offsets(assigned - behind)
+        for tp in sorted(assigned & behind):
             committed, database = self._source.committed_offset(tp), stored[tp]
             resumed = starts[tp] = await self._source.rewind(tp, database)
             log.warning(
@@ -415,16 +418,30 @@ class Worker:
         if dropped is None:
             await self._retire_pipeline()
             return {}
-        for tp, offset in kept.items():
-            self._source.resume_from(tp, offset)
         log.info("work_kept", records=pipeline.in_flight, partitions=len(kept), dropped=dropped)
         return kept
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self._take(assigned)
+        except Exception as exc:  # aiokafka would swallow it, leaving positions unset
+            log.exception("assignment_failed", error=describe(exc))
+            if self.failure is None:
+                self.failure = exc  # stop: a restart starts from the commits, nothing lost
+            self._stop.set()
+
+    async def _take(self, assigned: set[TopicPartition]) -> None:
+        """Decide where each assigned partition is fetched from (kept work, a restored database,
+        or the commit), claim them, then set every position with no await left: whatever was
+        fetched meanwhile, the Worker took none of it (``rebalancing``)."""
         stored = await self._database_offsets(assigned)
         kept = await self._keep_what_stays(assigned - self._database_behind(stored))
-        starts = await self._rewind_to_database(assigned - kept.keys(), stored) | kept
-        self._epoch = await self._claim(starts)
+        starts = await self._rewind_to_database(assigned - kept.keys(), stored)
+        marks = self._pipeline.watermarks() if self._pipeline is not None else {}
+        stored_up_to = {tp: marks.get(tp, offset) for tp, offset in kept.items()}  # not what was fetched
+        self._epoch = await self._claim(starts | stored_up_to)
+        for tp, offset in (starts | kept).items():
+            self._source.resume_from(tp, offset)
         self._lost = False
         self._abandoned = 0  # fetched again from the commits, so counted by unfetched() from now on
         if self._pipeline is None:

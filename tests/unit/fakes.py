@@ -262,13 +262,17 @@ class FakeSource:
 
     async def rewind(self, tp: TopicPartition, offset: int) -> int:
         resume = max(offset, self.logs[tp][0].offset)  # the log starts at its first record
-        self.position[tp] = resume
         self.journal.append(("rewind", {tp.partition: resume}))
         return resume
 
     def resume_from(self, tp: TopicPartition, offset: int) -> None:
         self.position[tp] = offset
         self.journal.append(("resume_from", {tp.partition: offset}))
+
+    async def start_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.committed.get(tp, self.logs[tp][0].offset) for tp in partitions}
+
+    rebalancing = False  # the tests call the rebalance callbacks themselves, between fetches
 
 
 @dataclass
