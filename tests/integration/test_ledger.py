@@ -78,3 +78,26 @@ async def test_the_prune_keeps_only_what_is_paid_for_unstored_and_recent(env: En
     finally:
         await store.close()
         await conn.close()
+
+
+async def test_a_retention_of_part_of_an_hour_is_kept_as_given(env: Env) -> None:
+    env = env.with_(EMBEDDING_LEDGER_HOURS="0.5")
+    await Store(env.settings).migrate(ann_index=False)
+    store = Store(env.settings)
+    await store.open()
+    conn = await connect(env)
+    try:
+        await store.ledger.keep({X: vector(env, 0.1), Y: vector(env, 0.2)})
+        for digest, minutes in ((X, 10), (Y, 40)):
+            await conn.execute(
+                f"UPDATE {env.schema}.embedding_ledger SET bought_at = now() - $2 * interval '1 minute' "
+                "WHERE content_sha256 = $1",
+                digest,
+                minutes,
+            )
+        assert await store.ledger.prune() == 1
+        rows = await conn.fetch(f"SELECT content_sha256 FROM {env.schema}.embedding_ledger")
+        assert [bytes(r[0]) for r in rows] == [X], "half an hour, not none"
+    finally:
+        await store.close()
+        await conn.close()

@@ -296,3 +296,14 @@ def test_routing_keeps_each_document_in_order_with_one_job_at_a_time(steps: list
     assert window.empty
     assert processed == admitted, "every event processed once, each document's in admission order"
     assert window.watermarks() == ({P0: offset} if offset else {})
+
+
+def test_a_document_whose_events_span_two_partitions_cannot_be_kept_apart() -> None:
+    window = InFlight(max_records=10, max_bytes=1000)
+    running = window.route(record(0, partition=0), event("d"))
+    assert running is not None
+    assert window.route(record(100, partition=1), event("d")) is None  # waits behind the running job
+    window.track(record(0, partition=0))
+    window.track(record(100, partition=1))
+    assert window.spans({P0}) and window.spans({P1}), "its running and waiting jobs are one document"
+    assert not window.spans({P0, P1})

@@ -810,6 +810,49 @@ async def test_a_rebalance_drops_the_work_of_a_partition_it_loses_and_goes_on_wi
     assert {sha256(c) for c in chunk_contents(TEXT_B)} <= set(r.store.ledger.vectors), "b's were paid: kept"
 
 
+async def test_records_handed_out_while_an_assignment_is_handled_are_fetched_again_not_lost() -> None:
+    answer = asyncio.Event()
+    embedder = FakeEmbedder()
+    embedder.hold["Alpha"] = answer
+    r = rig(
+        log_of({0: [upsert("a", TEXT_A2, 1), upsert("c", TEXT_C, 1)]}),
+        embedder=embedder,
+        settings=make_settings(SHUTDOWN_GRACE_SECONDS="0"),  # a revoke cannot settle: nothing is kept
+    )
+    handled = False
+    r.source.ready = lambda rec: rec.offset == 0 or r.source.rebalancing or handled
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: bool(embedder.active))  # a is being embedded
+    assert r.source.callbacks is not None
+    on_revoked, on_assigned = r.source.callbacks
+    r.source.rebalancing = True
+    await on_revoked({P0})
+    await until(lambda: r.source.position[P0] == 2)  # c handed out while the assignment is handled
+    await on_assigned({P0})
+    r.source.rebalancing, handled = False, True
+    answer.set()
+    await asyncio.wait_for(running, 3)
+    assert set(r.store.documents) == {"a", "c"}, "c was fetched again from the commit"
+    r.assert_all_committed()
+
+
+async def test_an_assignment_that_fails_stops_the_worker_rather_than_leave_positions_unset() -> None:
+    r = rig(log_of({0: [upsert("a", TEXT_C, 1)]}), stop_when_idle=None)
+
+    async def broken(starts: object) -> int:
+        raise RuntimeError("a bug in claim")
+
+    r.store.claim = broken  # type: ignore[method-assign,assignment]
+    running = asyncio.create_task(r.worker.run())
+    await until(lambda: r.source.callbacks is not None)
+    _, on_assigned = r.source.callbacks  # type: ignore[misc]
+    with structlog.testing.capture_logs() as logged:
+        await on_assigned({P0})
+    with pytest.raises(RuntimeError, match="a bug in claim"):
+        await asyncio.wait_for(running, 3)
+    assert [e["event"] for e in logged if e["event"] == "assignment_failed"] == ["assignment_failed"]
+
+
 async def test_stop_during_an_embedding_outage_ends_run_within_the_grace_period() -> None:
     grace = 0.1
     r = rig(
