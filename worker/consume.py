@@ -52,8 +52,6 @@ class RecordSource(Protocol):
     async def rewind(self, tp: TopicPartition, offset: int) -> int: ...
     def resume_from(self, tp: TopicPartition, offset: int) -> None: ...
     async def start_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]: ...
-    @property
-    def rebalancing(self) -> bool: ...
 
 
 class KafkaSource:
@@ -71,7 +69,9 @@ class KafkaSource:
         self._fetched: dict[TopicPartition, int] = {}  # the next offset each partition's fetch gives
         self._ends_asked = 0.0
         self._fatal: WorkerError | None = None  # raised by the next fetch
-        self._rebalancing = False  # from a revoke until the assignment's callback has run
+        # From a revoke until the assignment's callback has run: records fetched then may come
+        # from positions the callback is about to set (it sets them last), so none is handed out.
+        self._rebalancing = False
 
     def on_rebalance(self, *, revoked: PartitionsCallback, assigned: PartitionsCallback) -> None:
         self._revoked, self._assigned = revoked, assigned
@@ -122,6 +122,8 @@ class KafkaSource:
         if self._fatal is not None:
             raise self._fatal
         batches = await self._consumer.getmany(timeout_ms=int(max_wait * 1000))
+        if self._rebalancing:
+            return []  # from positions the assignment's callback is about to set: fetched again
         if self._paused and time.monotonic() - self._ends_asked >= END_OFFSETS_EVERY:
             await self._ask_end_offsets()
         self._update_lag()
@@ -231,12 +233,6 @@ class KafkaSource:
         if fresh:  # (not seek_to_beginning: it waits on the fetcher, which waits on the callback)
             starts |= {tp: int(o) for tp, o in (await self._consumer.beginning_offsets(fresh)).items()}
         return starts
-
-    @property
-    def rebalancing(self) -> bool:
-        """Between a revoke and the end of the next assignment's callback: records fetched then
-        may come from positions the callback is about to move, so the Worker takes none."""
-        return self._rebalancing
 
     def unfetched(self) -> int | None:
         """Records the assigned partitions hold beyond what was fetched; None before it is known

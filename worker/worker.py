@@ -192,8 +192,6 @@ class Worker:
     def _admit(self, records: list[Record]) -> None:
         if self._lost:
             return  # fetched before the pause took effect: the partitions' new owner has them
-        if self._source.rebalancing:
-            return  # from positions the assignment is about to set: fetched again from there
         assigned = self._source.assignment()
         if self._pipeline is None:
             self._pipeline = self._new_pipeline()
@@ -433,7 +431,7 @@ class Worker:
     async def _take(self, assigned: set[TopicPartition]) -> None:
         """Decide where each assigned partition is fetched from (kept work, a restored database,
         or the commit), claim them, then set every position with no await left: whatever was
-        fetched meanwhile, the Worker took none of it (``rebalancing``)."""
+        fetched meanwhile, the source handed none of it out."""
         stored = await self._database_offsets(assigned)
         kept = await self._keep_what_stays(assigned - self._database_behind(stored))
         starts = await self._rewind_to_database(assigned - kept.keys(), stored)

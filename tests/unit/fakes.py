@@ -209,6 +209,8 @@ class FakeSource:
                     batch.extend(ready)
         else:
             self.fetched_while_paused += 1
+        if self.rebalancing:  # handed out by the consumer and held back, as KafkaSource does
+            batch = []
         if not batch:
             await asyncio.sleep(min(max_wait, 0.002))
             return []
@@ -272,7 +274,7 @@ class FakeSource:
     async def start_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self.committed.get(tp, self.logs[tp][0].offset) for tp in partitions}
 
-    rebalancing = False  # the tests call the rebalance callbacks themselves, between fetches
+    rebalancing = False  # set by a test around the callbacks it calls itself
 
 
 @dataclass
