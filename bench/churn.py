@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.context import Bench
 from bench.corpus import make_documents, publish
 from bench.report import Check
-from bench.runner import log_timestamp, stop_worker, worker_command
+from bench.runner import json_lines, log_timestamp, stop_worker, worker_command
 from worker.chunk import chunk_text
 
 TOPIC = "bench_churn"
@@ -62,13 +61,7 @@ def read_log(path: Path) -> list[LogLine]:
     """The JSON log lines that carry an event and a timestamp, in file order."""
     out: list[LogLine] = []
     with contextlib.suppress(FileNotFoundError):
-        for raw in path.read_bytes().splitlines():
-            try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(line, dict):
-                continue
+        for line in json_lines(path):
             at = log_timestamp(line)
             if at is not None and isinstance(line.get("event"), str):
                 out.append(LogLine(at, line["event"], line))

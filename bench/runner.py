@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -116,15 +116,20 @@ def log_timestamp(line: dict[str, Any]) -> float | None:
         return None
 
 
-def _parse_log(path: Path) -> _Log:
-    out = _Log()
+def json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The worker log's JSON objects, in file order (anything else on a line is passed over)."""
     for raw in path.read_bytes().splitlines():
         try:
             line = orjson.loads(raw)
         except orjson.JSONDecodeError:
             continue
-        if not isinstance(line, dict):
-            continue
+        if isinstance(line, dict):
+            yield line
+
+
+def _parse_log(path: Path) -> _Log:
+    out = _Log()
+    for line in json_lines(path):
         at = log_timestamp(line)
         event = line.get("event")
         if event == "batch_stored" and at is not None:
