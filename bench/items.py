@@ -147,6 +147,18 @@ async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRu
         )
     )
 
+    report.add(
+        Check(
+            "10. where a write transaction's time goes, instant embeddings",
+            write_breakdown(fast.write_seconds),
+            note="`ingest_write_step_seconds{step}` summed over the best instant run (the worker logs "
+            "the totals in its `worker_stopped` line): acquire = waiting for a pool connection; lock = "
+            "the documents' FOR UPDATE read; copy = the temporary table and the binary COPY into it; "
+            "merge = the insert from it into chunks (the HNSW index's cost is here); offsets = the "
+            "source_offsets row; commit = the transaction's commit",
+        )
+    )
+
     bench.instant.reset()
     again = await bench.run(
         "redelivery", embedding_url=bench.instant.url, schema="bench_instant", fresh=False
@@ -378,6 +390,15 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
         await sweep(bench, known)
     await backlog(bench, first)
     await ledger_cost(bench)
+
+
+def write_breakdown(seconds: Mapping[str, float]) -> str:
+    """``step s (share), ...`` in the order of the transaction."""
+    total = sum(seconds.values())
+    if not total:
+        return "no write_seconds in the worker's log"
+    steps = ", ".join(f"{step} {s:.2f} s ({s / total:.0%})" for step, s in seconds.items())
+    return f"{steps}; {total:.2f} s in all"
 
 
 # -- 9. what the embedding ledger costs the write path -------------------------------------------

@@ -65,6 +65,7 @@ class WorkerRun:
     assignments: tuple[tuple[int, ...], ...] = ()  # partitions each process held last
     process_rates: tuple[float, ...] = ()  # chunks/s of each process over its own working time
     problems: tuple[str, ...] = ()
+    write_seconds: Mapping[str, float] = field(default_factory=dict)  # per write step, all processes
 
     @property
     def ok(self) -> bool:
@@ -104,6 +105,7 @@ class _Log:
     partitions: tuple[int, ...] = ()  # the last assignment's partition numbers
     index_build_seconds: float = 0.0  # a backfill's HNSW build at the end (after the idle wait)
     errors: list[str] = field(default_factory=list)
+    write_seconds: dict[str, float] = field(default_factory=dict)  # per write step (worker_stopped)
 
 
 def log_timestamp(line: dict[str, Any]) -> float | None:
@@ -145,6 +147,8 @@ def _parse_log(path: Path) -> _Log:
         elif event == "ann_index_built":
             seconds = line.get("seconds")
             out.index_build_seconds += float(seconds) if isinstance(seconds, int | float) else 0.0
+        elif event == "worker_stopped" and isinstance(steps := line.get("write_seconds"), dict):
+            out.write_seconds = {str(k): float(v) for k, v in steps.items() if isinstance(v, int | float)}
         elif line.get("level") in ("error", "critical"):
             out.errors.append(str(line.get("event")))
     return out
@@ -352,5 +356,9 @@ async def run_workers(
         foreign=tuple(cpu.foreign()),
         assignments=tuple(p.partitions for p in parsed),
         process_rates=tuple(_own_rate(p) for p in parsed if p.batches and p.chunks),
+        write_seconds={
+            step: sum(p.write_seconds.get(step, 0.0) for p in parsed)
+            for step in dict.fromkeys(k for p in parsed for k in p.write_seconds)
+        },
         problems=tuple(problems),
     )

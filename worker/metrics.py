@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 RECORDS: Final = Counter(
     "ingest_records", "Records finished, by outcome (stored, stale, dead_lettered)", ["topic", "outcome"]
@@ -25,6 +26,36 @@ BATCH_SECONDS: Final = Histogram(
     "Time one write transaction takes (waits through outages included)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+WRITE_STEPS: Final = ("acquire", "lock", "upsert_documents", "copy", "merge", "trim", "offsets", "commit")
+WRITE_STEP_SECONDS: Final = Histogram(
+    "ingest_write_step_seconds",
+    "Time each step of a write transaction takes (where the database's time goes)",
+    ["step"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class WriteLaps:
+    """The seconds each step of one write takes, into ``ingest_write_step_seconds{step}``."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        WRITE_STEP_SECONDS.labels(step=step).observe(now - self._last)
+        self._last = now
+
+
+def write_step_totals() -> dict[str, float]:
+    """Seconds spent in each write step so far, in this process (for the log line at exit)."""
+    totals = {
+        step: REGISTRY.get_sample_value("ingest_write_step_seconds_sum", {"step": step}) or 0.0
+        for step in WRITE_STEPS
+    }
+    return {step: round(seconds, 3) for step, seconds in totals.items() if seconds}
+
+
 DEAD_LETTERS: Final = Counter("ingest_dead_letters", "Records sent to the dead-letter topic", ["stage"])
 DEAD_LETTERS_OVERSIZE: Final = Counter(
     "ingest_dead_letters_oversize",

@@ -18,6 +18,7 @@ import orjson
 import structlog
 from pgvector.asyncpg import register_vector
 
+from worker import metrics
 from worker.chunk import Chunk
 from worker.errors import (
     ConfigError,
@@ -192,27 +193,40 @@ class Store:
         ]
         assert self._pool is not None
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                locked = await conn.fetch(self._sql.lock_states, ids)
-                now = {row["id"]: DocState(row["version"], row["deleted"]) for row in locked}
-                moved = {
-                    w.change.event.doc_id for w in writes if now.get(w.change.event.doc_id) != w.change.before
-                }
-                if moved:
-                    writes = [w for w in writes if w.change.event.doc_id not in moved]
-                    ids = [w.change.event.doc_id for w in writes]
-                    chunk_rows = [row for row in chunk_rows if row[0] not in moved]
-                await conn.execute(self._sql.upsert_documents, *_document_columns(writes))
-                if chunk_rows:
-                    await conn.execute(self._sql.incoming_table)
-                    await conn.copy_records_to_table(
-                        "incoming_chunks", columns=CHUNK_COLUMNS, records=chunk_rows
-                    )
-                    await conn.execute(self._sql.merge_chunks)
-                counts = [0 if w.change.after.deleted else len(w.chunks) for w in writes]
-                await conn.execute(self._sql.trim_chunks, ids, counts)
-                if progress is not None and self._records_offsets:
-                    await self._record(conn, progress.before if moved else progress.after, progress.epoch)
+            clock = metrics.WriteLaps()
+            async with self._pool.acquire() as conn:
+                clock.lap("acquire")
+                async with conn.transaction():
+                    locked = await conn.fetch(self._sql.lock_states, ids)
+                    clock.lap("lock")
+                    now = {row["id"]: DocState(row["version"], row["deleted"]) for row in locked}
+                    moved = {
+                        w.change.event.doc_id
+                        for w in writes
+                        if now.get(w.change.event.doc_id) != w.change.before
+                    }
+                    if moved:
+                        writes = [w for w in writes if w.change.event.doc_id not in moved]
+                        ids = [w.change.event.doc_id for w in writes]
+                        chunk_rows = [row for row in chunk_rows if row[0] not in moved]
+                    await conn.execute(self._sql.upsert_documents, *_document_columns(writes))
+                    clock.lap("upsert_documents")
+                    if chunk_rows:
+                        await conn.execute(self._sql.incoming_table)
+                        await conn.copy_records_to_table(
+                            "incoming_chunks", columns=CHUNK_COLUMNS, records=chunk_rows
+                        )
+                        clock.lap("copy")
+                        await conn.execute(self._sql.merge_chunks)
+                        clock.lap("merge")
+                    counts = [0 if w.change.after.deleted else len(w.chunks) for w in writes]
+                    await conn.execute(self._sql.trim_chunks, ids, counts)
+                    clock.lap("trim")
+                    if progress is not None and self._records_offsets:
+                        record = progress.before if moved else progress.after
+                        await self._record(conn, record, progress.epoch)
+                        clock.lap("offsets")
+                clock.lap("commit")
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents after our lock read: re-plan.
             raise StaleRead(describe(exc)) from exc

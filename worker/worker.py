@@ -174,7 +174,7 @@ class Worker:
             await self._finish_buying(stopped_at)
             for dependency in self.dependencies.all():
                 await dependency.close()
-            log.info("worker_stopped", records=self.records_done)
+            log.info("worker_stopped", records=self.records_done, write_seconds=metrics.write_step_totals())
         if self.failure is not None:
             raise self.failure
 
