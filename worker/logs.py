@@ -46,6 +46,12 @@ _CONNECTION = re.compile(
     r"Unable (to )?connect|Unable to bootstrap|Unable to update metadata|Connection .* closed"
 )
 _quiet = 0
+# aiokafka's lines for a commit refused because the group is rebalancing: a routine part of a
+# member joining or leaving, which the worker handles (commit_refused; what was not committed is
+# processed again, idempotently). Written as warnings, so that an error means something.
+_REBALANCING = re.compile(
+    r"(OffsetCommit|Heartbeat) failed .*(IllegalGeneration|RebalanceInProgress|UnknownMemberId)"
+)
 
 
 @contextlib.contextmanager
@@ -101,9 +107,10 @@ class _ToStructlog(logging.Handler):
             self._seen.clear()
         self._seen[key] = (now, 0)
         extra = {"repeated": repeats} if repeats else {}
-        structlog.get_logger().log(
-            record.levelno, "library_log", logger=record.name, message=message, **extra
-        )
+        level = record.levelno
+        if record.name.startswith("aiokafka") and _REBALANCING.search(message):
+            level = min(level, logging.WARNING)
+        structlog.get_logger().log(level, "library_log", logger=record.name, message=message, **extra)
 
 
 def trace_id_from(headers: object) -> str | None:

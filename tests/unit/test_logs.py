@@ -59,3 +59,13 @@ def test_while_start_up_reports_the_broker_itself_aiokafkas_connection_lines_are
         "Heartbeat failed for group g: something else",
         'Unable connect to "broker:9092": [Errno 111] Connection refused',
     ]
+
+
+def test_a_commit_refused_by_a_rebalance_is_a_warning_not_an_error(lines: io.BytesIO) -> None:
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error(
+        "OffsetCommit failed for group g due to group error ([Error 22] IllegalGenerationError: g), "
+        "will rejoin"
+    )
+    coordinator.error("OffsetCommit failed for group g due to group error ([Error 30] InvalidGroupIdError)")
+    assert [e["level"] for e in written(lines)] == ["warning", "error"]
