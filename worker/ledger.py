@@ -74,7 +74,6 @@ class LedgerTable:
         self._fetch = fetch
         self._pool = pool
         self._model = settings.embedding_model
-        self._stale = LEASE  # an announced purchase not renewed for this long is free
         self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
         self._presence: asyncpg.Connection | None = None
         self._presence_lock = asyncio.Lock()  # one presence connection, one buyer number
@@ -91,7 +90,7 @@ class LedgerTable:
             return set(hashes)
         await self._be_present()
         rows = await self._fetch(
-            self._sql.claim_purchases, self._model, sorted(set(hashes)), self.buyer, self._stale
+            self._sql.claim_purchases, self._model, sorted(set(hashes)), self.buyer, LEASE
         )
         return {bytes(r["content_sha256"]) for r in rows}
 
@@ -113,7 +112,7 @@ class LedgerTable:
         """Each content's vector once known; else True while its buyer is still buying it."""
         if not self.enabled or not hashes:
             return {h: False for h in hashes}
-        rows = await self._fetch(self._sql.watch_purchases, self._model, list(hashes), self._stale)
+        rows = await self._fetch(self._sql.watch_purchases, self._model, list(hashes), LEASE)
         return {
             bytes(r["content_sha256"]): (
                 r["embedding"].to_numpy() if r["embedding"] is not None else bool(r["pending"])
@@ -224,18 +223,20 @@ class Ledger:
         hashes = set(hashes)
         self._announced -= hashes
         self._dropped.update(hashes)
-        self._written.clear()
-        self._wake.set()
+        self._to_write()
 
     def settled(self, digest: bytes, future: asyncio.Future[Vector]) -> None:
         """A purchase's answer: its vector is kept; a failed or withdrawn one is dropped."""
         if not self.enabled:
             return
-        self._announced.discard(digest)
         if future.cancelled() or future.exception() is not None:
-            self._dropped.add(digest)
-        else:
-            self._unwritten[digest] = future.result()
+            self.abandon([digest])
+            return
+        self._announced.discard(digest)
+        self._unwritten[digest] = future.result()
+        self._to_write()
+
+    def _to_write(self) -> None:
         self._written.clear()
         self._wake.set()
 

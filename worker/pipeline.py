@@ -273,9 +273,9 @@ class Pipeline:
 
     async def _prepare(self, jobs: list[Job]) -> None:
         await self._intake.wait()
-        for job in [j for j in jobs if j in self._dropped]:
-            self.purchases.release(self._carried.pop(job, ()), stored=False)
-        jobs = [j for j in jobs if j not in self._dropped]
+        jobs = [j for j in jobs if j not in self._dropped]  # (keep_only let go of what they carried)
+        if not jobs:
+            return
         prepared = await self._plan(jobs)
         await self._submit(prepared)
         for job in jobs:  # prepared again: what it held before is held anew, or not needed

@@ -161,8 +161,7 @@ class Purchases:
 
     def _buy(self, digest: bytes, text: str, tenant: str | None) -> Purchase:
         bought = self._submit(digest, text, tenant)
-        purchase = self._register(Purchase(digest, bought, bought=bought))
-        return purchase
+        return self._register(Purchase(digest, bought, bought=bought))
 
     def _await_elsewhere(self, digest: bytes, text: str, tenant: str | None) -> Purchase:
         """Another process is buying it: wait for the ledger to show it, or to hand it over."""

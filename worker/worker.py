@@ -6,11 +6,10 @@ On a rebalance the worker stores what is ready, commits, and holds the rest of i
 as it can where they were), it goes on with their work in flight, fetching on from where it had
 got to, and drops that of the partitions another member took, which that member re-processes.
 On stop it stores what is ready, commits, and abandons the rest. Nobody waits on the embedding
-API. Embeddings are bought
-through one registry for the process (worker.purchases), and every one paid for is kept in the
-ledger (worker.ledger), so the abandoned work costs nothing to redo. On stop, once it has left
-the group, the worker still lets the requests it had sent be answered (within the grace period),
-and keeps their vectors.
+API. Embeddings are bought through one registry for the process (worker.purchases), and every one
+paid for is kept in the ledger (worker.ledger), so the abandoned work costs nothing to redo. On
+stop, once it has left the group, the worker still lets the requests it had sent be answered
+(within the grace period), and keeps their vectors.
 """
 
 from __future__ import annotations
@@ -307,19 +306,15 @@ class Worker:
             await self._source.commit()
             return
         self._retiring = pipeline
-        grace = self._settings.shutdown_grace_seconds
-        settled = await pipeline.settle(within=grace)
+        settled = await self._store_what_is_ready(pipeline)
         if pipeline.in_flight:
             log.info(
                 "work_abandoned",
                 records=pipeline.in_flight,
                 hint="the partitions' next owner processes them; what was paid for is not bought again"
                 if settled
-                else f"not stored within SHUTDOWN_GRACE_SECONDS ({grace:g})",
+                else f"not stored within SHUTDOWN_GRACE_SECONDS ({self._settings.shutdown_grace_seconds:g})",
             )
-        marks = pipeline.watermarks()
-        await self._record_progress(marks)
-        self._source.mark_stored(marks)
         await self._source.commit()
         await pipeline.close()
         self._records_before += pipeline.finished_records
@@ -327,6 +322,15 @@ class Worker:
         self._retiring = None
         if pipeline.failure is not None and self.failure is None:
             self.failure = pipeline.failure
+
+    async def _store_what_is_ready(self, pipeline: Pipeline) -> bool:
+        """Settle the pipeline within the grace period (False: time ran out) and mark what it
+        stored, recorded in the database, for the next commit."""
+        settled = await pipeline.settle(within=self._settings.shutdown_grace_seconds)
+        marks = pipeline.watermarks()
+        await self._record_progress(marks)
+        self._source.mark_stored(marks)
+        return settled
 
     async def _claim(self, starts: dict[TopicPartition, int]) -> int | None:
         """Claim the assigned partitions in the database (a new owner epoch): from now on a member
@@ -360,13 +364,12 @@ class Worker:
         }
 
     async def _rewind_to_database(
-        self, assigned: set[TopicPartition], stored: dict[TopicPartition, int]
+        self, assigned: set[TopicPartition], stored: dict[TopicPartition, int], behind: set[TopicPartition]
     ) -> dict[TopicPartition, int]:
-        """Start each partition from the lower of the group's committed offset and the database's
-        own record of how far it got (``stored``): a database restored from a backup is brought
+        """Start each partition the database is ``behind`` on from its own record of how far it
+        got (``stored``), below the group's commit: a database restored from a backup is brought
         forward from the topic (as far as its retention allows) instead of missing what came
         since. Every other partition starts where the group committed. Returns where each starts."""
-        behind = self._database_behind(stored)
         starts = await self._source.start_offsets(assigned - behind)
         for tp in sorted(assigned & behind):
             committed, database = self._source.committed_offset(tp), stored[tp]
@@ -396,14 +399,9 @@ class Worker:
         """aiokafka's eager protocol revokes every partition: store what is ready, commit it (the
         source commits after this), and hold the rest until the assignment says what stays."""
         pipeline = self._pipeline
-        if pipeline is None:
-            return
-        grace = self._settings.shutdown_grace_seconds
-        if not await pipeline.settle(within=grace):
+        if pipeline is not None and not await self._store_what_is_ready(pipeline):
+            grace = self._settings.shutdown_grace_seconds
             log.warning("work_unsettled", records=pipeline.in_flight, grace_seconds=grace)
-        marks = pipeline.watermarks()
-        await self._record_progress(marks)
-        self._source.mark_stored(marks)
 
     async def _keep_what_stays(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
         """The held pipeline goes on with the partitions assigned again, fetched on from where it
@@ -433,8 +431,9 @@ class Worker:
         or the commit), claim them, then set every position with no await left: whatever was
         fetched meanwhile, the source handed none of it out."""
         stored = await self._database_offsets(assigned)
-        kept = await self._keep_what_stays(assigned - self._database_behind(stored))
-        starts = await self._rewind_to_database(assigned - kept.keys(), stored)
+        behind = self._database_behind(stored)
+        kept = await self._keep_what_stays(assigned - behind)
+        starts = await self._rewind_to_database(assigned - kept.keys(), stored, behind)
         marks = self._pipeline.watermarks() if self._pipeline is not None else {}
         stored_up_to = {tp: marks.get(tp, offset) for tp, offset in kept.items()}  # not what was fetched
         self._epoch = await self._claim(starts | stored_up_to)
