@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pgvector.asyncpg import register_vector
 
 from bench.corpus import Published
+from bench.cpu import machine_busy
 from worker.chunk import chunk_text
 from worker.dev.embedserver import embed_texts
 
@@ -38,10 +39,16 @@ class Ceiling:
     docs: int
     seconds: float
     build_seconds: float = 0.0  # building the HNSW index after a COPY without it
+    busy_seconds: float = 0.0  # CPU the whole machine spent meanwhile (every core's busy time)
 
     def with_build(self) -> Ceiling:
         """This COPY and the index build after it, as one ceiling (what a backfill has to do)."""
         return Ceiling(f"{self.name} + HNSW build", self.items, self.docs, self.seconds + self.build_seconds)
+
+    @property
+    def cores(self) -> float:
+        """How many cores' worth of CPU the machine spent busy while it ran."""
+        return self.busy_seconds / self.seconds
 
     @property
     def per_s(self) -> float:
@@ -166,9 +173,11 @@ async def copy_ceiling(
                 )
 
         await conn.execute("CHECKPOINT")  # start every variant from the same quiet state
+        busy = machine_busy()
         started = time.perf_counter()
         await asyncio.gather(*(copy(c, part) for c, part in zip(conns, parts, strict=True)))
         seconds = time.perf_counter() - started
+        busy = machine_busy() - busy
         build_started = time.perf_counter()
         for _, definition in dropped:
             await conn.execute(f"SET maintenance_work_mem = '{index_build_memory}'")
@@ -181,7 +190,7 @@ async def copy_ceiling(
     name = "COPY, PK + HNSW" if approximate_index else "COPY, PK only (backfill)"
     if connections > 1:
         name += f", {connections} connections"
-    return Ceiling(name, len(rows.rows), rows.docs, seconds, build_seconds)
+    return Ceiling(name, len(rows.rows), rows.docs, seconds, build_seconds, busy)
 
 
 def _split_by_document(

@@ -140,16 +140,36 @@ class CpuAccount:
     machine_end: float = field(init=False)
 
     processes_start: dict[int, float] = field(init=False)
+    # (wall time, each meter's use so far, the machine's busy seconds) at every tick
+    timeline: list[tuple[float, dict[str, float], float]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.meters = {name: CpuMeter(source) for name, source in self.sources.items()}
         self.machine_start = self.machine_end = machine_busy()
         self.processes_start = all_processes()
+        self.timeline = []
 
     def tick(self) -> None:
         for meter in self.meters.values():
             meter.tick()
         self.machine_end = machine_busy()
+        used = {name: meter.used() for name, meter in self.meters.items()}
+        self.timeline.append((time.time(), used, self.machine_end))
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by part from the tick nearest ``start`` to the one nearest ``end`` (wall
+        times), with ``machine`` (every core's busy time) and ``others`` (the machine's less ours)."""
+        if len(self.timeline) < 2:
+            return {}
+
+        def nearest(at: float) -> tuple[float, dict[str, float], float]:
+            return min(self.timeline, key=lambda sample: abs(sample[0] - at))
+
+        (_, first, busy_first), (_, last, busy_last) = nearest(start), nearest(end)
+        out = {name: last[name] - first.get(name, 0.0) for name in last}
+        out["machine"] = busy_last - busy_first
+        out["others"] = max(0.0, out["machine"] - sum(last[n] - first.get(n, 0.0) for n in last))
+        return out
 
     def summary(self) -> dict[str, float]:
         out = {name: meter.used() for name, meter in self.meters.items()}

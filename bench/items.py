@@ -107,7 +107,8 @@ async def ceilings(bench: Bench) -> Limits:
                 f"{rate(ceiling.per_s, 'rows/s')}, {rate(ceiling.docs_per_s, 'docs/s')}",
                 note=f"best of {plan.repeats}: copy_records_to_table (pgvector codec) of "
                 f"{ceiling.items} chunk rows ({ceiling.docs} docs) with their vectors into a "
-                f"`LIKE chunks INCLUDING ALL` copy of a migrated schema's table{how[number]}",
+                f"`LIKE chunks INCLUDING ALL` copy of a migrated schema's table{how[number]}; the "
+                f"machine kept {ceiling.cores:.2f} cores busy meanwhile",
             )
         )
     limits = Limits(consume, copy_backfill.with_build() if plan.backfill else copy_ann, copy_parallel)
@@ -119,13 +120,20 @@ async def ceilings(bench: Bench) -> Limits:
 
 
 async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRun, WorkerRun]:
-    """Items 2 and 7; returns the first instant run (the base of item 5) and the fastest."""
+    """Items 2, 10 and 7; returns the first instant run (the base of item 5) and the fastest."""
+    first, fast = await instant(bench, limits)
+    await redelivery(bench, first)
+    return first, fast
+
+
+async def instant(bench: Bench, limits: Limits, repeats: int | None = None) -> tuple[WorkerRun, WorkerRun]:
+    """Items 2 and 10; the first run's schema (``bench_instant``) is kept for item 7."""
     report = bench.report
     bench.instant.reset()
     first = await bench.run("instant", embedding_url=bench.instant.url)  # its schema is redelivered into
     inputs_first = int(bench.instant.stats()["inputs"])
     runs = [first]
-    for i in range(2, bench.plan.repeats + 1):
+    for i in range(2, (repeats or bench.plan.repeats) + 1):
         runs.append(await bench.run(f"instant_{i}", embedding_url=bench.instant.url))
         await bench.drop_schema(f"bench_instant_{i}")
     fast = best(runs)
@@ -158,7 +166,12 @@ async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRu
             "source_offsets row; commit = the transaction's commit",
         )
     )
+    return first, fast
 
+
+async def redelivery(bench: Bench, first: WorkerRun) -> None:
+    """Item 7: the same stream consumed again into the first instant run's schema."""
+    report = bench.report
     bench.instant.reset()
     again = await bench.run(
         "redelivery", embedding_url=bench.instant.url, schema="bench_instant", fresh=False
@@ -177,7 +190,6 @@ async def instant_and_redelivery(bench: Bench, limits: Limits) -> tuple[WorkerRu
         )
     )
     await bench.drop_schema("bench_instant")
-    return first, fast
 
 
 # -- 3. and 4. slow embeddings, and the naive baseline at the same latency ------------------------
@@ -433,7 +445,7 @@ async def ledger_cost(bench: Bench) -> None:
     )
 
 
-ONLY = ("churn", "ledger")  # items `--only` can run by themselves
+ONLY = ("churn", "ledger", "write")  # items `--only` can run by themselves
 
 
 async def run_only(bench: Bench, item: str) -> None:
@@ -443,5 +455,10 @@ async def run_only(bench: Bench, item: str) -> None:
     if item == "ledger":
         await publish_base(bench)
         await ledger_cost(bench)
+    elif item == "write":  # items 1, 2 and 10: the write path against the COPY ceilings
+        await publish_base(bench)
+        limits = await ceilings(bench)
+        await instant(bench, limits, repeats=max(3, bench.plan.repeats))
+        await bench.drop_schema("bench_instant")
     else:
         await churn(bench)

@@ -160,6 +160,18 @@ def cpu_line(run: WorkerRun) -> str:
     )
 
 
+def measured_cpu_line(run: WorkerRun) -> str:
+    """CPU seconds by part over the measured interval, and the cores the machine kept busy."""
+    c = run.cpu_measured
+    if not c or not run.timed:
+        return "-"
+    return (
+        f"worker {c.get('worker', 0):.1f}, postgres {c.get('postgres', 0):.1f}, "
+        f"embedding {c.get('embedding', 0):.1f}, others {c.get('others', 0):.1f}; "
+        f"{c.get('machine', 0) / run.seconds:.2f} cores busy"
+    )
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
@@ -256,6 +268,7 @@ def markdown(report: Report, plot: Path | None) -> str:
                     "chunks/s",
                     "peak RSS",
                     "CPU s, spawn to exit",
+                    "CPU s, measured",
                 ),
                 [
                     (
@@ -269,6 +282,7 @@ def markdown(report: Report, plot: Path | None) -> str:
                         rate(r.chunks_per_s) if r.timed else "-",
                         " + ".join(megabytes(b) for b in r.peak_rss),
                         cpu_line(r),
+                        measured_cpu_line(r),
                     )
                     for r in report.runs
                 ],
@@ -280,7 +294,8 @@ def markdown(report: Report, plot: Path | None) -> str:
             "CPU seconds from /proc, spawn to exit: the worker processes, all PostgreSQL processes (in "
             "brackets its busiest backend: the one writing), both embedding servers, and `others` = the "
             "machine's busy time less all of ours (the broker and this harness included), i.e. "
-            "kernel work and anything else running on the machine.",
+            "kernel work and anything else running on the machine. CPU s, measured: the same over "
+            "the measured interval alone, with the machine's cores busy on average.",
             "",
         ]
     out += ["## Settings", ""]

@@ -61,6 +61,7 @@ class WorkerRun:
     command: str
     settings: Mapping[str, str] = field(default_factory=dict)
     cpu: Mapping[str, float] = field(default_factory=dict)  # CPU seconds from spawn to exit, by part
+    cpu_measured: Mapping[str, float] = field(default_factory=dict)  # the same, in the measured interval
     foreign: tuple[tuple[str, float], ...] = ()  # other processes that used CPU meanwhile
     assignments: tuple[tuple[int, ...], ...] = ()  # partitions each process held last
     process_rates: tuple[float, ...] = ()  # chunks/s of each process over its own working time
@@ -353,6 +354,7 @@ async def run_workers(
         command=shlex.join(["ingest-worker", *command[len(worker_command()) :]]),
         settings={k: v for k, v in env.items() if not k.endswith(("URL", "SERVERS"))},
         cpu=cpu.summary(),
+        cpu_measured=cpu.between(start, end),
         foreign=tuple(cpu.foreign()),
         assignments=tuple(p.partitions for p in parsed),
         process_rates=tuple(_own_rate(p) for p in parsed if p.batches and p.chunks),

@@ -106,9 +106,16 @@ async def cluster_env(stack: Services, cluster: KafkaCluster) -> Env:
     return env
 
 
-async def ensure_replicated_topic(env: Env) -> None:
+async def ensure_replicated_topic(env: Env, within: float = 30) -> None:
     assert await ensure_topic(env.settings, env.topic, PARTITIONS)
+    # The controller has the topic once create_topics answers; the broker asked may learn of it
+    # a moment later (its metadata then lists the topic with no partitions).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
     partitions = await describe(env.stack.bootstrap, env.topic)
+    while len(partitions) < PARTITIONS and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        partitions = await describe(env.stack.bootstrap, env.topic)
     assert len(partitions) == PARTITIONS
     # What the test claims to test: every partition on all three nodes.
     assert all(len(p["replicas"]) == 3 for p in partitions.values()), partitions
