@@ -156,7 +156,7 @@ def cpu_line(run: WorkerRun) -> str:
     return (
         f"worker {c.get('worker', 0):.1f}, postgres {c.get('postgres', 0):.1f} "
         f"({c.get('postgres busiest', 0):.1f}), embedding {c.get('embedding', 0):.1f}, "
-        f"others {c.get('others', 0):.1f}"
+        f"broker {c.get('broker', 0):.1f}, bench {c.get('bench', 0):.1f}, others {c.get('others', 0):.1f}"
     )
 
 
@@ -167,7 +167,8 @@ def measured_cpu_line(run: WorkerRun) -> str:
         return "-"
     return (
         f"worker {c.get('worker', 0):.1f}, postgres {c.get('postgres', 0):.1f}, "
-        f"embedding {c.get('embedding', 0):.1f}, others {c.get('others', 0):.1f}; "
+        f"embedding {c.get('embedding', 0):.1f}, broker {c.get('broker', 0):.1f}, "
+        f"bench {c.get('bench', 0):.1f}, others {c.get('others', 0):.1f}; "
         f"{c.get('machine', 0) / run.seconds:.2f} cores busy"
     )
 
@@ -292,9 +293,9 @@ def markdown(report: Report, plot: Path | None) -> str:
             + "; ".join(sorted({r.timing for r in report.runs if r.timed}))
             + ". "
             "CPU seconds from /proc, spawn to exit: the worker processes, all PostgreSQL processes (in "
-            "brackets its busiest backend: the one writing), both embedding servers, and `others` = the "
-            "machine's busy time less all of ours (the broker and this harness included), i.e. "
-            "kernel work and anything else running on the machine. CPU s, measured: the same over "
+            "brackets its busiest backend: the one writing), both embedding servers, the broker, this "
+            "harness, and `others` = the machine's busy time less all of those, i.e. kernel work and "
+            "anything else running on the machine. CPU s, measured: the same over "
             "the measured interval alone, with the machine's cores busy on average.",
             "",
         ]

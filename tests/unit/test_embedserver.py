@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from aiohttp import web
 from worker.dev.embedserver import (
     BackendUnavailableError,
     Faults,
+    Memo,
     ServerState,
+    Vectors,
     embed_texts,
     hash_embedding,
     load_backend,
@@ -411,6 +414,47 @@ async def test_stats_count_requests_inputs_and_statuses(serve: Serve, http: aioh
     async with http.get(f"{root}/admin/stats") as resp:
         stats = await resp.json()
     assert (stats["requests"], stats["inputs"], stats["status_counts"]) == (0, 0, {})
+
+
+@dataclass
+class CountingBackend:
+    """The hash backend, counting the texts it is asked to compute."""
+
+    computed: list[str] = field(default_factory=list)
+    name: str = "hash"
+    max_dimensions: int = 384
+
+    def embed(self, texts: Sequence[str], dimensions: int) -> Vectors:
+        self.computed.extend(texts)
+        return embed_texts(texts, dimensions)
+
+
+async def test_a_memo_answers_texts_it_has_seen_without_computing_them_again(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    backend = CountingBackend()
+    url, state = await serve(backend=backend, memo=Memo(2))
+    first = {"model": "m", "input": ["a", "b"], "encoding_format": "base64"}
+    _, answer, _ = await post(http, f"{url}/embeddings", first)
+    _, again, _ = await post(http, f"{url}/embeddings", first)
+    _, floats, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["b"]})
+    assert backend.computed == ["a", "b"]
+    assert again == answer
+    assert np.array_equal(vector(floats["data"][0]), vector(answer["data"][1]))
+    # the same text at other dimensions is another answer; the oldest is forgotten once full
+    await post(http, f"{url}/embeddings", {"model": "m", "input": "b", "dimensions": 8})
+    await post(http, f"{url}/embeddings", {"model": "m", "input": ["a", "b"]})
+    assert backend.computed == ["a", "b", "b", "a"]
+    assert len(state.memo) == 2
+    assert state.stats.inputs == 8  # every input counts, remembered or not
+
+
+async def test_without_a_memo_every_text_is_computed(serve: Serve, http: aiohttp.ClientSession) -> None:
+    backend = CountingBackend()
+    url, _ = await serve(backend=backend)
+    for _ in range(2):
+        await post(http, f"{url}/embeddings", {"model": "m", "input": ["a"]})
+    assert backend.computed == ["a", "a"]
 
 
 # ---------------------------------------------------------------------------- backends and CLI

@@ -19,7 +19,15 @@ from worker.dev.embedserver.backends import (
 )
 from worker.dev.embedserver.hashing import Vectors, embed_texts, hash_embedding
 from worker.dev.embedserver.http import MAX_INPUTS, build_app, start_server
-from worker.dev.embedserver.state import DEFAULT_DIMENSIONS, FaultError, Faults, ServerState, Stats, text_hash
+from worker.dev.embedserver.state import (
+    DEFAULT_DIMENSIONS,
+    FaultError,
+    Faults,
+    Memo,
+    ServerState,
+    Stats,
+    text_hash,
+)
 
 __all__ = [
     "DEFAULT_DIMENSIONS",
@@ -31,6 +39,7 @@ __all__ = [
     "FaultError",
     "Faults",
     "HashBackend",
+    "Memo",
     "MiniLMBackend",
     "ServerState",
     "Stats",

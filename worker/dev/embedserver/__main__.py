@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from worker.dev.embedserver.backends import BackendUnavailableError, load_backend
 from worker.dev.embedserver.http import start_server
-from worker.dev.embedserver.state import DEFAULT_DIMENSIONS, FaultError, Faults, ServerState
+from worker.dev.embedserver.state import DEFAULT_DIMENSIONS, FaultError, Faults, Memo, ServerState
 from worker.signals import on_stop_signals
 
 
@@ -38,6 +38,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    p.add_argument(
+        "--memo",
+        type=int,
+        default=0,
+        help="answer the last N distinct texts from memory, not computed again (0: none): a remote "
+        "API's compute is not on this machine, and the bench's instant server should not be either",
+    )
     return p.parse_args(argv)
 
 
@@ -79,7 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.dimensions <= backend.max_dimensions:
         print(f"embedserver: --dimensions must be 1..{backend.max_dimensions}", file=sys.stderr)  # noqa: T201 - CLI error line
         return 2
-    state = ServerState(backend=backend, dimensions=args.dimensions, api_key=args.api_key, faults=faults)
+    if args.memo < 0:
+        print("embedserver: --memo must be 0 or more", file=sys.stderr)  # noqa: T201 - CLI error line
+        return 2
+    state = ServerState(
+        backend=backend, dimensions=args.dimensions, api_key=args.api_key, faults=faults, memo=Memo(args.memo)
+    )
     try:
         import uvloop  # optional speed-up
     except ImportError:

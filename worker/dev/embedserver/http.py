@@ -9,6 +9,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -169,26 +170,15 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
                 if faults.echo_key:
                     message += f" Request credentials: {request.headers.get('Authorization', 'none')}."
                 return _invalid(message)
-    backend, texts, dimensions = state.backend, parsed.texts, parsed.dimensions
-    if backend.name != "hash" or sum(map(len, texts)) > THREAD_THRESHOLD_CHARS:
-        vectors = await asyncio.to_thread(backend.embed, texts, dimensions)
-    else:
-        vectors = backend.embed(texts, dimensions)
-    order = list(range(len(texts)))
+    answers = await _vectors(state, parsed.texts, parsed.dimensions)
+    order = list(range(len(answers)))
     if faults.shuffle:
         state.rng.shuffle(order)
     data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": (
-                base64.b64encode(vectors[i].astype("<f4").tobytes()).decode("ascii")
-                if parsed.base64
-                else vectors[i]
-            ),
-        }
+        {"object": "embedding", "index": i, "embedding": answers[i][1] if parsed.base64 else answers[i][0]}
         for i in order
     ]
+    texts = parsed.texts
     tokens = sum(max(1, math.ceil(len(text) / 4)) for text in texts)  # a rough token count
     state.stats.inputs += len(texts)
     state.stats.by_text.update(text_hash(text) for text in texts)
@@ -200,6 +190,24 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+
+
+async def _vectors(state: ServerState, texts: list[str], dimensions: int) -> list[tuple[Any, str]]:
+    """Each text's (vector, base64 of it): remembered ones from the memo, the rest computed."""
+    memo, backend = state.memo, state.backend
+    answers = [memo.get(text, dimensions) for text in texts]
+    missing = [i for i, answer in enumerate(answers) if answer is None]
+    if missing:
+        wanted = [texts[i] for i in missing]
+        if backend.name != "hash" or sum(map(len, wanted)) > THREAD_THRESHOLD_CHARS:
+            vectors = await asyncio.to_thread(backend.embed, wanted, dimensions)
+        else:
+            vectors = backend.embed(wanted, dimensions)
+        for i, vector in zip(missing, vectors, strict=True):
+            encoded = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+            answers[i] = (vector, encoded)
+            memo.put(texts[i], dimensions, vector, encoded)
+    return answers  # type: ignore[return-value]  # every None was filled
 
 
 STATE_KEY = web.AppKey("state", ServerState)

@@ -97,6 +97,29 @@ class Stats:
         return out
 
 
+class Memo:
+    """The answers to the last ``size`` distinct (text, dimensions) asked for, each as its
+    base64 string (what the worker asks for) and its vector: a second request for a text is
+    answered without computing it again. The oldest goes first once full; 0 remembers nothing."""
+
+    def __init__(self, size: int = 0) -> None:
+        self.size = size
+        self._answers: dict[tuple[str, int], tuple[Any, str]] = {}
+
+    def get(self, text: str, dimensions: int) -> tuple[Any, str] | None:
+        return self._answers.get((text, dimensions)) if self.size else None
+
+    def put(self, text: str, dimensions: int, vector: Any, encoded: str) -> None:
+        if not self.size:
+            return
+        if len(self._answers) >= self.size:
+            del self._answers[next(iter(self._answers))]
+        self._answers[(text, dimensions)] = (vector, encoded)
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+
 @dataclass
 class ServerState:
     """Everything the server holds: backend, defaults, faults (replaced whole) and counters."""
@@ -107,6 +130,7 @@ class ServerState:
     faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
     initial_faults: Faults | None = None
+    memo: Memo = field(default_factory=Memo)
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
