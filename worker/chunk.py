@@ -43,7 +43,7 @@ def chunk_text(text: str, *, size: int, overlap: int) -> list[Chunk]:
         while stop > start and text[stop - 1].isspace():
             stop -= 1
         chunks.append(Chunk(len(chunks), text[start:stop], start, stop))
-        if end >= n:
+        if _skip_space(text, end, n) >= n:  # nothing but whitespace after it: the text is covered
             break
         start = _skip_space(text, _next_start(text, start, end, overlap), n)
     return chunks

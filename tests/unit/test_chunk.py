@@ -55,6 +55,15 @@ def check_invariants(text: str, chunks: list[Chunk], size: int, overlap: int) ->
     assert not missed, f"non-space characters outside every chunk at {missed[:5]}"
 
 
+def test_a_break_with_only_whitespace_after_it_ends_the_text() -> None:
+    # Found by the property below: the overlap went back into the last chunk, whose remainder was
+    # only spaces, and the text ended on a chunk inside the one before.
+    text = "漢字仮名交じり文漢字仮名交じり文 .  "
+    chunks = chunk_text(text, size=19, overlap=1)
+    check_invariants(text, chunks, 19, 1)
+    assert [c.content for c in chunks] == [text.strip()]
+
+
 @PROPERTIES
 @given(text=TEXTS, size_overlap=sizes())
 def test_chunks_hold_every_invariant(text: str, size_overlap: tuple[int, int]) -> None:
