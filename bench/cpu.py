@@ -87,15 +87,25 @@ def wait_for_quiet(threshold: float, within: float, *, sample: float = 1.0) -> f
     return busy
 
 
-def postgres_pids(pgdata: Path) -> PidSource:
-    """The postmaster named in ``pgdata/postmaster.pid`` and its children, looked up each time."""
+def postgres_pids(pgdata: Path, *, every: float = 1.0) -> PidSource:
+    """The postmaster named in ``pgdata/postmaster.pid`` and its children, looked up again once
+    ``every`` seconds have passed (a scan of /proc costs the machine CPU the runs are measured by;
+    a backend first seen late still counts from zero)."""
+    found: list[int] = []
+    looked = -every
 
     def pids() -> list[int]:
+        nonlocal found, looked
+        if time.monotonic() - looked < every:
+            return found
+        looked = time.monotonic()
         try:
             postmaster = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
-            return []
-        return [postmaster, *children(postmaster)]
+            found = []
+        else:
+            found = [postmaster, *children(postmaster)]
+        return found
 
     return pids
 

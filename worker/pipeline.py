@@ -51,6 +51,9 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 MAX_CHUNKS_PER_DOCUMENT = 10_000
+# The fewest documents a writer takes while more are ready (see Pipeline._write_share): a write
+# transaction's fixed cost (lock, documents, trim, offsets, commit) stays small beside its rows.
+MIN_WRITE_SHARE = 32
 
 
 @dataclass(eq=False)
@@ -112,6 +115,7 @@ class Pipeline:
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
         self.finished_records = 0
+        self._writing = 0  # records of the batches being written now
         self._writer = Writer(
             store,
             dependencies.database,
@@ -128,7 +132,7 @@ class Pipeline:
             ("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters)),
         ]
         stages += [
-            (f"store-{n}", stage_loop(self._embedded, most, 0.005, self._write))
+            (f"store-{n}", stage_loop(self._embedded, self._write_share, 0.005, self._write))
             for n in range(settings.database_writers)
         ]
         self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
@@ -335,11 +339,26 @@ class Pipeline:
                 return
         self._let_go(p, stored=False)
 
+    def _write_share(self) -> int:
+        """How many documents a writer takes: at most its share of the records not already being
+        written (guided self-scheduling), within WRITE_BATCH_DOCUMENTS and MIN_WRITE_SHARE. A deep
+        queue gives full batches; as a backlog drains, batches shrink so that the writers finish
+        together, not one storing the last full batch alone while the others have nothing."""
+        unwritten = self._inflight.records - self._writing
+        share = -(-unwritten // self._settings.database_writers)
+        return max(MIN_WRITE_SHARE, min(self._settings.write_batch_documents, share))
+
     async def _write(self, batch: list[Prepared]) -> None:
         await self._output.wait()
         for p in [p for p in batch if p.job in self._dropped]:
             self._let_go(p, stored=False)
-        await self._writer.write([p for p in batch if p.job not in self._dropped])
+        batch = [p for p in batch if p.job not in self._dropped]
+        records = sum(len(p.job.events) for p in batch)
+        self._writing += records
+        try:
+            await self._writer.write(batch)
+        finally:
+            self._writing -= records
 
     def _stored(self, p: Prepared) -> None:
         self._let_go(p, stored=True)  # the store has them from now on

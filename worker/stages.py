@@ -10,8 +10,11 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+Most = int | Callable[[], int]  # a batch's size limit, or how to work it out when a batch begins
+
+
 async def stage_loop(
-    queue: asyncio.Queue[T], most: int, linger: float, handle: Callable[[list[T]], Awaitable[None]]
+    queue: asyncio.Queue[T], most: Most, linger: float, handle: Callable[[list[T]], Awaitable[None]]
 ) -> None:
     """A stage's loop: take a batch from its queue, handle it, mark it done (also when handling fails)."""
     while True:
@@ -23,12 +26,14 @@ async def stage_loop(
                 queue.task_done()
 
 
-async def take(queue: asyncio.Queue[T], most: int, *, linger: float) -> list[T]:
-    """Wait for one item, then gather up to ``most`` within ``linger`` seconds."""
+async def take(queue: asyncio.Queue[T], most: Most, *, linger: float) -> list[T]:
+    """Wait for one item, then gather up to ``most`` (worked out once the first has come) within
+    ``linger`` seconds."""
     items = [await queue.get()]
+    limit = most() if callable(most) else most
     loop = asyncio.get_running_loop()
     deadline = loop.time() + linger
-    while len(items) < most:
+    while len(items) < limit:
         try:
             items.append(queue.get_nowait())
             continue
