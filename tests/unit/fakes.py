@@ -649,10 +649,10 @@ def rig(
 
 @contextlib.asynccontextmanager
 async def pipeline_of(
-    store: FakeStore, embedder: FakeEmbedder, dead: FakeDeadLetters, *, stop: asyncio.Event
+    store: FakeStore, embedder: FakeEmbedder, dead: FakeDeadLetters, *, stop: asyncio.Event, **overrides: str
 ) -> AsyncIterator[Pipeline]:
     """A Pipeline alone, with dependencies built as the Worker builds them; closed at the end."""
-    settings = make_settings(EMBEDDING_MAX_ATTEMPTS="2")
+    settings = make_settings(**{"EMBEDDING_MAX_ATTEMPTS": "2", **overrides})
     dependencies = Dependencies.of(
         embedding=lambda: embedder.embed(["health check"]),
         database=lambda: store.read_states(["health-check"]),

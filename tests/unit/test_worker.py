@@ -682,6 +682,25 @@ async def test_every_purchase_leaves_once_its_documents_are_stored_or_dead_lette
     assert all(n == 1 for n in embedder.bought().values()), "re-planning bought a vector again"
 
 
+async def test_writers_take_their_share_of_a_draining_backlog_so_they_finish_together() -> None:
+    stop, gate = asyncio.Event(), asyncio.Event()
+    store, dead, embedder = FakeStore(write_gate=gate), FakeDeadLetters(), FakeEmbedder()
+    docs = 150
+    records = log_of({0: [upsert(f"d{i:03}", f"Document {i} says hello.", 1) for i in range(docs)]})
+    async with pipeline_of(store, embedder, dead, stop=stop, WRITE_BATCH_DOCUMENTS="64") as pipeline:
+        for record in records:
+            pipeline.admit(record)
+        # both writers hold a batch at the gate; everything else is embedded and waiting for them
+        await until(lambda: len(embedder.bought()) == docs and len(store.writing) >= 2)
+        await asyncio.sleep(0.05)
+        gate.set()
+        await until(lambda: pipeline.idle)
+    sizes = [len(batch) for kind, batch in store.journal if kind == "write"]
+    assert sum(sizes) == docs and max(sizes) <= 64
+    # as the backlog drains, batches shrink: the last ones are each well under a full batch
+    assert sizes[-1] <= 32 and sizes[-2] <= 32, sizes
+
+
 # -- bugs stop the worker ----------------------------------------------------------------------
 
 
