@@ -109,6 +109,11 @@ class InFlight:
     def empty(self) -> bool:
         return self.records == 0
 
+    @property
+    def jobs(self) -> int:
+        """Documents in flight: each one's running job, and the one waiting behind it."""
+        return len(self._running) + len(self._waiting)
+
     def watermarks(self, also: Iterable[Record] = ()) -> dict[TopicPartition, int]:
         """Each partition's watermark; with ``also``, as it will be once those records finish."""
         finishing: dict[TopicPartition, set[int]] = {}

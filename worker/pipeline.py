@@ -42,7 +42,7 @@ from worker.plan import Change, plan
 from worker.purchases import Purchase, Purchases, vectors_of
 from worker.retry import ShuttingDown
 from worker.settings import Settings
-from worker.stages import stage_loop
+from worker.stages import gather, stage_loop
 from worker.store import DocumentStore
 from worker.types import Record, TopicPartition, Vector
 from worker.writer import Writer
@@ -54,6 +54,7 @@ MAX_CHUNKS_PER_DOCUMENT = 10_000
 # The fewest documents a writer takes while more are ready (see Pipeline._write_share): a write
 # transaction's fixed cost (lock, documents, trim, offsets, commit) stays small beside its rows.
 MIN_WRITE_SHARE = 32
+WRITE_LINGER = 0.005  # seconds a writer waits for more documents to fill its share
 
 
 @dataclass(eq=False)
@@ -115,7 +116,7 @@ class Pipeline:
         self._waits: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
         self.finished_records = 0
-        self._writing = 0  # records of the batches being written now
+        self._claimed = 0  # documents writers have claimed (gathering) or hold (writing)
         self._writer = Writer(
             store,
             dependencies.database,
@@ -131,10 +132,7 @@ class Pipeline:
             ("prepare", stage_loop(self._ready, most, 0.002, self._prepare)),
             ("dead-letters", stage_loop(self._dead, 500, 0.002, self._send_dead_letters)),
         ]
-        stages += [
-            (f"store-{n}", stage_loop(self._embedded, self._write_share, 0.005, self._write))
-            for n in range(settings.database_writers)
-        ]
+        stages += [(f"store-{n}", self._write_loop()) for n in range(settings.database_writers)]
         self._stages = [asyncio.create_task(self._supervised(name, c), name=name) for name, c in stages]
 
     # -- the Worker's view: how full, how far, how it ends -----------------------------------
@@ -339,26 +337,39 @@ class Pipeline:
                 return
         self._let_go(p, stored=False)
 
+    async def _write_loop(self) -> None:
+        """A writer: wait for a document, claim this writer's share of the unwritten ones, gather
+        up to it within WRITE_LINGER, write them."""
+        queue = self._embedded
+        while True:
+            batch = [await queue.get()]
+            share = self._write_share()
+            self._claimed += share
+            try:
+                await gather(queue, batch, share, linger=WRITE_LINGER)
+            finally:
+                self._claimed += len(batch) - share
+            try:
+                await self._write(batch)
+            finally:
+                self._claimed -= len(batch)
+                for _ in batch:
+                    queue.task_done()
+
     def _write_share(self) -> int:
-        """How many documents a writer takes: at most its share of the records not already being
-        written (guided self-scheduling), within WRITE_BATCH_DOCUMENTS and MIN_WRITE_SHARE. A deep
+        """How many documents a writer takes: its share of those in flight that no writer has
+        claimed (guided self-scheduling), within WRITE_BATCH_DOCUMENTS and MIN_WRITE_SHARE. A deep
         queue gives full batches; as a backlog drains, batches shrink so that the writers finish
         together, not one storing the last full batch alone while the others have nothing."""
-        unwritten = self._inflight.records - self._writing
-        share = -(-unwritten // self._settings.database_writers)
+        unclaimed = self._inflight.jobs - self._claimed
+        share = -(-unclaimed // self._settings.database_writers)
         return max(MIN_WRITE_SHARE, min(self._settings.write_batch_documents, share))
 
     async def _write(self, batch: list[Prepared]) -> None:
         await self._output.wait()
         for p in [p for p in batch if p.job in self._dropped]:
             self._let_go(p, stored=False)
-        batch = [p for p in batch if p.job not in self._dropped]
-        records = sum(len(p.job.events) for p in batch)
-        self._writing += records
-        try:
-            await self._writer.write(batch)
-        finally:
-            self._writing -= records
+        await self._writer.write([p for p in batch if p.job not in self._dropped])
 
     def _stored(self, p: Prepared) -> None:
         self._let_go(p, stored=True)  # the store has them from now on

@@ -10,11 +10,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-Most = int | Callable[[], int]  # a batch's size limit, or how to work it out when a batch begins
-
-
 async def stage_loop(
-    queue: asyncio.Queue[T], most: Most, linger: float, handle: Callable[[list[T]], Awaitable[None]]
+    queue: asyncio.Queue[T], most: int, linger: float, handle: Callable[[list[T]], Awaitable[None]]
 ) -> None:
     """A stage's loop: take a batch from its queue, handle it, mark it done (also when handling fails)."""
     while True:
@@ -26,14 +23,18 @@ async def stage_loop(
                 queue.task_done()
 
 
-async def take(queue: asyncio.Queue[T], most: Most, *, linger: float) -> list[T]:
-    """Wait for one item, then gather up to ``most`` (worked out once the first has come) within
-    ``linger`` seconds."""
+async def take(queue: asyncio.Queue[T], most: int, *, linger: float) -> list[T]:
+    """Wait for one item, then gather up to ``most`` within ``linger`` seconds."""
     items = [await queue.get()]
-    limit = most() if callable(most) else most
+    await gather(queue, items, most, linger=linger)
+    return items
+
+
+async def gather(queue: asyncio.Queue[T], items: list[T], most: int, *, linger: float) -> None:
+    """Add items from ``queue`` to ``items`` until it holds ``most`` or ``linger`` seconds pass."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + linger
-    while len(items) < limit:
+    while len(items) < most:
         try:
             items.append(queue.get_nowait())
             continue
@@ -44,4 +45,3 @@ async def take(queue: asyncio.Queue[T], most: Most, *, linger: float) -> list[T]
             break
         with contextlib.suppress(TimeoutError):
             items.append(await asyncio.wait_for(queue.get(), remaining))
-    return items

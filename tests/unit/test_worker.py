@@ -697,8 +697,9 @@ async def test_writers_take_their_share_of_a_draining_backlog_so_they_finish_tog
         await until(lambda: pipeline.idle)
     sizes = [len(batch) for kind, batch in store.journal if kind == "write"]
     assert sum(sizes) == docs and max(sizes) <= 64
-    # as the backlog drains, batches shrink: the last ones are each well under a full batch
-    assert sizes[-1] <= 32 and sizes[-2] <= 32, sizes
+    # Once one writer has claimed a full batch, the other claims half of what is left (43), and so
+    # on down: one full batch at most (taking as much as each can, they wrote [64, 64, 22]).
+    assert sizes.count(64) <= 1, sizes
 
 
 # -- bugs stop the worker ----------------------------------------------------------------------
