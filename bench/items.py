@@ -161,9 +161,11 @@ async def instant(bench: Bench, limits: Limits, repeats: int | None = None) -> t
             write_breakdown(fast.write_seconds),
             note="`ingest_write_step_seconds{step}` summed over the best instant run (the worker logs "
             "the totals in its `worker_stopped` line): acquire = waiting for a pool connection; lock = "
-            "the documents' FOR UPDATE read; copy = the temporary table and the binary COPY into it; "
-            "merge = the insert from it into chunks (the HNSW index's cost is here); offsets = the "
-            "source_offsets row; commit = the transaction's commit",
+            "the documents' FOR UPDATE read; copy_new = the binary COPY of new documents' chunks "
+            "into the table; stage = the binary COPY of stored documents' chunks into a temporary "
+            "table; merge = the insert from it into chunks (the HNSW index's cost is in copy_new and "
+            "merge); trim = the surplus chunks' delete; offsets = the source_offsets row; commit = "
+            "the transaction's commit",
         )
     )
     return first, fast

@@ -26,7 +26,17 @@ BATCH_SECONDS: Final = Histogram(
     "Time one write transaction takes (waits through outages included)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
-WRITE_STEPS: Final = ("acquire", "lock", "upsert_documents", "copy", "merge", "trim", "offsets", "commit")
+WRITE_STEPS: Final = (
+    "acquire",
+    "lock",
+    "upsert_documents",
+    "copy_new",
+    "stage",
+    "merge",
+    "trim",
+    "offsets",
+    "commit",
+)
 WRITE_STEP_SECONDS: Final = Histogram(
     "ingest_write_step_seconds",
     "Time each step of a write transaction takes (where the database's time goes)",

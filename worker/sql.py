@@ -2,8 +2,8 @@
 
 Templates name ``{schema}`` (and ``{vector_type}``); :class:`Statements` fills them once per
 store. A batch write is: lock the batch's documents in key order (``lock_states``), upsert them,
-COPY the chunks into ``incoming_chunks``, merge them into ``chunks`` (unchanged ones untouched),
-trim the surplus.
+COPY new documents' chunks straight into ``chunks``, COPY the others' into ``incoming_chunks`` and
+merge them into ``chunks`` (unchanged ones untouched), trim the surplus.
 """
 
 from __future__ import annotations

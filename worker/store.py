@@ -2,8 +2,10 @@
 itself: worker.search).
 
 A batch is written in one transaction: lock the batch's document rows in key order, check
-that nothing changed since the batch was planned, upsert the documents, replace their chunks
-(binary COPY). Rows are always touched in key order so concurrent workers cannot deadlock.
+that nothing changed since the batch was planned, upsert the documents, then write their chunks:
+a binary COPY straight into the table for documents it had no row of, a COPY into a temporary
+table and a merge for the others (unchanged chunks untouched), and trim the surplus. Rows are
+always touched in key order so concurrent workers cannot deadlock.
 """
 
 from __future__ import annotations
@@ -211,24 +213,43 @@ class Store:
                         chunk_rows = [row for row in chunk_rows if row[0] not in moved]
                     await conn.execute(self._sql.upsert_documents, *_document_columns(writes))
                     clock.lap("upsert_documents")
-                    if chunk_rows:
+                    # A document without a row has no chunks (they reference it): its chunks are
+                    # copied straight into the table. The others' go through the merge, which
+                    # leaves unchanged chunks untouched and updates changed ones.
+                    new = [row for row in chunk_rows if row[0] not in now]
+                    if new:
+                        await conn.copy_records_to_table(
+                            "chunks",
+                            schema_name=self._settings.database_schema,
+                            columns=CHUNK_COLUMNS,
+                            records=new,
+                        )
+                        clock.lap("copy_new")
+                    if len(new) < len(chunk_rows):
                         await conn.execute(self._sql.incoming_table)
                         await conn.copy_records_to_table(
-                            "incoming_chunks", columns=CHUNK_COLUMNS, records=chunk_rows
+                            "incoming_chunks",
+                            columns=CHUNK_COLUMNS,
+                            records=[r for r in chunk_rows if r[0] in now],
                         )
-                        clock.lap("copy")
+                        clock.lap("stage")
                         await conn.execute(self._sql.merge_chunks)
                         clock.lap("merge")
-                    counts = [0 if w.change.after.deleted else len(w.chunks) for w in writes]
-                    await conn.execute(self._sql.trim_chunks, ids, counts)
-                    clock.lap("trim")
+                    stored = [w for w in writes if w.change.event.doc_id in now]
+                    if stored:
+                        counts = [0 if w.change.after.deleted else len(w.chunks) for w in stored]
+                        await conn.execute(
+                            self._sql.trim_chunks, [w.change.event.doc_id for w in stored], counts
+                        )
+                        clock.lap("trim")
                     if progress is not None and self._records_offsets:
                         record = progress.before if moved else progress.after
                         await self._record(conn, record, progress.epoch)
                         clock.lap("offsets")
                 clock.lap("commit")
         except asyncpg.UniqueViolationError as exc:
-            # Another worker inserted one of these documents after our lock read: re-plan.
+            # Another worker inserted one of these documents' chunks after our lock read found no
+            # row (the straight COPY collided with them): re-plan, against what it stored.
             raise StaleRead(describe(exc)) from exc
         except asyncpg.exceptions.QueryCanceledError as exc:  # statement_timeout, before OUTAGE_ERRORS
             raise WriteTimedOut(
