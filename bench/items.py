@@ -377,7 +377,7 @@ async def backlog(bench: Bench, base: WorkerRun) -> None:
             f"{megabytes(big.max_rss)} vs {megabytes(base.max_rss)} = {growth:.2f}x",
             f"<= {GOAL_RSS_GROWTH}x and < {megabytes(GOAL_RSS_BYTES)}",
             big.ok and growth <= GOAL_RSS_GROWTH and big.max_rss < GOAL_RSS_BYTES,
-            f"VmHWM of the worker process (polled from /proc every 0.1 s); base = the instant run "
+            f"VmHWM of the worker process (polled from /proc every 0.2 s); base = the instant run "
             f"({base.docs} records); the large backlog ({large.records} records, "
             f"{large.payload_bytes / 1e6:.0f} MB) was all published before the worker started; "
             f"{rate(big.docs_per_s, 'docs/s')}, {rate(big.chunks_per_s, 'chunks/s')} on it; " + run_note(big),

@@ -4,9 +4,9 @@ The measured interval leaves out process start, the group join and the idle wait
 the first batch's start (the earliest ``batch_stored`` log line's timestamp minus its ``seconds``)
 or, when the worker logs no such lines, at the last ``partitions_assigned`` line before the first
 document row appeared. It ends at the last ``batch_stored`` line or, without them, at the moment a
-poll of ``count(*)`` on the documents table (every 0.5 s) first saw every document stored; a
+poll of ``count(*)`` on the documents table (every 0.6 s) first saw every document stored; a
 backfill's HNSW build (``ann_index_built`` line, logged after the idle wait) adds its seconds.
-Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.1 s until it exits; CPU seconds
+Peak RSS is each process's ``VmHWM`` from /proc, polled every 0.2 s until it exits; CPU seconds
 of the workers, PostgreSQL, the embedding servers and everything else are counted the same way.
 """
 
@@ -29,10 +29,10 @@ import orjson
 
 from bench.cpu import CpuAccount, PidSource
 
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.2
 # The stored documents are counted every COUNT_EVERY polls only: the count is a query the database
 # answers with the CPU the run is measured by, and the logs time the run to the millisecond anyway.
-COUNT_EVERY = 5
+COUNT_EVERY = 3
 START_LOGS = "first batch_stored line's timestamp - seconds"
 START_ASSIGNED = "last partitions_assigned line before the first stored row"
 START_FIRST_ROW = "first stored row seen by the poll"

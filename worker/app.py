@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import sys
 import time
 
@@ -185,6 +186,9 @@ async def serve(
         try:
             await prepare(settings, store, producer, stop, migrate=migrate, backfill=backfill)
             await _report_ann_index(store, backfill=backfill)
+            # What start-up made (modules, clients, pools) lives as long as the process: out of
+            # the collector's sight, each full collection walks only what the work made since.
+            gc.freeze()
             try:
                 await worker.run()
             except KafkaError as exc:  # the group refused us (authorization), or the broker vanished

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import asyncpg
+import pgvector
 import structlog
 
 from worker import metrics
@@ -97,8 +98,10 @@ class LedgerTable:
     async def keep(self, vectors: Mapping[bytes, Vector]) -> None:
         if not self.enabled or not vectors:
             return
-        rows = [(self._model, digest, vector) for digest, vector in sorted(vectors.items())]
-        await self._run(lambda conn: conn.executemany(self._sql.keep_embedding, rows))
+        digests = sorted(vectors)
+        wrap = pgvector.HalfVector if self._settings.vector_type == "halfvec" else pgvector.Vector
+        kept = [wrap(vectors[digest]) for digest in digests]  # not a sequence: one array element each
+        await self._run(lambda conn: conn.execute(self._sql.keep_embeddings, self._model, digests, kept))
 
     async def drop(self, hashes: Sequence[bytes]) -> None:
         if self.enabled and hashes:

@@ -101,3 +101,18 @@ async def test_a_retention_of_part_of_an_hour_is_kept_as_given(env: Env) -> None
     finally:
         await store.close()
         await conn.close()
+
+
+@pytest.mark.parametrize("vector_type", ["vector", "halfvec"])
+async def test_answers_are_kept_in_one_statement_in_either_vector_type(env: Env, vector_type: str) -> None:
+    typed = env.with_(VECTOR_TYPE=vector_type)
+    await Store(typed.settings).migrate(ann_index=False)
+    async with Store(typed.settings) as store:
+        assert await store.ledger.claim([X, Y]) == {X, Y}
+        await store.ledger.keep({Y: vector(typed, 0.25), X: vector(typed, 0.5)})
+        await store.ledger.keep({X: vector(typed, 0.75)})  # paid for already: the first answer stays
+        seen = await store.ledger.watch([X, Y])
+    assert {h: np.asarray(v).tolist() for h, v in seen.items()} == {
+        X: vector(typed, 0.5).tolist(),
+        Y: vector(typed, 0.25).tolist(),
+    }
