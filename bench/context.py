@@ -269,7 +269,7 @@ class Limits:
 
     consume: Ceiling
     copy: Ceiling  # the COPY ceiling that applies to the worker's mode
-    parallel: Ceiling  # COPY with as many connections as the worker writes with (for reference)
+    parallel: Ceiling  # COPY with as many connections as the worker writes with (item 2's goal)
 
     @property
     def docs_per_s(self) -> float:

@@ -15,7 +15,8 @@ from bench.report import Check, SweepPoint, megabytes, rate
 from bench.runner import WorkerRun
 
 # Goals, from the project's issue.
-GOAL_INSTANT_OF_CEILING = 0.8
+GOAL_INSTANT_OF_CEILING = 0.8  # of the COPY ceiling, when the worker runs with --backfill
+GOAL_INSTANT_OF_PARALLEL = 0.9  # of the COPY + HNSW ceiling on the worker's DATABASE_WRITERS connections
 GOAL_SLOW_OF_BOUND = 0.85
 GOAL_OVER_NAIVE = 20.0
 GOAL_RSS_GROWTH = 1.2
@@ -98,7 +99,7 @@ async def ceilings(bench: Bench) -> Limits:
         f"{copy_backfill.build_seconds:.1f} s more (COPY + build: "
         f"{rate(copy_backfill.with_build().per_s, 'rows/s')}, the ceiling for a `--backfill` worker)",
         "1d": f", split by document over {writers} connections copying at once (the worker's "
-        "DATABASE_WRITERS): not a ceiling of the issue, shown because the worker writes that way",
+        "DATABASE_WRITERS): the ceiling item 2 is measured against",
     }
     for number, ceiling in (("1b", copy_ann), ("1c", copy_backfill), ("1d", copy_parallel)):
         report.add(
@@ -137,20 +138,35 @@ async def instant(bench: Bench, limits: Limits, repeats: int | None = None) -> t
         runs.append(await bench.run(f"instant_{i}", embedding_url=bench.instant.url))
         await bench.drop_schema(f"bench_instant_{i}")
     fast = best(runs)
-    ratio = fast.docs_per_s / limits.docs_per_s
+    one = fast.docs_per_s / limits.docs_per_s
+    if bench.plan.backfill:  # no index while loading: against the COPY without it, and the build
+        ratio, goal, against = (
+            one,
+            GOAL_INSTANT_OF_CEILING,
+            f"min(ceilings) = {rate(limits.docs_per_s, 'docs/s')}",
+        )
+        beside = ""
+    else:  # against the database taking the same rows on as many connections as the worker writes with
+        same = min(limits.consume.docs_per_s, limits.parallel.docs_per_s)
+        ratio, goal, against = (
+            fast.docs_per_s / same,
+            GOAL_INSTANT_OF_PARALLEL,
+            f"the {limits.parallel.name} ceiling",
+        )
+        beside = f" ({one:.2f} of the 1-connection one)"
     report.add(
         Check(
             "2. end to end, instant embeddings",
             f"{rate(fast.docs_per_s, 'docs/s')}, {rate(fast.chunks_per_s, 'chunks/s')}; "
-            f"{ratio:.2f} of min(ceilings) = {rate(limits.docs_per_s, 'docs/s')}{spread(runs, fast)}",
-            f">= {GOAL_INSTANT_OF_CEILING}",
-            fast.ok and ratio >= GOAL_INSTANT_OF_CEILING,
+            f"{ratio:.2f} of {against}{beside}{spread(runs, fast)}",
+            f">= {goal}",
+            fast.ok and ratio >= goal,
             run_note(
                 fast,
-                f"; {inputs_first} embedding inputs in the first run; ceiling used: {limits.copy.name}; "
-                "against the "
-                f"{limits.parallel.name} ceiling ({rate(limits.parallel.docs_per_s, 'docs/s')}) the ratio "
-                f"is {fast.docs_per_s / limits.parallel.docs_per_s:.2f}",
+                f"; {inputs_first} embedding inputs in the first run; the instant server answers from "
+                "memory the chunks it was given before the runs (Bench.warm_instant), as a remote API's "
+                "compute is not on this machine and the ceilings compute their vectors before their "
+                "clock starts",
             ),
         )
     )

@@ -188,6 +188,8 @@ async def serve(
             await _report_ann_index(store, backfill=backfill)
             # What start-up made (modules, clients, pools) lives as long as the process: out of
             # the collector's sight, each full collection walks only what the work made since.
+            # (Its garbage is collected first, or it would be kept for good.)
+            gc.collect()
             gc.freeze()
             try:
                 await worker.run()
