@@ -43,6 +43,7 @@ LEASE = 10.0  # seconds an announced purchase stands unrenewed (renewed every th
 # kill -9 loses of what was paid for is at most this much of the answers.
 WRITE_DELAY = 0.25
 PRUNE_INTERVAL = 60.0  # seconds between prunes
+KEEP_BATCH = 256  # answers kept per statement (a burst of thousands in one array: +10 MB peak RSS)
 
 
 class PaidEmbeddings(Protocol):
@@ -98,10 +99,16 @@ class LedgerTable:
     async def keep(self, vectors: Mapping[bytes, Vector]) -> None:
         if not self.enabled or not vectors:
             return
-        digests = sorted(vectors)
         wrap = pgvector.HalfVector if self._settings.vector_type == "halfvec" else pgvector.Vector
-        kept = [wrap(vectors[digest]) for digest in digests]  # not a sequence: one array element each
-        await self._run(lambda conn: conn.execute(self._sql.keep_embeddings, self._model, digests, kept))
+        digests = sorted(vectors)
+
+        async def keep_all(conn: asyncpg.Connection) -> None:
+            for start in range(0, len(digests), KEEP_BATCH):  # a bounded parameter: memory stays flat
+                part = digests[start : start + KEEP_BATCH]
+                kept = [wrap(vectors[digest]) for digest in part]  # not sequences: one element each
+                await conn.execute(self._sql.keep_embeddings, self._model, part, kept)
+
+        await self._run(keep_all)
 
     async def drop(self, hashes: Sequence[bytes]) -> None:
         if self.enabled and hashes:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.integration.helpers import Env, Event, connect, produce, run_worker
+from worker.ledger import KEEP_BATCH
 from worker.store import Store, sha256
 
 pytestmark = pytest.mark.integration
@@ -116,3 +117,13 @@ async def test_answers_are_kept_in_one_statement_in_either_vector_type(env: Env,
         X: vector(typed, 0.5).tolist(),
         Y: vector(typed, 0.25).tolist(),
     }
+
+
+async def test_a_burst_of_answers_is_kept_whole_over_several_statements(env: Env) -> None:
+    await Store(env.settings).migrate(ann_index=False)
+    many = {sha256(f"content {i}"): vector(env, i / 1000) for i in range(KEEP_BATCH * 2 + 3)}
+    async with Store(env.settings) as store:
+        await store.ledger.keep(many)
+        seen = await store.ledger.watch(list(many))
+    assert len(seen) == len(many)
+    assert all(np.asarray(seen[h]).tolist() == v.tolist() for h, v in many.items())
