@@ -68,32 +68,25 @@ async def ceilings(bench: Bench) -> Limits:
     )
     writers = plan.setting("DATABASE_WRITERS", 2)
 
-    async def copy_best(approximate_index: bool, connections: int = 1) -> Ceiling:
-        tries = [
-            await copy_ceiling(
-                bench.database_url,
-                "bench_template",
-                rows,
-                approximate_index=approximate_index,
-                connections=connections,
-                index_build_memory=plan.worker_settings.get("INDEX_BUILD_MEMORY", "512MB"),
-            )
-            for _ in range(plan.repeats)
-        ]
+    async def copy_once(approximate_index: bool, connections: int = 1) -> Ceiling:
+        return await copy_ceiling(
+            bench.database_url,
+            "bench_template",
+            rows,
+            approximate_index=approximate_index,
+            connections=connections,
+            index_build_memory=plan.worker_settings.get("INDEX_BUILD_MEMORY", "512MB"),
+        )
+
+    async def copy_best(approximate_index: bool) -> Ceiling:
+        tries = [await copy_once(approximate_index) for _ in range(plan.repeats)]
         return min(tries, key=lambda c: c.seconds)
 
     copy_ann = await copy_best(True)
     copy_backfill = await copy_best(False)
 
     async def copy_parallel() -> Ceiling:
-        return await copy_ceiling(
-            bench.database_url,
-            "bench_template",
-            rows,
-            approximate_index=True,
-            connections=writers,
-            index_build_memory=plan.worker_settings.get("INDEX_BUILD_MEMORY", "512MB"),
-        )
+        return await copy_once(True, writers)
 
     report.add(
         Check(
