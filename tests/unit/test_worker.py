@@ -702,6 +702,20 @@ async def test_writers_take_their_share_of_a_draining_backlog_so_they_finish_tog
     assert sizes.count(64) <= 1, sizes
 
 
+async def test_a_write_batch_setting_below_the_smallest_share_is_still_the_most_a_writer_takes() -> None:
+    stop, gate = asyncio.Event(), asyncio.Event()
+    store, dead, embedder = FakeStore(write_gate=gate), FakeDeadLetters(), FakeEmbedder()
+    records = log_of({0: [upsert(f"d{i:03}", f"Document {i} says hello.", 1) for i in range(40)]})
+    async with pipeline_of(store, embedder, dead, stop=stop, WRITE_BATCH_DOCUMENTS="4") as pipeline:
+        for record in records:
+            pipeline.admit(record)
+        await until(lambda: len(embedder.bought()) == 40 and len(store.writing) >= 2)
+        gate.set()
+        await until(lambda: pipeline.idle)
+    sizes = [len(batch) for kind, batch in store.journal if kind == "write"]
+    assert sum(sizes) == 40 and max(sizes) <= 4, sizes
+
+
 # -- bugs stop the worker ----------------------------------------------------------------------
 
 
