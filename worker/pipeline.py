@@ -358,9 +358,9 @@ class Pipeline:
 
     def _write_share(self) -> int:
         """How many documents a writer takes: its share of those in flight that no writer has
-        claimed (guided self-scheduling), at least MIN_WRITE_SHARE and at most WRITE_BATCH_DOCUMENTS. A deep
-        queue gives full batches; as a backlog drains, batches shrink so that the writers finish
-        together, not one storing the last full batch alone while the others have nothing."""
+        claimed (guided self-scheduling), at least MIN_WRITE_SHARE, at most WRITE_BATCH_DOCUMENTS.
+        A deep queue gives full batches; as a backlog drains, batches shrink so that the writers
+        finish together, not one storing the last full batch alone while the others have nothing."""
         unclaimed = self._inflight.jobs - self._claimed
         share = -(-unclaimed // self._settings.database_writers)
         return min(self._settings.write_batch_documents, max(MIN_WRITE_SHARE, share))
