@@ -32,6 +32,7 @@ from worker.dev.embedserver import (
     start_server,
     text_hash,
 )
+from worker.dev.embedserver.budget import duration
 
 REPO = Path(__file__).resolve().parents[2]
 Serve = Callable[..., Awaitable[tuple[str, ServerState]]]
@@ -455,6 +456,60 @@ async def test_without_a_memo_every_text_is_computed(serve: Serve, http: aiohttp
     for _ in range(2):
         await post(http, f"{url}/embeddings", {"model": "m", "input": ["a"]})
     assert backend.computed == ["a", "a"]
+
+
+# ---------------------------------------------------------------------------- a provider's budget
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.25, "250ms"), (0.0004, "1ms"), (1, "1s"), (8.64, "8.64s"), (360, "6m0s"), (3723.5, "1h2m3.5s")],
+)
+def test_reset_times_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+async def test_a_token_budget_admits_what_it_holds_and_answers_429_with_when_to_retry(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, state = await serve(faults=Faults(budget_tpm=600))  # 10 tokens a second, 600 held
+    body = {"model": "m", "input": ["x" * 1600]}  # 400 tokens
+    status, answer, resp = await post(http, f"{url}/embeddings", body)
+    assert status == 200 and answer["usage"]["prompt_tokens"] == 400
+    assert resp.headers["x-ratelimit-limit-tokens"] == "600"
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "200"
+    assert resp.headers["x-ratelimit-reset-tokens"] in {"40s", "39.999s", "39.998s"}
+    status, answer, resp = await post(http, f"{url}/embeddings", body)  # 200 left: 20 s short
+    assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded"
+    assert resp.headers["Retry-After"] == "20"
+    assert 19_900 <= int(resp.headers["retry-after-ms"]) <= 20_000
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 200, "a refused request takes nothing"
+    status, answer, resp = await post(http, f"{url}/embeddings", {"model": "m", "input": ["x" * 2404]})
+    assert status == 429 and "Request too large" in answer["error"]["message"]
+    assert "Retry-After" not in resp.headers, "it never fits: no time to wait for"
+    assert (state.stats.tokens, state.stats.status_counts[429]) == (400, 2)
+
+
+async def test_a_request_budget_counts_requests_and_a_new_budget_starts_full(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, _ = await serve(faults=Faults(budget_rpm=120, budget_window=1))  # 2 a second, 2 held
+    root = url.removesuffix("/v1")
+    statuses = [(await post(http, f"{url}/embeddings", {"model": "m", "input": "a"}))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    _, _, resp = await post(http, f"{url}/embeddings", {"model": "m", "input": "a"})
+    assert resp.headers["x-ratelimit-limit-requests"] == "120"
+    assert "x-ratelimit-limit-tokens" not in resp.headers
+    async with http.post(f"{root}/admin/faults", json={"budget_rpm": 60}) as r:
+        assert r.status == 200
+    status, _, resp = await post(http, f"{url}/embeddings", {"model": "m", "input": "a"})
+    assert status == 200 and resp.headers["x-ratelimit-remaining-requests"] == "0"
+    async with http.post(f"{root}/admin/faults", json={"budget_window": 0}) as r:
+        assert r.status == 400
+    async with http.post(f"{root}/admin/faults", json={"budget_rpm": 0}) as r:
+        assert r.status == 200
+    _, _, resp = await post(http, f"{url}/embeddings", {"model": "m", "input": "a"})
+    assert not any(h.startswith("x-ratelimit") for h in resp.headers), "no budget: no headers"
 
 
 # ---------------------------------------------------------------------------- backends and CLI

@@ -38,6 +38,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    p.add_argument("--budget-tpm", type=float, default=0.0, help="a provider's tokens per minute (0: none)")
+    p.add_argument("--budget-rpm", type=float, default=0.0, help="a provider's requests per minute (0: none)")
+    p.add_argument(
+        "--budget-window",
+        type=float,
+        default=60.0,
+        help="seconds of those limits the buckets hold (60: a whole minute; less: a shorter span, "
+        "as providers also enforce)",
+    )
     p.add_argument(
         "--memo",
         type=int,
@@ -77,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "reject_marker": args.reject_marker or None,
                 "shuffle": args.shuffle,
                 "seed": args.seed,
+                "budget_tpm": args.budget_tpm,
+                "budget_rpm": args.budget_rpm,
+                "budget_window": args.budget_window,
             }
         )
         backend = load_backend(args.backend)

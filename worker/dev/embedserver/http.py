@@ -7,6 +7,7 @@ import base64
 import hmac
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from worker.dev.embedserver.budget import Budget, duration, retry_headers
 from worker.dev.embedserver.state import FaultError, Faults, ServerState, Stats, text_hash
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
@@ -158,6 +160,11 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         return exc.response
     except ConnectionResetError:  # the client hung up while sending its body
         return web.Response(status=CLIENT_GONE)
+    tokens = sum(max(1, math.ceil(len(text) / 4)) for text in parsed.texts)  # a rough token count
+    if state.budget is not None:
+        wait = state.budget.admit(tokens, time.monotonic())
+        if wait > 0:
+            return _over_budget(state.budget, tokens, wait)
     if faults.slow_marker is not None and any(faults.slow_marker in text for text in parsed.texts):
         await asyncio.sleep(faults.slow_ms / 1000)
     if faults.refuse_dimensions and parsed.dimensions is not None:
@@ -179,8 +186,8 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         for i in order
     ]
     texts = parsed.texts
-    tokens = sum(max(1, math.ceil(len(text) / 4)) for text in texts)  # a rough token count
     state.stats.inputs += len(texts)
+    state.stats.tokens += tokens
     state.stats.by_text.update(text_hash(text) for text in texts)
     return _json(
         {
@@ -188,8 +195,21 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
             "data": data,
             "model": parsed.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        },
+        headers=state.budget.headers() if state.budget is not None else None,
     )
+
+
+def _over_budget(budget: Budget, tokens: int, wait: float) -> web.Response:
+    """A provider's 429: over its rate limit now, or a request larger than it ever allows."""
+    headers = budget.headers()
+    if math.isinf(wait):
+        limit = int(budget.tokens.per_minute) if budget.tokens is not None else 0
+        message = f"Request too large on tokens per min (TPM): Limit {limit}, Requested {tokens}."
+    else:
+        headers |= retry_headers(wait)
+        message = f"Rate limit reached on tokens or requests per min. Please try again in {duration(wait)}."
+    return _error(429, message, type_="tokens", code="rate_limit_exceeded", headers=headers)
 
 
 async def _vectors(state: ServerState, texts: list[str], dimensions: int) -> list[tuple[Any, str]]:

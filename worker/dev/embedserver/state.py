@@ -7,11 +7,13 @@ import dataclasses
 import hashlib
 import math
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from worker.dev.embedserver.backends import Backend, HashBackend
+from worker.dev.embedserver.budget import Budget
 
 DEFAULT_DIMENSIONS = 384
 
@@ -37,6 +39,11 @@ class Faults:
     refuse_dimensions: bool = False  # 400 for every request that sends `dimensions` (ada-002 does)
     shuffle: bool = False
     seed: int = 0
+    # A provider's rate limits (budget.py): tokens and requests per minute, 0 for none; the
+    # buckets hold budget_window seconds' worth (60: the whole minute).
+    budget_tpm: float = 0.0
+    budget_rpm: float = 0.0
+    budget_window: float = 60.0
 
     _PROBABILITIES: ClassVar[frozenset[str]] = frozenset({"rate_429", "rate_500", "rate_503", "slow_rate"})
 
@@ -69,7 +76,7 @@ def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> obje
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise FaultError(f"fault {key!r} must be a number")
-    if value < 0 or (key in probabilities and value > 1):
+    if value < 0 or (key in probabilities and value > 1) or (key == "budget_window" and value <= 0):
         raise FaultError(f"fault {key!r} is out of range")
     return float(value)
 
@@ -82,6 +89,7 @@ class Stats:
 
     requests: int = 0
     inputs: int = 0
+    tokens: int = 0  # usage.prompt_tokens of the answered requests
     status_counts: collections.Counter[int] = field(default_factory=collections.Counter)
     by_text: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -89,6 +97,7 @@ class Stats:
         out: dict[str, Any] = {
             "requests": self.requests,
             "inputs": self.inputs,
+            "tokens": self.tokens,
             "unique_inputs": len(self.by_text),
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
         }
@@ -132,16 +141,25 @@ class ServerState:
     initial_faults: Faults | None = None
     memo: Memo = field(default_factory=Memo)
     rng: random.Random = field(init=False)
+    budget: Budget | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.initial_faults is None:
             self.initial_faults = self.faults
         self.rng = random.Random(self.faults.seed)
+        self.budget = self._budget_of(self.faults)
 
     def set_faults(self, faults: Faults, *, reseed: bool) -> None:
         if reseed or faults.seed != self.faults.seed:
             self.rng.seed(faults.seed)
+        limits = ("budget_tpm", "budget_rpm", "budget_window")
+        if any(getattr(faults, k) != getattr(self.faults, k) for k in limits):
+            self.budget = self._budget_of(faults)  # a new budget starts full
         self.faults = faults
+
+    @staticmethod
+    def _budget_of(faults: Faults) -> Budget | None:
+        return Budget.of(faults.budget_tpm, faults.budget_rpm, faults.budget_window, time.monotonic())
 
 
 def text_hash(text: str) -> str:
