@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bench.budget import budget
 from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
 from bench.churn import churn
 from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, best, little_bound, run_note, spread
@@ -452,6 +453,7 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
         await sweep(bench, known)
     await backlog(bench, first)
     await ledger_cost(bench)
+    await budget(bench)
 
 
 def write_breakdown(seconds: Mapping[str, float]) -> str:
@@ -496,7 +498,7 @@ async def ledger_cost(bench: Bench) -> None:
     )
 
 
-ONLY = ("churn", "ledger", "write")  # items `--only` can run by themselves
+ONLY = ("churn", "ledger", "write", "budget")  # items `--only` can run by themselves
 
 
 async def run_only(bench: Bench, item: str) -> None:
@@ -506,6 +508,9 @@ async def run_only(bench: Bench, item: str) -> None:
     if item == "ledger":
         await publish_base(bench)
         await ledger_cost(bench)
+    elif item == "budget":
+        await publish_base(bench)
+        await budget(bench)
     elif item == "write":  # items 1, 2 and 10: the write path against the COPY ceilings
         await publish_base(bench)
         limits = await ceilings(bench)
