@@ -71,6 +71,7 @@ async def _run(bench: Bench, replicas: int) -> BudgetRun:
     bench.slow.set_faults(budget_tpm=BUDGET_TPM, budget_window=WINDOW)  # off, then on
     bench.slow.reset()
     env = bench.env(name, topic=TOPIC, embedding_url=bench.slow.url, SHUTDOWN_GRACE_SECONDS="2")
+    bench.logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     processes = []
     for i in range(replicas):
