@@ -7,7 +7,8 @@ in one group on the base topic, each with its default settings and nothing told 
 the run lasts ``RUN_SECONDS``; then SIGTERM. Measured from the server's own counters:
 
 - budget used: tokens answered from ``WARM_SECONDS`` (the buckets' first fill is a burst no
-  steady rate can show) to the end, over what the budget allowed in that time;
+  steady rate can show) to the end, over what the budget made available in that time (its
+  refill, and what its token bucket held at the start less what it held at the end);
 - throttled: the requests answered 429, over all answered, in the whole run.
 """
 
@@ -38,13 +39,15 @@ class BudgetRun:
     replicas: int
     tokens: int  # answered between WARM_SECONDS and the end
     seconds: float  # that span
+    drained: float  # what the token bucket held at its start less what it held at its end
     requests: int  # answered, in the whole run
     throttled: int  # answered 429, in the whole run
     exit_codes: tuple[int | None, ...]
 
     @property
     def used(self) -> float:
-        return self.tokens / (BUDGET_TPM / 60 * self.seconds)
+        """Of what the budget made available in the span: its refill, and what the bucket gave up."""
+        return self.tokens / (BUDGET_TPM / 60 * self.seconds + self.drained)
 
     @property
     def throttled_share(self) -> float:
@@ -98,6 +101,7 @@ async def _run(bench: Bench, replicas: int) -> BudgetRun:
         replicas,
         int(last["tokens"]) - int(first["tokens"]),
         last_at - first_at,
+        float(first["budget"]["tokens"]) - float(last["budget"]["tokens"]),
         sum(_statuses(last).values()),
         _statuses(last).get(429, 0),
         tuple(p.returncode for p in processes),
@@ -130,7 +134,8 @@ def _check(bench: Bench, runs: list[BudgetRun]) -> None:
             f"the slow embedding server ({LATENCY_MS:g} ms) with a budget of {BUDGET_TPM:,} tokens a "
             f"minute ({rate(BUDGET_TPM / 60, 'tokens/s')}) in buckets of {WINDOW:g} s, which the workers "
             f"are not told; each run {RUN_SECONDS:g} s, then SIGTERM; used = tokens answered from "
-            f"{WARM_SECONDS:g} s to the end over the budget's rate times that span (the buckets' first "
-            "fill is a burst); 429 share over the whole run; the server's own counters (/admin/stats)",
+            f"{WARM_SECONDS:g} s to the end over what the budget made available then (its rate times the "
+            "span, and what its bucket gave up; the buckets' first fill is a burst); 429 share over the "
+            "whole run; the server's own counters (/admin/stats)",
         )
     )

@@ -488,6 +488,9 @@ async def test_a_token_budget_admits_what_it_holds_and_answers_429_with_when_to_
     assert status == 429 and "Request too large" in answer["error"]["message"]
     assert "Retry-After" not in resp.headers, "it never fits: no time to wait for"
     assert (state.stats.tokens, state.stats.status_counts[429]) == (400, 2)
+    async with http.get(f"{url.removesuffix('/v1')}/admin/stats") as resp:
+        stats = await resp.json()
+    assert stats["tokens"] == 400 and 200 <= stats["budget"]["tokens"] < 201, "what the bucket holds now"
 
 
 async def test_a_request_budget_counts_requests_and_a_new_budget_starts_full(

@@ -76,6 +76,15 @@ class Budget:
                 bucket.level -= n
         return wait
 
+    def levels(self, now: float) -> dict[str, float]:
+        """What each bucket holds now."""
+        out: dict[str, float] = {}
+        for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is not None:
+                bucket.refill(now)
+                out[name] = bucket.level
+        return out
+
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):

@@ -273,8 +273,12 @@ async def _delete_faults(request: web.Request) -> web.Response:
 
 
 async def _get_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
     texts = request.query.get("texts", "").lower() in {"1", "true", "yes"}
-    return _json(request.app[STATE_KEY].stats.as_dict(texts=texts))
+    stats = state.stats.as_dict(texts=texts)
+    if state.budget is not None:  # what the buckets hold now: what a span's use is measured against
+        stats["budget"] = state.budget.levels(time.monotonic())
+    return _json(stats)
 
 
 async def _reset(request: web.Request) -> web.Response:
