@@ -19,13 +19,12 @@ import orjson
 
 from worker import metrics
 from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected
-from worker.limits import AdaptiveConcurrency, Budget
+from worker.limits import MAX_RETRY_AFTER, AdaptiveConcurrency, Budget, ProviderPacer, retry_after
 from worker.settings import Settings
 from worker.types import Vector
 
 # Statuses that say "this input can never be embedded": the record is at fault.
 _REJECTED = frozenset({400, 413, 422})
-_MAX_RETRY_AFTER = 60.0
 
 
 class Embedder(Protocol):
@@ -59,6 +58,7 @@ class OpenAIEmbedder:
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
         self.concurrency = AdaptiveConcurrency(settings.embedding_concurrency)
+        self.pacer = ProviderPacer()
         self._budget = Budget(
             requests_per_minute=settings.embedding_max_rpm, tokens_per_minute=settings.embedding_max_tpm
         )
@@ -88,12 +88,14 @@ class OpenAIEmbedder:
         if self._settings.embedding_encoding == "base64":
             body["encoding_format"] = "base64"
         await self._budget.spend(sum(map(len, texts)))
+        await self.pacer.wait(sum(max(1, -(-len(text) // 4)) for text in texts))  # tokens, roughly
         async with self.concurrency.slot():
             started = time.perf_counter()
             status = "error"
             try:
                 async with self._session.post(self._url, json=body) as response:
                     status = str(response.status)
+                    self.pacer.observe(response.headers, throttled=response.status == 429)
                     payload = await response.read()
                     if response.status != 200:
                         raise _http_error(
@@ -106,7 +108,7 @@ class OpenAIEmbedder:
                 latency = time.perf_counter() - started
                 metrics.EMBEDDING_REQUESTS.labels(status=status).inc()
                 metrics.EMBEDDING_SECONDS.observe(latency)
-                if self._settings.embedding_adaptive:
+                if self._settings.embedding_adaptive and not self.pacer.paced:  # else it paces
                     if status == "429":
                         self.concurrency.throttled()
                     elif status == "200":
@@ -170,15 +172,11 @@ def _http_error(status: int, headers: Any, payload: bytes, count: int) -> Except
     message = _error_message(payload)
     if status in _REJECTED:
         return InputRejected(f"embedding API answered {status} for {count} input(s): {message}")
-    retry_after = None
-    if status == 429:
-        try:
-            retry_after = min(float(headers.get("Retry-After", "")), _MAX_RETRY_AFTER)
-        except ValueError:
-            retry_after = None
-    return EmbeddingUnavailable(
-        f"embedding API answered {status}: {message}", status=status, retry_after=retry_after
-    )
+    wait = None
+    if status == 429 and (wait := retry_after(headers)) is not None:
+        wait = min(wait, MAX_RETRY_AFTER)
+    message = f"embedding API answered {status}: {message}"
+    return EmbeddingUnavailable(message, status=status, retry_after=wait)
 
 
 def _error_message(payload: bytes) -> str:

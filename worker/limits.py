@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
@@ -19,6 +22,7 @@ from worker import metrics
 
 LATENCY_RISE = 3.0  # EWMA latency this many times its floor counts as congestion
 DECREASE_EVERY = 1.0  # seconds: at most one decrease per interval, so one burst halves once
+MAX_RETRY_AFTER = 60.0  # seconds: the longest a 429's Retry-After holds requests
 
 
 class AdaptiveConcurrency:
@@ -83,3 +87,128 @@ class Budget:
             await self._requests.acquire()
         if self._tokens is not None:
             await self._tokens.acquire(min(self._tokens_per_minute, max(1, characters // 4)))
+
+
+# -- pacing by the provider's own signals ---------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_SECONDS_OF = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+HEADROOM_LOW = 0.25  # below this share of the bucket (or two requests' worth), slow down
+HEADROOM_HIGH = 0.5  # above it, speed up
+INCREASE = 0.05  # of the limit's rate, added on each answer with headroom
+DECREASE = 0.8  # the rate is multiplied by this when the bucket runs low (once per DECREASE_EVERY)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in a provider's reset format: ``6m0s``, ``1s``, ``250ms``, ``1h2m3.5s``, ``0.5``."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _SECONDS_OF[u] for n, u in parts)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """A 429's wait: ``retry-after-ms`` (Azure OpenAI, OpenAI) else ``Retry-After`` in seconds."""
+    milliseconds = parse_duration(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return milliseconds / 1000
+    return parse_duration(headers.get("Retry-After"))
+
+
+@dataclass
+class _Dimension:
+    """One of the provider's limits (tokens or requests per minute) as this process sees it."""
+
+    limit: float  # per minute
+    rate: float  # what this process sends at, per second
+    capacity: float = 0.0  # the most remaining seen: the provider's bucket when full
+    largest: float = 0.0  # the largest request seen, in this dimension's unit
+    next_at: float = 0.0  # when the next request may go
+    decreased_at: float = -math.inf
+
+    def observe(self, remaining: float, now: float) -> None:
+        self.capacity = max(self.capacity, remaining)
+        low = max(HEADROOM_LOW * self.capacity, 2 * self.largest)
+        if remaining < low:
+            if now - self.decreased_at >= DECREASE_EVERY:
+                self.decreased_at = now
+                self.rate = max(self.limit / 60 * 0.01, self.rate * DECREASE)
+        elif remaining > max(HEADROOM_HIGH * self.capacity, low):
+            self.rate = min(2 * self.limit / 60, self.rate + INCREASE * self.limit / 60)
+
+
+class ProviderPacer:
+    """Sends at the rate the provider's ``x-ratelimit-*`` headers allow, once it sends them.
+
+    Each answer says how much of the key's budget is left (shared by every process using the
+    key). While plenty is left this process speeds up, additively; when the bucket runs low it
+    slows down, multiplicatively: processes sharing a key so converge on the key's budget without
+    being told it, and without running it dry (429s). A 429 halves the rate and holds every send
+    until its ``retry-after-ms``/``Retry-After``. Without headers nothing is paced here (the
+    AIMD concurrency limit then does the work).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._dims: dict[str, _Dimension] = {}
+        self._hold_until = 0.0
+
+    @property
+    def paced(self) -> bool:
+        return bool(self._dims)
+
+    def rate(self, name: str) -> float | None:
+        """Tokens or requests a second this process sends at (None: not paced)."""
+        dim = self._dims.get(name)
+        return None if dim is None else dim.rate
+
+    def delay(self, tokens: int) -> float:
+        """Seconds to wait before sending a request of ``tokens``; books its place."""
+        now = self._clock()
+        start = max(now, self._hold_until)
+        for name, amount in (("tokens", float(tokens)), ("requests", 1.0)):
+            dim = self._dims.get(name)
+            if dim is not None:
+                dim.largest = max(dim.largest * 0.99, amount)
+                start = max(start, dim.next_at)
+        for name, amount in (("tokens", float(tokens)), ("requests", 1.0)):
+            dim = self._dims.get(name)
+            if dim is not None:
+                dim.next_at = start + amount / dim.rate
+        return start - now
+
+    async def wait(self, tokens: int) -> None:
+        delay = self.delay(tokens)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def observe(self, headers: Mapping[str, str], *, throttled: bool) -> None:
+        now = self._clock()
+        for name in ("tokens", "requests"):
+            try:
+                limit = float(headers[f"x-ratelimit-limit-{name}"])
+                remaining = float(headers[f"x-ratelimit-remaining-{name}"])
+            except (KeyError, ValueError):
+                continue
+            if limit <= 0:
+                continue
+            dim = self._dims.get(name)
+            if dim is None:
+                dim = self._dims[name] = _Dimension(limit, rate=limit / 60 / 2)
+            dim.limit = limit
+            if throttled:
+                dim.rate = max(limit / 60 * 0.01, dim.rate * 0.5)
+                dim.decreased_at = now
+            else:
+                dim.observe(remaining, now)
+        if throttled:
+            wait = retry_after(headers)
+            if wait is not None:
+                self._hold_until = max(self._hold_until, now + min(wait, MAX_RETRY_AFTER))
