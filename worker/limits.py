@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -93,10 +92,11 @@ class Budget:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _SECONDS_OF = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-HEADROOM_LOW = 0.25  # below this share of the bucket (or two requests' worth), slow down
-HEADROOM_HIGH = 0.5  # above it, speed up
-INCREASE = 0.05  # of the limit's rate, added on each answer with headroom
-DECREASE = 0.8  # the rate is multiplied by this when the bucket runs low (once per DECREASE_EVERY)
+# The pacer holds the provider's bucket about half full: below, everyone sharing the key slows
+# down; above, speeds up, each by GAIN x (distance from the target, as a share of the bucket) x
+# the limit's rate, per second. Half full leaves room for the largest requests and wastes no refill.
+TARGET = 0.5
+GAIN = 1.0
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -129,30 +129,32 @@ class _Dimension:
     limit: float  # per minute
     rate: float  # what this process sends at, per second
     capacity: float = 0.0  # the most remaining seen: the provider's bucket when full
-    largest: float = 0.0  # the largest request seen, in this dimension's unit
+    largest: float = 0.0  # the largest request lately, in this dimension's unit
     next_at: float = 0.0  # when the next request may go
-    decreased_at: float = -math.inf
+    seen_at: float | None = None  # the last answer's time
 
     def observe(self, remaining: float, now: float) -> None:
+        """Integral control of the bucket's level: every process sharing the key sees the same
+        level, so together they settle at the rate that holds it at the target: the limit's."""
         self.capacity = max(self.capacity, remaining)
-        low = max(HEADROOM_LOW * self.capacity, 2 * self.largest)
-        if remaining < low:
-            if now - self.decreased_at >= DECREASE_EVERY:
-                self.decreased_at = now
-                self.rate = max(self.limit / 60 * 0.01, self.rate * DECREASE)
-        elif remaining > max(HEADROOM_HIGH * self.capacity, low):
-            self.rate = min(2 * self.limit / 60, self.rate + INCREASE * self.limit / 60)
+        if self.seen_at is not None and self.capacity > 0:
+            target = min(0.9 * self.capacity, max(TARGET * self.capacity, 1.5 * self.largest))
+            error = (remaining - target) / self.capacity
+            elapsed = min(2.0, now - self.seen_at)
+            self.rate += GAIN * error * (self.limit / 60) * elapsed
+            self.rate = min(2 * self.limit / 60, max(self.limit / 60 * 0.01, self.rate))
+        self.seen_at = now
 
 
 class ProviderPacer:
     """Sends at the rate the provider's ``x-ratelimit-*`` headers allow, once it sends them.
 
     Each answer says how much of the key's budget is left (shared by every process using the
-    key). While plenty is left this process speeds up, additively; when the bucket runs low it
-    slows down, multiplicatively: processes sharing a key so converge on the key's budget without
-    being told it, and without running it dry (429s). A 429 halves the rate and holds every send
-    until its ``retry-after-ms``/``Retry-After``. Without headers nothing is paced here (the
-    AIMD concurrency limit then does the work).
+    key). Above half of the bucket this process speeds up, below it slows down, in proportion to
+    the distance (see _Dimension.observe): processes sharing a key so converge on the key's
+    budget without being told it, and without running it dry (429s). A 429 halves the rate and
+    holds every send until its ``retry-after-ms``/``Retry-After``. Without headers nothing is
+    paced here (the AIMD concurrency limit then does the work).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -205,7 +207,7 @@ class ProviderPacer:
             dim.limit = limit
             if throttled:
                 dim.rate = max(limit / 60 * 0.01, dim.rate * 0.5)
-                dim.decreased_at = now
+                dim.seen_at = now
             else:
                 dim.observe(remaining, now)
         if throttled:
