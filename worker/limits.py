@@ -130,7 +130,8 @@ class _Dimension:
     rate: float  # what this process sends at, per second
     capacity: float = 0.0  # the most remaining seen: the provider's bucket when full
     largest: float = 0.0  # the largest request lately, in this dimension's unit
-    next_at: float = 0.0  # when the next request may go
+    sent_at: float = 0.0  # when the last request went
+    sent: float = 0.0  # and its size
     seen_at: float | None = None  # the last answer's time
 
     def observe(self, remaining: float, now: float) -> None:
@@ -161,6 +162,8 @@ class ProviderPacer:
         self._clock = clock
         self._dims: dict[str, _Dimension] = {}
         self._hold_until = 0.0
+        self._turn = asyncio.Lock()
+        self._observed = asyncio.Event()
 
     @property
     def paced(self) -> bool:
@@ -171,28 +174,34 @@ class ProviderPacer:
         dim = self._dims.get(name)
         return None if dim is None else dim.rate
 
-    def delay(self, tokens: int) -> float:
-        """Seconds to wait before sending a request of ``tokens``; books its place."""
+    def due(self) -> float:
+        """When the next request may go: the last one's share of each rate has passed (at the
+        rate as it is now, so that a rate raised meanwhile counts at once), and no 429 holds."""
+        due = self._hold_until
+        for dim in self._dims.values():
+            due = max(due, dim.sent_at + dim.sent / dim.rate)
+        return due
+
+    def sent(self, tokens: int) -> None:
         now = self._clock()
-        start = max(now, self._hold_until)
         for name, amount in (("tokens", float(tokens)), ("requests", 1.0)):
             dim = self._dims.get(name)
             if dim is not None:
                 dim.largest = max(dim.largest * 0.99, amount)
-                start = max(start, dim.next_at)
-        for name, amount in (("tokens", float(tokens)), ("requests", 1.0)):
-            dim = self._dims.get(name)
-            if dim is not None:
-                dim.next_at = start + amount / dim.rate
-        return start - now
+                dim.sent_at, dim.sent = now, amount
 
     async def wait(self, tokens: int) -> None:
-        delay = self.delay(tokens)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Until a request of ``tokens`` may go (one waiter at a time, in turn), then count it sent."""
+        async with self._turn:
+            while (delay := self.due() - self._clock()) > 0:
+                self._observed.clear()  # an answer meanwhile may change the rate: look again
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._observed.wait(), delay)
+            self.sent(tokens)
 
     def observe(self, headers: Mapping[str, str], *, throttled: bool) -> None:
         now = self._clock()
+        self._observed.set()
         for name in ("tokens", "requests"):
             try:
                 limit = float(headers[f"x-ratelimit-limit-{name}"])
