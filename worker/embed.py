@@ -89,6 +89,15 @@ class OpenAIEmbedder:
             body["encoding_format"] = "base64"
         await self._budget.spend(sum(map(len, texts)))
         await self.pacer.wait(sum(max(1, -(-len(text) // 4)) for text in texts))  # tokens, roughly
+        try:
+            payload = await self._post(body, len(texts))
+        finally:
+            self.pacer.done()  # answered, failed or cancelled: a first request lets the others go
+        metrics.EMBEDDING_INPUTS.inc(len(texts))
+        return parse_embeddings(payload, len(texts), self._settings.embedding_dimensions)
+
+    async def _post(self, body: dict[str, Any], count: int) -> bytes:
+        assert self._session is not None
         async with self.concurrency.slot():
             started = time.perf_counter()
             status = "error"
@@ -98,9 +107,7 @@ class OpenAIEmbedder:
                     self.pacer.observe(response.headers, throttled=response.status == 429)
                     payload = await response.read()
                     if response.status != 200:
-                        raise _http_error(
-                            response.status, response.headers, self._redact(payload), len(texts)
-                        )
+                        raise _http_error(response.status, response.headers, self._redact(payload), count)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 message = self._redact(f"{type(exc).__name__}: {exc}".encode()).decode()
                 raise EmbeddingUnavailable(f"embedding request failed: {message}") from exc
@@ -113,8 +120,7 @@ class OpenAIEmbedder:
                         self.concurrency.throttled()
                     elif status == "200":
                         self.concurrency.succeeded(latency)
-        metrics.EMBEDDING_INPUTS.inc(len(texts))
-        return parse_embeddings(payload, len(texts), self._settings.embedding_dimensions)
+        return payload
 
     def _redact(self, payload: bytes) -> bytes:
         """Some providers echo the key they were given: never let it reach a log or a dead letter."""

@@ -164,6 +164,8 @@ class ProviderPacer:
         self._hold_until = 0.0
         self._turn = asyncio.Lock()
         self._observed = asyncio.Event()
+        self._answered = asyncio.Event()  # the first answer (or failure) has come
+        self._probing = False  # the first request is out
 
     @property
     def paced(self) -> bool:
@@ -191,13 +193,26 @@ class ProviderPacer:
                 dim.sent_at, dim.sent = now, amount
 
     async def wait(self, tokens: int) -> None:
-        """Until a request of ``tokens`` may go (one waiter at a time, in turn), then count it sent."""
+        """Until a request of ``tokens`` may go (one waiter at a time, in turn), then count it sent.
+
+        Until the first answer has come, one request goes alone: a fresh process (or a whole
+        deployment started at once) learns the budget before it fills every slot, not by 429s."""
+        if self._probing:
+            await self._answered.wait()
+        elif not self._answered.is_set():
+            self._probing = True
+            return
         async with self._turn:
             while (delay := self.due() - self._clock()) > 0:
                 self._observed.clear()  # an answer meanwhile may change the rate: look again
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._observed.wait(), delay)
             self.sent(tokens)
+
+    def done(self) -> None:
+        """A request ended, answered or not: the first one lets the others go."""
+        self._answered.set()
+        self._probing = False
 
     def observe(self, headers: Mapping[str, str], *, throttled: bool) -> None:
         now = self._clock()
