@@ -92,11 +92,15 @@ class Budget:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _SECONDS_OF = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-# The pacer holds the provider's bucket about half full: below, everyone sharing the key slows
-# down; above, speeds up, each by GAIN x (distance from the target, as a share of the bucket) x
-# the limit's rate, per second. Half full leaves room for the largest requests and wastes no refill.
-TARGET = 0.5
-GAIN = 1.0
+# The pacer keeps the provider's bucket between LOW and HIGH (shares of it when full, and never
+# below what the largest request needs): below, this process slows down, multiplicatively, once a
+# second at most; above, it speeds up by INCREASE x the limit's rate per second since the last
+# answer. As AIMD does for TCP, processes sharing a key so settle on fair shares of its budget.
+LOW = 0.3
+HIGH = 0.6
+INCREASE = 0.25
+DECREASE = 0.7
+FLOOR = 1 / 32  # of the limit's rate: the slowest a process goes (it must still hear answers)
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -133,17 +137,20 @@ class _Dimension:
     sent_at: float = 0.0  # when the last request went
     sent: float = 0.0  # and its size
     seen_at: float | None = None  # the last answer's time
+    decreased_at: float = -1e9
 
     def observe(self, remaining: float, now: float) -> None:
-        """Integral control of the bucket's level: every process sharing the key sees the same
-        level, so together they settle at the rate that holds it at the target: the limit's."""
         self.capacity = max(self.capacity, remaining)
-        if self.seen_at is not None and self.capacity > 0:
-            target = min(0.9 * self.capacity, max(TARGET * self.capacity, 1.5 * self.largest))
-            error = (remaining - target) / self.capacity
-            elapsed = min(2.0, now - self.seen_at)
-            self.rate += GAIN * error * (self.limit / 60) * elapsed
-            self.rate = min(2 * self.limit / 60, max(self.limit / 60 * 0.01, self.rate))
+        per_second = self.limit / 60
+        low = max(LOW * self.capacity, 1.2 * self.largest)
+        high = max(HIGH * self.capacity, low + 0.2 * self.capacity)
+        if remaining < low:
+            if now - self.decreased_at >= DECREASE_EVERY:
+                self.decreased_at = now
+                self.rate = max(FLOOR * per_second, self.rate * DECREASE)
+        elif remaining > high and self.seen_at is not None:
+            elapsed = min(5.0, now - self.seen_at)
+            self.rate = min(2 * per_second, self.rate + INCREASE * per_second * elapsed)
         self.seen_at = now
 
 
@@ -151,9 +158,9 @@ class ProviderPacer:
     """Sends at the rate the provider's ``x-ratelimit-*`` headers allow, once it sends them.
 
     Each answer says how much of the key's budget is left (shared by every process using the
-    key). Above half of the bucket this process speeds up, below it slows down, in proportion to
-    the distance (see _Dimension.observe): processes sharing a key so converge on the key's
-    budget without being told it, and without running it dry (429s). A 429 halves the rate and
+    key). With plenty left this process speeds up, with little it slows down (AIMD on the rate,
+    see _Dimension.observe): processes sharing a key so converge on the key's budget without
+    being told it, and without running it dry (429s). A 429 halves the rate and
     holds every send until its ``retry-after-ms``/``Retry-After``. Without headers nothing is
     paced here (the AIMD concurrency limit then does the work).
     """
@@ -230,8 +237,8 @@ class ProviderPacer:
                 dim = self._dims[name] = _Dimension(limit, rate=limit / 60 / 2)
             dim.limit = limit
             if throttled:
-                dim.rate = max(limit / 60 * 0.01, dim.rate * 0.5)
-                dim.seen_at = now
+                dim.rate = max(FLOOR * limit / 60, dim.rate * 0.5)
+                dim.seen_at = dim.decreased_at = now
             else:
                 dim.observe(remaining, now)
         if throttled:
