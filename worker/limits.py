@@ -96,8 +96,8 @@ _SECONDS_OF = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 # below what the largest request needs): below, this process slows down, multiplicatively, once a
 # second at most; above, it speeds up by INCREASE x the limit's rate per second since the last
 # answer. As AIMD does for TCP, processes sharing a key so settle on fair shares of its budget.
-LOW = 0.3
-HIGH = 0.6
+LOW = 0.5
+HIGH = 0.75
 INCREASE = 0.25
 DECREASE = 0.7
 FLOOR = 1 / 32  # of the limit's rate: the slowest a process goes (it must still hear answers)
@@ -143,7 +143,7 @@ class _Dimension:
         self.capacity = max(self.capacity, remaining)
         per_second = self.limit / 60
         low = max(LOW * self.capacity, 1.2 * self.largest)
-        high = max(HIGH * self.capacity, low + 0.2 * self.capacity)
+        high = max(HIGH * self.capacity, low + 0.1 * self.capacity)
         if remaining < low:
             if now - self.decreased_at >= DECREASE_EVERY:
                 self.decreased_at = now
