@@ -98,7 +98,7 @@ _SECONDS_OF = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 # answer. As AIMD does for TCP, processes sharing a key so settle on fair shares of its budget.
 LOW = 0.5
 HIGH = 0.75
-INCREASE = 0.25
+INCREASE = 0.05
 DECREASE = 0.7
 FLOOR = 1 / 32  # of the limit's rate: the slowest a process goes (it must still hear answers)
 
@@ -149,7 +149,7 @@ class _Dimension:
                 self.decreased_at = now
                 self.rate = max(FLOOR * per_second, self.rate * DECREASE)
         elif remaining > high and self.seen_at is not None:
-            elapsed = min(5.0, now - self.seen_at)
+            elapsed = min(2.0, now - self.seen_at)
             self.rate = min(2 * per_second, self.rate + INCREASE * per_second * elapsed)
         self.seen_at = now
 
@@ -173,6 +173,7 @@ class ProviderPacer:
         self._observed = asyncio.Event()
         self._answered = asyncio.Event()  # the first answer (or failure) has come
         self._probing = False  # the first request is out
+        self._last_tokens = 0  # the last request's size (the first answer's headers pay for it)
 
     @property
     def paced(self) -> bool:
@@ -204,6 +205,7 @@ class ProviderPacer:
 
         Until the first answer has come, one request goes alone: a fresh process (or a whole
         deployment started at once) learns the budget before it fills every slot, not by 429s."""
+        self._last_tokens = tokens
         if self._probing:
             await self._answered.wait()
         elif not self._answered.is_set():
@@ -233,8 +235,9 @@ class ProviderPacer:
             if limit <= 0:
                 continue
             dim = self._dims.get(name)
-            if dim is None:
-                dim = self._dims[name] = _Dimension(limit, rate=limit / 60 / 2)
+            if dim is None:  # the first answer: it paid for the request that went alone
+                dim = self._dims[name] = _Dimension(limit, rate=limit / 60 / 2, sent_at=now)
+                dim.sent = float(self._last_tokens) if name == "tokens" else 1.0
             dim.limit = limit
             if throttled:
                 dim.rate = max(FLOOR * limit / 60, dim.rate * 0.5)
