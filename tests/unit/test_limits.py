@@ -264,3 +264,108 @@ async def test_budget_zero_means_no_cap() -> None:
     for _ in range(5000):
         await budget.spend(10**6)
     assert time.monotonic() - started < 0.2
+
+
+# -- pacing by the provider's headers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("6m0s", 360.0),
+        ("1s", 1.0),
+        ("250ms", 0.25),
+        ("8.64s", 8.64),
+        ("1h2m3.5s", 3723.5),
+        ("20", 20.0),
+        ("0.5", 0.5),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("5 minutes", None),
+    ],
+)
+def test_reset_and_retry_durations_parse_in_every_format(text: str | None, seconds: float | None) -> None:
+    assert limits.parse_duration(text) == seconds
+
+
+def test_a_429s_wait_prefers_milliseconds_then_seconds() -> None:
+    assert limits.retry_after({"retry-after-ms": "1500", "Retry-After": "2"}) == 1.5
+    assert limits.retry_after({"Retry-After": "2"}) == 2.0
+    assert limits.retry_after({}) is None
+
+
+def budget_headers(remaining: float, *, limit: float = 600_000) -> dict[str, str]:
+    return {"x-ratelimit-limit-tokens": str(int(limit)), "x-ratelimit-remaining-tokens": str(int(remaining))}
+
+
+class Tick:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_without_headers_nothing_is_paced() -> None:
+    pacer = limits.ProviderPacer(clock=Tick())
+    pacer.observe({"Retry-After": "1"}, throttled=False)
+    assert not pacer.paced and pacer.rate("tokens") is None
+
+
+async def test_the_first_request_goes_alone_and_the_others_wait_for_its_answer() -> None:
+    pacer = limits.ProviderPacer(clock=Tick())
+    await pacer.wait(1000)  # the first goes at once
+    second = asyncio.create_task(pacer.wait(1000))
+    await asyncio.sleep(0.01)
+    assert not second.done(), "waits for the first answer"
+    pacer.observe(budget_headers(remaining=40_000), throttled=False)
+    pacer.done()
+    await asyncio.sleep(0.01)
+    assert not second.done(), "and then for the first request's share of the rate it learned"
+    assert pacer.rate("tokens") == 600_000 / 60 / 2  # half the limit, to begin with
+    second.cancel()
+
+
+def test_plenty_left_speeds_up_little_left_slows_down_and_a_429_halves_and_holds() -> None:
+    tick = Tick()
+    pacer = limits.ProviderPacer(clock=tick)
+    pacer.observe(budget_headers(50_000), throttled=False)  # the bucket, full
+    start = pacer.rate("tokens")
+    assert start is not None
+    tick.now += 1.0
+    pacer.observe(budget_headers(45_000), throttled=False)  # above 3/4 of it: faster
+    faster = pacer.rate("tokens")
+    assert faster is not None and faster > start
+    tick.now += 1.0
+    pacer.observe(budget_headers(10_000), throttled=False)  # below half: slower
+    slower = pacer.rate("tokens")
+    assert slower is not None and slower == pytest.approx(faster * limits.DECREASE)
+    tick.now += 0.1
+    pacer.observe(budget_headers(5_000), throttled=False)  # again within a second: once only
+    assert pacer.rate("tokens") == slower
+    tick.now += 2.0
+    pacer.observe({**budget_headers(0), "retry-after-ms": "1500"}, throttled=True)
+    assert pacer.rate("tokens") == pytest.approx(slower * 0.5)
+    assert pacer.due() >= tick.now + 1.5, "every send held for the 429's retry-after-ms"
+
+
+def test_the_rate_never_falls_below_its_floor() -> None:
+    tick = Tick()
+    pacer = limits.ProviderPacer(clock=tick)
+    for _ in range(50):
+        pacer.observe({**budget_headers(0), "retry-after-ms": "10"}, throttled=True)
+        tick.now += 1.0
+    assert pacer.rate("tokens") == pytest.approx(limits.FLOOR * 600_000 / 60)
+
+
+def test_requests_are_spaced_by_their_share_of_the_rate() -> None:
+    tick = Tick()
+    pacer = limits.ProviderPacer(clock=tick)
+    pacer.observe(budget_headers(50_000), throttled=False)
+    rate = pacer.rate("tokens")
+    assert rate is not None
+    pacer.sent(5_000)
+    assert pacer.due() == pytest.approx(tick.now + 5_000 / rate)
