@@ -101,6 +101,7 @@ HIGH = 0.75
 INCREASE = 0.05
 DECREASE = 0.7
 FLOOR = 1 / 32  # of the limit's rate: the slowest a process goes (it must still hear answers)
+PROBE_WAIT = 2.0  # seconds the others wait for a process's first answer before they go too
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -203,11 +204,15 @@ class ProviderPacer:
     async def wait(self, tokens: int) -> None:
         """Until a request of ``tokens`` may go (one waiter at a time, in turn), then count it sent.
 
-        Until the first answer has come, one request goes alone: a fresh process (or a whole
-        deployment started at once) learns the budget before it fills every slot, not by 429s."""
+        Until the first answer has come (PROBE_WAIT at most), one request goes alone: a fresh
+        process (or a whole deployment started at once) learns the budget before it fills every
+        slot, not by 429s."""
         self._last_tokens = tokens
         if self._probing:
-            await self._answered.wait()
+            try:  # a first request that takes long (an input the API is slow on) holds none for long
+                await asyncio.wait_for(self._answered.wait(), PROBE_WAIT)
+            except TimeoutError:
+                self._answered.set()
         elif not self._answered.is_set():
             self._probing = True
             return

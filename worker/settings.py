@@ -119,7 +119,9 @@ class Settings:
     embedding_linger_ms: int = _setting(
         20, "wait this long to fill a request before sending it", low=0, high=10_000
     )
-    embedding_adaptive: bool = _setting(True, "adapt concurrency to 429s and latency (AIMD), up to the cap")
+    embedding_adaptive: bool = _setting(
+        True, "where the API sends no x-ratelimit-* headers, adapt concurrency to 429s and latency (AIMD)"
+    )
     embedding_max_rpm: int = _setting(
         0, "requests per minute this process may send; 0 for no cap", low=0, high=10**9
     )

@@ -369,3 +369,13 @@ def test_requests_are_spaced_by_their_share_of_the_rate() -> None:
     assert rate is not None
     pacer.sent(5_000)
     assert pacer.due() == pytest.approx(tick.now + 5_000 / rate)
+
+
+async def test_a_first_request_that_takes_long_holds_the_others_for_the_probe_wait_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "PROBE_WAIT", 0.05)
+    pacer = limits.ProviderPacer()
+    await pacer.wait(10)  # goes alone, and never answers here
+    await asyncio.wait_for(pacer.wait(10), 1.0)  # goes once the probe wait is over
+    await asyncio.wait_for(pacer.wait(10), 0.01)  # and so does every later one, at once
