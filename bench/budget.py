@@ -15,14 +15,13 @@ the run lasts ``RUN_SECONDS``; then SIGTERM. Measured from the server's own coun
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from bench.context import TOPIC, Bench
 from bench.report import Check, rate
-from bench.runner import stop_worker, worker_command
+from bench.runner import spawn_worker, stop_worker
 
 BUDGET_TPM = 600_000  # 10,000 tokens a second: a small fraction of what the workers could send
 WINDOW = 5.0  # seconds of the limit the buckets hold
@@ -78,17 +77,7 @@ async def _run(bench: Bench, replicas: int) -> BudgetRun:
     started = time.monotonic()
     processes = []
     for i in range(replicas):
-        with (bench.logs / f"{name}-{i}.log").open("wb") as out:
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    *worker_command(),
-                    "run",
-                    env={**os.environ, **env},
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            )
+        processes.append(await spawn_worker(bench.logs / f"{name}-{i}.log", env, ("run",)))
     try:
         await asyncio.sleep(WARM_SECONDS)
         first, first_at = bench.slow.stats(), time.monotonic()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bench.context import Bench
 from bench.corpus import make_documents, publish
 from bench.report import Check
-from bench.runner import json_lines, log_timestamp, stop_worker, worker_command
+from bench.runner import json_lines, log_timestamp, spawn_worker, stop_worker
 from worker.chunk import chunk_text
 
 TOPIC = "bench_churn"
@@ -168,15 +167,7 @@ async def _publish(bench: Bench, docs: int) -> list[dict[str, Any]]:
 
 
 async def _spawn(label: str, path: Path, env: Mapping[str, str]) -> Member:
-    command = [*worker_command(), "run", "--stop-when-idle", f"{IDLE_SECONDS:g}"]
-    with path.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            env={**os.environ, **env},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+    process = await spawn_worker(path, env, ("run", "--stop-when-idle", f"{IDLE_SECONDS:g}"))
     return Member(label, path, process, time.time())
 
 

@@ -226,6 +226,19 @@ class _StoredPoll:
             await self._conn.close()
 
 
+async def spawn_worker(log: Path, env: Mapping[str, str], args: Sequence[str]) -> asyncio.subprocess.Process:
+    """``ingest-worker ARGS`` with ``env`` over this process's environment, its output into ``log``."""
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            *worker_command(),
+            *args,
+            env={**os.environ, **env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
 async def stop_worker(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
     if process.returncode is not None:
         return
@@ -296,16 +309,7 @@ async def run_workers(
     timed_out = False
     try:
         for path in logs:
-            with path.open("wb") as out:
-                children.append(
-                    await asyncio.create_subprocess_exec(
-                        *command,
-                        env={**os.environ, **env},
-                        stdin=asyncio.subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=asyncio.subprocess.STDOUT,
-                    )
-                )
+            children.append(await spawn_worker(path, env, command[len(worker_command()) :]))
         deadline = time.monotonic() + within
         ticks = 0
         while any(c.returncode is None for c in children):

@@ -209,7 +209,6 @@ class Store:
                     }
                     if moved:
                         writes = [w for w in writes if w.change.event.doc_id not in moved]
-                        ids = [w.change.event.doc_id for w in writes]
                         chunk_rows = [row for row in chunk_rows if row[0] not in moved]
                     await conn.execute(self._sql.upsert_documents, *_document_columns(writes))
                     clock.lap("upsert_documents")

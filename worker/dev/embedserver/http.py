@@ -177,15 +177,23 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
                 if faults.echo_key:
                     message += f" Request credentials: {request.headers.get('Authorization', 'none')}."
                 return _invalid(message)
-    answers = await _vectors(state, parsed.texts, parsed.dimensions)
-    order = list(range(len(answers)))
+    texts = parsed.texts
+    vectors = await _vectors(state, texts, parsed.dimensions)
+    order = list(range(len(vectors)))
     if faults.shuffle:
         state.rng.shuffle(order)
     data = [
-        {"object": "embedding", "index": i, "embedding": answers[i][1] if parsed.base64 else answers[i][0]}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": (
+                base64.b64encode(vectors[i].astype("<f4").tobytes()).decode("ascii")
+                if parsed.base64
+                else vectors[i]
+            ),
+        }
         for i in order
     ]
-    texts = parsed.texts
     state.stats.inputs += len(texts)
     state.stats.tokens += tokens
     state.stats.by_text.update(text_hash(text) for text in texts)
@@ -212,22 +220,21 @@ def _over_budget(budget: Budget, tokens: int, wait: float) -> web.Response:
     return _error(429, message, type_="tokens", code="rate_limit_exceeded", headers=headers)
 
 
-async def _vectors(state: ServerState, texts: list[str], dimensions: int) -> list[tuple[Any, str]]:
-    """Each text's (vector, base64 of it): remembered ones from the memo, the rest computed."""
+async def _vectors(state: ServerState, texts: list[str], dimensions: int) -> list[Any]:
+    """Each text's vector: remembered ones from the memo, the rest computed (and remembered)."""
     memo, backend = state.memo, state.backend
-    answers = [memo.get(text, dimensions) for text in texts]
-    missing = [i for i, answer in enumerate(answers) if answer is None]
+    vectors = [memo.get(text, dimensions) for text in texts]
+    missing = [i for i, vector in enumerate(vectors) if vector is None]
     if missing:
         wanted = [texts[i] for i in missing]
         if backend.name != "hash" or sum(map(len, wanted)) > THREAD_THRESHOLD_CHARS:
-            vectors = await asyncio.to_thread(backend.embed, wanted, dimensions)
+            computed = await asyncio.to_thread(backend.embed, wanted, dimensions)
         else:
-            vectors = backend.embed(wanted, dimensions)
-        for i, vector in zip(missing, vectors, strict=True):
-            encoded = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-            answers[i] = (vector, encoded)
-            memo.put(texts[i], dimensions, vector, encoded)
-    return answers  # type: ignore[return-value]  # every None was filled
+            computed = backend.embed(wanted, dimensions)
+        for i, vector in zip(missing, computed, strict=True):
+            vectors[i] = vector
+            memo.put(texts[i], dimensions, vector)
+    return vectors
 
 
 STATE_KEY = web.AppKey("state", ServerState)

@@ -107,26 +107,26 @@ class Stats:
 
 
 class Memo:
-    """The answers to the last ``size`` distinct (text, dimensions) asked for, each as its
-    base64 string (what the worker asks for) and its vector: a second request for a text is
-    answered without computing it again. The oldest goes first once full; 0 remembers nothing."""
+    """The vectors of the last ``size`` distinct (text, dimensions) asked for: a second request
+    for a text is answered without computing it again. The oldest goes first once full; 0
+    remembers nothing."""
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
-        self._answers: dict[tuple[str, int], tuple[Any, str]] = {}
+        self._vectors: dict[tuple[str, int], Any] = {}
 
-    def get(self, text: str, dimensions: int) -> tuple[Any, str] | None:
-        return self._answers.get((text, dimensions)) if self.size else None
+    def get(self, text: str, dimensions: int) -> Any | None:
+        return self._vectors.get((text, dimensions)) if self.size else None
 
-    def put(self, text: str, dimensions: int, vector: Any, encoded: str) -> None:
+    def put(self, text: str, dimensions: int, vector: Any) -> None:
         if not self.size:
             return
-        if len(self._answers) >= self.size:
-            del self._answers[next(iter(self._answers))]
-        self._answers[(text, dimensions)] = (vector, encoded)
+        if len(self._vectors) >= self.size:
+            del self._vectors[next(iter(self._vectors))]
+        self._vectors[(text, dimensions)] = vector
 
     def __len__(self) -> int:
-        return len(self._answers)
+        return len(self._vectors)
 
 
 @dataclass
