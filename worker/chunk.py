@@ -1,18 +1,21 @@
 """Split a document's text into overlapping chunks. Pure: no I/O.
 
-Chunks are at most ``size`` characters and break at the last paragraph boundary in the
-second half of the window, else the last sentence end, else the last whitespace, else hard.
-Neighbours share about ``overlap`` characters, starting on a word. Every chunk is exactly
-``text[char_start:char_end]`` (Python string indices) with no leading or trailing whitespace,
-and every non-space character of the text lies in at least one chunk.
+Chunks are at most ``size`` units (characters, or tokens given ``units``) and break at the
+last paragraph boundary in the second half of the window, else the last sentence end, else the
+last whitespace, else hard. Neighbours share about ``overlap`` units, starting on a word. A
+chunk that ``fits`` refuses (over the embedding model's input limit) is made smaller the same
+way, halving its window until it fits: never cut short, never sent to fail. Every chunk is
+exactly ``text[char_start:char_end]`` (Python string indices) with no leading or trailing
+whitespace, and every non-space character of the text lies in at least one chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 # CJK full stops end a sentence with or without a space after them.
 _SENTENCE_END: Final = re.compile(r"[.!?。！？…][\"'”’)\]]*(?=\s)|[。！？]")  # noqa: RUF001 - meant
@@ -31,22 +34,72 @@ class Chunk:
         object.__setattr__(self, "digest", hashlib.sha256(self.content.encode()).digest())
 
 
-def chunk_text(text: str, *, size: int, overlap: int) -> list[Chunk]:
+class Units(Protocol):
+    """Where a window of ``size`` units from ``start`` ends; where ``count`` units before ``end`` start."""
+
+    def end(self, start: int, size: int) -> int: ...
+    def back(self, end: int, count: int) -> int: ...
+
+
+class Characters:
+    def __init__(self, length: int) -> None:
+        self._length = length
+
+    def end(self, start: int, size: int) -> int:
+        return min(start + size, self._length)
+
+    def back(self, end: int, count: int) -> int:
+        return end - count
+
+
+def chunk_text(
+    text: str,
+    *,
+    size: int,
+    overlap: int,
+    units: Units | None = None,
+    fits: Callable[[str], bool] | None = None,
+) -> list[Chunk]:
     if overlap >= size // 2:
         raise ValueError("overlap must be less than half of size")
     n = len(text)
+    units = units or Characters(n)
     chunks: list[Chunk] = []
     start = _skip_space(text, 0, n)
     while start < n:
-        end = n if start + size >= n else _break_point(text, start, start + size)
-        stop = end
-        while stop > start and text[stop - 1].isspace():
-            stop -= 1
+        end, stop, made_smaller = _window(text, start, units.end(start, size), fits)
+        if chunks and stop <= chunks[-1].char_end:  # made smaller inside the one before: start after it
+            start = _skip_space(text, chunks[-1].char_end, n)
+            continue
         chunks.append(Chunk(len(chunks), text[start:stop], start, stop))
         if _skip_space(text, end, n) >= n:  # nothing but whitespace after it: the text is covered
             break
-        start = _skip_space(text, _next_start(text, start, end, overlap), n)
+        following = max(units.back(end, overlap), start + 1)
+        if made_smaller:  # share at most half of it, so that the next one starts well after
+            following = max(following, start + (end - start) // 2)
+        start = _skip_space(text, _next_start(text, start, end, following), n)
     return chunks
+
+
+def _window(
+    text: str, start: int, hard_end: int, fits: Callable[[str], bool] | None
+) -> tuple[int, int, bool]:
+    """Where a chunk from ``start`` ends (``end``, and ``stop`` without its trailing whitespace),
+    halving the window until ``fits`` takes it; and whether it had to."""
+    end = len(text) if hard_end >= len(text) else _break_point(text, start, hard_end)
+    stop = _trim(text, start, end)
+    made_smaller = False
+    while fits is not None and stop - start > 1 and not fits(text[start:stop]):
+        end = _break_point(text, start, start + max((stop - start) // 2, 1))
+        stop = _trim(text, start, end)
+        made_smaller = True
+    return end, stop, made_smaller
+
+
+def _trim(text: str, start: int, end: int) -> int:
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return end
 
 
 def _break_point(text: str, start: int, hard_end: int) -> int:
@@ -66,9 +119,8 @@ def _break_point(text: str, start: int, hard_end: int) -> int:
     return hard_end
 
 
-def _next_start(text: str, start: int, end: int, overlap: int) -> int:
-    """The next chunk starts ``overlap`` characters before ``end``, moved forward onto a word."""
-    candidate = max(end - overlap, start + 1)
+def _next_start(text: str, start: int, end: int, candidate: int) -> int:
+    """The next chunk starts at ``candidate``, moved forward onto a word."""
     if candidate >= end or text[candidate - 1].isspace():
         return candidate
     space = _SPACE.search(text, candidate, end)

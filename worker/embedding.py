@@ -21,6 +21,7 @@ from worker.embed import Embedder, probe
 from worker.errors import AttemptsExhausted, EmbeddingProtocolError, InputRejected, RecordError
 from worker.retry import isolate
 from worker.settings import Settings
+from worker.tokens import TokenCounter
 from worker.types import Vector
 
 
@@ -34,6 +35,8 @@ class EmbeddingStage:
             self._request,
             batch_size=settings.embedding_batch_size,
             batch_chars=settings.embedding_batch_chars,
+            batch_tokens=settings.embedding_max_request_tokens,
+            tokens=TokenCounter(settings.embedding_tokenizer).bound,
             linger=settings.embedding_linger_ms / 1000,
             max_outstanding=settings.embedding_concurrency,
         )
@@ -82,7 +85,8 @@ class EmbeddingBatcher:
 
     ``submit`` returns a future per text. A dispatcher forms a request when one of
     ``max_outstanding`` request slots is free and it has ``batch_size`` inputs or
-    ``batch_chars`` characters pending, or its oldest input has waited ``linger`` seconds.
+    ``batch_chars`` characters pending, or its oldest input has waited ``linger`` seconds. A
+    request holds at most ``batch_tokens`` tokens by ``tokens``, a count never below the API's.
     Requests are filled round-robin across tenants, one input each in turn, so a tenant that
     floods (or keeps failing) gets its share of the embedding capacity and no more.
     """
@@ -95,12 +99,16 @@ class EmbeddingBatcher:
         batch_chars: int,
         linger: float,
         max_outstanding: int,
+        batch_tokens: int | None = None,
+        tokens: Callable[[str], int] = len,
     ) -> None:
         self._send = send
         self._batch_size = batch_size
         self._batch_chars = batch_chars
+        self._batch_tokens = batch_tokens
+        self._tokens = tokens
         self._linger = linger
-        self._queues: dict[str | None, collections.deque[tuple[str, asyncio.Future[Vector]]]] = {}
+        self._queues: dict[str | None, collections.deque[tuple[str, int, asyncio.Future[Vector]]]] = {}
         self._turns: collections.deque[str | None] = collections.deque()  # tenants with work, in turn order
         self._count = 0
         self._chars = 0
@@ -118,7 +126,7 @@ class EmbeddingBatcher:
         if queue is None:
             queue = self._queues[tenant] = collections.deque()
             self._turns.append(tenant)
-        queue.append((text, future))
+        queue.append((text, self._tokens(text) if self._batch_tokens else 0, future))
         self._count += 1
         self._chars += len(text)
         if self._oldest is None:
@@ -175,12 +183,14 @@ class EmbeddingBatcher:
         """One input from each tenant in turn until the request is full."""
         texts: list[str] = []
         futures: list[asyncio.Future[Vector]] = []
-        chars = 0
+        chars = tokens = 0
         while self._turns and len(texts) < self._batch_size:
             tenant = self._turns[0]
             queue = self._queues[tenant]
-            text, future = queue[0]
+            text, cost, future = queue[0]
             if texts and chars + len(text) > self._batch_chars:
+                break
+            if texts and self._batch_tokens and tokens + cost > self._batch_tokens:
                 break
             queue.popleft()
             self._turns.rotate(-1)
@@ -194,6 +204,7 @@ class EmbeddingBatcher:
             texts.append(text)
             futures.append(future)
             chars += len(text)
+            tokens += cost
         self._count -= len(texts)
         self._chars -= chars
         self._oldest = asyncio.get_running_loop().time() if self._count else None
@@ -231,7 +242,7 @@ class EmbeddingBatcher:
         """Cancel the dispatcher, queued inputs and running requests (their futures too)."""
         self._dispatcher.cancel()
         for queue in self._queues.values():
-            for _, future in queue:
+            for _, _, future in queue:
                 future.cancel()
         self._queues.clear()
         self._turns.clear()

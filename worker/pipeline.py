@@ -44,6 +44,7 @@ from worker.retry import ShuttingDown
 from worker.settings import Settings
 from worker.stages import gather, stage_loop
 from worker.store import DocumentStore
+from worker.tokens import TokenCounter
 from worker.types import Record, TopicPartition, Vector
 from worker.writer import Writer
 
@@ -96,6 +97,7 @@ class Pipeline:
         self._store = store
         self._dead_letters = dead_letters
         self._settings = settings
+        self._tokens = TokenCounter(settings.embedding_tokenizer)
         self._stop = stop
         self._inflight = InFlight(
             max_records=settings.max_in_flight_records, max_bytes=settings.max_in_flight_bytes
@@ -412,7 +414,14 @@ class Pipeline:
     # -- helpers ---------------------------------------------------------------------------
 
     def _chunk(self, text: str) -> list[Chunk]:
-        chunks = chunk_text(text, size=self._settings.chunk_size, overlap=self._settings.chunk_overlap)
+        settings, tokens = self._settings, self._tokens
+        chunks = chunk_text(
+            text,
+            size=settings.chunk_size,
+            overlap=settings.chunk_overlap,
+            units=tokens.units(text) if settings.chunk_unit == "tokens" else None,
+            fits=lambda chunk: tokens.within(chunk, settings.embedding_max_input_tokens),
+        )
         if len(chunks) > MAX_CHUNKS_PER_DOCUMENT:
             raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
         return chunks

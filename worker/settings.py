@@ -24,12 +24,16 @@ SaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 VectorType = Literal["vector", "halfvec"]
 Encoding = Literal["base64", "float"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+ChunkUnit = Literal["chars", "tokens"]
+Tokenizer = Literal["cl100k_base", "bytes"]
 ENUMERATED: Final[dict[str, Any]] = {
     "SecurityProtocol": SecurityProtocol,
     "SaslMechanism": SaslMechanism,
     "VectorType": VectorType,
     "Encoding": Encoding,
     "LogLevel": LogLevel,
+    "ChunkUnit": ChunkUnit,
+    "Tokenizer": Tokenizer,
 }
 MAX_INDEXED_DIMENSIONS: Final[dict[str, int]] = {"vector": 2000, "halfvec": 4000}  # HNSW's limits
 
@@ -116,6 +120,15 @@ class Settings:
     embedding_batch_chars: int = _setting(
         100_000, "characters per embedding request at most", low=1000, high=10_000_000
     )
+    embedding_tokenizer: Tokenizer = _setting(
+        "cl100k_base", "how tokens are counted: cl100k_base (OpenAI's models) or bytes (never counts low)"
+    )
+    embedding_max_input_tokens: int = _setting(
+        8191, "tokens per input at most; a longer chunk is split further", low=16, high=10_000_000
+    )
+    embedding_max_request_tokens: int = _setting(
+        300_000, "tokens per embedding request at most", low=16, high=1_000_000_000
+    )
     embedding_linger_ms: int = _setting(
         20, "wait this long to fill a request before sending it", low=0, high=10_000
     )
@@ -155,8 +168,11 @@ class Settings:
     commit_interval_ms: int = _setting(1000, "how often stored offsets are committed", low=10, high=600_000)
     index_build_memory: str = _setting("512MB", "maintenance_work_mem for the HNSW build after a backfill")
     # Chunking and limits
-    chunk_size: int = _setting(1000, "characters per chunk", low=16, high=1_000_000)
-    chunk_overlap: int = _setting(100, "characters shared by neighbouring chunks", low=0, high=1_000_000)
+    chunk_unit: ChunkUnit = _setting("chars", "what CHUNK_SIZE and CHUNK_OVERLAP count: chars or tokens")
+    chunk_size: int = _setting(1000, "characters (or tokens) per chunk", low=16, high=1_000_000)
+    chunk_overlap: int = _setting(
+        100, "characters (or tokens) shared by neighbouring chunks", low=0, high=1_000_000
+    )
     max_text_bytes: int = _setting(1_048_576, "largest document text accepted", low=1, high=1 << 30)
     # Operations
     health_port: int = _setting(
@@ -215,6 +231,17 @@ class Settings:
             raise bad("embedding_model", "must not be empty")
         if self.chunk_overlap >= self.chunk_size // 2:
             raise bad("chunk_overlap", f"must be less than half of CHUNK_SIZE ({self.chunk_size})")
+        if self.chunk_unit == "tokens" and self.chunk_size > self.embedding_max_input_tokens:
+            raise bad(
+                "chunk_size",
+                f"{self.chunk_size} tokens is more than EMBEDDING_MAX_INPUT_TOKENS "
+                f"({self.embedding_max_input_tokens})",
+            )
+        if self.embedding_max_input_tokens > self.embedding_max_request_tokens:
+            raise bad(
+                "embedding_max_input_tokens",
+                f"must not exceed EMBEDDING_MAX_REQUEST_TOKENS ({self.embedding_max_request_tokens})",
+            )
         if not re.fullmatch(r"[0-9]+\s*(kB|MB|GB)", self.index_build_memory):
             raise bad("index_build_memory", "must be a PostgreSQL size such as 512MB or 2GB")
         if self.database_writers > self.database_pool_size:

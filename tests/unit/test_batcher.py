@@ -68,7 +68,12 @@ async def make(send: FakeSend) -> AsyncIterator[Make]:
     made: list[EmbeddingBatcher] = []
 
     def build(
-        *, batch_size: int = 100, batch_chars: int = 10_000, linger: float = LONG, max_outstanding: int = 4
+        *,
+        batch_size: int = 100,
+        batch_chars: int = 10_000,
+        linger: float = LONG,
+        max_outstanding: int = 4,
+        batch_tokens: int | None = None,
     ) -> EmbeddingBatcher:
         batcher = EmbeddingBatcher(
             send,
@@ -76,6 +81,8 @@ async def make(send: FakeSend) -> AsyncIterator[Make]:
             batch_chars=batch_chars,
             linger=linger,
             max_outstanding=max_outstanding,
+            batch_tokens=batch_tokens,
+            tokens=lambda text: 2 * len(text),  # a tokenizer unlike characters
         )
         made.append(batcher)
         return batcher
@@ -134,6 +141,18 @@ async def test_an_input_that_would_overflow_batch_chars_starts_the_next_request(
     assert send.requests == [["aaaa", "bbbb"], ["cccc", "dddddd"]]
     assert last.result() is not None
     assert all(sum(map(len, r)) <= 10 for r in send.requests)
+
+
+async def test_a_request_never_holds_more_than_batch_tokens(make: Make, send: FakeSend) -> None:
+    batcher = make(batch_size=3, batch_tokens=10)
+    for text in ("aa", "bbb", "c"):  # 4 + 6 tokens: the third would make 12
+        batcher.submit(text)
+    await settle()
+    assert send.requests == [["aa", "bbb"]]
+    batcher.submit("dddd")  # 2 + 8 = 10 tokens, and not yet 3 inputs: waits
+    batcher.submit("e")  # 3 inputs: a request, as full as 10 tokens allow
+    await settle()
+    assert send.requests == [["aa", "bbb"], ["c", "dddd"]]
 
 
 async def test_an_input_longer_than_batch_chars_is_sent_alone(make: Make, send: FakeSend) -> None:

@@ -140,6 +140,11 @@ def test_a_bad_environment_value_is_overridden_by_a_good_flag() -> None:
         ({"CHUNK_SIZE": "100", "CHUNK_OVERLAP": "80"}, "CHUNK_OVERLAP"),
         ({"CHUNK_OVERLAP": "500"}, "CHUNK_OVERLAP"),
         ({"LOG_LEVEL": "trace"}, "LOG_LEVEL"),
+        ({"CHUNK_UNIT": "words"}, "CHUNK_UNIT"),
+        ({"EMBEDDING_TOKENIZER": "o200k_base"}, "EMBEDDING_TOKENIZER"),
+        ({"CHUNK_UNIT": "tokens", "CHUNK_SIZE": "9000"}, "CHUNK_SIZE"),
+        ({"EMBEDDING_MAX_INPUT_TOKENS": "400000"}, "EMBEDDING_MAX_INPUT_TOKENS"),
+        ({"EMBEDDING_MAX_REQUEST_TOKENS": "8000"}, "EMBEDDING_MAX_INPUT_TOKENS"),
         ({"EMBEDDING_API_KEY_FILE": "/nonexistent/dir/key"}, "EMBEDDING_API_KEY_FILE"),
     ],
 )

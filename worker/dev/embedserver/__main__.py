@@ -48,6 +48,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "as providers also enforce)",
     )
     p.add_argument(
+        "--max-input-tokens", type=int, default=8191, help="tokens per input, as OpenAI (0: no limit)"
+    )
+    p.add_argument(
+        "--max-request-tokens", type=int, default=300_000, help="tokens per request, as OpenAI (0: no limit)"
+    )
+    p.add_argument(
         "--memo",
         type=int,
         default=0,
@@ -89,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "budget_tpm": args.budget_tpm,
                 "budget_rpm": args.budget_rpm,
                 "budget_window": args.budget_window,
+                "max_input_tokens": args.max_input_tokens,
+                "max_request_tokens": args.max_request_tokens,
             }
         )
         backend = load_backend(args.backend)

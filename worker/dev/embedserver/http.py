@@ -17,9 +17,11 @@ from aiohttp import web
 
 from worker.dev.embedserver.budget import Budget, duration, retry_headers
 from worker.dev.embedserver.state import FaultError, Faults, ServerState, Stats, text_hash
+from worker.tokens import TokenCounter
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 THREAD_THRESHOLD_CHARS = 32_000  # embed larger requests off the event loop
+_CL100K = TokenCounter("cl100k_base")
 CLIENT_GONE = 499  # counted, never sent: the client hung up before its answer (nginx's code for it)
 
 
@@ -160,6 +162,9 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         return exc.response
     except ConnectionResetError:  # the client hung up while sending its body
         return web.Response(status=CLIENT_GONE)
+    too_long = _over_token_limits(parsed.texts, faults)
+    if too_long is not None:
+        return too_long
     tokens = sum(max(1, math.ceil(len(text) / 4)) for text in parsed.texts)  # a rough token count
     if state.budget is not None:
         wait = state.budget.admit(tokens, time.monotonic())
@@ -206,6 +211,27 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         },
         headers=state.budget.headers() if state.budget is not None else None,
     )
+
+
+def _over_token_limits(texts: list[str], faults: Faults) -> web.Response | None:
+    """OpenAI's 400s for an input over the model's context, or a request over 300,000 tokens
+    (counted with cl100k_base only where the UTF-8 length passes the limit)."""
+    if faults.max_input_tokens:
+        limit = int(faults.max_input_tokens)
+        for index, text in enumerate(texts):
+            if not _CL100K.within(text, limit):
+                return _invalid(
+                    f"Invalid 'input[{index}]': This model's maximum context length is {limit} "
+                    f"tokens, however you requested {_CL100K.count(text)} tokens. Please reduce "
+                    "your prompt."
+                )
+    if faults.max_request_tokens:
+        limit = int(faults.max_request_tokens)
+        if sum(len(text.encode()) for text in texts) > limit:
+            requested = sum(map(_CL100K.count, texts))
+            if requested > limit:
+                return _invalid(f"Requested {requested} tokens, max {limit} tokens per request")
+    return None
 
 
 def _over_budget(budget: Budget, tokens: int, wait: float) -> web.Response:

@@ -44,6 +44,9 @@ class Faults:
     budget_tpm: float = 0.0
     budget_rpm: float = 0.0
     budget_window: float = 60.0
+    # OpenAI's limits on one request, in cl100k_base tokens (0: none): past either it answers 400.
+    max_input_tokens: float = 8191
+    max_request_tokens: float = 300_000
 
     _PROBABILITIES: ClassVar[frozenset[str]] = frozenset({"rate_429", "rate_500", "rate_503", "slow_rate"})
 
