@@ -139,10 +139,17 @@ class OpenAIEmbedder:
             raise EmbeddingUnavailable(f"embedding API unreachable: {type(exc).__name__}") from exc
 
 
-def parse_embeddings(payload: bytes, count: int, dimensions: int) -> list[Vector]:
+class Embeddings(list[Vector]):
+    """An answer's vectors, and the tokens the API says it counted (None where it sends none)."""
+
+    prompt_tokens: int | None = None
+
+
+def parse_embeddings(payload: bytes, count: int, dimensions: int) -> Embeddings:
     """Decode an OpenAI embeddings answer into ``count`` vectors ordered by their ``index``."""
     try:
-        data = orjson.loads(payload)["data"]
+        answer = orjson.loads(payload)
+        data = answer["data"]
         vectors: list[Vector | None] = [None] * count
         for item in data:
             embedding = item["embedding"]
@@ -158,7 +165,11 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> list[Vector
             vectors[index] = vector
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise EmbeddingProtocolError(f"embedding answer is not in the OpenAI format: {exc!r:.200}") from exc
-    result: list[Vector] = []
+    result = Embeddings()
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+        result.prompt_tokens = tokens
     for index, found in enumerate(vectors):
         if found is None:
             raise EmbeddingProtocolError(f"embedding answer has no item with index {index}")

@@ -22,13 +22,17 @@ from worker.errors import AttemptsExhausted, EmbeddingProtocolError, InputReject
 from worker.retry import isolate
 from worker.settings import Settings
 from worker.tokens import TokenCounter
+from worker.usage import Usage
 from worker.types import Vector
 
 
 class EmbeddingStage:
-    def __init__(self, embedder: Embedder, dependency: Dependency, settings: Settings) -> None:
+    def __init__(
+        self, embedder: Embedder, dependency: Dependency, settings: Settings, usage: Usage | None = None
+    ) -> None:
         self._embedder = embedder
         self._dependency = dependency
+        self._usage = usage
         self._attempts = settings.embedding_max_attempts
         self._deadline = settings.embedding_retry_deadline_seconds
         self._batcher = EmbeddingBatcher(
@@ -55,29 +59,35 @@ class EmbeddingStage:
         await self._batcher.answered(within)
         await self._batcher.close()
 
-    async def _request(self, texts: list[str]) -> list[Vector | RecordError]:
+    async def _request(self, texts: list[str], tenants: list[str | None]) -> list[Vector | RecordError]:
         """One request; when the API refuses it (or it fails every attempt while the API is up),
         the inputs at fault are isolated. A refusal is first checked against an input any model
         takes (once per request, not at each split): an API that refuses that too refuses every
         record, and is waited out as an outage."""
 
-        async def attempt(part: list[str]) -> list[Vector | RecordError]:
+        async def attempt(part: list[int]) -> list[Vector | RecordError]:
+            inputs = [texts[i] for i in part]
+
             async def once() -> list[Vector]:
                 try:
-                    return await self._embedder.embed(part)
+                    return await self._embedder.embed(inputs)
                 except InputRejected:
                     if len(part) == len(texts):  # the whole request, not a half of it
                         await probe(self._embedder)  # EmbeddingUnavailable if it refuses all
                     raise
 
             vectors = await self._dependency.call(once, attempts=self._attempts, deadline=self._deadline)
+            if self._usage is not None:
+                tokens = getattr(vectors, "prompt_tokens", None)
+                self._usage.bought(inputs, [tenants[i] for i in part], tokens)
             return list(vectors)
 
-        async def alone(_: str, exc: Exception) -> Vector | RecordError:
+        async def alone(_: int, exc: Exception) -> Vector | RecordError:
             assert isinstance(exc, RecordError)
             return exc
 
-        return await isolate(texts, attempt, faults=(InputRejected, AttemptsExhausted), alone=alone)
+        faults = (InputRejected, AttemptsExhausted)
+        return await isolate(list(range(len(texts))), attempt, faults=faults, alone=alone)
 
 
 class EmbeddingBatcher:
@@ -93,7 +103,7 @@ class EmbeddingBatcher:
 
     def __init__(
         self,
-        send: Callable[[list[str]], Awaitable[Sequence[Vector | RecordError]]],
+        send: Callable[[list[str], list[str | None]], Awaitable[Sequence[Vector | RecordError]]],
         *,
         batch_size: int,
         batch_chars: int,
@@ -151,11 +161,11 @@ class EmbeddingBatcher:
                             await asyncio.wait_for(self._wakeup.wait(), remaining)
                     else:
                         await self._wakeup.wait()
-                texts, futures = self._take()
+                texts, futures, tenants = self._take()
             except BaseException:
                 self._slots.release()
                 raise
-            task = loop.create_task(self._request(texts, futures), name="embed-request")
+            task = loop.create_task(self._request(texts, futures, tenants), name="embed-request")
             self._requests[task] = futures
             self._sent.update(futures)
             task.add_done_callback(self._request_done)
@@ -179,10 +189,11 @@ class EmbeddingBatcher:
                 future.cancel()
         self._slots.release()
 
-    def _take(self) -> tuple[list[str], list[asyncio.Future[Vector]]]:
-        """One input from each tenant in turn until the request is full."""
+    def _take(self) -> tuple[list[str], list[asyncio.Future[Vector]], list[str | None]]:
+        """One input from each tenant in turn until the request is full (and each one's tenant)."""
         texts: list[str] = []
         futures: list[asyncio.Future[Vector]] = []
+        tenants: list[str | None] = []
         chars = tokens = 0
         while self._turns and len(texts) < self._batch_size:
             tenant = self._turns[0]
@@ -203,18 +214,21 @@ class EmbeddingBatcher:
                 continue
             texts.append(text)
             futures.append(future)
+            tenants.append(tenant)
             chars += len(text)
             tokens += cost
         self._count -= len(texts)
         self._chars -= chars
         self._oldest = asyncio.get_running_loop().time() if self._count else None
-        return texts, futures
+        return texts, futures, tenants
 
-    async def _request(self, texts: list[str], futures: list[asyncio.Future[Vector]]) -> None:
+    async def _request(
+        self, texts: list[str], futures: list[asyncio.Future[Vector]], tenants: list[str | None]
+    ) -> None:
         if not texts:
             return
         try:
-            results = await self._send(texts)
+            results = await self._send(texts, tenants)
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()

@@ -92,6 +92,16 @@ for _omitted in ("value", "value_key_headers"):
 EMBEDDINGS_REUSED: Final = Counter(
     "ingest_embeddings_reused", "Chunks whose embedding was already stored or in flight: not bought again"
 )
+EMBEDDING_TOKENS: Final = Counter(
+    "ingest_embedding_tokens",
+    "Tokens bought (the API's usage.prompt_tokens, shared among a request's inputs)",
+    ["tenant", "model"],
+)
+EMBEDDING_TOKENS_SAVED: Final = Counter(
+    "ingest_embedding_tokens_saved",
+    "Tokens not bought again: inputs reused from the store, the ledger or a purchase in flight (estimated)",
+    ["tenant", "model"],
+)
 EMBEDDINGS_KEPT: Final = Counter(
     "ingest_embeddings_kept", "Paid embeddings written to the embedding ledger as they arrived"
 )

@@ -20,6 +20,7 @@ from worker import metrics
 from worker.chunk import Chunk
 from worker.ledger import Ledger
 from worker.types import Vector
+from worker.usage import Usage
 
 
 class Wanting(Protocol):
@@ -67,9 +68,10 @@ class Purchases:
     and it is answered or withdrawn.
     """
 
-    def __init__(self, buyer: Buyer, ledger: Ledger) -> None:
+    def __init__(self, buyer: Buyer, ledger: Ledger, usage: Usage | None = None) -> None:
         self._buyer = buyer
         self._ledger = ledger
+        self._usage = usage
         self._by_digest: dict[bytes, Purchase] = {}
 
     def join(self, digest: bytes) -> Purchase | None:
@@ -114,7 +116,21 @@ class Purchases:
                 futures.append(purchase.vector)
             supplied.append(futures)
         metrics.EMBEDDINGS_REUSED.inc(sum(len(d.chunks) for d in documents) - len(wanted))
+        if self._usage is not None:
+            self._count_saved(documents, set(wanted))
         return supplied
+
+    def _count_saved(self, documents: Sequence[Wanting], bought: set[bytes]) -> None:
+        """Every chunk but the first wanting each content bought here was not bought again."""
+        assert self._usage is not None
+        for d in documents:
+            saved = []
+            for chunk in d.chunks:
+                if chunk.digest in bought:
+                    bought.discard(chunk.digest)
+                else:
+                    saved.append(chunk.content)
+            self._usage.saved(d.tenant, saved)
 
     async def acquire(self, wanted: Mapping[bytes, tuple[str, str | None]]) -> dict[bytes, Purchase]:
         """Purchases of contents nobody here is buying (call ``join`` first), each held once:

@@ -83,6 +83,21 @@ MIGRATION_STEPS: Final = (
     ),
     (
         "relation",
+        "{schema}.embedding_usage",
+        """CREATE TABLE IF NOT EXISTS {schema}.embedding_usage (
+    day             date NOT NULL,
+    tenant          text NOT NULL,
+    model           text NOT NULL,
+    requests        bigint NOT NULL DEFAULT 0,
+    inputs          bigint NOT NULL DEFAULT 0,
+    tokens          bigint NOT NULL DEFAULT 0,
+    saved_inputs    bigint NOT NULL DEFAULT 0,
+    saved_tokens    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, tenant, model)
+)""",
+    ),
+    (
+        "relation",
         "{schema}.documents_tenant_idx",
         "CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted",
     ),
@@ -353,6 +368,27 @@ SELECT set_config('hnsw.ef_search', $1, true), set_config('hnsw.iterative_scan',
 """
 
 
+# What the embeddings cost: counts added up per UTC day, tenant ('' for none) and model.
+ADD_USAGE_SQL: Final = """
+INSERT INTO {schema}.embedding_usage AS u
+    (day, tenant, model, requests, inputs, tokens, saved_inputs, saved_tokens)
+SELECT * FROM unnest($1::date[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                     $7::bigint[], $8::bigint[])
+ON CONFLICT (day, tenant, model) DO UPDATE SET
+    requests = u.requests + excluded.requests,
+    inputs = u.inputs + excluded.inputs,
+    tokens = u.tokens + excluded.tokens,
+    saved_inputs = u.saved_inputs + excluded.saved_inputs,
+    saved_tokens = u.saved_tokens + excluded.saved_tokens
+"""
+USAGE_SQL: Final = """
+SELECT day, tenant, model, requests, inputs, tokens, saved_inputs, saved_tokens
+FROM {schema}.embedding_usage
+WHERE day >= $1 AND ($2::text IS NULL OR tenant = $2)
+ORDER BY day, tenant, model
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Statements:
     """This store's statements, its schema (quoted) and vector type filled in once."""
@@ -383,6 +419,8 @@ class Statements:
     drop_purchases: str
     watch_purchases: str
     prune_ledger: str
+    add_usage: str
+    usage: str
 
     @classmethod
     def of(cls, schema: str, vector_type: str) -> Statements:
@@ -418,4 +456,6 @@ class Statements:
             drop_purchases=filled(DROP_PURCHASES_SQL),
             watch_purchases=filled(WATCH_PURCHASES_SQL),
             prune_ledger=filled(PRUNE_LEDGER_SQL),
+            add_usage=filled(ADD_USAGE_SQL),
+            usage=filled(USAGE_SQL),
         )

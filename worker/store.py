@@ -45,6 +45,7 @@ from worker.sql import (
     Statements,
 )
 from worker.types import Record, TopicPartition, Vector
+from worker.usage import UsageRows, UsageTable
 
 log = structlog.get_logger()
 
@@ -78,6 +79,11 @@ class DocumentStore(Protocol):
         """The embedding ledger's table (worker.ledger)."""
         ...
 
+    @property
+    def usage(self) -> UsageTable:
+        """What the embeddings cost (worker.usage)."""
+        ...
+
     async def probe(self) -> None:
         """Raise DatabaseUnavailable unless the database answers and lets this role write."""
         ...
@@ -104,6 +110,7 @@ class Store:
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
         self._ledger = LedgerTable(settings, self._sql, fetch=self._fetch, pool=lambda: self._pool)
+        self._usage = UsageRows(self._sql, pool=lambda: self._pool)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -117,7 +124,8 @@ class Store:
         if self._pool is not None:
             return
         try:
-            self._vector_schema, self._records_offsets, self._ledger.exists = await self._inspect()
+            found = await self._inspect()
+            self._vector_schema, self._records_offsets, self._ledger.exists, self._usage.exists = found
             self._pool = await asyncpg.create_pool(
                 self._settings.database_url.reveal(),
                 min_size=1,
@@ -133,6 +141,10 @@ class Store:
     def ledger(self) -> LedgerTable:
         return self._ledger
 
+    @property
+    def usage(self) -> UsageRows:
+        return self._usage
+
     async def close(self) -> None:
         await self._ledger.close()
         if self._pool is not None:
@@ -142,19 +154,20 @@ class Store:
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
 
-    async def _inspect(self) -> tuple[str, bool, bool]:
-        """pgvector's schema (for its codec), and whether ``source_offsets`` and
-        ``embedding_ledger`` exist (a schema migrated before them has neither)."""
+    async def _inspect(self) -> tuple[str, bool, bool, bool]:
+        """pgvector's schema (for its codec), and whether ``source_offsets``, ``embedding_ledger``
+        and ``embedding_usage`` exist (a schema migrated before them has none)."""
         conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         try:
             schema = await conn.fetchval(EXTENSION_SCHEMA_SQL)
             offsets = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.source_offsets")
             ledger = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.embedding_ledger")
+            usage = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.embedding_usage")
         finally:
             await conn.close()
         if schema is None:
             raise ConfigError("DATABASE_URL", "the pgvector extension is not installed there; run `migrate`")
-        return str(schema), offsets is not None, ledger is not None
+        return str(schema), offsets is not None, ledger is not None, usage is not None
 
     # -- schema ---------------------------------------------------------------------------
 

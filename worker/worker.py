@@ -34,7 +34,9 @@ from worker.purchases import Purchases
 from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
 from worker.settings import Settings
 from worker.store import DocumentStore
+from worker.tokens import TokenCounter
 from worker.types import Record
+from worker.usage import Usage
 
 log = structlog.get_logger()
 
@@ -68,7 +70,7 @@ class Worker:
             threshold=settings.embedding_max_attempts,
             backoff=backoff,
         )
-        self._buying: tuple[EmbeddingStage, Ledger, Purchases] | None = None  # made in run()
+        self._buying: tuple[EmbeddingStage, Ledger, Purchases, Usage] | None = None  # made in run()
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
         self._fetching: asyncio.Future[list[Record]] | None = None
@@ -143,9 +145,11 @@ class Worker:
     async def run(self) -> None:
         self._source.on_rebalance(revoked=self._on_revoked, assigned=self._on_assigned)
         last_arrival = time.monotonic()
-        stage = EmbeddingStage(self._embedder, self.dependencies.embedding, self._settings)
+        tokens = TokenCounter(self._settings.embedding_tokenizer)
+        usage = Usage(self._store.usage, self._settings.embedding_model, tokens)
+        stage = EmbeddingStage(self._embedder, self.dependencies.embedding, self._settings, usage)
         ledger = Ledger(self._store.ledger, self.dependencies.database)
-        self._buying = (stage, ledger, Purchases(stage, ledger))
+        self._buying = (stage, ledger, Purchases(stage, ledger, usage), usage)
         try:
             await self._source.start()
             log.info(
@@ -280,10 +284,11 @@ class Worker:
         the grace period, and keep their vectors in the ledger (they are paid for)."""
         if self._buying is None:
             return
-        stage, ledger, _ = self._buying
+        stage, ledger, _, usage = self._buying
         deadline = stopped_at + self._settings.shutdown_grace_seconds
         await stage.finish(within=max(0.0, deadline - time.monotonic()))
         await ledger.close(within=max(1.0, deadline - time.monotonic()))  # a write takes a moment
+        await usage.close()
         self._buying = None
 
     def _new_pipeline(self) -> Pipeline:

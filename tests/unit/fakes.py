@@ -36,6 +36,7 @@ from worker.purchases import Purchases
 from worker.settings import Settings
 from worker.store import DocumentWrite, Progress, sha256
 from worker.types import Record, Vector
+from worker.usage import Key, Tally
 from worker.worker import Worker
 
 TOPIC = "docs"
@@ -277,6 +278,28 @@ class FakeSource:
     rebalancing = False  # set by a test around the callbacks it calls itself
 
 
+class FakeUsageTable:
+    """UsageTable (embedding_usage) as a dict of tallies added up."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.rows: dict[Key, Tally] = {}
+        self.failures = 0  # the next writes fail as in an outage
+
+    async def add(self, tallies: dict[Key, Tally]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise DatabaseUnavailable("usage write failed: connection refused")
+        for key, tally in tallies.items():
+            self.rows.setdefault(key, Tally()).add(tally)
+
+    def total(self) -> Tally:
+        whole = Tally()
+        for tally in self.rows.values():
+            whole.add(tally)
+        return whole
+
+
 @dataclass
 class FakeLedgerTable:
     """PaidEmbeddings (the embedding ledger's table) in dicts. Another process's table shares
@@ -356,6 +379,7 @@ class FakeStore:
     writing: set[str] = field(default_factory=set)
     overlaps: list[str] = field(default_factory=list)  # documents in two writes at once
     ledger: FakeLedgerTable = field(default_factory=FakeLedgerTable)
+    usage: FakeUsageTable = field(default_factory=lambda: FakeUsageTable())
 
     def _outage(self, call: str) -> None:
         if self.failures > 0:

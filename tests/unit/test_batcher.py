@@ -33,7 +33,7 @@ class FakeSend:
         self.most_running = 0
         self.cancelled = 0
 
-    async def __call__(self, texts: list[str]) -> Sequence[Vector | RecordError]:
+    async def __call__(self, texts: list[str], tenants: list[str | None]) -> Sequence[Vector | RecordError]:
         self.requests.append(list(texts))
         self.sent_at.append(time.monotonic())
         self.running += 1
