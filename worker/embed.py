@@ -2,8 +2,9 @@
 
 One shared ``aiohttp.ClientSession`` whose connector is sized to the concurrency cap, explicit
 timeouts, answers matched by their ``index`` (servers may reorder them), base64 or float
-answers alike. HTTP failures become typed errors: the retry policy and the dead-letter path
-read their type, never their text.
+answers alike; every request, the probe's too, carries EMBEDDING_EXTRA_BODY's fields. HTTP
+failures become typed errors: the retry policy and the dead-letter path read their type, never
+their text.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class OpenAIEmbedder:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._url = settings.embedding_url.rstrip("/") + "/embeddings"
+        self._extra_body = settings.extra_body  # a provider's own fields (input_type, user), parsed once
         self._headers = {"Content-Type": "application/json"}
         if settings.api_key:
             self._headers["Authorization"] = f"Bearer {settings.api_key}"
@@ -82,7 +84,11 @@ class OpenAIEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> list[Vector]:
         assert self._session is not None, "use OpenAIEmbedder as an async context manager"
-        body: dict[str, Any] = {"model": self._settings.embedding_model, "input": list(texts)}
+        body: dict[str, Any] = {
+            **self._extra_body,
+            "model": self._settings.embedding_model,
+            "input": list(texts),
+        }
         if self._settings.embedding_send_dimensions:
             body["dimensions"] = self._settings.embedding_dimensions
         if self._settings.embedding_encoding == "base64":

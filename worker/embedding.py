@@ -22,8 +22,8 @@ from worker.errors import AttemptsExhausted, EmbeddingProtocolError, InputReject
 from worker.retry import isolate
 from worker.settings import Settings
 from worker.tokens import TokenCounter
-from worker.usage import Usage
 from worker.types import Vector
+from worker.usage import Usage
 
 
 class EmbeddingStage:
@@ -37,7 +37,7 @@ class EmbeddingStage:
         self._deadline = settings.embedding_retry_deadline_seconds
         self._batcher = EmbeddingBatcher(
             self._request,
-            batch_size=settings.embedding_batch_size,
+            batch_size=min(settings.embedding_batch_size, settings.embedding_max_inputs),
             batch_chars=settings.embedding_batch_chars,
             batch_tokens=settings.embedding_max_request_tokens,
             tokens=TokenCounter(settings.embedding_tokenizer).bound,
@@ -46,7 +46,15 @@ class EmbeddingStage:
         )
 
     def submit(self, text: str, tenant: str | None = None) -> asyncio.Future[Vector]:
-        """A future for ``text``'s vector; it fails with the RecordError of an input at fault."""
+        """A future for ``text``'s vector; it fails with the RecordError of an input at fault.
+
+        A blank text is never sent: OpenAI answers 400 to an empty input, which would cost a
+        refused request, a probe and the halving of the request it shared. Chunks are never
+        blank (chunk.py strips them); this guards against anything else submitting one."""
+        if not text.strip():
+            refused: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
+            refused.set_exception(InputRejected("an empty or whitespace-only input: not sent"))
+            return refused
         return self._batcher.submit(text, tenant)
 
     def withdraw(self, future: asyncio.Future[Vector]) -> bool:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
+import orjson
+
 from worker.errors import ConfigError
 
 IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # used with fullmatch
@@ -113,7 +115,25 @@ class Settings:
     embedding_send_dimensions: bool = _setting(True, "send `dimensions` in requests")
     embedding_api_key: Secret = _setting(NO_SECRET, "bearer token")
     embedding_api_key_file: str = _setting("", "file holding the bearer token")
-    embedding_batch_size: int = _setting(64, "inputs per embedding request", low=1, high=2048)
+    embedding_batch_size: int = _setting(
+        64,
+        "inputs the batcher aims to fill each request with: fewer, larger requests; capped by "
+        "EMBEDDING_MAX_INPUTS",
+        low=1,
+        high=2048,
+    )
+    embedding_max_inputs: int = _setting(
+        2048,
+        "most inputs the API accepts in one request (OpenAI 2048; text-embeddings-inference its "
+        "--max-client-batch-size, 32 by default): a limit of the provider, not a goal",
+        low=1,
+        high=1_000_000,
+    )
+    embedding_extra_body: str = _setting(
+        "",
+        'JSON object merged into every embedding request\'s body, e.g. {"input_type": "document"}; '
+        "not model, input, dimensions or encoding_format",
+    )
     embedding_concurrency: int = _setting(4, "embedding requests in flight", low=1, high=1024)
     embedding_timeout: float = _setting(60.0, "seconds per embedding request", low=0.1, high=3600)
     embedding_encoding: Encoding = _setting("base64", "encoding_format asked for: base64 or float")
@@ -229,6 +249,7 @@ class Settings:
             raise bad("embedding_url", "must be an http:// or https:// URL")
         if not self.embedding_model:
             raise bad("embedding_model", "must not be empty")
+        self.extra_body  # noqa: B018 - parsing it is the check
         if self.chunk_overlap >= self.chunk_size // 2:
             raise bad("chunk_overlap", f"must be less than half of CHUNK_SIZE ({self.chunk_size})")
         if self.chunk_unit == "tokens" and self.chunk_size > self.embedding_max_input_tokens:
@@ -279,6 +300,11 @@ class Settings:
     @property
     def api_key(self) -> str:
         return self.embedding_api_key.reveal()
+
+    @property
+    def extra_body(self) -> dict[str, Any]:
+        """EMBEDDING_EXTRA_BODY as an object: parsed here to check it, and once by the embedder."""
+        return _json_object(self.embedding_extra_body)
 
     @classmethod
     def load(cls, environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> Settings:
@@ -345,6 +371,48 @@ def _masked_url(url: str) -> str:
         masked = [(key, "**********" if key == "password" else value) for key, value in query]
         parts = parts._replace(query=urllib.parse.urlencode(masked, safe="*/"))
     return urllib.parse.urlunsplit(parts)
+
+
+# What the worker itself sends: another value in the extra body would give vectors that do not
+# match the index's (another model, size or encoding), or no vectors of these texts at all.
+RESERVED_BODY_FIELDS: Final = ("model", "input", "dimensions", "encoding_format")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """EMBEDDING_EXTRA_BODY's object (``{}`` when empty), or the ConfigError saying what is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        value = orjson.loads(text)  # what it parses, the request's orjson can send as it was
+    except orjson.JSONDecodeError as exc:
+        raise _bad_extra_body(f"is not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise _bad_extra_body(f"is a JSON {_JSON_KINDS.get(type(value), 'value')}, not an object")
+    reserved = [key for key in RESERVED_BODY_FIELDS if key in value]
+    if reserved:
+        raise ConfigError(
+            "EMBEDDING_EXTRA_BODY",
+            f"must not set {', '.join(reserved)}: the worker sends model, input, dimensions and "
+            "encoding_format itself (EMBEDDING_MODEL, EMBEDDING_DIMENSIONS, EMBEDDING_ENCODING), and "
+            "vectors asked for otherwise would not match the index",
+        )
+    return value
+
+
+_JSON_KINDS: Final = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _bad_extra_body(what: str) -> ConfigError:
+    return ConfigError(
+        "EMBEDDING_EXTRA_BODY", f'{what}; give a JSON object such as {{"input_type": "document"}}'
+    )
 
 
 def _split_url(url: str, setting: str) -> urllib.parse.SplitResult:

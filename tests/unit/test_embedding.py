@@ -40,15 +40,17 @@ class Refusing:
         return [np.full(2, len(t), dtype=np.float32) for t in texts]
 
 
-def stage_of(embedder: Refusing, stop: asyncio.Event) -> tuple[EmbeddingStage, Dependency]:
+def stage_of(
+    embedder: Refusing, stop: asyncio.Event, settings: Settings = SETTINGS
+) -> tuple[EmbeddingStage, Dependency]:
     dependency = Dependency(  # as the Worker builds it
         "embedding-test",
         probe=lambda: probe(embedder),
         stop=stop,
-        threshold=SETTINGS.embedding_max_attempts,
+        threshold=settings.embedding_max_attempts,
         backoff=fast_backoff,
     )
-    return EmbeddingStage(embedder, dependency, SETTINGS), dependency
+    return EmbeddingStage(embedder, dependency, settings), dependency
 
 
 async def test_an_input_the_api_refuses_gets_its_error_and_the_rest_their_vectors() -> None:
@@ -76,3 +78,45 @@ async def test_an_api_that_refuses_every_input_is_an_outage_not_a_reason_to_dead
     await dependency.close()
     with pytest.raises(asyncio.CancelledError):
         await future
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "max_inputs", "sizes"),
+    [
+        ("8", "3", [3, 3, 3, 1]),  # the provider's limit caps what the batcher aims for
+        ("4", "2048", [4, 4, 2]),  # the batcher's aim, under the provider's limit
+        ("5", "5", [5, 5]),
+    ],
+)
+async def test_requests_hold_at_most_the_smaller_of_batch_size_and_max_inputs(
+    batch_size: str, max_inputs: str, sizes: list[int]
+) -> None:
+    settings = Settings.load(
+        {
+            "KAFKA_TOPIC": "docs",
+            "EMBEDDING_LINGER_MS": "50",
+            "EMBEDDING_BATCH_SIZE": batch_size,
+            "EMBEDDING_MAX_INPUTS": max_inputs,
+        }
+    )
+    embedder, stop = Refusing(), asyncio.Event()
+    stage, dependency = stage_of(embedder, stop, settings)
+    results = await asyncio.gather(*(stage.submit(f"text {i}") for i in range(10)))
+    await stage.finish(within=0)
+    await dependency.close()
+    assert len(results) == 10
+    assert [len(request) for request in embedder.requests] == sizes
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\n\t \u3000\u00a0\r\n"])
+async def test_a_blank_text_is_never_sent_and_fails_alone(blank: str) -> None:
+    embedder, stop = Refusing(), asyncio.Event()
+    stage, dependency = stage_of(embedder, stop)
+    futures = [stage.submit("before"), stage.submit(blank), stage.submit("after")]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    await stage.finish(within=0)
+    await dependency.close()
+    assert isinstance(results[1], InputRejected)
+    assert "not sent" in str(results[1])
+    assert [float(r[0]) for r in (results[0], results[2])] == [6, 5]  # type: ignore[index]
+    assert embedder.requests == [["before", "after"]], "one request, without the blank text; no probe"

@@ -390,6 +390,83 @@ async def test_admin_faults_merge_validate_and_reset(serve: Serve, http: aiohttp
         assert (await resp.json())["rate_429"] == 0.0
 
 
+async def test_max_inputs_refuses_a_larger_request_as_text_embeddings_inference_does(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, state = await serve(faults=Faults(max_inputs=8))
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["x"] * 9})
+    assert status == 413
+    assert body == {"error": "batch size 9 > maximum allowed batch size 8", "error_type": "validation"}
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["x"] * 8})
+    assert (status, len(body["data"])) == (200, 8)
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["x"] * 2049})
+    assert status == 400, "past OpenAI's own limit: OpenAI's answer"
+    assert_openai_error(body, "invalid_request_error")
+    assert state.stats.status_counts == {413: 1, 200: 1, 400: 1}
+    assert state.stats.inputs == 8
+
+
+async def test_max_inputs_is_set_and_cleared_through_the_admin_faults(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, _ = await serve()
+    admin = url.removesuffix("/v1") + "/admin/faults"
+    body = {"model": "m", "input": ["a", "b", "c"]}
+    assert (await post(http, f"{url}/embeddings", body))[0] == 200
+    status, faults, _ = await post(http, admin, {"max_inputs": 2})
+    assert (status, faults["max_inputs"]) == (200, 2)
+    assert (await post(http, f"{url}/embeddings", body))[0] == 413
+    for bad in ({"max_inputs": -1}, {"max_inputs": 2.5}, {"max_inputs": True}, {"max_inputs": "2"}):
+        status, answer, _ = await post(http, admin, bad)
+        assert status == 400, bad
+        assert_openai_error(answer, "invalid_request_error")
+    await post(http, admin, {"max_inputs": 0})
+    assert (await post(http, f"{url}/embeddings", body))[0] == 200
+
+
+async def test_empty_inputs_are_refused_and_counted_blank_ones_answered_and_counted(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, state = await serve()
+    root = url.removesuffix("/v1")
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["ok", ""]})
+    assert status == 400
+    assert body["error"]["param"] == "input" and "input[1]" in body["error"]["message"]
+    await post(http, f"{url}/embeddings", {"model": "m", "input": ""})
+    status, _, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["ok", " \n\t"]})
+    assert status == 200, "OpenAI takes a whitespace-only input"
+    async with http.get(f"{root}/admin/stats") as resp:
+        stats = await resp.json()
+    assert (stats["empty_input_refusals"], stats["blank_inputs"], stats["inputs"]) == (2, 1, 2)
+    await post(http, f"{root}/admin/reset", {})
+    assert (state.stats.empty_input_refusals, state.stats.blank_inputs) == (0, 0)
+
+
+async def test_stats_count_the_fields_a_body_has_besides_the_ones_the_worker_sets(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, state = await serve(faults=Faults(max_inputs=1))
+    root = url.removesuffix("/v1")
+    plain = {"model": "m", "input": "a", "dimensions": 8, "encoding_format": "base64"}
+    await post(http, f"{url}/embeddings", plain)
+    async with http.get(f"{root}/admin/stats") as resp:
+        assert (await resp.json())["extra_fields"] == {}
+    for _ in range(2):
+        await post(http, f"{url}/embeddings", {**plain, "input_type": "document"})
+    await post(http, f"{url}/embeddings", {**plain, "input": ["a", "b"], "input_type": "document"})  # 413
+    await post(http, f"{url}/embeddings", {**plain, "input_type": "query", "user": "ingest"})
+    await post(http, f"{url}/embeddings", {**plain, "truncate": {"end": True, "at": 5}})
+    async with http.get(f"{root}/admin/stats") as resp:
+        stats = await resp.json()
+    assert stats["extra_fields"] == {
+        "input_type": {'"document"': 3, '"query"': 1},  # a refused request was sent them too
+        "truncate": {'{"at":5,"end":true}': 1},
+        "user": {'"ingest"': 1},
+    }
+    await post(http, f"{root}/admin/reset", {})
+    assert state.stats.extra_fields == {}
+
+
 # ---------------------------------------------------------------------------- counters
 
 
@@ -549,7 +626,7 @@ async def test_minilm_backend_serves_real_embeddings(serve: Serve, http: aiohttp
 
 async def test_cli_prints_listening_line_serves_and_stops_on_sigterm(http: aiohttp.ClientSession) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = ["--port", "0", "--dimensions", "8", "--api-key", "k", "--seed", "1"]
+    args = ["--port", "0", "--dimensions", "8", "--api-key", "k", "--seed", "1", "--max-inputs", "2"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "worker.dev.embedserver", *args, env=env, stdout=subprocess.PIPE
     )
@@ -563,6 +640,9 @@ async def test_cli_prints_listening_line_serves_and_stops_on_sigterm(http: aioht
         status, answer, _ = await post(http, f"{url}/embeddings", body, {"Authorization": "Bearer k"})
         assert status == 200
         assert len(answer["data"][0]["embedding"]) == 8
+        body = {"model": "m", "input": ["a", "b", "c"]}
+        status, answer, _ = await post(http, f"{url}/embeddings", body, {"Authorization": "Bearer k"})
+        assert (status, answer["error_type"]) == (413, "validation")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         assert await proc.stdout.read() == b""

@@ -146,6 +146,15 @@ def test_a_bad_environment_value_is_overridden_by_a_good_flag() -> None:
         ({"EMBEDDING_MAX_INPUT_TOKENS": "400000"}, "EMBEDDING_MAX_INPUT_TOKENS"),
         ({"EMBEDDING_MAX_REQUEST_TOKENS": "8000"}, "EMBEDDING_MAX_INPUT_TOKENS"),
         ({"EMBEDDING_API_KEY_FILE": "/nonexistent/dir/key"}, "EMBEDDING_API_KEY_FILE"),
+        ({"EMBEDDING_MAX_INPUTS": "0"}, "EMBEDDING_MAX_INPUTS"),
+        ({"EMBEDDING_MAX_INPUTS": "many"}, "EMBEDDING_MAX_INPUTS"),
+        ({"EMBEDDING_EXTRA_BODY": '{"input_type": document}'}, "EMBEDDING_EXTRA_BODY"),
+        ({"EMBEDDING_EXTRA_BODY": '{"input_type": "document"'}, "EMBEDDING_EXTRA_BODY"),
+        ({"EMBEDDING_EXTRA_BODY": "input_type=document"}, "EMBEDDING_EXTRA_BODY"),
+        ({"EMBEDDING_EXTRA_BODY": '[{"input_type": "document"}]'}, "EMBEDDING_EXTRA_BODY"),
+        ({"EMBEDDING_EXTRA_BODY": '"document"'}, "EMBEDDING_EXTRA_BODY"),
+        ({"EMBEDDING_EXTRA_BODY": "null"}, "EMBEDDING_EXTRA_BODY"),
+        ({"EMBEDDING_EXTRA_BODY": '{"n": NaN}'}, "EMBEDDING_EXTRA_BODY"),
     ],
 )
 def test_bad_value_names_its_variable(environ: dict[str, str], variable: str) -> None:
@@ -161,6 +170,40 @@ def test_bad_value_names_its_variable(environ: dict[str, str], variable: str) ->
 def test_dimension_limits_follow_the_vector_type(vector_type: str, dimensions: int) -> None:
     s = Settings.load({"VECTOR_TYPE": vector_type, "EMBEDDING_DIMENSIONS": str(dimensions)})
     assert (s.vector_type, s.embedding_dimensions) == (vector_type, dimensions)
+
+
+def test_the_extra_body_is_an_object_merged_into_requests_and_empty_by_default() -> None:
+    assert Settings.load({}).extra_body == {}
+    assert Settings.load({"EMBEDDING_EXTRA_BODY": "  "}).extra_body == {}
+    body = '{"input_type": "document", "user": "ingest", "truncate": {"end": true}}'
+    s = Settings.load({"EMBEDDING_EXTRA_BODY": body})
+    assert s.extra_body == {"input_type": "document", "user": "ingest", "truncate": {"end": True}}
+    assert s.shown()["EMBEDDING_EXTRA_BODY"] == body
+
+
+@pytest.mark.parametrize("field", ["model", "input", "dimensions", "encoding_format"])
+def test_the_extra_body_may_not_set_what_the_worker_sends(field: str) -> None:
+    error = config_error({"EMBEDDING_EXTRA_BODY": f'{{"input_type": "document", "{field}": 1}}'})
+    assert error.setting == "EMBEDDING_EXTRA_BODY"
+    assert str(error).startswith(f"EMBEDDING_EXTRA_BODY: must not set {field}: ")
+    assert "match the index" in str(error)
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [("{", "is not JSON"), ("[1, 2]", "is a JSON array, not an object"), ("3", "is a JSON number")],
+)
+def test_an_extra_body_that_is_no_object_says_what_it_is(body: str, says: str) -> None:
+    message = str(config_error({"EMBEDDING_EXTRA_BODY": body}))
+    assert message.startswith(f"EMBEDDING_EXTRA_BODY: {says}")
+    assert '{"input_type": "document"}' in message, "with an example of what it takes"
+
+
+def test_max_inputs_defaults_to_openais_limit_and_takes_a_providers() -> None:
+    assert (Settings.load({}).embedding_max_inputs, Settings.load({}).embedding_batch_size) == (2048, 64)
+    s = Settings.load({"EMBEDDING_MAX_INPUTS": "32", "EMBEDDING_BATCH_SIZE": "128"})
+    assert (s.embedding_max_inputs, s.embedding_batch_size) == (32, 128), "neither refuses the other"
 
 
 def test_too_many_dimensions_for_vector_suggests_halfvec() -> None:
@@ -242,6 +285,9 @@ def test_secret_compares_by_value_and_is_falsy_when_empty() -> None:
         ("VECTOR_TYPE", "--vector-type", "bitvec"),
         ("DATABASE_URL", "--database-url", "mysql://root:db-hunter2@h/x"),
         ("EMBEDDING_API_KEY_FILE", "--embedding-api-key-file", "/nonexistent/key"),
+        ("EMBEDDING_EXTRA_BODY", "--embedding-extra-body", '{"model": "other"}'),
+        ("EMBEDDING_EXTRA_BODY", "--embedding-extra-body", "[1]"),
+        ("EMBEDDING_MAX_INPUTS", "--embedding-max-inputs", "0"),
     ],
 )
 @pytest.mark.parametrize("form", ["env", "flag"])

@@ -132,6 +132,31 @@ async def test_redelivery_of_unchanged_documents_changes_nothing_and_embeds_noth
     again.assert_all_committed()
 
 
+async def test_documents_with_empty_or_blank_text_are_stored_without_chunks_and_nothing_blank_is_sent() -> (
+    None
+):
+    r = rig(
+        log_of(
+            {
+                0: [upsert("empty", ""), upsert("c", TEXT_C), upsert("blank", " \n\t\u3000\u00a0\r\n ")],
+                1: [upsert("b", TEXT_B, 1), upsert("b", "   ", 2)],  # a later blank version drops the chunks
+            }
+        )
+    )
+    await r.run()
+    assert r.store.documents == {
+        "empty": DocState(None, False),
+        "blank": DocState(None, False),
+        "c": DocState(None, False),
+        "b": DocState(2, False),
+    }
+    assert r.store.chunks == {"empty": [], "blank": [], "c": expected_chunks(TEXT_C), "b": []}
+    assert r.dead.letters == []
+    assert r.embedder.inputs(), "the other documents were embedded"
+    assert all(text.strip() for text in r.embedder.inputs()), "no empty or whitespace-only input was sent"
+    r.assert_all_committed()
+
+
 # -- records that can never succeed ---------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 hashing.py   hash embeddings (the default backend: lexical, deterministic, fast)
 backends.py  hash, or all-MiniLM-L6-v2 with the minilm extra
-state.py     faults to inject (latency, 429/5xx, outages, rejections) and counters
+state.py     faults to inject (latency, 429/5xx, outages, rejections, a batch-size limit) and counters
 http.py      POST /v1/embeddings, GET /v1/models, and /admin/* to set faults and read counters
 admin.py     a client of /admin/*, for tests and the bench
 __main__.py  `python -m worker.dev.embedserver`

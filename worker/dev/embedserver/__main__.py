@@ -35,6 +35,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-503", type=float, default=0.0)
     p.add_argument("--outage", action="store_true")
     p.add_argument("--reject-marker", default=None)
+    p.add_argument(
+        "--max-inputs",
+        type=int,
+        default=0,
+        help="refuse requests of more inputs with 413, as text-embeddings-inference does past its "
+        "--max-client-batch-size (0: only OpenAI's limit of 2048, answered 400)",
+    )
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--access-log", action="store_true", help="log every request to stderr")
@@ -90,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rate_503": args.rate_503,
                 "outage": args.outage,
                 "reject_marker": args.reject_marker or None,
+                "max_inputs": args.max_inputs,
                 "shuffle": args.shuffle,
                 "seed": args.seed,
                 "budget_tpm": args.budget_tpm,

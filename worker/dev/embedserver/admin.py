@@ -28,8 +28,9 @@ class EmbeddingAdmin:
             return json.loads(response.read() or b"null")
 
     def stats(self, *, texts: bool = False) -> dict[str, Any]:
-        """Counters since start or the last reset (``inputs``: texts embedded); with ``texts``,
-        how often each text (by hash) was embedded."""
+        """Counters since start or the last reset (``inputs``: texts embedded;
+        ``empty_input_refusals``, ``blank_inputs``; ``extra_fields``: field -> JSON value ->
+        requests); with ``texts``, how often each text (by hash) was embedded."""
         answer: dict[str, Any] = self.call("GET", "/admin/stats?texts=1" if texts else "/admin/stats")
         return answer
 

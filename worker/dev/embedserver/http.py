@@ -20,6 +20,9 @@ from worker.dev.embedserver.state import FaultError, Faults, ServerState, Stats,
 from worker.tokens import TokenCounter
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+# The fields of a request body the worker sets itself; any other (input_type, user...) is counted
+# in Stats.extra_fields, so a test can see EMBEDDING_EXTRA_BODY arrive.
+REQUEST_FIELDS = frozenset({"model", "input", "dimensions", "encoding_format"})
 THREAD_THRESHOLD_CHARS = 32_000  # embed larger requests off the event loop
 _CL100K = TokenCounter("cl100k_base")
 CLIENT_GONE = 499  # counted, never sent: the client hung up before its answer (nginx's code for it)
@@ -60,6 +63,7 @@ class _EmbeddingRequest:
     texts: list[str]
     dimensions: int
     base64: bool
+    extra: dict[str, Any]  # the body's other fields
 
 
 def _parse(raw: bytes, state: ServerState) -> _EmbeddingRequest:
@@ -85,6 +89,7 @@ def _parse(raw: bytes, state: ServerState) -> _EmbeddingRequest:
         if not isinstance(text, str):
             raise _Invalid(_invalid(f"'$.input[{index}]' is invalid: expected a string."))
         if not text:
+            state.stats.empty_input_refusals += 1
             raise _Invalid(_invalid(f"'$.input[{index}]' is invalid: the string must not be empty."))
     dimensions = body.get("dimensions", state.dimensions)
     limit = state.backend.max_dimensions
@@ -94,7 +99,14 @@ def _parse(raw: bytes, state: ServerState) -> _EmbeddingRequest:
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise _Invalid(_invalid("'encoding_format' must be 'float' or 'base64'.", "encoding_format"))
-    return _EmbeddingRequest(model, texts, dimensions, encoding == "base64")
+    extra = {key: value for key, value in body.items() if key not in REQUEST_FIELDS}
+    return _EmbeddingRequest(model, texts, dimensions, encoding == "base64", extra)
+
+
+def _over_batch_size(count: int, limit: int) -> web.Response:
+    """text-embeddings-inference's answer to more inputs than its --max-client-batch-size."""
+    message = f"batch size {count} > maximum allowed batch size {limit}"
+    return _json({"error": message, "error_type": "validation"}, 413)
 
 
 def _check_auth(request: web.Request, api_key: str | None) -> web.Response | None:
@@ -162,6 +174,9 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         return exc.response
     except ConnectionResetError:  # the client hung up while sending its body
         return web.Response(status=CLIENT_GONE)
+    state.stats.saw_extra(parsed.extra)
+    if faults.max_inputs and len(parsed.texts) > faults.max_inputs:
+        return _over_batch_size(len(parsed.texts), faults.max_inputs)
     too_long = _over_token_limits(parsed.texts, faults)
     if too_long is not None:
         return too_long
@@ -200,6 +215,7 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         for i in order
     ]
     state.stats.inputs += len(texts)
+    state.stats.blank_inputs += sum(1 for text in texts if text.isspace())
     state.stats.tokens += tokens
     state.stats.by_text.update(text_hash(text) for text in texts)
     return _json(

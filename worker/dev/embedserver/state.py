@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import orjson
+
 from worker.dev.embedserver.backends import Backend, HashBackend
 from worker.dev.embedserver.budget import Budget
 
@@ -37,6 +39,9 @@ class Faults:
     slow_marker: str | None = None  # requests holding an input with it are delayed by slow_ms
     echo_key: bool = False  # error messages repeat the bearer token, as some providers do
     refuse_dimensions: bool = False  # 400 for every request that sends `dimensions` (ada-002 does)
+    # 413 for a request of more inputs, as text-embeddings-inference answers past its
+    # --max-client-batch-size (32 by default); 0: only OpenAI's own limit (http.MAX_INPUTS)
+    max_inputs: int = 0
     shuffle: bool = False
     seed: int = 0
     # A provider's rate limits (budget.py): tokens and requests per minute, 0 for none; the
@@ -73,6 +78,10 @@ def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> obje
         if isinstance(value, bool) or not isinstance(value, int):
             raise FaultError("fault 'seed' must be an integer")
         return value
+    if key == "max_inputs":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FaultError("fault 'max_inputs' must be an integer, 0 or more")
+        return value
     if key in {"reject_marker", "slow_marker"}:
         if value is not None and (not isinstance(value, str) or not value):
             raise FaultError(f"fault {key!r} must be a non-empty string or null")
@@ -95,6 +104,16 @@ class Stats:
     tokens: int = 0  # usage.prompt_tokens of the answered requests
     status_counts: collections.Counter[int] = field(default_factory=collections.Counter)
     by_text: collections.Counter[str] = field(default_factory=collections.Counter)
+    empty_input_refusals: int = 0  # requests refused (400) for an empty-string input
+    blank_inputs: int = 0  # whitespace-only inputs answered (OpenAI takes them): worth nothing
+    # Each field a request's body had besides those the worker sets (model, input, dimensions,
+    # encoding_format): its values, as JSON, each with the number of requests that sent it.
+    extra_fields: dict[str, collections.Counter[str]] = field(default_factory=dict)
+
+    def saw_extra(self, fields: Mapping[str, object]) -> None:
+        for name, value in fields.items():
+            shown = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+            self.extra_fields.setdefault(name, collections.Counter())[shown] += 1
 
     def as_dict(self, *, texts: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -103,6 +122,9 @@ class Stats:
             "tokens": self.tokens,
             "unique_inputs": len(self.by_text),
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "empty_input_refusals": self.empty_input_refusals,
+            "blank_inputs": self.blank_inputs,
+            "extra_fields": {name: dict(values) for name, values in sorted(self.extra_fields.items())},
         }
         if texts:
             out["inputs_by_text_hash"] = dict(self.by_text)
