@@ -38,6 +38,7 @@ COMMANDS = {
     "produce": "publish JSON-lines events from a file or standard input",
     "replay": "move dead letters back to their topic, then exit",
     "search": "embed a query and print the nearest chunks",
+    "usage": "print the embeddings bought and saved, by day, tenant and model, with their cost",
     "dev": "start the embedded stack and print the settings to reach it",
 }
 
@@ -99,6 +100,15 @@ USES: dict[str, frozenset[str]] = {
     ),
     "search": frozenset(
         {"LOG_LEVEL", *_SCHEMA, "DATABASE_POOL_SIZE", "DATABASE_STATEMENT_CACHE_SIZE", *_EMBEDDER}
+    ),
+    "usage": frozenset(
+        {
+            "LOG_LEVEL",
+            *_SCHEMA,
+            "DATABASE_POOL_SIZE",
+            "DATABASE_STATEMENT_CACHE_SIZE",
+            "EMBEDDING_PRICE_PER_MTOK",
+        }
     ),
     # The stack sets the broker, database and embedding settings itself; dev refuses the others.
     "dev": frozenset({"LOG_LEVEL", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "HEALTH_PORT"}),
@@ -324,6 +334,13 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--tenant", help="only chunks of this tenant's documents")
     search.set_defaults(command=do.search)
 
+    usage = command("usage")
+    usage.add_argument(
+        "--since", type=_iso_date, metavar="YYYY-MM-DD", help="from this day on (UTC) [30 days ago]"
+    )
+    usage.add_argument("--tenant", help="only this tenant ('' for documents without one)")
+    usage.set_defaults(command=do.usage)
+
     dev = command("dev", DEV_DESCRIPTION)
     dev.add_argument("--partitions", type=_count(1), default=4, help="partitions of the topic it creates [4]")
     dev.add_argument(
@@ -380,6 +397,13 @@ def _rate(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 (unlimited) or more, not {text}")
     return value
+
+
+def _iso_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _iso_time(text: str) -> dt.datetime:

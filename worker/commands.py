@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import shlex
 import signal
@@ -119,6 +120,64 @@ async def search(settings: Settings, args: argparse.Namespace) -> int:
         snippet = " ".join(hit.content.split())[:160]
         print(f"{rank:2}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}\n    {snippet}")
     return 0
+
+
+async def usage(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.store import Store
+
+    since = args.since or dt.datetime.now(dt.UTC).date() - dt.timedelta(days=30)
+    async with Store(settings) as store:
+        rows = await store.usage_rows(since, args.tenant)
+    if rows is None:
+        print(
+            "ingest-worker usage: error: no embedding_usage table in DATABASE_SCHEMA; run `migrate`",
+            file=sys.stderr,
+        )
+        return 1
+    price = settings.embedding_price_per_mtok / 1_000_000
+    header = (
+        "day",
+        "tenant",
+        "model",
+        "requests",
+        "inputs",
+        "tokens",
+        "cost",
+        "saved inputs",
+        "saved tokens",
+        "saved",
+    )
+    table: list[tuple[str, ...]] = [header]
+    totals = [0, 0, 0, 0, 0]
+    for row in rows:
+        counts = [row["requests"], row["inputs"], row["tokens"], row["saved_inputs"], row["saved_tokens"]]
+        totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        table.append((str(row["day"]), row["tenant"] or "-", row["model"], *_counted(counts, price)))
+    table.append(("total", "", "", *_counted(totals, price)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print(
+            "  ".join(
+                cell.ljust(w) if i < 3 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
+    price_per_mtok = settings.embedding_price_per_mtok
+    print(f"cost at {price_per_mtok:g} per million tokens (EMBEDDING_PRICE_PER_MTOK); saved tokens estimated")
+    return 0
+
+
+def _counted(counts: list[int], price: float) -> tuple[str, ...]:
+    requests, inputs, tokens, saved_inputs, saved_tokens = counts
+    return (
+        f"{requests:,}",
+        f"{inputs:,}",
+        f"{tokens:,}",
+        f"{tokens * price:,.4f}",
+        f"{saved_inputs:,}",
+        f"{saved_tokens:,}",
+        f"{saved_tokens * price:,.4f}",
+    )
 
 
 async def replay(settings: Settings, args: argparse.Namespace) -> int:

@@ -170,6 +170,12 @@ class Settings:
     embedding_max_attempts: int = _setting(
         5, "attempts per embedding request before pausing", low=1, high=100
     )
+    embedding_price_per_mtok: float = _setting(
+        0.02,
+        "price per million tokens, for `usage`'s cost estimate (text-embedding-3-small's)",
+        low=0,
+        high=1e6,
+    )
     embedding_ledger_hours: float = _setting(
         168.0,
         "keep each paid embedding not yet stored this long, so none is bought twice; 0: no ledger",

@@ -10,6 +10,7 @@ always touched in key order so concurrent workers cannot deadlock.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -354,6 +355,12 @@ class Store:
                 return await nearest(conn, self._sql, model, embedding, k, tenant, exact_up_to)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"search failed: {describe(exc)}") from exc
+
+    async def usage_rows(self, since: dt.date, tenant: str | None) -> list[asyncpg.Record] | None:
+        """``embedding_usage``'s rows from ``since`` on (None: the schema has no such table)."""
+        if not self._usage.exists:
+            return None
+        return await self._fetch(self._sql.usage, since, tenant)
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")

@@ -18,7 +18,7 @@ from worker.settings import describe
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = [name for name, _, _ in describe()]
 FLAGS = {name: "--" + name.lower().replace("_", "-") for name in SETTINGS}
-COMMANDS = ("run", "migrate", "build-index", "produce", "replay", "search", "dev")
+COMMANDS = ("run", "migrate", "build-index", "produce", "replay", "search", "usage", "dev")
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -1,0 +1,115 @@
+"""The usage ledger against the embedding server's own count, across a kill -9 and a redelivery.
+
+A worker's writes are held (a lock on the documents table) while it buys every embedding; once
+its counts are written it is killed (-9) before storing anything. A second worker takes the
+redelivered records, reuses the paid vectors from the embedding ledger, and stores everything.
+``embedding_usage`` must then say exactly what the server answered: no count lost, none twice;
+and every chunk of the second run counted as saved.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import (
+    PARTITIONS,
+    Event,
+    assert_stored_state,
+    cli,
+    connect,
+    embedding_admin,
+    expected_state,
+    fresh_env,
+    produce,
+    run_worker,
+    spawn_worker,
+    stored_documents,
+)
+from tests.integration.services import Services
+from tests.integration.test_rebalance_cost import distinct_chunks, documents, kill, until
+from worker.kafka import ensure_topic
+
+pytestmark = pytest.mark.integration
+
+SUMS = (
+    "SELECT coalesce(sum(requests), 0)::int AS requests, coalesce(sum(inputs), 0)::int AS inputs, "
+    "coalesce(sum(tokens), 0)::int AS tokens, coalesce(sum(saved_inputs), 0)::int AS saved_inputs, "
+    "count(DISTINCT tenant)::int AS tenants FROM {schema}.embedding_usage"
+)
+
+
+def with_tenants(events: list[Event]) -> list[Event]:
+    return [
+        (key, {**value, "tenant": f"t{i % 2}"}) for i, (key, value) in enumerate(events) if value is not None
+    ]
+
+
+async def test_usage_equals_the_servers_count_after_a_kill_and_a_redelivery(
+    stack: Services, tmp_path: Path
+) -> None:
+    env = fresh_env(stack, LOG_LEVEL="info")
+    await ensure_topic(env.settings, env.topic, PARTITIONS)
+    migrated = cli(env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    events = with_tenants(documents(60, uuid.uuid4().hex[:10]))
+    distinct = len(distinct_chunks(events))
+    await produce(env, events)
+    admin = embedding_admin(env)
+    admin.reset()
+
+    async def usage() -> dict[str, int]:
+        conn = await connect(env)
+        try:
+            return dict(await conn.fetchrow(SUMS.format(schema=env.schema)))
+        finally:
+            await conn.close()
+
+    blocker = await connect(env)
+    held = blocker.transaction()
+    await held.start()
+    log = tmp_path / "worker.log"
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        await blocker.execute(f"LOCK TABLE {env.schema}.documents IN EXCLUSIVE MODE")
+        worker = spawn_worker(env, log, "--no-migrate")
+
+        async def all_bought_and_counted() -> bool:
+            assert worker is not None and worker.poll() is None, log.read_text()[-3000:]
+            return (
+                admin.stats()["inputs"] >= distinct and (await usage())["inputs"] == admin.stats()["inputs"]
+            )
+
+        await until(all_bought_and_counted, 90, "the worker never bought and counted every chunk")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        assert await stored_documents(env) == 0, "a document was stored through the lock"
+    finally:
+        kill(worker)
+        await held.rollback()
+        await blocker.close()
+    await run_worker(env, within=120)
+    await assert_stored_state(env, expected_state(events))
+
+    server = admin.stats()
+    counted = await usage()
+    assert server["inputs"] == distinct, "nothing bought twice (issue 11's ledger)"
+    assert (counted["inputs"], counted["tokens"]) == (server["inputs"], server["tokens"])
+    assert counted["requests"] == server["status_counts"]["200"]
+    assert counted["saved_inputs"] >= distinct, "the second run reused every chunk: saved, not bought"
+    assert counted["tenants"] == 2
+
+    shown = cli(env, "usage")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert [line.split()[1] for line in lines[1:3]] == ["t0", "t1"]
+    assert lines[3].split()[:4] == [
+        "total",
+        str(counted["requests"]),
+        f"{counted['inputs']:,}",
+        f"{counted['tokens']:,}",
+    ]
