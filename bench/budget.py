@@ -26,6 +26,11 @@ from bench.runner import spawn_worker, stop_worker
 BUDGET_TPM = 600_000  # 10,000 tokens a second: a small fraction of what the workers could send
 WINDOW = 5.0  # seconds of the limit the buckets hold
 LATENCY_MS = 100.0
+# Inputs per request: about 2,000 tokens of the base topic's chunks, so that a bucket holds some 25
+# requests. A provider's minute-long bucket holds hundreds; with the default 64 (16,000 tokens) the
+# 5 s bucket would hold 3, and 4 workers' first requests at once would overflow it before any
+# answer said what is left.
+BATCH_SIZE = 8
 RUN_SECONDS = 30.0
 WARM_SECONDS = 2 * WINDOW
 REPLICAS = (1, 2, 4)
@@ -72,7 +77,13 @@ async def _run(bench: Bench, replicas: int) -> BudgetRun:
     bench.slow.set_faults(budget_tpm=0, latency_ms=LATENCY_MS)  # a new budget starts full:
     bench.slow.set_faults(budget_tpm=BUDGET_TPM, budget_window=WINDOW)  # off, then on
     bench.slow.reset()
-    env = bench.env(name, topic=TOPIC, embedding_url=bench.slow.url, SHUTDOWN_GRACE_SECONDS="2")
+    env = bench.env(
+        name,
+        topic=TOPIC,
+        embedding_url=bench.slow.url,
+        SHUTDOWN_GRACE_SECONDS="2",
+        EMBEDDING_BATCH_SIZE=str(BATCH_SIZE),
+    )
     bench.logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     processes = []
