@@ -3,7 +3,8 @@
 The slow embedding server (answers after ``LATENCY_MS``) is given a provider's rate limit,
 ``BUDGET_TPM`` tokens a minute in buckets of ``WINDOW`` seconds (worker.dev.embedserver.budget:
 429 with Retry-After and OpenAI's x-ratelimit-* headers on every answer). For 1, 2 and 4 workers
-in one group on the base topic, each with its default settings and nothing told of the budget,
+in one group on the base topic, each with its default settings (but ``BATCH_SIZE`` inputs a
+request) and nothing told of the budget,
 the run lasts ``RUN_SECONDS``; then SIGTERM. Measured from the server's own counters:
 
 - budget used: tokens answered from ``WARM_SECONDS`` (the buckets' first fill is a burst no
@@ -133,7 +134,8 @@ def _check(bench: Bench, runs: list[BudgetRun]) -> None:
             ok,
             f"the slow embedding server ({LATENCY_MS:g} ms) with a budget of {BUDGET_TPM:,} tokens a "
             f"minute ({rate(BUDGET_TPM / 60, 'tokens/s')}) in buckets of {WINDOW:g} s, which the workers "
-            f"are not told; each run {RUN_SECONDS:g} s, then SIGTERM; used = tokens answered from "
+            f"are not told; requests of {BATCH_SIZE} inputs; each run {RUN_SECONDS:g} s, then SIGTERM; "
+            "used = tokens answered from "
             f"{WARM_SECONDS:g} s to the end over what the budget made available then (its rate times the "
             "span, and what its bucket gave up; the buckets' first fill is a burst); 429 share over the "
             "whole run; the server's own counters (/admin/stats)",
