@@ -66,9 +66,7 @@ async def test_two_workers_share_a_budget_they_are_not_told_without_a_429_storm(
     admin.reset()
     workers = [spawn_worker(env, tmp_path / f"w{i}.log", "--stop-when-idle", "3") for i in range(2)]
     try:
-        for worker in workers:
-            while worker.poll() is None:
-                await asyncio.sleep(0.2)
+        await asyncio.gather(*(asyncio.to_thread(worker.wait, 120) for worker in workers))
     finally:
         for worker in workers:
             if worker.poll() is None:
