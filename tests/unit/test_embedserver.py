@@ -244,6 +244,32 @@ async def test_api_key_is_required_when_configured(serve: Serve, http: aiohttp.C
 # ---------------------------------------------------------------------------- faults
 
 
+async def test_a_model_without_dimensions_refuses_only_requests_that_send_them(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, _ = await serve(faults=Faults(refuse_dimensions=True))
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": "t", "dimensions": 8})
+    assert status == 400
+    assert body["error"]["param"] == "dimensions"
+    status, _, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": "t"})
+    assert status == 200, "ada-002 answers requests that leave `dimensions` out"
+
+
+async def test_over_long_inputs_and_requests_are_refused_as_openai_does(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    url, _ = await serve(faults=Faults(max_input_tokens=20, max_request_tokens=30))
+    # cl100k_base: "a " * n is n + 1 tokens (the trailing space is one of its own)
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["a " * 24]})
+    assert status == 400
+    assert "maximum context length is 20 tokens, however you requested 25 tokens" in body["error"]["message"]
+    status, body, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["a " * 15, "b " * 15]})
+    assert status == 400
+    assert body["error"]["message"] == "Requested 32 tokens, max 30 tokens per request"
+    status, _, _ = await post(http, f"{url}/embeddings", {"model": "m", "input": ["a " * 14, "b " * 13]})
+    assert status == 200
+
+
 async def test_rate_429_sends_retry_after(serve: Serve, http: aiohttp.ClientSession) -> None:
     url, _ = await serve(faults=Faults(rate_429=1.0, retry_after=2.5))
     status, body, resp = await post(http, f"{url}/embeddings", {"model": "m", "input": "text"})

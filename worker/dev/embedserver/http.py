@@ -64,6 +64,7 @@ class _EmbeddingRequest:
     dimensions: int
     base64: bool
     extra: dict[str, Any]  # the body's other fields
+    dimensions_sent: bool  # else ``dimensions`` is the server's own
 
 
 def _parse(raw: bytes, state: ServerState) -> _EmbeddingRequest:
@@ -100,7 +101,7 @@ def _parse(raw: bytes, state: ServerState) -> _EmbeddingRequest:
     if encoding not in ("float", "base64"):
         raise _Invalid(_invalid("'encoding_format' must be 'float' or 'base64'.", "encoding_format"))
     extra = {key: value for key, value in body.items() if key not in REQUEST_FIELDS}
-    return _EmbeddingRequest(model, texts, dimensions, encoding == "base64", extra)
+    return _EmbeddingRequest(model, texts, dimensions, encoding == "base64", extra, "dimensions" in body)
 
 
 def _over_batch_size(count: int, limit: int) -> web.Response:
@@ -187,7 +188,7 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
             return _over_budget(state.budget, tokens, wait)
     if faults.slow_marker is not None and any(faults.slow_marker in text for text in parsed.texts):
         await asyncio.sleep(faults.slow_ms / 1000)
-    if faults.refuse_dimensions and parsed.dimensions is not None:
+    if faults.refuse_dimensions and parsed.dimensions_sent:
         return _invalid("This model does not support specifying dimensions.", "dimensions")
     marker = faults.reject_marker
     if marker is not None:
