@@ -4,11 +4,13 @@ the CLI, and reading back what was stored, checked against an oracle."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +183,20 @@ def spawn_worker(env: Env, log: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 # -- checking ----------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def writes_held(env: Env) -> AsyncIterator[None]:
+    """Every write transaction of a worker waits (it locks its documents' rows first); reads pass."""
+    blocker = await connect(env)
+    held = blocker.transaction()
+    await held.start()
+    try:
+        await blocker.execute(f"LOCK TABLE {env.schema}.documents IN EXCLUSIVE MODE")
+        yield
+    finally:
+        await held.rollback()
+        await blocker.close()
 
 
 async def connect(env: Env) -> asyncpg.Connection:

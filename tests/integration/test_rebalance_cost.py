@@ -38,6 +38,7 @@ from tests.integration.helpers import (
     run_worker,
     spawn_worker,
     stored_documents,
+    writes_held,
 )
 from tests.integration.services import Services
 from worker.chunk import chunk_text
@@ -196,31 +197,24 @@ async def test_embeddings_bought_before_a_kill_are_not_bought_again_after_the_re
     events = documents(60, uuid.uuid4().hex[:10])
     distinct = len(distinct_chunks(events))
     await produce(env, events)
-    # Reads pass; every write transaction of the worker waits (it locks its documents' rows first).
-    blocker = await connect(env)
-    held = blocker.transaction()
-    await held.start()
     log = tmp_path / "worker.log"
-    worker: subprocess.Popen[bytes] | None = None
-    try:
-        await blocker.execute(f"LOCK TABLE {env.schema}.documents IN EXCLUSIVE MODE")
-        before = embedding_stats(env)["inputs"]
+    before = embedding_stats(env)["inputs"]
+    async with writes_held(env):
         worker = spawn_worker(env, log, "--no-migrate")  # migrated above: no DDL under the lock
+        try:
 
-        async def all_bought() -> bool:
-            assert worker is not None and worker.poll() is None, log.read_text()[-3000:]
-            return bool(embedding_stats(env)["inputs"] - before >= distinct)
+            async def all_bought() -> bool:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                return bool(embedding_stats(env)["inputs"] - before >= distinct)
 
-        await until(all_bought, 90, "the worker never bought every chunk")
-        await asyncio.sleep(1)  # time to keep what it paid for, where it can
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(10)
+            await until(all_bought, 90, "the worker never bought every chunk")
+            await asyncio.sleep(1)  # time to keep what it paid for, where it can
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        finally:
+            kill(worker)
         first = embedding_stats(env)["inputs"] - before
         assert await stored_documents(env) == 0, "a document was stored through the lock"
-    finally:
-        kill(worker)
-        await held.rollback()
-        await blocker.close()
     await run_worker(env, within=120)
     await assert_stored_state(env, expected_state(events))
     second = embedding_stats(env)["inputs"] - before - first

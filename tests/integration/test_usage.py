@@ -10,7 +10,6 @@ and every chunk of the second run counted as saved.
 from __future__ import annotations
 
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tests.integration.helpers import (
     run_worker,
     spawn_worker,
     stored_documents,
+    writes_held,
 )
 from tests.integration.services import Services
 from tests.integration.test_rebalance_cost import distinct_chunks, documents, kill, until
@@ -69,29 +69,22 @@ async def test_usage_equals_the_servers_count_after_a_kill_and_a_redelivery(
         finally:
             await conn.close()
 
-    blocker = await connect(env)
-    held = blocker.transaction()
-    await held.start()
     log = tmp_path / "worker.log"
-    worker: subprocess.Popen[bytes] | None = None
-    try:
-        await blocker.execute(f"LOCK TABLE {env.schema}.documents IN EXCLUSIVE MODE")
+    async with writes_held(env):
         worker = spawn_worker(env, log, "--no-migrate")
+        try:
 
-        async def all_bought_and_counted() -> bool:
-            assert worker is not None and worker.poll() is None, log.read_text()[-3000:]
-            return (
-                admin.stats()["inputs"] >= distinct and (await usage())["inputs"] == admin.stats()["inputs"]
-            )
+            async def all_bought_and_counted() -> bool:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                bought = admin.stats()["inputs"]
+                return bought >= distinct and (await usage())["inputs"] == bought
 
-        await until(all_bought_and_counted, 90, "the worker never bought and counted every chunk")
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(10)
+            await until(all_bought_and_counted, 90, "the worker never bought and counted every chunk")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        finally:
+            kill(worker)
         assert await stored_documents(env) == 0, "a document was stored through the lock"
-    finally:
-        kill(worker)
-        await held.rollback()
-        await blocker.close()
     await run_worker(env, within=120)
     await assert_stored_state(env, expected_state(events))
 
