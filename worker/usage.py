@@ -4,10 +4,11 @@ UTC day, tenant and model, in ``embedding_usage``.
 Counted as answers arrive: the API's ``usage.prompt_tokens``, shared among the request's inputs
 by their length (its tokenizer's count where the API sends none); a request is counted under
 the tenant of its first input. A reused input's tokens are estimated at the rate the API has
-counted so far. Counts are added up in memory and written every ``FLUSH_SECONDS`` in one
-statement, and at stop: a ``kill -9`` loses at most that last second's counts (the vectors
-themselves are kept by the ledger, worker.ledger). A write that fails in an outage is tried
-again with the next one; one the database refuses (a privilege missing) is logged and dropped.
+counted so far. Counts are added up in memory and written ``WRITE_DELAY`` after an answer, in
+one statement for all that came meanwhile, and at stop: a ``kill -9`` loses the counts of about
+the same quarter second whose vectors the embedding ledger (worker.ledger) loses, and those
+are bought, and counted, again after the restart. A write that fails in an outage is carried
+by the next one; one the database refuses (a privilege missing) is logged and dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from worker.tokens import TokenCounter
 
 log = structlog.get_logger(__name__)
 
-FLUSH_SECONDS: Final = 1.0
+WRITE_DELAY: Final = 0.25  # seconds: the embedding ledger's (worker.ledger.WRITE_DELAY)
+RETRY_SECONDS: Final = 1.0  # after a write failed in an outage
 CHARS_PER_TOKEN: Final = 4.0  # until the API has counted some: its usual rate for English text
 
 Key = tuple[datetime.date, str, str]  # day (UTC), tenant ('' for none), model
@@ -92,13 +94,16 @@ class Usage:
         model: str,
         tokens: TokenCounter,
         *,
-        every: float = FLUSH_SECONDS,
+        delay: float = WRITE_DELAY,
+        retry: float = RETRY_SECONDS,
         today: Callable[[], datetime.date] = lambda: datetime.datetime.now(datetime.UTC).date(),
     ) -> None:
         self._table = table
         self._model = model
         self._tokens = tokens
-        self._every = every
+        self._delay = delay
+        self._retry = retry
+        self._wake = asyncio.Event()
         self._today = today
         self._pending: dict[Key, Tally] = {}
         self._chars = 0  # of inputs bought, and the tokens the API counted for them
@@ -122,6 +127,7 @@ class Usage:
             tally.inputs += 1
             tally.tokens += share
             metrics.EMBEDDING_TOKENS.labels(tenant=tenant or "", model=self._model).inc(share)
+        self._wake.set()
 
     def saved(self, tenant: str | None, texts: Sequence[str]) -> None:
         """Inputs a document did not buy: stored already, kept in the ledger, or being bought."""
@@ -133,6 +139,7 @@ class Usage:
         tally.saved_inputs += len(texts)
         tally.saved_tokens += estimate
         metrics.EMBEDDING_TOKENS_SAVED.labels(tenant=tenant or "", model=self._model).inc(estimate)
+        self._wake.set()
 
     async def close(self) -> None:
         self._task.cancel()
@@ -149,20 +156,27 @@ class Usage:
 
     async def _write_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._every)
-            await self._write()
+            await self._wake.wait()
+            await asyncio.sleep(self._delay)
+            self._wake.clear()
+            if not await self._write():
+                await asyncio.sleep(self._retry)
+                self._wake.set()
 
-    async def _write(self) -> None:
+    async def _write(self) -> bool:
+        """Write what is pending; False if an outage kept it for the next write."""
         if not self._pending or not self._table.enabled:
-            return
+            return True
         writing, self._pending = self._pending, {}
         try:
             await self._table.add(writing)
-        except DatabaseUnavailable:  # an outage: added to what the next write carries
+        except DatabaseUnavailable:  # added to what the next write carries
             for key, tally in writing.items():
                 self._pending.setdefault(key, Tally()).add(tally)
+            return False
         except (DependencyError, asyncpg.PostgresError) as exc:  # refused: counted nowhere
             log.warning("usage_write_failed", rows=len(writing), error=describe(exc))
+        return True
 
 
 def _shared(total: int, weights: Sequence[int]) -> list[int]:

@@ -30,7 +30,7 @@ def test_a_requests_tokens_are_shared_in_whole_numbers_that_add_up_exactly(
 
 async def test_a_request_counts_once_under_its_first_inputs_tenant_and_tokens_by_length() -> None:
     table = FakeUsageTable()
-    usage = Usage(table, "m", TokenCounter("cl100k_base"), every=3600, today=lambda: TODAY)
+    usage = Usage(table, "m", TokenCounter("cl100k_base"), delay=3600, today=lambda: TODAY)
     usage.bought(["aaaa", "bbbbbbbbbbbb"], ["t1", "t2"], prompt_tokens=8)
     usage.bought(["cc"], [None], prompt_tokens=None)  # no usage in the answer: counted here
     usage.saved("t2", ["dddd", "eeee"])
@@ -45,7 +45,7 @@ async def test_a_request_counts_once_under_its_first_inputs_tenant_and_tokens_by
 async def test_counts_kept_through_an_outage_are_written_once_it_ends() -> None:
     table = FakeUsageTable()
     table.failures = 2
-    usage = Usage(table, "m", TokenCounter("bytes"), every=0.01, today=lambda: TODAY)
+    usage = Usage(table, "m", TokenCounter("bytes"), delay=0.01, retry=0.01, today=lambda: TODAY)
     usage.bought(["x" * 10], ["t"], prompt_tokens=3)
     usage.bought(["y" * 10], ["t"], prompt_tokens=4)
     for _ in range(100):
