@@ -38,8 +38,15 @@ MIGRATION_STEPS: Final = (
     source_topic    text,
     source_partition integer,
     source_offset   bigint,
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    text            text
 )""",
+    ),
+    # The text itself (what `reindex` re-chunks from), for a documents table made before it.
+    (
+        "column",
+        "{schema}.documents text",
+        "ALTER TABLE {schema}.documents ADD COLUMN IF NOT EXISTS text text",
     ),
     (
         "relation",
@@ -150,6 +157,8 @@ EXISTS_SQL: Final = {
     "extension": "SELECT 1 FROM pg_extension WHERE extname = $1",
     "schema": "SELECT to_regnamespace($1)",
     "relation": "SELECT to_regclass($1)",
+    "column": """SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(split_part($1, ' ', 1))
+                  AND attname = split_part($1, ' ', 2) AND NOT attisdropped""",
 }
 # CONCURRENTLY: writers go on while it builds (a plain CREATE INDEX blocks every write for as long
 # as the build takes, minutes on a large table). It cannot run inside a transaction block.
@@ -176,6 +185,23 @@ SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespa
 READ_STATES_SQL: Final = "SELECT id, version, deleted FROM {schema}.documents WHERE id = ANY($1::text[])"
 LOCK_STATES_SQL: Final = READ_STATES_SQL + " ORDER BY id FOR UPDATE"
 UPSERT_DOCUMENTS_SQL: Final = """
+INSERT INTO {schema}.documents AS d (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
+                                     source_topic, source_partition, source_offset, text, updated_at)
+SELECT u.id, u.version, u.deleted, u.metadata::jsonb, u.tenant, u.chunk_count, u.content_sha256,
+       u.source_topic, u.source_partition, u.source_offset, u.text, now()
+FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::text[], $5::text[], $6::integer[], $7::bytea[],
+            $8::text[], $9::integer[], $10::bigint[], $11::text[])
+     AS u (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
+           source_topic, source_partition, source_offset, text)
+ON CONFLICT (id) DO UPDATE SET
+    version = EXCLUDED.version, deleted = EXCLUDED.deleted, metadata = EXCLUDED.metadata,
+    tenant = EXCLUDED.tenant, chunk_count = EXCLUDED.chunk_count, content_sha256 = EXCLUDED.content_sha256,
+    source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
+    source_offset = EXCLUDED.source_offset, text = EXCLUDED.text, updated_at = now()
+"""
+# The same for a schema migrated before documents had their text (a worker run with --no-migrate
+# by a role that may not alter the table): the text is left out, everything else as above.
+UPSERT_DOCUMENTS_WITHOUT_TEXT_SQL: Final = """
 INSERT INTO {schema}.documents AS d (id, version, deleted, metadata, tenant, chunk_count, content_sha256,
                                      source_topic, source_partition, source_offset, updated_at)
 SELECT u.id, u.version, u.deleted, u.metadata::jsonb, u.tenant, u.chunk_count, u.content_sha256,
@@ -397,6 +423,7 @@ class Statements:
     read_states: str
     lock_states: str
     upsert_documents: str
+    upsert_documents_without_text: str
     incoming_table: str
     merge_chunks: str
     trim_chunks: str
@@ -434,6 +461,7 @@ class Statements:
             read_states=filled(READ_STATES_SQL),
             lock_states=filled(LOCK_STATES_SQL),
             upsert_documents=filled(UPSERT_DOCUMENTS_SQL),
+            upsert_documents_without_text=filled(UPSERT_DOCUMENTS_WITHOUT_TEXT_SQL),
             incoming_table=filled(INCOMING_TABLE_SQL),
             merge_chunks=filled(MERGE_CHUNKS_SQL),
             trim_chunks=filled(TRIM_CHUNKS_SQL),

@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import orjson
@@ -41,6 +41,7 @@ from worker.settings import Settings
 from worker.sql import (
     ANN_INDEX_STATE_SQL,
     CHUNK_COLUMNS,
+    EXISTS_SQL,
     EXTENSION_SCHEMA_SQL,
     WRITE_PRIVILEGES_SQL,
     Statements,
@@ -97,6 +98,16 @@ class DocumentStore(Protocol):
     async def known_embeddings(self, hashes: Sequence[bytes]) -> dict[bytes, Vector]: ...
 
 
+class _Found(NamedTuple):
+    """What a schema holds: one migrated before a table or column was added lacks it."""
+
+    vector_schema: str  # where pgvector's types are (for its codec)
+    offsets: bool  # source_offsets
+    ledger: bool  # embedding_ledger
+    usage: bool  # embedding_usage
+    text: bool  # documents.text
+
+
 def sha256(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
@@ -110,6 +121,7 @@ class Store:
         self._pool: asyncpg.Pool | None = None
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
+        self._stores_text = False  # documents has its text column (likewise)
         self._ledger = LedgerTable(settings, self._sql, fetch=self._fetch, pool=lambda: self._pool)
         self._usage = UsageRows(self._sql, pool=lambda: self._pool)
 
@@ -126,7 +138,12 @@ class Store:
             return
         try:
             found = await self._inspect()
-            self._vector_schema, self._records_offsets, self._ledger.exists, self._usage.exists = found
+            self._vector_schema, self._records_offsets, self._stores_text = (
+                found.vector_schema,
+                found.offsets,
+                found.text,
+            )
+            self._ledger.exists, self._usage.exists = found.ledger, found.usage
             self._pool = await asyncpg.create_pool(
                 self._settings.database_url.reveal(),
                 min_size=1,
@@ -155,20 +172,23 @@ class Store:
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
 
-    async def _inspect(self) -> tuple[str, bool, bool, bool]:
-        """pgvector's schema (for its codec), and whether ``source_offsets``, ``embedding_ledger``
-        and ``embedding_usage`` exist (a schema migrated before them has none)."""
+    async def _inspect(self) -> _Found:
+        """pgvector's schema (for its codec), and whether ``source_offsets``, ``embedding_ledger``,
+        ``embedding_usage`` and ``documents.text`` exist (a schema migrated before them has none)."""
         conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
         try:
             schema = await conn.fetchval(EXTENSION_SCHEMA_SQL)
             offsets = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.source_offsets")
             ledger = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.embedding_ledger")
             usage = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.embedding_usage")
+            text = await conn.fetchval(EXISTS_SQL["column"], f"{self._schema}.documents text")
         finally:
             await conn.close()
         if schema is None:
             raise ConfigError("DATABASE_URL", "the pgvector extension is not installed there; run `migrate`")
-        return str(schema), offsets is not None, ledger is not None, usage is not None
+        return _Found(
+            str(schema), offsets is not None, ledger is not None, usage is not None, text is not None
+        )
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -224,7 +244,14 @@ class Store:
                     if moved:
                         writes = [w for w in writes if w.change.event.doc_id not in moved]
                         chunk_rows = [row for row in chunk_rows if row[0] not in moved]
-                    await conn.execute(self._sql.upsert_documents, *_document_columns(writes))
+                    if self._stores_text:
+                        await conn.execute(
+                            self._sql.upsert_documents, *_document_columns(writes), _texts(writes)
+                        )
+                    else:
+                        await conn.execute(
+                            self._sql.upsert_documents_without_text, *_document_columns(writes)
+                        )
                     clock.lap("upsert_documents")
                     # A document without a row has no chunks (they reference it): its chunks are
                     # copied straight into the table. The others' go through the merge, which
@@ -413,6 +440,10 @@ def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+def _texts(writes: Sequence[DocumentWrite]) -> list[str | None]:
+    return [None if w.change.after.deleted else w.change.event.text for w in writes]
 
 
 def _columns(partitions: Sequence[TopicPartition]) -> tuple[list[str], list[int]]:

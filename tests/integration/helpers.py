@@ -232,7 +232,9 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolera
     conn = await connect(env)
     try:
         schema = env.schema
-        docs = {r["id"]: r for r in await conn.fetch(f"SELECT id, version, deleted FROM {schema}.documents")}
+        docs = {
+            r["id"]: r for r in await conn.fetch(f"SELECT id, version, deleted, text FROM {schema}.documents")
+        }
         rows = await conn.fetch(
             f"SELECT doc_id, chunk_index, content, embedding::text AS embedding, char_start, char_end "
             f"FROM {schema}.chunks ORDER BY doc_id, chunk_index"
@@ -246,6 +248,7 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolera
     for doc_id, want in expected.items():
         assert docs[doc_id]["deleted"] == want.deleted, doc_id
         assert docs[doc_id]["version"] == want.version, doc_id
+        assert docs[doc_id]["text"] == (None if want.deleted else want.text), f"{doc_id}'s text"
         mine = chunks.pop(doc_id, [])
         if want.deleted:
             assert mine == [], f"{doc_id} is deleted but has chunks"
