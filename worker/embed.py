@@ -10,6 +10,7 @@ their text.
 from __future__ import annotations
 
 import base64
+import re
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -19,13 +20,15 @@ import numpy as np
 import orjson
 
 from worker import metrics
-from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected
+from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected, TooManyInputs
 from worker.limits import MAX_RETRY_AFTER, AdaptiveConcurrency, Budget, ProviderPacer, retry_after
 from worker.settings import Settings
 from worker.types import Vector
 
 # Statuses that say "this input can never be embedded": the record is at fault.
 _REJECTED = frozenset({400, 413, 422})
+# TEI's 413: "batch size 64 > maximum allowed batch size 32"
+_BATCH_LIMIT = re.compile(r"maximum allowed batch size (\d+)")
 
 
 class Embedder(Protocol):
@@ -194,7 +197,10 @@ def _bad_index(index: object, count: int) -> ValueError:
 def _http_error(status: int, headers: Any, payload: bytes, count: int) -> Exception:
     message = _error_message(payload)
     if status in _REJECTED:
-        return InputRejected(f"embedding API answered {status} for {count} input(s): {message}")
+        message = f"embedding API answered {status} for {count} input(s): {message}"
+        if (limit := _BATCH_LIMIT.search(message)) is not None and int(limit[1]) < count:
+            return TooManyInputs(message, int(limit[1]))
+        return InputRejected(message)
     wait = None
     if status == 429 and (wait := retry_after(headers)) is not None:
         wait = min(wait, MAX_RETRY_AFTER)

@@ -16,14 +16,18 @@ import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
+import structlog
+
 from worker.dependency import Dependency
 from worker.embed import Embedder, probe
-from worker.errors import AttemptsExhausted, EmbeddingProtocolError, InputRejected, RecordError
+from worker.errors import AttemptsExhausted, EmbeddingProtocolError, InputRejected, RecordError, TooManyInputs
 from worker.retry import isolate
 from worker.settings import Settings
 from worker.tokens import TokenCounter
 from worker.types import Vector
 from worker.usage import Usage
+
+log = structlog.get_logger(__name__)
 
 
 class EmbeddingStage:
@@ -71,7 +75,8 @@ class EmbeddingStage:
         """One request; when the API refuses it (or it fails every attempt while the API is up),
         the inputs at fault are isolated. A refusal is first checked against an input any model
         takes (once per request, not at each split): an API that refuses that too refuses every
-        record, and is waited out as an outage."""
+        record, and is waited out as an outage. An API that says how many inputs it takes
+        (TEI's 413) gets this request in parts of that size, and no larger ones after it."""
 
         async def attempt(part: list[int]) -> list[Vector | RecordError]:
             inputs = [texts[i] for i in part]
@@ -79,12 +84,21 @@ class EmbeddingStage:
             async def once() -> list[Vector]:
                 try:
                     return await self._embedder.embed(inputs)
+                except TooManyInputs:  # not the inputs' fault, nor the API's: no probe
+                    raise
                 except InputRejected:
                     if len(part) == len(texts):  # the whole request, not a half of it
                         await probe(self._embedder)  # EmbeddingUnavailable if it refuses all
                     raise
 
-            vectors = await self._dependency.call(once, attempts=self._attempts, deadline=self._deadline)
+            try:
+                vectors = await self._dependency.call(once, attempts=self._attempts, deadline=self._deadline)
+            except TooManyInputs as exc:
+                self._batcher.limit_inputs(exc.limit)
+                parts = [part[start : start + exc.limit] for start in range(0, len(part), exc.limit)]
+                return [
+                    result for p in parts for result in await isolate(p, attempt, faults=faults, alone=alone)
+                ]
             if self._usage is not None:
                 tokens = getattr(vectors, "prompt_tokens", None)
                 self._usage.bought(inputs, [tenants[i] for i in part], tokens)
@@ -177,6 +191,16 @@ class EmbeddingBatcher:
             self._requests[task] = futures
             self._sent.update(futures)
             task.add_done_callback(self._request_done)
+
+    def limit_inputs(self, limit: int) -> None:
+        """The API said it takes at most ``limit`` inputs a request: no request holds more."""
+        if limit < self._batch_size:
+            log.warning(
+                "embedding_inputs_limited",
+                inputs=limit,
+                hint=f"the API takes at most {limit} inputs a request; set EMBEDDING_MAX_INPUTS={limit}",
+            )
+            self._batch_size = max(limit, 1)
 
     def withdraw(self, future: asyncio.Future[Vector]) -> bool:
         """Cancel a queued input (``_take`` skips it); False once it was sent, or done."""

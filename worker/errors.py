@@ -57,6 +57,15 @@ class InputRejected(RecordError):
     stage = "embed"
 
 
+class TooManyInputs(InputRejected):
+    """The API takes at most ``limit`` inputs a request, and said so (TEI's 413 names its
+    ``--max-client-batch-size``): not the inputs' fault."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class AttemptsExhausted(RecordError):
     """An embedding request for this input failed every attempt while the API answered others."""
 

@@ -12,7 +12,7 @@ from tests.unit.fakes import fast_backoff
 from worker.dependency import Dependency
 from worker.embed import KNOWN_GOOD_INPUT, probe
 from worker.embedding import EmbeddingStage
-from worker.errors import InputRejected
+from worker.errors import InputRejected, TooManyInputs
 from worker.settings import Settings
 from worker.types import Vector
 
@@ -120,3 +120,33 @@ async def test_a_blank_text_is_never_sent_and_fails_alone(blank: str) -> None:
     assert "not sent" in str(results[1])
     assert [float(r[0]) for r in (results[0], results[2])] == [6, 5]  # type: ignore[index]
     assert embedder.requests == [["before", "after"]], "one request, without the blank text; no probe"
+
+
+class Limited(Refusing):
+    """Takes at most ``limit`` inputs a request, and says so, as TEI's 413 does."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    async def embed(self, texts: Sequence[str]) -> list[Vector]:
+        self.requests.append(list(texts))
+        if len(texts) > self.limit:
+            raise TooManyInputs(
+                f"batch size {len(texts)} > maximum allowed batch size {self.limit}", self.limit
+            )
+        return [np.full(2, len(t), dtype=np.float32) for t in texts]
+
+
+async def test_an_api_that_names_its_input_limit_is_taught_once_and_every_input_gets_its_vector() -> None:
+    embedder, stop = Limited(3), asyncio.Event()
+    stage, dependency = stage_of(embedder, stop)  # EMBEDDING_BATCH_SIZE 8
+    first = await asyncio.gather(*(stage.submit(f"text {i}") for i in range(8)))
+    later = await asyncio.gather(*(stage.submit(f"more {i}") for i in range(9)))
+    await stage.finish(within=0)
+    await dependency.close()
+    assert len(first) == 8 and len(later) == 9
+    refused = [r for r in embedder.requests if len(r) > 3]
+    assert refused == [embedder.requests[0]], "only the first request was too large"
+    assert [len(r) for r in embedder.requests[-3:]] == [3, 3, 3], "the later ones hold the API's limit"
+    assert [KNOWN_GOOD_INPUT] not in embedder.requests, "no probe: the API said what was wrong"
