@@ -138,11 +138,9 @@ class Store:
             return
         try:
             found = await self._inspect()
-            self._vector_schema, self._records_offsets, self._stores_text = (
-                found.vector_schema,
-                found.offsets,
-                found.text,
-            )
+            self._vector_schema = found.vector_schema
+            self._records_offsets = found.offsets
+            self._stores_text = found.text
             self._ledger.exists, self._usage.exists = found.ledger, found.usage
             self._pool = await asyncpg.create_pool(
                 self._settings.database_url.reveal(),
