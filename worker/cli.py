@@ -39,6 +39,7 @@ COMMANDS = {
     "replay": "move dead letters back to their topic, then exit",
     "search": "embed a query and print the nearest chunks",
     "usage": "print the embeddings bought and saved, by day, tenant and model, with their cost",
+    "verify": "check the stored state (and with --topic, against the topic); exit 1 on a problem",
     "dev": "start the embedded stack and print the settings to reach it",
 }
 
@@ -108,6 +109,17 @@ USES: dict[str, frozenset[str]] = {
             "DATABASE_POOL_SIZE",
             "DATABASE_STATEMENT_CACHE_SIZE",
             "EMBEDDING_PRICE_PER_MTOK",
+        }
+    ),
+    "verify": frozenset(
+        {
+            "LOG_LEVEL",
+            *_SCHEMA,
+            "DATABASE_STATEMENT_CACHE_SIZE",
+            *_KAFKA_CLIENT,  # --topic: worker.topic_fold.read_topics
+            "KAFKA_TOPIC",
+            "KAFKA_MAX_PARTITION_FETCH_BYTES",
+            "MAX_TEXT_BYTES",  # what decodes, as the worker decodes it
         }
     ),
     # The stack sets the broker, database and embedding settings itself; dev refuses the others.
@@ -341,6 +353,18 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--tenant", help="only this tenant ('' for documents without one)")
     usage.set_defaults(command=do.usage)
 
+    verify = command("verify", VERIFY_DESCRIPTION)
+    verify.add_argument(
+        "--topic",
+        nargs="?",
+        const="",
+        metavar="TOPICS",
+        help="also compare with the newest event of each document these topics (comma list) hold, "
+        "read from the start [KAFKA_TOPIC]",
+    )
+    verify.add_argument("--json", action="store_true", help="print one JSON object instead")
+    verify.set_defaults(command=do.verify)
+
     dev = command("dev", DEV_DESCRIPTION)
     dev.add_argument("--partitions", type=_count(1), default=4, help="partitions of the topic it creates [4]")
     dev.add_argument(
@@ -368,6 +392,23 @@ The stack sets the broker, database and embedding settings itself. Of the other 
 dev takes --kafka-topic (the topics it creates, with --partitions), --kafka-dlq-topic and
 --health-port (passed on in the printed settings) and --log-level; any other setting given
 as a flag is refused (exit 2): those belong to 'ingest-worker run'.
+"""
+
+VERIFY_DESCRIPTION = """\
+Check the stored state: chunks contiguous (0..n-1, as many as documents.chunk_count), contents
+matching their hashes and their document's text at their offsets, documents' hashes matching
+their text, embeddings of EMBEDDING_DIMENSIONS and the index's model, no chunks of deleted or
+unknown documents, no live document with text but no chunks. With --topic, also that each
+document's stored state is the newest event the topic holds, by the worker's version rule,
+reading every partition from its beginning to its end offset at the start (records that do not
+decode, which the worker dead-letters, are counted). Run it when the workers are caught up: the
+newest events they have not stored yet show as topic_behind.
+
+It reads every chunk and every document in one snapshot (vectors only for their dimensions, and
+only where the column declares none): minutes on tens of millions of rows, no lock taken.
+Prints one line per check (ok, or how many documents fail it, with examples) and a summary;
+exits 0 when clean, 1 when not (or when the database is down or not migrated), 2 on bad
+arguments.
 """
 
 

@@ -167,6 +167,34 @@ async def usage(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def verify(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from worker.topic_fold import TopicMissing
+    from worker.verify import NotMigrated, verify
+
+    topics = None
+    if args.topic is not None:  # --topic alone: KAFKA_TOPIC's
+        topics = tuple(t.strip() for t in args.topic.split(",") if t.strip()) or settings.kafka_topic
+    try:
+        report = await verify(settings, topics)
+    except NotMigrated as exc:
+        print(f"ingest-worker verify: error: {exc}", file=sys.stderr)
+        return 1
+    except TopicMissing as exc:
+        print(
+            f"ingest-worker verify: error: {'--topic' if args.topic else 'KAFKA_TOPIC'}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.json:
+        print(orjson.dumps(report.as_json()).decode())
+    else:
+        for line in report.lines():
+            print(line)
+    return 0 if report.clean else 1
+
+
 def _counted(counts: list[int], price: float) -> tuple[str, ...]:
     requests, inputs, tokens, saved_inputs, saved_tokens = counts
     return (

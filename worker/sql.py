@@ -414,6 +414,86 @@ WHERE day >= $1 AND ($2::text IS NULL OR tenant = $2)
 ORDER BY day, tenant, model
 """
 
+# `verify`: the stored state's checks, each a document id per (check, document) that fails it.
+# One pass over the chunks, each joined with its document (a hash or merge join, not a lookup per
+# document), and two over the documents; counted and sampled by check at the end. Each chunk's
+# checks are computed below the grouping (OFFSET 0 keeps that subquery whole), so that only
+# booleans reach it, whichever way the planner groups: left to it, a sort would carry every
+# chunk's content and its document's text. $1 the column's declared dimensions (NULL when it
+# declares none: only then is each vector read, for its dimensions), $2 EMBEDDING_DIMENSIONS,
+# $3 the model index_settings records, $4 EMBEDDING_MODEL, $5 examples kept per check,
+# $6 VERIFY_NOT_BLANK. Python's string indices are code points, as are PostgreSQL's substr and
+# char_length on text; substr finds a code point by walking the text from its start, so a
+# document costs its length times its chunks (measured: a 200 KB document of 200 chunks, 60 ms).
+_VERIFY_STORED: Final = """
+WITH per_doc AS (
+    SELECT doc_id, bool_or(unknown) AS unknown, coalesce(bool_or(deleted), false) AS deleted,
+           min(chunk_index) <> 0 OR max(chunk_index) <> count(*) - 1
+               OR (NOT bool_or(deleted) AND count(*) <> max(chunk_count)) AS gaps,
+           bool_or(hashes) AS hashes, bool_or(offsets) AS offsets, bool_or(dimensions) AS dimensions,
+           bool_or(model) AS model
+    FROM (
+        SELECT c.doc_id, c.chunk_index, d.id IS NULL AS unknown, d.deleted, d.chunk_count,
+               c.content_sha256 IS DISTINCT FROM sha256(convert_to(c.content, 'UTF8')) AS hashes,
+               c.char_start < 0 OR c.char_end - c.char_start <> char_length(c.content)
+                   OR c.content <> substr({text}, c.char_start + 1, c.char_end - c.char_start) AS offsets,
+               coalesce($1::integer, vector_dims(c.embedding)) <> $2 AS dimensions,
+               c.model <> $3 OR c.model <> $4 AS model
+        FROM {schema}.chunks c LEFT JOIN {schema}.documents d ON d.id = c.doc_id
+        OFFSET 0
+    ) AS per_chunk
+    GROUP BY doc_id
+), failed AS (
+    SELECT f.name, p.doc_id
+    FROM per_doc p CROSS JOIN LATERAL (VALUES
+        ('chunks_contiguous', p.gaps), ('chunk_hashes', p.hashes), ('chunk_offsets', p.offsets),
+        ('embedding_dimensions', p.dimensions), ('embedding_model', p.model),
+        ('deleted_documents', p.deleted), ('unknown_documents', p.unknown)) AS f (name, failed)
+    WHERE f.failed
+    UNION ALL
+    SELECT 'document_hashes', d.id FROM {schema}.documents d
+    WHERE {text} IS NOT NULL AND d.content_sha256 IS DISTINCT FROM sha256(convert_to({text}, 'UTF8'))
+    UNION ALL
+    SELECT 'unchunked_documents', d.id FROM {schema}.documents d
+    WHERE NOT d.deleted AND (d.chunk_count > 0 OR {text} ~ $6)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.chunks c WHERE c.doc_id = d.id)
+), ranked AS (
+    SELECT name, doc_id, row_number() OVER (PARTITION BY name ORDER BY doc_id) AS rank FROM failed
+)
+SELECT name, count(*) AS problems, array_agg(doc_id ORDER BY doc_id) FILTER (WHERE rank <= $5) AS examples
+FROM ranked GROUP BY name
+"""
+VERIFY_STORED_SQL: Final = _VERIFY_STORED.replace("{text}", "d.text")
+# A schema migrated before documents had their text: the checks against it are left out.
+VERIFY_STORED_WITHOUT_TEXT_SQL: Final = _VERIFY_STORED.replace("{text}", "NULL::text")
+# What chunk.py leaves unchunked: text of nothing but what Python's str.isspace() calls space (each
+# listed, no ranges, as a regular expression's bracket takes them whatever the collation).
+VERIFY_BLANK: Final = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+VERIFY_NOT_BLANK: Final = f"[^{VERIFY_BLANK}]"
+VERIFY_COUNTS_SQL: Final = """
+SELECT (SELECT count(*) FROM {schema}.documents) AS documents,
+       (SELECT count(*) FROM {schema}.chunks) AS chunks
+"""
+# `verify --topic`: each document as the topic's newest event is compared with (the text by its
+# sha256: the column written with it, where the text itself is not kept), and which record wrote it.
+_VERIFY_DOCUMENTS: Final = """
+SELECT d.id, d.version, d.deleted,
+       CASE WHEN {text} IS NULL THEN d.content_sha256
+            ELSE sha256(convert_to({text}, 'UTF8')) END AS text_sha256,
+       d.source_topic, d.source_partition, d.source_offset
+FROM {schema}.documents d
+"""
+VERIFY_DOCUMENTS_SQL: Final = _VERIFY_DOCUMENTS.replace("{text}", "d.text")
+VERIFY_DOCUMENTS_WITHOUT_TEXT_SQL: Final = _VERIFY_DOCUMENTS.replace("{text}", "NULL::text")
+
+
+def quoted(identifier: str) -> str:
+    """An identifier from configuration (DATABASE_SCHEMA) as SQL names it."""
+    return '"' + identifier.replace('"', '""') + '"'
+
 
 @dataclass(frozen=True, slots=True)
 class Statements:
@@ -448,6 +528,11 @@ class Statements:
     prune_ledger: str
     add_usage: str
     usage: str
+    verify_stored: str
+    verify_stored_without_text: str
+    verify_counts: str
+    verify_documents: str
+    verify_documents_without_text: str
 
     @classmethod
     def of(cls, schema: str, vector_type: str) -> Statements:
@@ -486,4 +571,9 @@ class Statements:
             prune_ledger=filled(PRUNE_LEDGER_SQL),
             add_usage=filled(ADD_USAGE_SQL),
             usage=filled(USAGE_SQL),
+            verify_stored=filled(VERIFY_STORED_SQL),
+            verify_stored_without_text=filled(VERIFY_STORED_WITHOUT_TEXT_SQL),
+            verify_counts=filled(VERIFY_COUNTS_SQL),
+            verify_documents=filled(VERIFY_DOCUMENTS_SQL),
+            verify_documents_without_text=filled(VERIFY_DOCUMENTS_WITHOUT_TEXT_SQL),
         )

@@ -18,7 +18,7 @@ from worker.settings import describe
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = [name for name, _, _ in describe()]
 FLAGS = {name: "--" + name.lower().replace("_", "-") for name in SETTINGS}
-COMMANDS = ("run", "migrate", "build-index", "produce", "replay", "search", "usage", "dev")
+COMMANDS = ("run", "migrate", "build-index", "produce", "replay", "search", "usage", "verify", "dev")
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -106,6 +106,11 @@ def test_uses_names_real_settings_for_every_command() -> None:
         ("search", {"DATABASE_URL", "EMBEDDING_URL", "EMBEDDING_API_KEY"}, ("KAFKA_", "CHUNK_")),
         ("migrate", {"DATABASE_URL", "VECTOR_TYPE", "EMBEDDING_DIMENSIONS"}, ("KAFKA_", "EMBEDDING_URL")),
         ("build-index", {"DATABASE_URL", "INDEX_BUILD_MEMORY"}, ("KAFKA_", "EMBEDDING_URL")),
+        (
+            "verify",
+            {"DATABASE_URL", "EMBEDDING_DIMENSIONS", "EMBEDDING_MODEL", "KAFKA_TOPIC", "KAFKA_SASL_PASSWORD"},
+            ("EMBEDDING_URL", "EMBEDDING_API_KEY", "CHUNK_", "KAFKA_GROUP"),
+        ),
         ("dev", {"KAFKA_TOPIC", "HEALTH_PORT"}, ("DATABASE_", "EMBEDDING_", "KAFKA_BOOTSTRAP")),
     ],
 )
