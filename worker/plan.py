@@ -10,7 +10,7 @@ written, so Postgres touches each row once per batch and no superseded version i
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.decode import DocumentEvent
 
@@ -19,6 +19,16 @@ from worker.decode import DocumentEvent
 class DocState:
     version: int | None
     deleted: bool
+    # Where the stored state's event was read: (topic, partition, offset). Not part of the state.
+    source: tuple[str, int, int] | None = field(default=None, compare=False)
+
+    def has_applied(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the event at this position is already in the stored state: a document's
+        events are applied in partition order, so every one up to the stored event's offset has
+        been (or was superseded). Applying such a redelivered event again would not be the
+        CONTRACT's sequence: a tombstone redelivered before the upsert that recreated the
+        document would delete it at that upsert's version, and the upsert could not undo that."""
+        return self.source is not None and self.source[:2] == (topic, partition) and offset <= self.source[2]
 
 
 @dataclass(frozen=True, slots=True)

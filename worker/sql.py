@@ -182,7 +182,9 @@ WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdr
 EXTENSION_SCHEMA_SQL: Final = """
 SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'
 """
-READ_STATES_SQL: Final = "SELECT id, version, deleted FROM {schema}.documents WHERE id = ANY($1::text[])"
+READ_STATES_SQL: Final = """
+SELECT id, version, deleted, source_topic, source_partition, source_offset
+FROM {schema}.documents WHERE id = ANY($1::text[])"""
 LOCK_STATES_SQL: Final = READ_STATES_SQL + " ORDER BY id FOR UPDATE"
 UPSERT_DOCUMENTS_SQL: Final = """
 INSERT INTO {schema}.documents AS d (id, version, deleted, metadata, tenant, chunk_count, content_sha256,

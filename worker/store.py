@@ -205,7 +205,7 @@ class Store:
     async def read_states(self, doc_ids: Sequence[str]) -> dict[str, DocState]:
         """What is stored for these documents (no lock): used to plan a batch before embedding."""
         rows = await self._fetch(self._sql.read_states, list(doc_ids))
-        return {row["id"]: DocState(row["version"], row["deleted"]) for row in rows}
+        return {row["id"]: _state(row) for row in rows}
 
     async def write(self, writes: Sequence[DocumentWrite], progress: Progress | None = None) -> set[str]:
         """Apply a planned batch in one transaction, recording in the same one how far each
@@ -233,7 +233,7 @@ class Store:
                 async with conn.transaction():
                     locked = await conn.fetch(self._sql.lock_states, ids)
                     clock.lap("lock")
-                    now = {row["id"]: DocState(row["version"], row["deleted"]) for row in locked}
+                    now = {row["id"]: _state(row) for row in locked}
                     moved = {
                         w.change.event.doc_id
                         for w in writes
@@ -438,6 +438,12 @@ def _document_columns(writes: Sequence[DocumentWrite]) -> tuple[list[Any], ...]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+def _state(row: asyncpg.Record) -> DocState:
+    topic, partition, offset = row["source_topic"], row["source_partition"], row["source_offset"]
+    source = None if topic is None or partition is None or offset is None else (topic, partition, offset)
+    return DocState(row["version"], row["deleted"], source)
 
 
 def _texts(writes: Sequence[DocumentWrite]) -> list[str | None]:

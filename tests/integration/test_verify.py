@@ -272,13 +272,10 @@ async def test_verify_on_a_schema_without_documents_text_checks_the_rest(env: En
     assert (code, failing(report)) == (1, {"chunk_offsets": ["d4"]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker bug verify found: redelivered, the versionless tombstone deletes the document at "
-    "its stored version 3, and the upsert of version 3 that followed it is then refused as equal "
-    "over a deleted document (worker.plan.apply)",
-)
 async def test_a_redelivery_keeps_a_document_recreated_after_its_tombstone(env: Env) -> None:
+    # Found by verify: redelivered, the versionless tombstone deleted the document at its stored
+    # version 3, and the upsert of version 3 after it was refused as equal over a deleted document.
+    # A redelivered event at or before the stored event's offset is now known as applied.
     events: list[Event] = [
         ("back", None),
         ("back", {"id": "back", "text": "Recreated after its tombstone.", "version": 3}),

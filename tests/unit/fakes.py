@@ -475,7 +475,8 @@ class FakeStore:
             doc_id, after = w.change.event.doc_id, w.change.after
             if doc_id in moved:
                 continue
-            self.documents[doc_id] = DocState(after.version, after.deleted)
+            source = (w.record.topic, w.record.partition, w.record.offset)
+            self.documents[doc_id] = DocState(after.version, after.deleted, source)
             self.tenants[doc_id] = w.change.event.tenant
             if after.deleted:
                 self.chunks.pop(doc_id, None)

@@ -59,7 +59,8 @@ async def test_counts_kept_through_an_outage_are_written_once_it_ends() -> None:
 
 async def test_the_worker_counts_every_input_it_bought_and_every_one_it_reused() -> None:
     text = "Alpha beta gamma. " * 40
-    records = log_of({0: [upsert("a", text, tenant="t1"), upsert("b", text, tenant="t2")]})
+    entries = [upsert("a", text, tenant="t1"), upsert("b", text, tenant="t2")]
+    records = log_of({0: entries})
     first = rig(records)
     await first.run()
     bought = sum(len(call) for call in first.embedder.answered)
@@ -73,5 +74,10 @@ async def test_the_worker_counts_every_input_it_bought_and_every_one_it_reused()
     again = rig(records, store=first.store)
     await again.run()
     assert again.embedder.answered == []
-    assert first.store.usage.total().inputs == bought, "a redelivery buys nothing and counts nothing bought"
-    assert first.store.usage.total().saved_inputs == 2 * chunks - bought, "every chunk saved again"
+    assert first.store.usage.total() == total, "a redelivery, already applied, buys and counts nothing"
+
+    republished = rig(log_of({0: [*entries, upsert("b", text, tenant="t2")]}), store=first.store)
+    await republished.run()
+    assert republished.embedder.answered == []
+    assert first.store.usage.total().inputs == bought, "b published again buys nothing"
+    assert first.store.usage.total().saved_inputs == total.saved_inputs + len(first.store.chunks["b"])
