@@ -45,6 +45,7 @@ from worker.sql import (
     EXTENSION_SCHEMA_SQL,
     WRITE_PRIVILEGES_SQL,
     Statements,
+    quoted,
 )
 from worker.types import Record, TopicPartition, Vector
 from worker.usage import UsageRows, UsageTable
@@ -115,7 +116,7 @@ def sha256(text: str) -> bytes:
 class Store:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._schema = _quote(settings.database_schema)
+        self._schema = quoted(settings.database_schema)
         self._sql = Statements.of(self._schema, settings.vector_type)
         self.schema = Schema(settings, self._schema, self._sql)
         self._pool: asyncpg.Pool | None = None
@@ -459,7 +460,3 @@ def _refuses_every_write(exc: asyncpg.PostgresError) -> bool:
     """SQLSTATE classes that no document's data causes: access rules and missing objects (42),
     invalid schema (3F) or authorization (28), unsupported features (0A)."""
     return str(getattr(exc, "sqlstate", "") or "")[:2] in {"42", "3F", "28", "0A"}
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
