@@ -33,6 +33,7 @@ from worker.schema import OUTAGE_ERRORS
 from worker.settings import Settings
 from worker.sql import LEDGER_PRUNE_LIMIT, LEDGER_PRUNE_LOCK, Statements
 from worker.types import Vector
+from worker.usage import UsageRows
 
 log = structlog.get_logger()
 
@@ -70,11 +71,13 @@ class LedgerTable:
         *,
         fetch: Callable[..., Awaitable[list[asyncpg.Record]]],
         pool: Callable[[], asyncpg.Pool | None],
+        usage: UsageRows,
     ) -> None:
         self._settings = settings
         self._sql = sql
         self._fetch = fetch
         self._pool = pool
+        self._usage = usage
         self._model = settings.embedding_model
         self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
         self._presence: asyncpg.Connection | None = None
@@ -103,10 +106,12 @@ class LedgerTable:
         digests = sorted(vectors)
 
         async def keep_all(conn: asyncpg.Connection) -> None:
-            for start in range(0, len(digests), KEEP_BATCH):  # a bounded parameter: memory stays flat
-                part = digests[start : start + KEEP_BATCH]
-                kept = [wrap(vectors[digest]) for digest in part]  # not sequences: one element each
-                await conn.execute(self._sql.keep_embeddings, self._model, part, kept)
+            async with self._usage.carried() as carry, conn.transaction():
+                for start in range(0, len(digests), KEEP_BATCH):  # a bounded parameter: memory stays flat
+                    part = digests[start : start + KEEP_BATCH]
+                    kept = [wrap(vectors[digest]) for digest in part]  # not sequences: one element each
+                    await conn.execute(self._sql.keep_embeddings, self._model, part, kept)
+                await carry(conn)  # no vector kept without its count (worker.usage)
 
         await self._run(keep_all)
 

@@ -123,8 +123,10 @@ class Store:
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
         self._stores_text = False  # documents has its text column (likewise)
-        self._ledger = LedgerTable(settings, self._sql, fetch=self._fetch, pool=lambda: self._pool)
         self._usage = UsageRows(self._sql, pool=lambda: self._pool)
+        self._ledger = LedgerTable(
+            settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=self._usage
+        )
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -229,7 +231,7 @@ class Store:
         assert self._pool is not None
         try:
             clock = metrics.WriteLaps()
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire() as conn, self._usage.carried() as carry:
                 clock.lap("acquire")
                 async with conn.transaction():
                     locked = await conn.fetch(self._sql.lock_states, ids)
@@ -285,6 +287,8 @@ class Store:
                         record = progress.before if moved else progress.after
                         await self._record(conn, record, progress.epoch)
                         clock.lap("offsets")
+                    await carry(conn)  # no vector stored without its count (worker.usage)
+                    clock.lap("usage")
                 clock.lap("commit")
         except asyncpg.UniqueViolationError as exc:
             # Another worker inserted one of these documents' chunks after our lock read found no

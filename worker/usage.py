@@ -4,10 +4,15 @@ UTC day, tenant and model, in ``embedding_usage``.
 Counted as answers arrive: the API's ``usage.prompt_tokens``, shared among the request's inputs
 by their length (its tokenizer's count where the API sends none); a request is counted under
 the tenant of its first input. A reused input's tokens are estimated at the rate the API has
-counted so far. Counts are added up in memory and written ``WRITE_DELAY`` after an answer, in
-one statement for all that came meanwhile, and at stop: a ``kill -9`` loses the counts of about
-the same quarter second whose vectors the embedding ledger (worker.ledger) loses, and those
-are bought, and counted, again after the restart. A write that fails in an outage is carried
+counted so far.
+
+Counts are added up in memory from the moment an answer arrives, and every transaction that
+makes vectors durable (a batch of chunks stored, answers kept in the embedding ledger) carries
+every count pending so far (``UsageRows.carried``): so no vector is durable without its count,
+and a count goes back to pending if that transaction does not commit. A ``kill -9`` therefore
+loses only counts of answers whose vectors it loses too (bought, and counted, again after the
+restart), as the provider bills them twice. What no such transaction carries is written by
+itself ``WRITE_DELAY`` after an answer, and at stop. A write that fails in an outage is carried
 by the next one; one the database refuses (a privilege missing) is logged and dropped.
 """
 
@@ -17,7 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol
 
 import asyncpg
@@ -55,6 +60,10 @@ class UsageTable(Protocol):
     @property
     def enabled(self) -> bool: ...
     async def add(self, tallies: dict[Key, Tally]) -> None: ...
+    def attach(self, usage: Usage) -> None: ...
+
+
+Carry = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 class UsageRows:
@@ -64,25 +73,55 @@ class UsageRows:
     def __init__(self, sql: Statements, pool: Callable[[], asyncpg.Pool | None]) -> None:
         self._sql = sql
         self._pool = pool
+        self._usage: Usage | None = None  # whose pending counts a transaction carries
         self.exists = False  # set by the store when it finds the table
 
     @property
     def enabled(self) -> bool:
         return self.exists
 
+    def attach(self, usage: Usage) -> None:
+        self._usage = usage
+
     async def add(self, tallies: dict[Key, Tally]) -> None:
         pool = self._pool()
         if pool is None:
             raise DatabaseUnavailable("not connected yet")
-        keys = sorted(tallies)  # in key order: two workers adding the same rows cannot deadlock
-        columns: list[list[Any]] = [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]]
-        for field in dataclasses.fields(Tally):
-            columns.append([getattr(tallies[k], field.name) for k in keys])
         try:
             async with pool.acquire() as conn:
-                await conn.execute(self._sql.add_usage, *columns)
+                await conn.execute(self._sql.add_usage, *_columns(tallies))
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"usage write failed: {describe(exc)}") from exc
+
+    @contextlib.asynccontextmanager
+    async def carried(self) -> AsyncIterator[Carry]:
+        """Around a transaction that makes vectors durable: ``carry(conn)``, inside it, adds every
+        count pending so far (in a savepoint: a refusal cannot undo the transaction's rows), and
+        they go back to pending unless the transaction commits."""
+        taken: dict[Key, Tally] = {}
+
+        async def carry(conn: asyncpg.Connection) -> None:
+            nonlocal taken
+            if self._usage is None or not self.exists:
+                return
+            taken = self._usage.take()
+            if not taken:
+                return
+            try:
+                async with conn.transaction():
+                    await conn.execute(self._sql.add_usage, *_columns(taken))
+            except OUTAGE_ERRORS:
+                raise
+            except asyncpg.PostgresError as exc:  # refused: counted nowhere, the rows go on
+                log.warning("usage_write_failed", rows=len(taken), error=describe(exc))
+                taken = {}
+
+        try:
+            yield carry
+        except BaseException:
+            if taken and self._usage is not None:
+                self._usage.put_back(taken)
+            raise
 
 
 class Usage:
@@ -109,6 +148,7 @@ class Usage:
         self._chars = 0  # of inputs bought, and the tokens the API counted for them
         self._counted = 0
         self._task = asyncio.get_running_loop().create_task(self._write_loop(), name="usage-writer")
+        table.attach(self)
 
     def bought(self, texts: Sequence[str], tenants: Sequence[str | None], prompt_tokens: int | None) -> None:
         """One answered request: ``texts`` embedded for ``tenants``, ``prompt_tokens`` by the API."""
@@ -141,6 +181,16 @@ class Usage:
         metrics.EMBEDDING_TOKENS_SAVED.labels(tenant=tenant or "", model=self._model).inc(estimate)
         self._wake.set()
 
+    def take(self) -> dict[Key, Tally]:
+        """Every count pending, to be written now (``put_back`` if that fails)."""
+        taken, self._pending = self._pending, {}
+        return taken
+
+    def put_back(self, tallies: dict[Key, Tally]) -> None:
+        for key, tally in tallies.items():
+            self._pending.setdefault(key, Tally()).add(tally)
+        self._wake.set()
+
     async def close(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -167,16 +217,23 @@ class Usage:
         """Write what is pending; False if an outage kept it for the next write."""
         if not self._pending or not self._table.enabled:
             return True
-        writing, self._pending = self._pending, {}
+        writing = self.take()
         try:
             await self._table.add(writing)
         except DatabaseUnavailable:  # added to what the next write carries
-            for key, tally in writing.items():
-                self._pending.setdefault(key, Tally()).add(tally)
+            self.put_back(writing)
             return False
         except (DependencyError, asyncpg.PostgresError) as exc:  # refused: counted nowhere
             log.warning("usage_write_failed", rows=len(writing), error=describe(exc))
         return True
+
+
+def _columns(tallies: dict[Key, Tally]) -> list[list[Any]]:
+    keys = sorted(tallies)  # in key order: two workers adding the same rows cannot deadlock
+    columns: list[list[Any]] = [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]]
+    for field in dataclasses.fields(Tally):
+        columns.append([getattr(tallies[k], field.name) for k in keys])
+    return columns
 
 
 def _shared(total: int, weights: Sequence[int]) -> list[int]:

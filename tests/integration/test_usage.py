@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.helpers import (
     PARTITIONS,
+    Env,
     Event,
     assert_stored_state,
     cli,
@@ -32,7 +33,11 @@ from tests.integration.helpers import (
 )
 from tests.integration.services import Services
 from tests.integration.test_rebalance_cost import distinct_chunks, documents, kill, until
+from tests.integration.test_store_write import FIRST, _vector, write_of
 from worker.kafka import ensure_topic
+from worker.store import Store, sha256
+from worker.tokens import TokenCounter
+from worker.usage import Tally, Usage
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +111,42 @@ async def test_usage_equals_the_servers_count_after_a_kill_and_a_redelivery(
         f"{counted['inputs']:,}",
         f"{counted['tokens']:,}",
     ]
+
+
+async def test_every_transaction_that_makes_vectors_durable_carries_the_counts_pending(env: Env) -> None:
+    """No vector kept or stored without its count: the ledger's keep and a batch's write each add
+    every count pending in their own transaction; one that does not commit puts them back."""
+    assert cli(env, "migrate").returncode == 0
+
+    async def rows() -> tuple[int, int, int]:
+        conn = await connect(env)
+        try:
+            row = await conn.fetchrow(SUMS.format(schema=env.schema))
+            return row["requests"], row["inputs"], row["tokens"]
+        finally:
+            await conn.close()
+
+    async with Store(env.settings) as store:
+        usage = Usage(store.usage, "m", TokenCounter("bytes"), delay=3600)  # never writes by itself
+        try:
+            usage.bought(["alpha"], ["t"], prompt_tokens=2)
+            await store.ledger.keep({sha256("alpha"): _vector(env, "alpha")})
+            assert await rows() == (1, 1, 2), "kept with the vector it paid for"
+
+            usage.bought(["beta", "gamma"], ["t", "t"], prompt_tokens=5)
+            await store.write([write_of(env, "d", FIRST, None, 1)])
+            assert await rows() == (2, 3, 7), "stored with the batch"
+
+            usage.bought(["delta"], ["t"], prompt_tokens=4)
+            conn = await connect(env)
+            try:
+                with pytest.raises(RuntimeError):
+                    async with store.usage.carried() as carry, conn.transaction():
+                        await carry(conn)
+                        raise RuntimeError("the transaction fails")
+            finally:
+                await conn.close()
+            assert await rows() == (2, 3, 7), "not committed"
+            assert list(usage.take().values()) == [Tally(requests=1, inputs=1, tokens=4)], "put back"
+        finally:
+            await usage.close()

@@ -36,7 +36,7 @@ from worker.purchases import Purchases
 from worker.settings import Settings
 from worker.store import DocumentWrite, Progress, sha256
 from worker.types import Record, Vector
-from worker.usage import Key, Tally
+from worker.usage import Key, Tally, Usage
 from worker.worker import Worker
 
 TOPIC = "docs"
@@ -285,6 +285,9 @@ class FakeUsageTable:
         self.enabled = True
         self.rows: dict[Key, Tally] = {}
         self.failures = 0  # the next writes fail as in an outage
+
+    def attach(self, usage: Usage) -> None:  # the fake store's writes carry no counts
+        pass
 
     async def add(self, tallies: dict[Key, Tally]) -> None:
         if self.failures > 0:
