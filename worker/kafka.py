@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -28,6 +29,7 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import TopicPartition
 
 from worker.errors import ConfigError, WorkerError
 from worker.settings import Settings
@@ -96,6 +98,21 @@ async def start_producer(producer: AIOKafkaProducer) -> None:
         await producer.start()
     except KafkaError as exc:
         raise ProducerRefused(exc) from exc
+
+
+async def existing_partitions(
+    admin: AIOKafkaAdminClient, topics: Sequence[str]
+) -> tuple[list[TopicPartition], list[str]]:
+    """Every partition of those of ``topics`` that exist, and the names of those that do not: asked,
+    never created (as a broker that creates topics on first use would do for a consumer)."""
+    known = await admin.list_topics()
+    missing = [t for t in topics if t not in known]
+    present = [t for t in topics if t in known]
+    described = await admin.describe_topics(present) if present else []
+    partitions = sorted(
+        TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]
+    )
+    return partitions, missing
 
 
 async def ensure_topic(settings: Settings, topic: str, partitions: int) -> bool:

@@ -297,13 +297,7 @@ class Pipeline:
         stored = await self._deps.database.call(lambda: self._store.read_states(ids))
         prepared: list[Prepared] = []
         for job in jobs:
-            state = stored.get(job.doc_id)
-            events = [
-                e
-                for r, e in job.events
-                if state is None or not state.has_applied(r.topic, r.partition, r.offset)
-            ]
-            changes = plan(events, stored)
+            changes = plan(job.events, stored)
             if not changes:
                 self._finish(job, outcome=None)
                 continue

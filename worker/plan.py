@@ -5,6 +5,7 @@ whose version is lower than the stored one changes nothing, nor does an equal ve
 deleted document (so a late redelivery cannot bring a deleted document back); an event without
 a version applies and keeps the stored version. Only each document's last applying event is
 written, so Postgres touches each row once per batch and no superseded version is embedded.
+An event at or before the stored one's offset (a redelivery) is already applied: it is skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from worker.decode import DocumentEvent
+from worker.types import Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +53,14 @@ def apply(state: DocState | None, event: DocumentEvent) -> DocState | None:
     return DocState(version, deleted=event.op == "delete")
 
 
-def plan(events: Iterable[DocumentEvent], stored: Mapping[str, DocState]) -> list[Change]:
+def plan(events: Iterable[tuple[Record, DocumentEvent]], stored: Mapping[str, DocState]) -> list[Change]:
     """Fold ``events`` (in partition order) over ``stored``; one Change per changed document, by id."""
     state: dict[str, DocState | None] = {}
     winner: dict[str, DocumentEvent] = {}
-    for event in events:
+    for record, event in events:
+        saved = stored.get(event.doc_id)
+        if saved is not None and saved.has_applied(record.topic, record.partition, record.offset):
+            continue
         current = state[event.doc_id] if event.doc_id in state else stored.get(event.doc_id)
         after = apply(current, event)
         if after is not None:

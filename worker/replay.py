@@ -30,7 +30,7 @@ from aiolimiter import AsyncLimiter
 
 from worker import dlq
 from worker.errors import ConfigError
-from worker.kafka import client_options, make_producer, start_producer
+from worker.kafka import client_options, existing_partitions, make_producer, start_producer
 from worker.replay_ledger import LEDGER_BUDGET, LEDGER_PREFIX, Ledger, Ranges
 from worker.retry import backoff
 from worker.settings import Settings
@@ -290,14 +290,13 @@ async def _committed(settings: Settings, group_id: str) -> dict[TopicPartition, 
     admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
-        if settings.dlq_topic not in await admin.list_topics():
+        partitions, missing = await existing_partitions(admin, [settings.dlq_topic])
+        if missing:
             raise ConfigError(
                 "KAFKA_DLQ_TOPIC",
                 f"topic {settings.dlq_topic!r} does not exist on {settings.kafka_bootstrap_servers}: "
                 "nothing to replay (the worker creates it when it starts)",
             )
-        (described,) = await admin.describe_topics([settings.dlq_topic])
-        partitions = [TopicPartition(settings.dlq_topic, p["partition"]) for p in described["partitions"]]
         # Partitions named: some Kafka-protocol brokers answer the "all partitions" form malformed.
         offsets = await _group_offsets(admin, group_id, partitions, settings.startup_timeout_seconds)
     finally:

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.decode import decode_event
 from worker.errors import RecordError, WorkerError
-from worker.kafka import BrokerError, client_options
+from worker.kafka import BrokerError, client_options, existing_partitions
 from worker.plan import DocState, apply
 from worker.settings import Settings
 from worker.types import Record, TopicPartition
@@ -118,12 +118,9 @@ async def _partitions(settings: Settings, topics: list[str]) -> list[TopicPartit
     admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
-        known = await admin.list_topics()
-        if missing := [t for t in topics if t not in known]:
-            raise TopicMissing(
-                f"no topic {', '.join(map(repr, missing))} on {settings.kafka_bootstrap_servers}"
-            )
-        described = await admin.describe_topics(topics)
+        partitions, missing = await existing_partitions(admin, topics)
     finally:
         await admin.close()
-    return sorted(TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"])
+    if missing:
+        raise TopicMissing(f"no topic {', '.join(map(repr, missing))} on {settings.kafka_bootstrap_servers}")
+    return partitions

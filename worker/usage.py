@@ -161,12 +161,15 @@ class Usage:
             shares = _shared(prompt_tokens, lengths)
             self._chars += sum(lengths)
             self._counted += prompt_tokens
-        for index, (tenant, share) in enumerate(zip(tenants, shares, strict=True)):
-            tally = self._tally(tenant)
-            tally.requests += index == 0
+        by_tenant: dict[str | None, Tally] = {}  # one tally and one metric update per tenant
+        for tenant, share in zip(tenants, shares, strict=True):
+            tally = by_tenant.setdefault(tenant, Tally())
             tally.inputs += 1
             tally.tokens += share
-            metrics.EMBEDDING_TOKENS.labels(tenant=tenant or "", model=self._model).inc(share)
+        by_tenant[tenants[0]].requests = 1
+        for tenant, tally in by_tenant.items():
+            self._tally(tenant).add(tally)
+            metrics.EMBEDDING_TOKENS.labels(tenant=tenant or "", model=self._model).inc(tally.tokens)
         self._wake.set()
 
     def saved(self, tenant: str | None, texts: Sequence[str]) -> None:
@@ -199,8 +202,7 @@ class Usage:
 
     def _tally(self, tenant: str | None) -> Tally:
         key = (self._today(), tenant or "", self._model)
-        tally = self._pending.get(key)
-        if tally is None:
+        if (tally := self._pending.get(key)) is None:
             tally = self._pending[key] = Tally()
         return tally
 

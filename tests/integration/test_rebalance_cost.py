@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -187,34 +188,54 @@ async def exited(process: subprocess.Popen[bytes]) -> bool:
     return process.poll() is not None
 
 
-async def test_embeddings_bought_before_a_kill_are_not_bought_again_after_the_restart(
-    stack: Services, tmp_path: Path
-) -> None:
+async def migrated_env(stack: Services) -> Env:
+    """A fresh topic and a schema migrated beforehand (a worker then runs with ``--no-migrate``:
+    no DDL while its writes are held)."""
     env = fresh_env(stack, LOG_LEVEL="info")
     await ensure_topic(env.settings, env.topic, PARTITIONS)
     migrated = cli(env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    events = documents(60, uuid.uuid4().hex[:10])
-    distinct = len(distinct_chunks(events))
-    await produce(env, events)
-    log = tmp_path / "worker.log"
-    before = embedding_stats(env)["inputs"]
+    return env
+
+
+async def killed_once(env: Env, log: Path, done: Callable[[], Awaitable[bool]], what: str) -> None:
+    """A worker whose writes are held buys embeddings until ``done()``, then is killed (-9) having
+    stored nothing."""
     async with writes_held(env):
-        worker = spawn_worker(env, log, "--no-migrate")  # migrated above: no DDL under the lock
+        worker = spawn_worker(env, log, "--no-migrate")
         try:
 
-            async def all_bought() -> bool:
-                assert worker.poll() is None, log.read_text()[-3000:]
-                return bool(embedding_stats(env)["inputs"] - before >= distinct)
+            async def alive_and_done() -> bool:
+                assert worker.poll() is None, log.read_text()[-3000:]  # noqa: ASYNC240 - once, on failure
+                return await done()
 
-            await until(all_bought, 90, "the worker never bought every chunk")
-            await asyncio.sleep(1)  # time to keep what it paid for, where it can
+            await until(alive_and_done, 90, what)
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
         finally:
             kill(worker)
-        first = embedding_stats(env)["inputs"] - before
         assert await stored_documents(env) == 0, "a document was stored through the lock"
+
+
+async def test_embeddings_bought_before_a_kill_are_not_bought_again_after_the_restart(
+    stack: Services, tmp_path: Path
+) -> None:
+    env = await migrated_env(stack)
+    events = documents(60, uuid.uuid4().hex[:10])
+    distinct = len(distinct_chunks(events))
+    await produce(env, events)
+    before = embedding_stats(env)["inputs"]
+
+    async def all_bought_and_kept() -> bool:
+        if embedding_stats(env)["inputs"] - before < distinct:
+            return False
+        await asyncio.sleep(1)  # time to keep what it paid for, where it can
+        return True
+
+    await killed_once(
+        env, tmp_path / "worker.log", all_bought_and_kept, "the worker never bought every chunk"
+    )
+    first = embedding_stats(env)["inputs"] - before
     await run_worker(env, within=120)
     await assert_stored_state(env, expected_state(events))
     second = embedding_stats(env)["inputs"] - before - first

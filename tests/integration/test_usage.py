@@ -9,14 +9,12 @@ and every chunk of the second run counted as saved.
 
 from __future__ import annotations
 
-import signal
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import (
-    PARTITIONS,
     Env,
     Event,
     assert_stored_state,
@@ -24,17 +22,12 @@ from tests.integration.helpers import (
     connect,
     embedding_admin,
     expected_state,
-    fresh_env,
     produce,
     run_worker,
-    spawn_worker,
-    stored_documents,
-    writes_held,
 )
 from tests.integration.services import Services
-from tests.integration.test_rebalance_cost import distinct_chunks, documents, kill, until
+from tests.integration.test_rebalance_cost import distinct_chunks, documents, killed_once, migrated_env
 from tests.integration.test_store_write import FIRST, _vector, write_of
-from worker.kafka import ensure_topic
 from worker.store import Store, sha256
 from worker.tokens import TokenCounter
 from worker.usage import Tally, Usage
@@ -57,10 +50,7 @@ def with_tenants(events: list[Event]) -> list[Event]:
 async def test_usage_equals_the_servers_count_after_a_kill_and_a_redelivery(
     stack: Services, tmp_path: Path
 ) -> None:
-    env = fresh_env(stack, LOG_LEVEL="info")
-    await ensure_topic(env.settings, env.topic, PARTITIONS)
-    migrated = cli(env, "migrate")
-    assert migrated.returncode == 0, migrated.stderr
+    env = await migrated_env(stack)
     events = with_tenants(documents(60, uuid.uuid4().hex[:10]))
     distinct = len(distinct_chunks(events))
     await produce(env, events)
@@ -74,22 +64,16 @@ async def test_usage_equals_the_servers_count_after_a_kill_and_a_redelivery(
         finally:
             await conn.close()
 
-    log = tmp_path / "worker.log"
-    async with writes_held(env):
-        worker = spawn_worker(env, log, "--no-migrate")
-        try:
+    async def all_bought_and_counted() -> bool:
+        bought = admin.stats()["inputs"]
+        return bought >= distinct and (await usage())["inputs"] == bought
 
-            async def all_bought_and_counted() -> bool:
-                assert worker.poll() is None, log.read_text()[-3000:]
-                bought = admin.stats()["inputs"]
-                return bought >= distinct and (await usage())["inputs"] == bought
-
-            await until(all_bought_and_counted, 90, "the worker never bought and counted every chunk")
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(10)
-        finally:
-            kill(worker)
-        assert await stored_documents(env) == 0, "a document was stored through the lock"
+    await killed_once(
+        env,
+        tmp_path / "worker.log",
+        all_bought_and_counted,
+        "the worker never bought and counted every chunk",
+    )
     await run_worker(env, within=120)
     await assert_stored_state(env, expected_state(events))
 

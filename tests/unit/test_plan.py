@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from worker.decode import DocumentEvent, Op
 from worker.plan import DocState, apply, plan
+from worker.types import Record
 
 LIVE, DELETED = False, True
 
@@ -83,56 +84,61 @@ def test_version_rule(state: DocState | None, e: DocumentEvent, expected: DocSta
 # -- plan: a batch over what is stored ------------------------------------------------------
 
 
+def logged(events: Sequence[DocumentEvent]) -> list[tuple[Record, DocumentEvent]]:
+    """Events as records of one partition, in order, past anything stored."""
+    return [(Record("docs", 0, 1000 + i, None, None), e) for i, e in enumerate(events)]
+
+
 def test_stale_event_changes_nothing() -> None:
-    assert plan([event("a", 1)], {"a": DocState(2, LIVE)}) == []
+    assert plan(logged([event("a", 1)]), {"a": DocState(2, LIVE)}) == []
 
 
 def test_equal_version_over_deleted_changes_nothing() -> None:
-    assert plan([event("a", 2, text="back")], {"a": DocState(2, DELETED)}) == []
+    assert plan(logged([event("a", 2, text="back")]), {"a": DocState(2, DELETED)}) == []
 
 
 def test_equal_version_over_live_is_written_again() -> None:
-    [change] = plan([event("a", 2, text="same")], {"a": DocState(2, LIVE)})
+    [change] = plan(logged([event("a", 2, text="same")]), {"a": DocState(2, LIVE)})
     assert change.event.text == "same"
     assert (change.before, change.after) == (DocState(2, LIVE), DocState(2, LIVE))
 
 
 def test_unversioned_event_applies_and_keeps_the_stored_version() -> None:
-    [change] = plan([event("a", None, text="new")], {"a": DocState(9, LIVE)})
+    [change] = plan(logged([event("a", None, text="new")]), {"a": DocState(9, LIVE)})
     assert change.after == DocState(9, LIVE)
 
 
 def test_the_last_applying_event_of_a_document_wins() -> None:
     v1, v3, v2 = event("a", 1, text="one"), event("a", 3, text="three"), event("a", 2, text="two")
-    [change] = plan([v1, v3, v2], {})
+    [change] = plan(logged([v1, v3, v2]), {})
     assert change.event is v3, "v2 arrives after v3 and is stale"
     assert (change.before, change.after) == (None, DocState(3, LIVE))
 
 
 def test_delete_then_redelivered_upsert_of_the_same_version_stays_deleted() -> None:
     delete, upsert = event("a", 2, "delete"), event("a", 2, text="zombie")
-    [change] = plan([delete, upsert], {"a": DocState(1, LIVE)})
+    [change] = plan(logged([delete, upsert]), {"a": DocState(1, LIVE)})
     assert change.event is delete
     assert change.after == DocState(2, DELETED)
 
 
 def test_unversioned_event_after_a_versioned_one_in_the_batch_wins_and_keeps_its_version() -> None:
     versioned, unversioned = event("a", 5, text="five"), event("a", None, text="later")
-    [change] = plan([versioned, unversioned], {"a": DocState(4, LIVE)})
+    [change] = plan(logged([versioned, unversioned]), {"a": DocState(4, LIVE)})
     assert change.event is unversioned
     assert (change.before, change.after) == (DocState(4, LIVE), DocState(5, LIVE))
 
 
 def test_changes_are_sorted_by_id_and_carry_what_was_stored() -> None:
     stored = {"b": DocState(1, LIVE), "c": DocState(7, LIVE)}
-    changes = plan([event("c", 8), event("a", 1), event("c", 6), event("b", None, "delete")], stored)
+    changes = plan(logged([event("c", 8), event("a", 1), event("c", 6), event("b", None, "delete")]), stored)
     assert [c.event.doc_id for c in changes] == ["a", "b", "c"]
     assert [c.before for c in changes] == [None, DocState(1, LIVE), DocState(7, LIVE)]
     assert [c.after for c in changes] == [DocState(1, LIVE), DocState(1, DELETED), DocState(8, LIVE)]
 
 
 def test_empty_batch_plans_nothing() -> None:
-    assert plan([], {"a": DocState(1, LIVE)}) == []
+    assert plan(logged([]), {"a": DocState(1, LIVE)}) == []
 
 
 # -- plan agrees with sequential application ------------------------------------------------
@@ -150,7 +156,7 @@ STORED = st.dictionaries(IDS, st.builds(DocState, VERSIONS, st.booleans()), max_
 def test_plan_equals_applying_events_one_by_one(
     events: list[DocumentEvent], stored: dict[str, DocState]
 ) -> None:
-    changes = plan(events, stored)
+    changes = plan(logged(events), stored)
 
     folded = dict(stored)
     for change in changes:
