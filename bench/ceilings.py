@@ -158,7 +158,7 @@ async def copy_ceiling(
             await register_vector(c)
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         await conn.execute(f"DROP TABLE IF EXISTS {schema}.{target}")
-        await conn.execute(f"CREATE TABLE {schema}.{target} (LIKE {template_schema}.chunks INCLUDING ALL)")
+        await conn.execute(f"CREATE TABLE {schema}.{target} (LIKE {template_schema}.chunks_g1 INCLUDING ALL)")
         dropped = [] if approximate_index else await _approximate_indexes(conn, f"{schema}.{target}")
         for name, _ in dropped:
             await conn.execute(f"DROP INDEX {name}")

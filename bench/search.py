@@ -53,13 +53,13 @@ async def measure(url: str, dimensions: int, rows: list[int], repeats: int) -> N
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             records = [("d", stored + i, "x" * 300, v, 0, 300, MODEL, b"") for i, v in enumerate(vectors)]
             await conn.copy_records_to_table(
-                "chunks",
+                "chunks_g1",  # the served generation's table (`chunks` is a view of it)
                 schema_name=schema,
                 columns=CHUNK_COLUMNS,
                 records=records,
             )
             stored = n
-            await conn.execute(f"VACUUM ANALYZE {schema}.chunks")
+            await conn.execute(f"VACUUM ANALYZE {schema}.chunks_g1")
             query = rng.standard_normal(dimensions).astype(np.float32)
             await conn.fetch(sql, MODEL, query, 10)  # warm the cache
             seconds = []

@@ -17,6 +17,8 @@ from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
 from worker.errors import ConfigError, DatabaseUnavailable, DependencyError, WorkerError, describe
+from worker.fill import Fillers
+from worker.generations import Generation
 from worker.health import HealthServer
 from worker.kafka import (
     BrokerError,
@@ -183,9 +185,13 @@ async def serve(
             side.append(asyncio.create_task(_index_once_caught_up(store, worker), name="ann-index"))
         for task in side:
             task.add_done_callback(lambda t: _side_task_done(t, worker))
+        fillers = Fillers(settings, store, lambda g: _ingest_into(g, worker, store, embedder), stop=stop)
         try:
             await prepare(settings, store, producer, stop, migrate=migrate, backfill=backfill)
             await _report_ann_index(store, backfill=backfill)
+            watching = asyncio.create_task(fillers.watch(), name="generations")
+            watching.add_done_callback(lambda t: _side_task_done(t, worker))
+            side.append(watching)
             # What start-up made (modules, clients, pools) lives as long as the process: out of
             # the collector's sight, each full collection walks only what the work made since.
             # (Its garbage is collected first, or it would be kept for good.)
@@ -195,6 +201,8 @@ async def serve(
                 await worker.run()
             except KafkaError as exc:  # the group refused us (authorization), or the broker vanished
                 raise refusal(exc, settings) or BrokerError(f"{type(exc).__name__}: {exc}") from exc
+            if stop_when_idle is not None and not stop.is_set() and worker.failure is None:
+                await fillers.drain()  # every generation current before leaving
             if backfill and stop_when_idle is not None and not stop.is_set() and worker.failure is None:
                 await _build_index(store)
         except ShuttingDown:
@@ -203,9 +211,22 @@ async def serve(
             for task in side:
                 task.cancel()
             await asyncio.gather(*side, return_exceptions=True)
+            await fillers.close()
             await health.stop()
             await dead_letters.stop()
             await store.close()
+
+
+def _ingest_into(generation: Generation, worker: Worker, store: Store, embedder: OpenAIEmbedder) -> None:
+    """A switch served ``generation``: the worker ingests into it from its next turn."""
+
+    def apply() -> Settings:
+        store.use(generation)
+        embedder.use(store.settings)
+        log.info("generation_served", generation=generation.describe())
+        return store.settings
+
+    worker.change_generation(apply)
 
 
 async def _report_ann_index(store: Store, *, backfill: bool) -> None:

@@ -15,11 +15,18 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
+
+from worker.errors import ChunkError
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+    from worker.tokens import TokenCounter
 
 # CJK full stops end a sentence with or without a space after them.
 _SENTENCE_END: Final = re.compile(r"[.!?。！？…][\"'”’)\]]*(?=\s)|[。！？]")  # noqa: RUF001 - meant
 _SPACE: Final = re.compile(r"\s")
+MAX_CHUNKS_PER_DOCUMENT: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +138,19 @@ def _skip_space(text: str, i: int, n: int) -> int:
     while i < n and text[i].isspace():
         i += 1
     return i
+
+
+def chunk_document(text: str, settings: Settings, tokens: TokenCounter) -> list[Chunk]:
+    """A document's chunks as the settings (a generation's) say: CHUNK_SIZE and CHUNK_OVERLAP
+    in CHUNK_UNIT, no chunk over EMBEDDING_MAX_INPUT_TOKENS. ChunkError past
+    MAX_CHUNKS_PER_DOCUMENT."""
+    chunks = chunk_text(
+        text,
+        size=settings.chunk_size,
+        overlap=settings.chunk_overlap,
+        units=tokens.units(text) if settings.chunk_unit == "tokens" else None,
+        fits=lambda chunk: tokens.within(chunk, settings.embedding_max_input_tokens),
+    )
+    if len(chunks) > MAX_CHUNKS_PER_DOCUMENT:
+        raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
+    return chunks

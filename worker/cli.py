@@ -39,6 +39,7 @@ COMMANDS = {
     "replay": "move dead letters back to their topic, then exit",
     "search": "embed a query and print the nearest chunks",
     "usage": "print the embeddings bought and saved, by day, tenant and model, with their cost",
+    "reindex": "build a new generation of the index (model, dimensions, chunking), switch to it",
     "verify": "check the stored state (and with --topic, against the topic); exit 1 on a problem",
     "dev": "start the embedded stack and print the settings to reach it",
 }
@@ -109,6 +110,29 @@ USES: dict[str, frozenset[str]] = {
             "DATABASE_POOL_SIZE",
             "DATABASE_STATEMENT_CACHE_SIZE",
             "EMBEDDING_PRICE_PER_MTOK",
+        }
+    ),
+    "reindex": frozenset(
+        {
+            "LOG_LEVEL",
+            *_SCHEMA,
+            "DATABASE_POOL_SIZE",
+            "DATABASE_STATEMENT_CACHE_SIZE",
+            *_EMBEDDER,  # the new generation's model is asked through the same API
+            "EMBEDDING_BATCH_SIZE",
+            "EMBEDDING_MAX_INPUTS",
+            "EMBEDDING_BATCH_CHARS",
+            "EMBEDDING_TOKENIZER",
+            "EMBEDDING_MAX_INPUT_TOKENS",
+            "EMBEDDING_MAX_REQUEST_TOKENS",
+            "EMBEDDING_LINGER_MS",
+            "EMBEDDING_RETRY_DEADLINE_SECONDS",
+            "EMBEDDING_MAX_ATTEMPTS",
+            "EMBEDDING_LEDGER_HOURS",
+            "INDEX_BUILD_MEMORY",
+            "CHUNK_UNIT",
+            "CHUNK_SIZE",
+            "CHUNK_OVERLAP",
         }
     ),
     "verify": frozenset(
@@ -353,6 +377,20 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--tenant", help="only this tenant ('' for documents without one)")
     usage.set_defaults(command=do.usage)
 
+    reindex = command("reindex", REINDEX_DESCRIPTION)
+    reindex.add_argument("action", choices=("start", "status", "switch", "rollback", "drop"))
+    reindex.add_argument("--model", help="start: the new generation's EMBEDDING_MODEL [the served one's]")
+    reindex.add_argument("--dimensions", type=_count(1), help="start: its dimensions [the served one's]")
+    reindex.add_argument("--vector-type", choices=("vector", "halfvec"), help="start: [the served one's]")
+    reindex.add_argument("--chunk-size", type=_count(1), help="start: its CHUNK_SIZE [the served one's]")
+    reindex.add_argument(
+        "--chunk-overlap", type=_count(0), help="start: its CHUNK_OVERLAP [the served one's]"
+    )
+    reindex.add_argument("--chunk-unit", choices=("chars", "tokens"), help="start: [the served one's]")
+    reindex.add_argument("--wait", action="store_true", help="switch, rollback: wait until it is complete")
+    reindex.add_argument("--json", action="store_true", help="status: one JSON object per generation")
+    reindex.set_defaults(command=do.reindex)
+
     verify = command("verify", VERIFY_DESCRIPTION)
     verify.add_argument(
         "--topic",
@@ -392,6 +430,25 @@ The stack sets the broker, database and embedding settings itself. Of the other 
 dev takes --kafka-topic (the topics it creates, with --partitions), --kafka-dlq-topic and
 --health-port (passed on in the printed settings) and --log-level; any other setting given
 as a flag is refused (exit 2): those belong to 'ingest-worker run'.
+"""
+
+REINDEX_DESCRIPTION = """\
+Change the embedding model, dimensions, vector type or chunking with no downtime: build a new
+generation of the index beside the served one, keep both current, switch in one step, roll back.
+
+  start     register the generation (--model, --dimensions, --vector-type, --chunk-size,
+            --chunk-overlap, --chunk-unit; each defaults to the served one's) and fill it from
+            the documents' stored text, with a progress bar; then build its HNSW index. Content
+            that model embedded before is not bought again. Stopped (even by kill -9) and started
+            again with the same flags, it goes on where it was. Running workers write every change
+            into both generations from the moment it is registered.
+  status    every generation: state, model, dimensions, chunking, documents and chunks done
+  switch    serve the new generation, once nothing is pending in it (--wait: wait for that), in
+            one transaction: the `chunks` view and `search` give it, workers ingest into it
+  rollback  serve the previous generation again (kept current meanwhile)
+  drop      remove the generation not served
+
+Exit 0 done, 1 not possible yet (the reason says what to do), 2 on bad arguments.
 """
 
 VERIFY_DESCRIPTION = """\

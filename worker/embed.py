@@ -69,6 +69,11 @@ class OpenAIEmbedder:
         )
         self._session: aiohttp.ClientSession | None = None
 
+    def use(self, settings: Settings) -> None:
+        """Embed with these settings' model and dimensions from now on (another generation of the
+        index; the endpoint, key, pacing and budget stay)."""
+        self._settings = settings
+
     async def __aenter__(self) -> OpenAIEmbedder:
         connector = aiohttp.TCPConnector(
             limit=self._settings.embedding_concurrency, ttl_dns_cache=300, enable_cleanup_closed=True

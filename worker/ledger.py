@@ -60,6 +60,12 @@ class PaidEmbeddings(Protocol):
     async def prune(self) -> int: ...
 
 
+def ledger_key(settings: Settings) -> str:
+    """What a ledger row's model column says: the model and the dimensions it was asked for (two
+    generations may embed with one model at different dimensions)."""
+    return f"{settings.embedding_model}@{settings.embedding_dimensions}"
+
+
 class LedgerTable:
     """``embedding_ledger`` in PostgreSQL, through the store's pool; ``enabled`` once the table is
     there and EMBEDDING_LEDGER_HOURS is not 0."""
@@ -79,6 +85,7 @@ class LedgerTable:
         self._pool = pool
         self._usage = usage
         self._model = settings.embedding_model
+        self._key = ledger_key(settings)  # the rows' model column: model@dimensions
         self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
         self._presence: asyncpg.Connection | None = None
         self._presence_lock = asyncio.Lock()  # one presence connection, one buyer number
@@ -93,41 +100,40 @@ class LedgerTable:
         another process is buying, or bought since the caller looked)."""
         if not self.enabled:
             return set(hashes)
-        await self._be_present()
-        rows = await self._fetch(
-            self._sql.claim_purchases, self._model, sorted(set(hashes)), self.buyer, LEASE
-        )
+        await self.present()
+        rows = await self._fetch(self._sql.claim_purchases, self._key, sorted(set(hashes)), self.buyer, LEASE)
         return {bytes(r["content_sha256"]) for r in rows}
 
     async def keep(self, vectors: Mapping[bytes, Vector]) -> None:
         if not self.enabled or not vectors:
             return
-        wrap = pgvector.HalfVector if self._settings.vector_type == "halfvec" else pgvector.Vector
         digests = sorted(vectors)
 
         async def keep_all(conn: asyncpg.Connection) -> None:
             async with self._usage.carried() as carry, conn.transaction():
                 for start in range(0, len(digests), KEEP_BATCH):  # a bounded parameter: memory stays flat
                     part = digests[start : start + KEEP_BATCH]
-                    kept = [wrap(vectors[digest]) for digest in part]  # not sequences: one element each
-                    await conn.execute(self._sql.keep_embeddings, self._model, part, kept)
+                    kept = [
+                        pgvector.Vector(vectors[digest]) for digest in part
+                    ]  # not sequences: one element each
+                    await conn.execute(self._sql.keep_embeddings, self._key, part, kept)
                 await carry(conn)  # no vector kept without its count (worker.usage)
 
         await self._run(keep_all)
 
     async def drop(self, hashes: Sequence[bytes]) -> None:
         if self.enabled and hashes:
-            await self._fetch(self._sql.drop_purchases, self._model, sorted(hashes), self.buyer)
+            await self._fetch(self._sql.drop_purchases, self._key, sorted(hashes), self.buyer)
 
     async def renew(self, hashes: Sequence[bytes]) -> None:
         if self.enabled and hashes:
-            await self._fetch(self._sql.renew_purchases, self._model, sorted(hashes), self.buyer)
+            await self._fetch(self._sql.renew_purchases, self._key, sorted(hashes), self.buyer)
 
     async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]:
         """Each content's vector once known; else True while its buyer is still buying it."""
         if not self.enabled or not hashes:
             return {h: False for h in hashes}
-        rows = await self._fetch(self._sql.watch_purchases, self._model, list(hashes), LEASE)
+        rows = await self._fetch(self._sql.watch_purchases, self._key, list(hashes), LEASE, self._model)
         return {
             bytes(r["content_sha256"]): (
                 r["embedding"].to_numpy() if r["embedding"] is not None else bool(r["pending"])
@@ -145,7 +151,7 @@ class LedgerTable:
             async with conn.transaction():
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LEDGER_PRUNE_LOCK):
                     return 0
-                status = await conn.execute(self._sql.prune_ledger, hours)
+                status = await conn.execute(self._sql.prune_ledger, hours, self._key)
                 return int(status.split()[-1])
 
         deleted = 0
@@ -160,7 +166,7 @@ class LedgerTable:
             await self._presence.close()
             self._presence = None
 
-    async def _be_present(self) -> None:
+    async def present(self) -> None:
         """Hold this process's buyer lock on a connection of its own (again after it was lost)."""
         async with self._presence_lock:
             if self._presence is not None and not self._presence.is_closed():

@@ -119,3 +119,10 @@ EMBEDDING_CONCURRENCY_LIMIT: Final = Gauge(
     "ingest_embedding_concurrency_limit",
     "Embedding requests allowed in flight now (adapts to 429s and latency)",
 )
+GENERATION_FILLED: Final = Counter(
+    "ingest_generation_documents_filled",
+    "Documents written into a generation of the index that this process does not ingest into "
+    "(reindex start, and workers keeping the other generation current)",
+    ["generation"],
+)
+GENERATION_SERVED: Final = Gauge("ingest_generation_served", "The generation of the index served now")

@@ -28,7 +28,7 @@ from typing import TypeVar
 import structlog
 
 from worker import metrics
-from worker.chunk import Chunk, chunk_text
+from worker.chunk import Chunk, chunk_document
 from worker.decode import decode_event
 from worker.dependency import Dependencies
 from worker.dlq import DeadLetter, DeadLetterSink, log_sent
@@ -51,7 +51,6 @@ from worker.writer import Writer
 log = structlog.get_logger()
 T = TypeVar("T")
 
-MAX_CHUNKS_PER_DOCUMENT = 10_000
 # The fewest documents a writer takes while more are ready (see Pipeline._write_share): a write
 # transaction's fixed cost (lock, documents, trim, offsets, commit) stays small beside its rows.
 MIN_WRITE_SHARE = 32
@@ -304,7 +303,11 @@ class Pipeline:
             [change] = changes
             record = next(r for r, e in job.events if e is change.event)
             try:
-                chunks = [] if change.after.deleted else self._chunk(change.event.text)
+                chunks = (
+                    []
+                    if change.after.deleted
+                    else chunk_document(change.event.text, self._settings, self._tokens)
+                )
             except ChunkError as exc:
                 self._dead.put_nowait(Dead(DeadLetter(record, exc), job))
                 continue
@@ -412,19 +415,6 @@ class Pipeline:
                 self._finish(dead.job, outcome="dead_lettered")
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _chunk(self, text: str) -> list[Chunk]:
-        settings, tokens = self._settings, self._tokens
-        chunks = chunk_text(
-            text,
-            size=settings.chunk_size,
-            overlap=settings.chunk_overlap,
-            units=tokens.units(text) if settings.chunk_unit == "tokens" else None,
-            fits=lambda chunk: tokens.within(chunk, settings.embedding_max_input_tokens),
-        )
-        if len(chunks) > MAX_CHUNKS_PER_DOCUMENT:
-            raise ChunkError(f"document yields {len(chunks)} chunks, more than {MAX_CHUNKS_PER_DOCUMENT}")
-        return chunks
 
     def _finish(self, job: Job, *, outcome: str | None) -> None:
         """Finish a job's records: the winner's ``outcome`` (stored, or dead-lettered: counted there);

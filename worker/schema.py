@@ -1,23 +1,27 @@
-"""The schema of one DATABASE_SCHEMA: creating what is missing, checking what is there, and
-the HNSW index (built CONCURRENTLY, one session at a time). worker.store reads and writes it."""
+"""The schema of one DATABASE_SCHEMA: creating what is missing (the first generation of the index
+included), checking that the settings name a generation, and a generation's HNSW index (built
+CONCURRENTLY, one session at a time). worker.store reads and writes it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Final
 
 import asyncpg
 
+from worker import generations
 from worker.errors import ConfigError, DatabaseUnavailable, StoreRejected, describe
+from worker.generations import Generation
 from worker.settings import Settings
 from worker.sql import (
     ANN_BUILD_LOCK,
     ANN_INDEX_STATE_SQL,
     EMBEDDING_TYPE_SQL,
     EXISTS_SQL,
-    INDEX_SETTINGS_STEP,
     MIGRATION_LOCK,
     MIGRATION_STEPS,
+    RELKIND_SQL,
     Statements,
 )
 
@@ -44,72 +48,95 @@ class Schema:
     def __init__(self, settings: Settings, schema: str, sql: Statements) -> None:
         self._settings = settings
         self._schema = schema  # quoted
-        self._sql = sql
+        self._sql = sql  # the generation's (worker.generations), or the view's before one is known
 
-    async def migrate(self, *, ann_index: bool = True, only_if_empty: bool = False) -> None:
-        """Create the extension, schema, tables and indexes. Idempotent; safe to run concurrently.
+    async def migrate(self, *, ann_index: bool = True, only_if_empty: bool = False) -> list[Generation]:
+        """Create the extension, schema, tables and indexes, and the first generation of the index
+        with the `chunks` view of it. Idempotent; safe to run concurrently. Returns the generations,
+        having checked that the settings name one of them (ConfigError otherwise).
 
-        The HNSW index is built after the rest, CONCURRENTLY; with ``only_if_empty`` (``run``'s
-        start-up) only on an empty table, where that takes no time: a worker never spends its
-        start-up building an index over rows others keep writing (``build-index`` does that).
+        The served generation's HNSW index is built after the rest, CONCURRENTLY; with
+        ``only_if_empty`` (``run``'s start-up) only on an empty table, where that takes no time: a
+        worker never spends its start-up building an index over rows others keep writing
+        (``build-index`` does that).
         """
         s = self._settings
-        names = {"schema": self._schema, "vector_type": s.vector_type, "dimensions": s.embedding_dimensions}
-        try:
-            conn = await asyncpg.connect(s.database_url.reveal(), timeout=10)
-        except OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
+        names = {"schema": self._schema}
+        conn = await _connect(s)
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                for kind, name, sql in (*MIGRATION_STEPS, INDEX_SETTINGS_STEP):
+                for kind, name, step in MIGRATION_STEPS:
                     if await conn.fetchval(EXISTS_SQL[kind], name.format(**names)) is None:
-                        await conn.execute(sql.format(**names))
-                if await conn.fetchval(self._sql.stored_model) is None:
-                    await conn.execute(self._sql.record_model, s.embedding_model)
-                await self._check_index(conn)
-            if ann_index and (not only_if_empty or await conn.fetchval(self._sql.chunks_empty)):
-                await self._build_ann_index(conn, wait=not only_if_empty)
+                        await conn.execute(step.format(**names))
+                if not await generations.read(conn, self._sql):
+                    await self._first_generation(conn)
+                found = await generations.read(conn, self._sql)
+                generations.check_settings(s, found)
+            served = generations.served(found).statements(self._schema)
+            if ann_index and (not only_if_empty or await conn.fetchval(served.chunks_empty)):
+                await self._build_ann_index(conn, served, wait=not only_if_empty)
         except asyncpg.PostgresError as exc:
             raise StoreRejected(f"migration failed: {describe(exc)}") from exc
         finally:
             await conn.close()
+        return found
 
-    async def check(self) -> None:
-        """What `migrate` checks, for `run --no-migrate`: the schema is there, its column and model ours."""
+    async def _first_generation(self, conn: asyncpg.Connection) -> None:
+        """Generation 1: the settings', in a new table; or, in a schema from before generations,
+        its `chunks` table's (the model it records, the column's type), the table renamed to it."""
+        s = self._settings
+        first = generations.of_settings(s, id=1, state="served")
+        kind = await conn.fetchval(RELKIND_SQL, f"{self._schema}.chunks")
+        if kind == "r":
+            declared = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
+            model = None
+            if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.index_settings") is not None:
+                model = await conn.fetchval(self._sql.legacy_model)
+            model = model or await conn.fetchval(f"SELECT model FROM {self._schema}.chunks LIMIT 1")
+            vector_type, _, dims = str(declared).partition("(")
+            first = dataclasses.replace(
+                first,
+                model=model or first.model,
+                vector_type=vector_type if vector_type in ("vector", "halfvec") else first.vector_type,
+                dimensions=int(dims.rstrip(")")) if dims else first.dimensions,
+            )
+        sql = first.statements(self._schema)
+        await conn.fetchval(
+            sql.register_generation,
+            first.model,
+            first.dimensions,
+            first.vector_type,
+            first.chunk_size,
+            first.chunk_overlap,
+            first.chunk_unit,
+            "served",
+        )
+        for statement in sql.adopt_chunks_table if kind == "r" else sql.generation_table:
+            await conn.execute(statement)
+        for statement in sql.chunks_view:
+            await conn.execute(statement)
+
+    async def check(self) -> list[Generation]:
+        """What `migrate` checks, for `run --no-migrate`: the schema is there, and the settings
+        name one of its generations. Returns them."""
+        conn = await _connect(self._settings)
         try:
-            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
-        except OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
-        try:
-            await self._check_index(conn)
+            if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.generations") is None:
+                raise ConfigError(
+                    "DATABASE_SCHEMA",
+                    f"{self._settings.database_schema}.generations does not exist; run `ingest-worker migrate`",
+                )
+            found = await generations.read(conn, self._sql)
+            if not found:
+                raise ConfigError(
+                    "DATABASE_SCHEMA",
+                    f"{self._settings.database_schema} has no generation yet; run `ingest-worker migrate`",
+                )
         finally:
             await conn.close()
-
-    async def _check_index(self, conn: asyncpg.Connection) -> None:
-        s = self._settings
-        existing = await conn.fetchval(EMBEDDING_TYPE_SQL, f"{self._schema}.chunks")
-        if existing is None:
-            raise ConfigError(
-                "DATABASE_SCHEMA", f"{s.database_schema}.chunks does not exist; run `ingest-worker migrate`"
-            )
-        wanted = f"{s.vector_type}({s.embedding_dimensions})"
-        if existing != wanted:
-            raise ConfigError(
-                "EMBEDDING_DIMENSIONS",
-                f"the existing {s.database_schema}.chunks.embedding column is {existing}, "
-                f"not {wanted} (VECTOR_TYPE, EMBEDDING_DIMENSIONS); use another DATABASE_SCHEMA",
-            )
-        stored = None
-        if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.index_settings") is not None:
-            stored = await conn.fetchval(self._sql.stored_model)
-        if stored is not None and stored != s.embedding_model:
-            raise ConfigError(
-                "EMBEDDING_MODEL",
-                f"the index in {s.database_schema} holds embeddings of {stored!r}, not "
-                f"{s.embedding_model!r}: two models in one index mix vector spaces; use another "
-                "DATABASE_SCHEMA for the new model",
-            )
+        generations.check_settings(self._settings, found)
+        return found
 
     async def build_ann_index(self) -> bool:
         """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY. True if built now.
@@ -117,12 +144,9 @@ class Schema:
         Raises DatabaseUnavailable when the database cannot be reached or goes away meanwhile (an
         interrupted build leaves an invalid index, which the next build replaces).
         """
+        conn = await _connect(self._settings)
         try:
-            conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
-        except OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
-        try:
-            built = await self._build_ann_index(conn, wait=True)
+            built = await self._build_ann_index(conn, self._sql, wait=True)
         except BaseException as exc:
             # Ending the session ends a build still running in it (a stop cancels the task mid-
             # statement, where nothing else could be sent) and releases its advisory lock.
@@ -133,7 +157,7 @@ class Schema:
         await conn.close()
         return built
 
-    async def _build_ann_index(self, conn: asyncpg.Connection, *, wait: bool) -> bool:
+    async def _build_ann_index(self, conn: asyncpg.Connection, sql: Statements, *, wait: bool) -> bool:
         """Build the index unless it is ready; if another session is building it, wait or leave it.
 
         On an error the lock is left to the session, which the caller ends: after a cancelled
@@ -144,16 +168,23 @@ class Schema:
             if not wait:
                 return False
             await asyncio.sleep(1.0)
-        state = str(await conn.fetchval(ANN_INDEX_STATE_SQL, self.ann_index_name))
+        state = str(await conn.fetchval(ANN_INDEX_STATE_SQL, sql.ann_index))
         if state != "ready":
             if state == "invalid":  # an earlier build was interrupted: start it again
-                await conn.execute(self._sql.drop_invalid_ann_index)
+                await conn.execute(sql.drop_invalid_ann_index)
             await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
             await conn.execute("SET max_parallel_maintenance_workers = 7")
-            await conn.execute(self._sql.hnsw_index)
+            await conn.execute(sql.hnsw_index)
         await conn.execute("SELECT pg_advisory_unlock($1)", ANN_BUILD_LOCK)
         return state != "ready"
 
     @property
     def ann_index_name(self) -> str:
-        return f"{self._schema}.chunks_embedding_hnsw_idx"
+        return self._sql.ann_index
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(settings.database_url.reveal(), timeout=10)
+    except OUTAGE_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc

@@ -50,21 +50,6 @@ MIGRATION_STEPS: Final = (
     ),
     (
         "relation",
-        "{schema}.chunks",
-        """CREATE TABLE IF NOT EXISTS {schema}.chunks (
-    doc_id          text NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
-    chunk_index     integer NOT NULL,
-    content         text NOT NULL,
-    embedding       {vector_type}({dimensions}) NOT NULL,
-    char_start      integer NOT NULL,
-    char_end        integer NOT NULL,
-    model           text NOT NULL,
-    content_sha256  bytea NOT NULL,
-    PRIMARY KEY (doc_id, chunk_index)
-)""",
-    ),
-    (
-        "relation",
         "{schema}.source_offsets",
         """CREATE TABLE IF NOT EXISTS {schema}.source_offsets (
     topic           text NOT NULL,
@@ -82,7 +67,7 @@ MIGRATION_STEPS: Final = (
         """CREATE TABLE IF NOT EXISTS {schema}.embedding_ledger (
     model           text NOT NULL,
     content_sha256  bytea NOT NULL,
-    embedding       {vector_type}({dimensions}),
+    embedding       vector,
     buyer           bigint,
     bought_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (model, content_sha256)
@@ -108,30 +93,79 @@ MIGRATION_STEPS: Final = (
         "{schema}.documents_tenant_idx",
         "CREATE INDEX IF NOT EXISTS documents_tenant_idx ON {schema}.documents (tenant) WHERE NOT deleted",
     ),
+    # The ledger serves every generation: its vectors are of any dimensions (a schema from before
+    # generations typed them as its one column's), its rows keyed by model@dimensions.
+    (
+        "vector",
+        "{schema}.embedding_ledger embedding",
+        "ALTER TABLE {schema}.embedding_ledger ALTER COLUMN embedding TYPE vector USING embedding::vector",
+    ),
+    # The index's generations (worker.generations): each a model, dimensions, vector type and
+    # chunking, with its own chunks table; `chunks` is a view of the served one.
     (
         "relation",
-        "{schema}.chunks_content_sha256_idx",
-        "CREATE INDEX IF NOT EXISTS chunks_content_sha256_idx ON {schema}.chunks (content_sha256)",
+        "{schema}.generations",
+        """CREATE TABLE IF NOT EXISTS {schema}.generations (
+    id              integer PRIMARY KEY,
+    model           text NOT NULL,
+    dimensions      integer NOT NULL,
+    vector_type     text NOT NULL,
+    chunk_size      integer NOT NULL,
+    chunk_overlap   integer NOT NULL,
+    chunk_unit      text NOT NULL,
+    state           text NOT NULL CHECK (state IN ('building', 'served', 'kept')),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    served_at       timestamptz
+)""",
+    ),
+    # Documents a generation is behind on: every live one when it is registered, then every one a
+    # write changes in the other generations' tables. A filler claims rows (its buyer number, as in
+    # the ledger), writes their chunks and removes them; `problem` holds why one cannot be filled.
+    (
+        "relation",
+        "{schema}.generation_pending",
+        """CREATE TABLE IF NOT EXISTS {schema}.generation_pending (
+    generation      integer NOT NULL REFERENCES {schema}.generations (id) ON DELETE CASCADE,
+    doc_id          text NOT NULL,
+    claimed_by      bigint,
+    claimed_at      timestamptz,
+    problem         text,
+    PRIMARY KEY (generation, doc_id)
+)""",
     ),
 )
-# The model whose embeddings the index holds: two models in one index make a search compare
-# vectors of different spaces, so a worker embedding with another model is refused at start.
-INDEX_SETTINGS_STEP: Final = (
-    "relation",
-    "{schema}.index_settings",
-    """CREATE TABLE IF NOT EXISTS {schema}.index_settings (
-    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    embedding_model  text NOT NULL,
-    recorded_at      timestamptz NOT NULL DEFAULT now()
+# A generation's own chunks table and its content index, made by `migrate` (the first) and
+# `reindex start` (the others).
+GENERATION_TABLE_SQL: Final = (
+    """CREATE TABLE IF NOT EXISTS {chunks} (
+    doc_id          text NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
+    chunk_index     integer NOT NULL,
+    content         text NOT NULL,
+    embedding       {vector_type}({dimensions}) NOT NULL,
+    char_start      integer NOT NULL,
+    char_end        integer NOT NULL,
+    model           text NOT NULL,
+    content_sha256  bytea NOT NULL,
+    PRIMARY KEY (doc_id, chunk_index)
 )""",
+    "CREATE INDEX IF NOT EXISTS {table_sha_index} ON {chunks} (content_sha256)",
 )
-# Recorded once: the model of the chunks already stored (a schema older than the record), else ours.
-RECORD_MODEL_SQL: Final = """
-INSERT INTO {schema}.index_settings (embedding_model)
-SELECT coalesce((SELECT model FROM {schema}.chunks LIMIT 1), $1)
-ON CONFLICT (singleton) DO NOTHING
-"""
-STORED_MODEL_SQL: Final = "SELECT embedding_model FROM {schema}.index_settings"
+# A schema from before generations: its chunks table becomes generation 1's, under a view.
+ADOPT_CHUNKS_TABLE_SQL: Final = (
+    "ALTER TABLE {schema}.chunks RENAME TO {table}",
+    "ALTER INDEX IF EXISTS {schema}.chunks_embedding_hnsw_idx RENAME TO {ann_index}",
+    "ALTER INDEX IF EXISTS {schema}.chunks_content_sha256_idx RENAME TO {table_sha_index}",
+)
+# What `chunks` is: a view of the served generation's table (replaced by a switch, in its
+# transaction: a view's column types cannot change in place).
+CHUNKS_VIEW_SQL: Final = (
+    "DROP VIEW IF EXISTS {schema}.chunks",
+    "CREATE VIEW {schema}.chunks AS SELECT * FROM {chunks}",
+)
+RELKIND_SQL: Final = "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)"
+# Before generations, a schema recorded its one model here; `migrate` reads it to register
+# generation 1 of such a schema.
+LEGACY_MODEL_SQL: Final = "SELECT embedding_model FROM {schema}.index_settings"
 # What a write needs, as a list of what is missing ('' when nothing is): what the database
 # dependency's probe checks, so a revoked grant keeps the breaker open instead of flapping.
 # (has_table_privilege with several privileges is true when any one is held: one call each.)
@@ -159,12 +193,15 @@ EXISTS_SQL: Final = {
     "relation": "SELECT to_regclass($1)",
     "column": """SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(split_part($1, ' ', 1))
                   AND attname = split_part($1, ' ', 2) AND NOT attisdropped""",
+    "vector": """SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(split_part($1, ' ', 1))
+                  AND attname = split_part($1, ' ', 2) AND NOT attisdropped
+                  AND format_type(atttypid, atttypmod) = 'vector'""",
 }
 # CONCURRENTLY: writers go on while it builds (a plain CREATE INDEX blocks every write for as long
 # as the build takes, minutes on a large table). It cannot run inside a transaction block.
 HNSW_INDEX_SQL: Final = """
-CREATE INDEX CONCURRENTLY IF NOT EXISTS chunks_embedding_hnsw_idx
-    ON {schema}.chunks USING hnsw (embedding {vector_type}_cosine_ops)
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {ann_index}
+    ON {chunks} USING hnsw (embedding {vector_type}_cosine_ops)
 """
 # "missing", "invalid" (a concurrent build that failed half-way leaves one) or "ready".
 ANN_INDEX_STATE_SQL: Final = """
@@ -172,8 +209,8 @@ SELECT CASE WHEN to_regclass($1) IS NULL THEN 'missing'
             WHEN (SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)) THEN 'ready'
             ELSE 'invalid' END
 """
-DROP_INVALID_ANN_INDEX_SQL: Final = "DROP INDEX CONCURRENTLY IF EXISTS {schema}.chunks_embedding_hnsw_idx"
-CHUNKS_EMPTY_SQL: Final = "SELECT NOT EXISTS (SELECT 1 FROM {schema}.chunks)"
+DROP_INVALID_ANN_INDEX_SQL: Final = "DROP INDEX CONCURRENTLY IF EXISTS {schema}.{ann_index}"
+CHUNKS_EMPTY_SQL: Final = "SELECT NOT EXISTS (SELECT 1 FROM {chunks})"
 EMBEDDING_TYPE_SQL: Final = """
 SELECT format_type(a.atttypid, a.atttypmod)
 FROM pg_attribute a
@@ -221,14 +258,14 @@ ON CONFLICT (id) DO UPDATE SET
 # Chunks arrive by binary COPY into a per-session temporary table, then merge: unchanged chunks
 # are left alone (no new tuple, no HNSW insert), changed ones updated, surplus ones deleted.
 INCOMING_TABLE_SQL: Final = """
-CREATE TEMP TABLE IF NOT EXISTS incoming_chunks (LIKE {schema}.chunks INCLUDING DEFAULTS)
+CREATE TEMP TABLE IF NOT EXISTS {incoming} (LIKE {chunks} INCLUDING DEFAULTS)
     ON COMMIT DELETE ROWS
 """
 MERGE_CHUNKS_SQL: Final = """
-INSERT INTO {schema}.chunks AS c (doc_id, chunk_index, content, embedding, char_start, char_end, model,
+INSERT INTO {chunks} AS c (doc_id, chunk_index, content, embedding, char_start, char_end, model,
                                   content_sha256)
 SELECT doc_id, chunk_index, content, embedding, char_start, char_end, model, content_sha256
-FROM incoming_chunks ORDER BY doc_id, chunk_index
+FROM {incoming} ORDER BY doc_id, chunk_index
 ON CONFLICT (doc_id, chunk_index) DO UPDATE SET
     content = EXCLUDED.content, embedding = EXCLUDED.embedding, char_start = EXCLUDED.char_start,
     char_end = EXCLUDED.char_end, model = EXCLUDED.model, content_sha256 = EXCLUDED.content_sha256
@@ -236,7 +273,7 @@ WHERE (c.content_sha256, c.char_start, c.char_end, c.model)
       IS DISTINCT FROM (EXCLUDED.content_sha256, EXCLUDED.char_start, EXCLUDED.char_end, EXCLUDED.model)
 """
 TRIM_CHUNKS_SQL: Final = """
-DELETE FROM {schema}.chunks c
+DELETE FROM {chunks} c
 USING unnest($1::text[], $2::integer[]) AS keep (doc_id, count)
 WHERE c.doc_id = keep.doc_id AND c.chunk_index >= keep.count
 """
@@ -285,7 +322,7 @@ CHUNK_COLUMNS: Final = (
 # Embeddings already paid for: the same content embedded by the same model (the table fixes dimensions).
 KNOWN_EMBEDDINGS_SQL: Final = """
 SELECT DISTINCT ON (content_sha256) content_sha256, embedding
-FROM {schema}.chunks WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
+FROM {chunks} WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
 """
 # The embedding ledger: every embedding the moment it is paid for, so that work abandoned on a
 # revoke, a stop or a kill -9 never buys it again. A row with no embedding is a purchase in
@@ -300,11 +337,11 @@ LIVE_BUYERS_SQL: Final = """(SELECT (k.classid::bigint << 32) | k.objid::bigint 
       AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
 KNOWN_EMBEDDINGS_WITH_LEDGER_SQL: Final = """
 SELECT DISTINCT ON (content_sha256) content_sha256, embedding FROM (
-    SELECT content_sha256, embedding FROM {schema}.chunks
+    SELECT content_sha256, embedding::vector AS embedding FROM {chunks}
     WHERE content_sha256 = ANY($1::bytea[]) AND model = $2
     UNION ALL
     SELECT content_sha256, embedding FROM {schema}.embedding_ledger
-    WHERE content_sha256 = ANY($1::bytea[]) AND model = $2 AND embedding IS NOT NULL
+    WHERE content_sha256 = ANY($1::bytea[]) AND model = $3 AND embedding IS NOT NULL
 ) AS known
 """
 # Take the purchase of these contents ($2, distinct) for buyer $3: new ones, ones nobody is
@@ -324,7 +361,7 @@ RETURNING l.content_sha256
 # database several times as much (the ledger then wrote a twelfth of the worker's CPU).
 KEEP_EMBEDDINGS_SQL: Final = """
 INSERT INTO {schema}.embedding_ledger AS l (model, content_sha256, embedding, buyer, bought_at)
-SELECT $1, u.h, u.e, NULL, now() FROM unnest($2::bytea[], $3::{vector_type}[]) AS u (h, e) ORDER BY u.h
+SELECT $1, u.h, u.e, NULL, now() FROM unnest($2::bytea[], $3::vector[]) AS u (h, e) ORDER BY u.h
 ON CONFLICT (model, content_sha256) DO UPDATE SET embedding = EXCLUDED.embedding, buyer = NULL
 WHERE l.embedding IS NULL
 """
@@ -341,8 +378,8 @@ WHERE model = $1 AND content_sha256 = ANY($2::bytea[]) AND embedding IS NULL AND
 # stored), else whether its buyer still holds it (false: the caller may take the purchase over).
 WATCH_PURCHASES_SQL: Final = """
 SELECT h AS content_sha256,
-       coalesce(l.embedding, (SELECT c.embedding FROM {schema}.chunks c
-                              WHERE c.content_sha256 = h AND c.model = $1 LIMIT 1)) AS embedding,
+       coalesce(l.embedding, (SELECT c.embedding::vector FROM {chunks} c
+                              WHERE c.content_sha256 = h AND c.model = $4 LIMIT 1)) AS embedding,
        coalesce(l.embedding IS NULL AND l.buyer IN {live}
                 AND l.bought_at >= now() - make_interval(secs => $3), false) AS pending
 FROM unnest($2::bytea[]) AS h
@@ -356,8 +393,8 @@ WHERE ctid = ANY(ARRAY(
     SELECT l.ctid FROM {schema}.embedding_ledger l
     WHERE l.bought_at < now() - $1::float8 * interval '1 hour'
        OR (l.embedding IS NULL AND l.buyer NOT IN {live})
-       OR EXISTS (SELECT 1 FROM {schema}.chunks c
-                  WHERE c.content_sha256 = l.content_sha256 AND c.model = l.model)
+       OR EXISTS (SELECT 1 FROM {chunks} c
+                  WHERE c.content_sha256 = l.content_sha256 AND l.model = $2)
     LIMIT {limit}))
 """
 LEDGER_PRUNE_LIMIT: Final = 10_000
@@ -368,8 +405,8 @@ LEDGER_PRUNE_LOCK: Final = 0x656D626C  # pg_try_advisory_xact_lock key: one prun
 # compared with another model's vectors gives meaningless scores. With a tenant ($2), only chunks
 # of that tenant's live documents (documents_tenant_idx). The queries below take {candidates} and
 # number their own arguments ({limit}, {query}, {k}) after these.
-SEARCH_CANDIDATES_SQL: Final = "{schema}.chunks c WHERE c.model = $1"
-SEARCH_TENANT_CANDIDATES_SQL: Final = """{schema}.chunks c JOIN {schema}.documents d ON d.id = c.doc_id
+SEARCH_CANDIDATES_SQL: Final = "{chunks} c WHERE c.model = $1"
+SEARCH_TENANT_CANDIDATES_SQL: Final = """{chunks} c JOIN {schema}.documents d ON d.id = c.doc_id
 WHERE c.model = $1 AND d.tenant = $2 AND NOT d.deleted"""
 # How many candidates there are, counting no further than {limit}: what chooses exact or HNSW.
 COUNT_CANDIDATES_SQL: Final = "SELECT count(*) FROM (SELECT 1 FROM {candidates} LIMIT {limit}) AS s"
@@ -441,7 +478,7 @@ WITH per_doc AS (
                    OR c.content <> substr({text}, c.char_start + 1, c.char_end - c.char_start) AS offsets,
                coalesce($1::integer, vector_dims(c.embedding)) <> $2 AS dimensions,
                c.model <> $3 OR c.model <> $4 AS model
-        FROM {schema}.chunks c LEFT JOIN {schema}.documents d ON d.id = c.doc_id
+        FROM {chunks} c LEFT JOIN {schema}.documents d ON d.id = c.doc_id
         OFFSET 0
     ) AS per_chunk
     GROUP BY doc_id
@@ -458,7 +495,7 @@ WITH per_doc AS (
     UNION ALL
     SELECT 'unchunked_documents', d.id FROM {schema}.documents d
     WHERE NOT d.deleted AND (d.chunk_count > 0 OR {text} ~ $6)
-      AND NOT EXISTS (SELECT 1 FROM {schema}.chunks c WHERE c.doc_id = d.id)
+      AND NOT EXISTS (SELECT 1 FROM {chunks} c WHERE c.doc_id = d.id)
 ), ranked AS (
     SELECT name, doc_id, row_number() OVER (PARTITION BY name ORDER BY doc_id) AS rank FROM failed
 )
@@ -477,7 +514,7 @@ VERIFY_BLANK: Final = (
 VERIFY_NOT_BLANK: Final = f"[^{VERIFY_BLANK}]"
 VERIFY_COUNTS_SQL: Final = """
 SELECT (SELECT count(*) FROM {schema}.documents) AS documents,
-       (SELECT count(*) FROM {schema}.chunks) AS chunks
+       (SELECT count(*) FROM {chunks}) AS chunks
 """
 # `verify --topic`: each document as the topic's newest event is compared with (the text by its
 # sha256: the column written with it, where the text itself is not kept), and which record wrote it.
@@ -491,27 +528,123 @@ FROM {schema}.documents d
 VERIFY_DOCUMENTS_SQL: Final = _VERIFY_DOCUMENTS.replace("{text}", "d.text")
 VERIFY_DOCUMENTS_WITHOUT_TEXT_SQL: Final = _VERIFY_DOCUMENTS.replace("{text}", "NULL::text")
 
+# -- generations (worker.generations, worker.fill) ----------------------------------------------
+# A write's first statement: the live generations, each row key-share locked, so that a
+# registration (which takes the table in EXCLUSIVE mode, then lists every document as pending)
+# waits for the writes in flight and every later write sees it, and a drop waits for the writes of
+# the generation it removes. Its own generation missing: dropped meanwhile.
+LIVE_GENERATIONS_SQL: Final = "SELECT id FROM {schema}.generations ORDER BY id FOR KEY SHARE"
+GENERATIONS_SQL: Final = "SELECT * FROM {schema}.generations ORDER BY id"
+# Documents a write changed ($2) are pending in every other live generation ($1). One left with a
+# problem (no text to re-chunk) is tried again: the write brought its text.
+MARK_PENDING_SQL: Final = """
+INSERT INTO {schema}.generation_pending AS p (generation, doc_id)
+SELECT g, d FROM unnest($1::integer[]) AS g, unnest($2::text[]) AS d ORDER BY g, d
+ON CONFLICT (generation, doc_id) DO UPDATE SET claimed_by = NULL, claimed_at = NULL, problem = NULL
+WHERE p.problem IS NOT NULL
+"""
+REGISTER_LOCK_SQL: Final = "LOCK TABLE {schema}.generations IN EXCLUSIVE MODE"
+REGISTER_GENERATION_SQL: Final = """
+INSERT INTO {schema}.generations
+    (id, model, dimensions, vector_type, chunk_size, chunk_overlap, chunk_unit, state, served_at)
+SELECT coalesce(max(id), 0) + 1, $1, $2, $3, $4, $5, $6, $7,
+       CASE WHEN $7 = 'served' THEN now() END
+FROM {schema}.generations
+RETURNING id
+"""
+SEED_PENDING_SQL: Final = """
+INSERT INTO {schema}.generation_pending (generation, doc_id)
+SELECT $1, id FROM {schema}.documents WHERE NOT deleted ORDER BY id
+"""
+# A filler takes up to $3 pending documents of generation $1 in key order for buyer $2: those
+# nobody holds, or whose holder is gone (its advisory lock released: a kill -9) or has held them
+# for $4 seconds (a frozen process). SKIP LOCKED: concurrent fillers take different ones.
+CLAIM_PENDING_SQL: Final = """
+UPDATE {schema}.generation_pending p SET claimed_by = $2, claimed_at = now()
+FROM (SELECT doc_id FROM {schema}.generation_pending
+      WHERE generation = $1 AND problem IS NULL
+        AND (claimed_by IS NULL OR claimed_by NOT IN {live}
+             OR claimed_at < now() - make_interval(secs => $4))
+      ORDER BY doc_id LIMIT $3 FOR UPDATE SKIP LOCKED) AS s
+WHERE p.generation = $1 AND p.doc_id = s.doc_id
+RETURNING p.doc_id
+"""
+FILL_DOCUMENTS_SQL: Final = """
+SELECT id, text, content_sha256, deleted, tenant, chunk_count FROM {schema}.documents
+WHERE id = ANY($1::text[]) ORDER BY id
+"""
+FILL_DOCUMENTS_WITHOUT_TEXT_SQL: Final = """
+SELECT id, NULL::text AS text, content_sha256, deleted, tenant, chunk_count FROM {schema}.documents
+WHERE id = ANY($1::text[]) ORDER BY id
+"""
+# A document stored before documents kept their text: the chunks another generation of the same
+# chunking holds for it ({chunks} here), if it is current there (not pending in it, $2).
+CHUNK_LAYOUT_SQL: Final = """
+SELECT c.doc_id, c.chunk_index, c.content, c.char_start, c.char_end FROM {chunks} c
+WHERE c.doc_id = ANY($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM {schema}.generation_pending p WHERE p.generation = $2 AND p.doc_id = c.doc_id)
+ORDER BY c.doc_id, c.chunk_index
+"""
+LOCK_GENERATION_SQL: Final = "SELECT state FROM {schema}.generations WHERE id = $1 FOR KEY SHARE"
+# The documents being filled, share-locked in key order (a write holds them for update): what
+# they hold now is compared with what was embedded, and only those unchanged are written.
+LOCK_FILLED_SQL: Final = """
+SELECT id, content_sha256, deleted FROM {schema}.documents
+WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
+"""
+CLEAR_FILLED_SQL: Final = "DELETE FROM {chunks} WHERE doc_id = ANY($1::text[])"
+FINISH_PENDING_SQL: Final = """
+DELETE FROM {schema}.generation_pending WHERE generation = $1 AND doc_id = ANY($2::text[])
+"""
+RELEASE_PENDING_SQL: Final = """
+UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = $4
+WHERE generation = $1 AND doc_id = ANY($2::text[]) AND claimed_by = $3
+"""
+PENDING_COUNTS_SQL: Final = """
+SELECT generation, count(*) FILTER (WHERE problem IS NULL) AS pending,
+       count(*) FILTER (WHERE problem IS NOT NULL) AS problems,
+       (array_agg(doc_id ORDER BY doc_id) FILTER (WHERE problem IS NOT NULL))[1:5] AS examples,
+       min(problem) AS problem
+FROM {schema}.generation_pending GROUP BY generation
+"""
+LIVE_DOCUMENTS_SQL: Final = "SELECT count(*) FROM {schema}.documents WHERE NOT deleted"
+LOCK_REGISTRY_SQL: Final = "SELECT * FROM {schema}.generations ORDER BY id FOR UPDATE"
+SET_STATE_SQL: Final = """
+UPDATE {schema}.generations SET state = $2,
+       served_at = CASE WHEN $2 = 'served' THEN now() ELSE served_at END
+WHERE id = $1
+"""
+DROP_GENERATION_SQL: Final = "DELETE FROM {schema}.generations WHERE id = $1"
+
 
 def quoted(identifier: str) -> str:
     """An identifier from configuration (DATABASE_SCHEMA) as SQL names it."""
     return '"' + identifier.replace('"', '""') + '"'
 
 
+def generation_table(generation: int) -> str:
+    """The name of a generation's chunks table (unquoted)."""
+    return f"chunks_g{generation}"
+
+
 @dataclass(frozen=True, slots=True)
 class Statements:
-    """This store's statements, its schema (quoted) and vector type filled in once."""
+    """This store's statements: its schema (quoted), vector type and generation's chunks table
+    filled in once. Without a generation they read the `chunks` view (the served one)."""
 
     schema: str
+    chunks: str  # the generation's table, qualified and quoted
+    table: str  # its name alone, unquoted
+    ann_index: str  # its HNSW index, qualified and quoted
     read_states: str
     lock_states: str
     upsert_documents: str
     upsert_documents_without_text: str
     incoming_table: str
+    incoming: str  # the staging table's name (a temporary table, one per generation)
     merge_chunks: str
     trim_chunks: str
     known_embeddings: str
-    stored_model: str
-    record_model: str
     chunks_empty: str
     hnsw_index: str
     drop_invalid_ann_index: str
@@ -535,26 +668,70 @@ class Statements:
     verify_counts: str
     verify_documents: str
     verify_documents_without_text: str
+    legacy_model: str
+    generation_table: tuple[str, ...]
+    adopt_chunks_table: tuple[str, ...]
+    chunks_view: tuple[str, ...]
+    live_generations: str
+    generations: str
+    mark_pending: str
+    register_lock: str
+    register_generation: str
+    seed_pending: str
+    claim_pending: str
+    fill_documents: str
+    fill_documents_without_text: str
+    chunk_layout: str
+    lock_generation: str
+    lock_filled: str
+    clear_filled: str
+    finish_pending: str
+    release_pending: str
+    pending_counts: str
+    live_documents: str
+    lock_registry: str
+    set_state: str
+    drop_generation: str
 
     @classmethod
-    def of(cls, schema: str, vector_type: str) -> Statements:
+    def of(
+        cls, schema: str, vector_type: str, table: str = "chunks", dimensions: int | None = None
+    ) -> Statements:
+        """``table``: the generation's chunks table (``chunks``: the view of the served one)."""
+        chunks = f"{schema}.{quoted(table)}"
+        names = {
+            "schema": schema,
+            "vector_type": vector_type,
+            "dimensions": dimensions,
+            "chunks": chunks,
+            "table": quoted(table),
+            "ann_index": quoted(f"{table}_embedding_hnsw_idx"),
+            "table_sha_index": quoted(f"{table}_content_sha256_idx"),
+            "incoming": quoted(f"incoming_{table}"),
+            "live": LIVE_BUYERS_SQL,
+            "limit": LEDGER_PRUNE_LIMIT,
+        }
+
         def filled(template: str) -> str:
-            return template.format(
-                schema=schema, vector_type=vector_type, live=LIVE_BUYERS_SQL, limit=LEDGER_PRUNE_LIMIT
-            )
+            return template.format(**names)
+
+        def all_filled(templates: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(filled(t) for t in templates)
 
         return cls(
             schema=schema,
+            chunks=chunks,
+            table=table,
+            ann_index=f"{schema}.{names['ann_index']}",
             read_states=filled(READ_STATES_SQL),
             lock_states=filled(LOCK_STATES_SQL),
             upsert_documents=filled(UPSERT_DOCUMENTS_SQL),
             upsert_documents_without_text=filled(UPSERT_DOCUMENTS_WITHOUT_TEXT_SQL),
             incoming_table=filled(INCOMING_TABLE_SQL),
+            incoming=str(names["incoming"]),
             merge_chunks=filled(MERGE_CHUNKS_SQL),
             trim_chunks=filled(TRIM_CHUNKS_SQL),
             known_embeddings=filled(KNOWN_EMBEDDINGS_SQL),
-            stored_model=filled(STORED_MODEL_SQL),
-            record_model=filled(RECORD_MODEL_SQL),
             chunks_empty=filled(CHUNKS_EMPTY_SQL),
             hnsw_index=filled(HNSW_INDEX_SQL),
             drop_invalid_ann_index=filled(DROP_INVALID_ANN_INDEX_SQL),
@@ -578,4 +755,28 @@ class Statements:
             verify_counts=filled(VERIFY_COUNTS_SQL),
             verify_documents=filled(VERIFY_DOCUMENTS_SQL),
             verify_documents_without_text=filled(VERIFY_DOCUMENTS_WITHOUT_TEXT_SQL),
+            legacy_model=filled(LEGACY_MODEL_SQL),
+            generation_table=all_filled(GENERATION_TABLE_SQL),
+            adopt_chunks_table=all_filled(ADOPT_CHUNKS_TABLE_SQL),
+            chunks_view=all_filled(CHUNKS_VIEW_SQL),
+            live_generations=filled(LIVE_GENERATIONS_SQL),
+            generations=filled(GENERATIONS_SQL),
+            mark_pending=filled(MARK_PENDING_SQL),
+            register_lock=filled(REGISTER_LOCK_SQL),
+            register_generation=filled(REGISTER_GENERATION_SQL),
+            seed_pending=filled(SEED_PENDING_SQL),
+            claim_pending=filled(CLAIM_PENDING_SQL),
+            fill_documents=filled(FILL_DOCUMENTS_SQL),
+            fill_documents_without_text=filled(FILL_DOCUMENTS_WITHOUT_TEXT_SQL),
+            chunk_layout=filled(CHUNK_LAYOUT_SQL),
+            lock_generation=filled(LOCK_GENERATION_SQL),
+            lock_filled=filled(LOCK_FILLED_SQL),
+            clear_filled=filled(CLEAR_FILLED_SQL),
+            finish_pending=filled(FINISH_PENDING_SQL),
+            release_pending=filled(RELEASE_PENDING_SQL),
+            pending_counts=filled(PENDING_COUNTS_SQL),
+            live_documents=filled(LIVE_DOCUMENTS_SQL),
+            lock_registry=filled(LOCK_REGISTRY_SQL),
+            set_state=filled(SET_STATE_SQL),
+            drop_generation=filled(DROP_GENERATION_SQL),
         )

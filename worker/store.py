@@ -10,6 +10,7 @@ always touched in key order so concurrent workers cannot deadlock.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ import orjson
 import structlog
 from pgvector.asyncpg import register_vector
 
-from worker import metrics
+from worker import generations, metrics
 from worker.chunk import Chunk
 from worker.errors import (
     ConfigError,
@@ -33,7 +34,8 @@ from worker.errors import (
     WriteTimedOut,
     describe,
 )
-from worker.ledger import LedgerTable, PaidEmbeddings
+from worker.generations import Generation
+from worker.ledger import LedgerTable, PaidEmbeddings, ledger_key
 from worker.plan import Change, DocState
 from worker.schema import OUTAGE_ERRORS, Schema
 from worker.search import EXACT_SEARCH_MAX_ROWS, Hit, nearest
@@ -59,6 +61,17 @@ class DocumentWrite:
 
     change: Change
     record: Record  # the event's, for the row's source columns
+    chunks: Sequence[Chunk]
+    embeddings: Sequence[Vector]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationFill:
+    """One document's chunks and embeddings for a generation, made from what it held when read."""
+
+    doc_id: str
+    content_sha256: bytes | None
+    deleted: bool
     chunks: Sequence[Chunk]
     embeddings: Sequence[Vector]
 
@@ -114,11 +127,17 @@ def sha256(text: str) -> bytes:
 
 
 class Store:
-    def __init__(self, settings: Settings) -> None:
+    """The database of one DATABASE_SCHEMA, writing one generation of the index (``use``): the
+    served one, as ``migrate`` and ``check`` find it, unless told another."""
+
+    def __init__(self, settings: Settings, generation: Generation | None = None) -> None:
+        self._base_settings = settings
         self._settings = settings
         self._schema = quoted(settings.database_schema)
-        self._sql = Statements.of(self._schema, settings.vector_type)
+        self._sql = Statements.of(self._schema, settings.vector_type)  # the view, until use()
         self.schema = Schema(settings, self._schema, self._sql)
+        self.generation: Generation | None = None
+        self._fixed = generation is not None  # told which generation: migrate/check keep it
         self._pool: asyncpg.Pool | None = None
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
@@ -127,6 +146,35 @@ class Store:
         self._ledger = LedgerTable(
             settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=self._usage
         )
+        self._retired_ledgers: list[LedgerTable] = []
+        if generation is not None:
+            self.use(generation)
+
+    def use(self, generation: Generation) -> None:
+        """Write (and read, and search) ``generation`` from now on: its table, model, dimensions,
+        vector type and chunking. Called between pipelines, never while one writes."""
+        if generation == self.generation:
+            return
+        self.generation = generation
+        self._settings = generation.settings(self._base_settings)
+        self._sql = generation.statements(self._schema)
+        self.schema = Schema(self._settings, self._schema, self._sql)
+        exists = self._ledger.exists, self._usage.exists
+        self._retired_ledgers.append(self._ledger)
+        self._usage = UsageRows(self._sql, pool=lambda: self._pool)
+        self._ledger = LedgerTable(
+            self._settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=self._usage
+        )
+        self._ledger.exists, self._usage.exists = exists
+
+    @property
+    def settings(self) -> Settings:
+        """The settings with the generation's model, dimensions, vector type and chunking."""
+        return self._settings
+
+    @property
+    def statements(self) -> Statements:
+        return self._sql
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -165,7 +213,9 @@ class Store:
         return self._usage
 
     async def close(self) -> None:
-        await self._ledger.close()
+        for ledger in (*self._retired_ledgers, self._ledger):
+            await ledger.close()
+        self._retired_ledgers.clear()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -193,12 +243,25 @@ class Store:
 
     # -- schema ---------------------------------------------------------------------------
 
-    async def migrate(self, *, ann_index: bool = True, only_if_empty: bool = False) -> None:
-        """See :meth:`worker.schema.Schema.migrate`."""
-        await self.schema.migrate(ann_index=ann_index, only_if_empty=only_if_empty)
+    async def migrate(self, *, ann_index: bool = True, only_if_empty: bool = False) -> list[Generation]:
+        """See :meth:`worker.schema.Schema.migrate`; uses the served generation from then on."""
+        found = await self.schema.migrate(ann_index=ann_index, only_if_empty=only_if_empty)
+        self._use_served(found)
+        return found
 
-    async def check(self) -> None:
-        await self.schema.check()
+    async def check(self) -> list[Generation]:
+        """See :meth:`worker.schema.Schema.check`; uses the served generation from then on."""
+        found = await self.schema.check()
+        self._use_served(found)
+        return found
+
+    def _use_served(self, found: list[Generation]) -> None:
+        if not self._fixed:
+            self.use(generations.served(found))
+
+    async def generations(self) -> list[Generation]:
+        """The registry as it is now."""
+        return await generations.read(self._pool_or_raise(), self._sql)
 
     async def build_ann_index(self) -> bool:
         return await self.schema.build_ann_index()
@@ -234,6 +297,8 @@ class Store:
             async with self._pool.acquire() as conn, self._usage.carried() as carry:
                 clock.lap("acquire")
                 async with conn.transaction():
+                    others = await self._lock_generations(conn)
+                    clock.lap("generations")
                     locked = await conn.fetch(self._sql.lock_states, ids)
                     clock.lap("lock")
                     now = {row["id"]: _state(row) for row in locked}
@@ -260,7 +325,7 @@ class Store:
                     new = [row for row in chunk_rows if row[0] not in now]
                     if new:
                         await conn.copy_records_to_table(
-                            "chunks",
+                            self._sql.table,
                             schema_name=self._settings.database_schema,
                             columns=CHUNK_COLUMNS,
                             records=new,
@@ -269,7 +334,7 @@ class Store:
                     if len(new) < len(chunk_rows):
                         await conn.execute(self._sql.incoming_table)
                         await conn.copy_records_to_table(
-                            "incoming_chunks",
+                            self._sql.incoming.strip('"'),
                             columns=CHUNK_COLUMNS,
                             records=[r for r in chunk_rows if r[0] in now],
                         )
@@ -283,6 +348,11 @@ class Store:
                             self._sql.trim_chunks, [w.change.event.doc_id for w in stored], counts
                         )
                         clock.lap("trim")
+                    if others and writes:  # behind on these documents now: filled (worker.fill)
+                        await conn.execute(
+                            self._sql.mark_pending, others, [w.change.event.doc_id for w in writes]
+                        )
+                        clock.lap("pending")
                     if progress is not None and self._records_offsets:
                         record = progress.before if moved else progress.after
                         await self._record(conn, record, progress.epoch)
@@ -306,6 +376,18 @@ class Store:
                 raise DatabaseRefused(f"database refuses writes: {describe(exc)}") from exc
             raise StoreRejected(f"database refused the batch: {describe(exc)}") from exc
         return moved
+
+    async def _lock_generations(self, conn: asyncpg.Connection) -> list[int]:
+        """Key-share lock the registry's rows (a registration, a drop wait for this write) and
+        return the other live generations, which this write's documents become pending in.
+        Raises StaleRead when this store's generation was dropped meanwhile (the worker then
+        writes the served one)."""
+        if self.generation is None:
+            return []
+        live = [row["id"] for row in await conn.fetch(self._sql.live_generations)]
+        if self.generation.id not in live:
+            raise StaleRead(f"generation {self.generation.describe()} was dropped")
+        return [g for g in live if g != self.generation.id]
 
     async def record_progress(self, watermarks: Mapping[TopicPartition, int], epoch: int | None) -> None:
         """Record how far each partition got where no write did (what is committed next)."""
@@ -361,8 +443,183 @@ class Store:
         if not hashes:
             return {}
         sql = self._sql.known_embeddings_with_ledger if self._ledger.enabled else self._sql.known_embeddings
-        rows = await self._fetch(sql, list(hashes), self._settings.embedding_model)
+        if self._ledger.enabled:
+            rows = await self._fetch(
+                sql, list(hashes), self._settings.embedding_model, ledger_key(self._settings)
+            )
+        else:
+            rows = await self._fetch(sql, list(hashes), self._settings.embedding_model)
         return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
+
+    # -- filling a generation (worker.fill) ------------------------------------------------------
+
+    async def claim_pending(self, count: int, lease: float) -> list[str]:
+        """Up to ``count`` documents pending in this store's generation, in key order, claimed by
+        this process (its ledger buyer number, present while it lives)."""
+        assert self.generation is not None
+        await self._ledger.present()
+        rows = await self._fetch(
+            self._sql.claim_pending, self.generation.id, self._ledger.buyer, count, lease
+        )
+        return sorted(r["doc_id"] for r in rows)
+
+    async def release_pending(self, doc_ids: Sequence[str], problem: str | None = None) -> None:
+        """Let others fill these again (``problem``: none will, until a write changes them)."""
+        assert self.generation is not None
+        if doc_ids:
+            await self._fetch(
+                self._sql.release_pending, self.generation.id, list(doc_ids), self._ledger.buyer, problem
+            )
+
+    async def fill_documents(self, doc_ids: Sequence[str]) -> list[asyncpg.Record]:
+        """What the documents hold now: text (None where not kept), content_sha256, deleted, tenant."""
+        sql = self._sql.fill_documents if self._stores_text else self._sql.fill_documents_without_text
+        return await self._fetch(sql, list(doc_ids))
+
+    async def chunk_layout(self, source: Generation, doc_ids: Sequence[str]) -> dict[str, list[Chunk]]:
+        """The chunks ``source`` holds for these documents, where it is current for them."""
+        sql = source.statements(self._schema).chunk_layout
+        rows = await self._fetch(sql, list(doc_ids), source.id)
+        layout: dict[str, list[Chunk]] = {}
+        for r in rows:
+            chunk = Chunk(r["chunk_index"], r["content"], r["char_start"], r["char_end"])
+            layout.setdefault(r["doc_id"], []).append(chunk)
+        return layout
+
+    async def fill(self, fills: Sequence[GenerationFill]) -> list[str]:
+        """Write the documents' chunks into this store's generation in one transaction, for those
+        still as they were read (share-locked: no write changes them meanwhile), and take them off
+        its pending list. Returns the ids of those that changed since: still pending, to fill again."""
+        assert self.generation is not None and self._pool is not None
+        fills = sorted(fills, key=lambda f: f.doc_id)
+        ids = [f.doc_id for f in fills]
+        model = self._settings.embedding_model
+        try:
+            async with self._pool.acquire() as conn, self._usage.carried() as carry:
+                async with conn.transaction():
+                    if await conn.fetchval(self._sql.lock_generation, self.generation.id) is None:
+                        raise StaleRead(f"generation {self.generation.describe()} was dropped")
+                    now = {
+                        r["id"]: (r["content_sha256"], r["deleted"])
+                        for r in await conn.fetch(self._sql.lock_filled, ids)
+                    }
+                    fresh = [f for f in fills if now.get(f.doc_id) == (f.content_sha256, f.deleted)]
+                    kept = [f.doc_id for f in fresh]
+                    await conn.execute(self._sql.clear_filled, kept)
+                    rows = [
+                        (f.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
+                        for f in fresh
+                        for c, e in zip(f.chunks, f.embeddings, strict=True)
+                    ]
+                    if rows:
+                        await conn.copy_records_to_table(
+                            self._sql.table,
+                            schema_name=self._settings.database_schema,
+                            columns=CHUNK_COLUMNS,
+                            records=rows,
+                        )
+                    await conn.execute(self._sql.finish_pending, self.generation.id, kept)
+                    changed = sorted(set(ids) - set(kept))
+                    await conn.execute(
+                        self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
+                    )
+                    await carry(conn)
+        except OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"generation fill failed: {describe(exc)}") from exc
+        except asyncpg.PostgresError as exc:
+            raise DatabaseRefused(f"database refuses the generation fill: {describe(exc)}") from exc
+        return changed
+
+    async def pending_counts(self) -> dict[int, asyncpg.Record]:
+        rows = await self._fetch(self._sql.pending_counts)
+        return {r["generation"]: r for r in rows}
+
+    # -- the registry (worker.reindex) -------------------------------------------------------------
+
+    async def register_generation(self, wanted: Generation) -> Generation:
+        """Register ``wanted`` as a new generation being built, make its table, and list every live
+        document as pending in it: in one transaction that locks the registry exclusively, so that
+        the writes in flight finish first and every later write sees the generation."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.execute(self._sql.register_lock)
+                gid = await conn.fetchval(
+                    self._sql.register_generation,
+                    wanted.model,
+                    wanted.dimensions,
+                    wanted.vector_type,
+                    wanted.chunk_size,
+                    wanted.chunk_overlap,
+                    wanted.chunk_unit,
+                    "building",
+                )
+                generation = dataclasses.replace(wanted, id=gid, state="building")
+                sql = generation.statements(self._schema)
+                for statement in sql.generation_table:
+                    await conn.execute(statement)
+                await conn.execute(self._sql.seed_pending, gid)
+        finally:
+            await conn.close()
+        return generation
+
+    async def serve(self, target: Generation) -> tuple[int, int] | None:
+        """Serve ``target`` (the others kept) if nothing is pending in it: the registry's rows locked
+        (writes in flight finish first, later ones wait for this), the states set and the `chunks`
+        view replaced, in one transaction. None when served; else (pending, problems)."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.fetch(self._sql.lock_registry)
+                counts = await conn.fetchrow(
+                    "SELECT count(*) FILTER (WHERE problem IS NULL) AS pending, "
+                    "count(*) FILTER (WHERE problem IS NOT NULL) AS problems "
+                    f"FROM {self._schema}.generation_pending WHERE generation = $1",
+                    target.id,
+                )
+                if counts["pending"] or counts["problems"]:
+                    return int(counts["pending"]), int(counts["problems"])
+                await conn.execute(
+                    f"UPDATE {self._schema}.generations SET state = 'kept' WHERE state = 'served'"
+                )
+                await conn.execute(self._sql.set_state, target.id, "served")
+                for statement in target.statements(self._schema).chunks_view:
+                    await conn.execute(statement)
+        finally:
+            await conn.close()
+        return None
+
+    async def drop_generation(self, target: Generation) -> None:
+        """Remove a generation not served: its registry row (once the writes holding it finish),
+        its pending rows and its table."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.fetch(self._sql.lock_registry)
+                state = await conn.fetchval(
+                    f"SELECT state FROM {self._schema}.generations WHERE id = $1", target.id
+                )
+                if state is None or state == "served":
+                    raise ConfigError("reindex", f"generation {target.describe()} is {state or 'gone'}")
+                await conn.execute(self._sql.drop_generation, target.id)
+                await conn.execute(f"DROP TABLE IF EXISTS {target.statements(self._schema).chunks}")
+        finally:
+            await conn.close()
+
+    async def live_documents(self) -> int:
+        return int(await self._fetchval(self._sql.live_documents))
+
+    async def count_chunks(self, generation: Generation) -> int:
+        return int(await self._fetchval(f"SELECT count(*) FROM {generation.statements(self._schema).chunks}"))
+
+    async def ann_index_state_of(self, generation: Generation) -> str:
+        return str(await self._fetchval(ANN_INDEX_STATE_SQL, generation.statements(self._schema).ann_index))
+
+    async def _connection(self) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+        except OUTAGE_ERRORS as exc:
+            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
 
     async def ann_index_state(self) -> str:
         """ "ready", "missing" or "invalid": searches without a ready index scan every chunk."""
@@ -400,11 +657,16 @@ class Store:
         missing = await self._fetchval(
             WRITE_PRIVILEGES_SQL,
             f"{self._schema}.documents",
-            f"{self._schema}.chunks",
+            self._sql.chunks,
             f"{self._schema}.embedding_ledger" if self._ledger.enabled else None,  # off: not needed
         )
         if missing:
             raise DatabaseRefused(f"this role may not write: it lacks {missing}")
+
+    def _pool_or_raise(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise DatabaseUnavailable("not connected yet: start-up is waiting for the database")
+        return self._pool
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         rows = await self._fetch(sql, *args)

@@ -19,7 +19,9 @@ from typing import Any, Final, NamedTuple
 
 import asyncpg
 
+from worker import generations
 from worker.errors import DatabaseRefused, DatabaseUnavailable, WorkerError, describe
+from worker.generations import Generation
 from worker.schema import OUTAGE_ERRORS
 from worker.settings import Settings
 from worker.sql import EMBEDDING_TYPE_SQL, EXISTS_SQL, VERIFY_NOT_BLANK, Statements, quoted
@@ -35,7 +37,7 @@ STORED_CHECKS: Final = {
     "chunk_offsets": "content is not text[char_start:char_end], or not char_end - char_start long",
     "document_hashes": "documents.content_sha256 is not the sha256 of its text",
     "embedding_dimensions": "an embedding has other dimensions than EMBEDDING_DIMENSIONS",
-    "embedding_model": "a chunk's model is not the one index_settings records and EMBEDDING_MODEL names",
+    "embedding_model": "a chunk's model is not the served generation's and the one EMBEDDING_MODEL names",
     "deleted_documents": "chunks of a deleted document",
     "unknown_documents": "chunks of a document with no row",
     "unchunked_documents": "a live document with text (or a chunk_count) but no chunks",
@@ -210,9 +212,10 @@ def differs(winner: Winner, stored: Stored | None) -> str | None:
 
 class _Schema(NamedTuple):
     column: str  # the embedding column's type, as format_type gives it: vector(384), vector, ...
-    model: str | None  # what index_settings records (None: no such table, or no row)
+    model: str | None  # the served generation's (None: a schema from before generations)
     text: bool  # documents.text exists
     offsets: bool  # source_offsets exists
+    served: Generation | None
 
 
 async def verify(settings: Settings, topics: tuple[str, ...] | None = None) -> Report:
@@ -229,6 +232,8 @@ async def verify(settings: Settings, topics: tuple[str, ...] | None = None) -> R
         raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
     try:
         schema = await _inspect(conn, settings, sql)
+        if schema.served is not None:
+            sql = schema.served.statements(sql.schema)
         fold = None if topics is None else await read_topics(settings, topics)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             report = await _stored(conn, settings, sql, schema)
@@ -249,12 +254,15 @@ async def _inspect(conn: asyncpg.Connection, settings: Settings, sql: Statements
     for table in ("documents", "chunks"):
         if await conn.fetchval(EXISTS_SQL["relation"], f"{schema}.{table}") is None:
             raise NotMigrated(f"no {settings.database_schema}.{table} table: run `ingest-worker migrate`")
-    model = None
-    if await conn.fetchval(EXISTS_SQL["relation"], f"{schema}.index_settings") is not None:
-        model = await conn.fetchval(sql.stored_model)
+    serving = None
+    if await conn.fetchval(EXISTS_SQL["relation"], f"{schema}.generations") is not None:
+        found = await generations.read(conn, sql)
+        serving = generations.served(found) if found else None
+    table = f"{schema}.chunks" if serving is None else serving.statements(schema).chunks
     return _Schema(
-        column=str(await conn.fetchval(EMBEDDING_TYPE_SQL, f"{schema}.chunks")),
-        model=model,
+        column=str(await conn.fetchval(EMBEDDING_TYPE_SQL, table)),
+        model=None if serving is None else serving.model,
+        served=serving,
         text=await conn.fetchval(EXISTS_SQL["column"], f"{schema}.documents text") is not None,
         offsets=await conn.fetchval(EXISTS_SQL["relation"], f"{schema}.source_offsets") is not None,
     )
@@ -280,7 +288,7 @@ async def _stored(conn: asyncpg.Connection, settings: Settings, sql: Statements,
         else f"the column is {schema.column}, not {wanted_column} (VECTOR_TYPE, EMBEDDING_DIMENSIONS)",
         "embedding_model": None
         if model == settings.embedding_model
-        else f"index_settings records {model!r}, EMBEDDING_MODEL is {settings.embedding_model!r}",
+        else f"the served generation's model is {model!r}, EMBEDDING_MODEL is {settings.embedding_model!r}",
     }
     checks = {}
     for name in STORED_CHECKS:

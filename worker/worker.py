@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 from aiokafka import TopicPartition
@@ -83,10 +84,19 @@ class Worker:
         self._abandoned = 0  # left undone by the last pipeline, until the partitions are assigned again
         self.heartbeat: float | None = None  # the fetch loop's last turn (for /healthz); None until it runs
         self._caught_up = asyncio.Event()  # set the first time the fetch loop finds caught_up()
+        self._next_generation: Callable[[], Settings] | None = None  # see change_generation()
         self.failure: BaseException | None = None
 
     def stop(self) -> None:
         self._stop.set()
+
+    def change_generation(self, apply: Callable[[], Settings]) -> None:
+        """Ingest into another generation of the index (a `reindex switch` or `rollback` served it):
+        at the fetch loop's next turn, store what is ready and commit it, let go of the rest as on
+        a stop (what was paid for stays in the ledger), ``apply`` the change (it points the store
+        and the embedder at the generation and returns its settings), and fetch the partitions
+        again from their commits. The group is not left: no rebalance."""
+        self._next_generation = apply
 
     @property
     def stopping(self) -> bool:
@@ -145,11 +155,7 @@ class Worker:
     async def run(self) -> None:
         self._source.on_rebalance(revoked=self._on_revoked, assigned=self._on_assigned)
         last_arrival = time.monotonic()
-        tokens = TokenCounter(self._settings.embedding_tokenizer)
-        usage = Usage(self._store.usage, self._settings.embedding_model, tokens)
-        stage = EmbeddingStage(self._embedder, self.dependencies.embedding, self._settings, usage)
-        ledger = Ledger(self._store.ledger, self.dependencies.database)
-        self._buying = (stage, ledger, Purchases(stage, ledger, usage), usage)
+        self._buying = self._make_buying()
         try:
             await self._source.start()
             log.info(
@@ -165,6 +171,8 @@ class Worker:
                 await self._leave_if_fenced()
                 self._apply_backpressure()
                 await self._commit_due()
+                if self._next_generation is not None:
+                    await self._change_generation(self._next_generation)
                 if not self._caught_up.is_set() and self.caught_up():
                     self._caught_up.set()
                 if self._idle_for(last_arrival):
@@ -290,6 +298,28 @@ class Worker:
         await ledger.close(within=max(1.0, deadline - time.monotonic()))  # a write takes a moment
         await usage.close()
         self._buying = None
+
+    def _make_buying(self) -> tuple[EmbeddingStage, Ledger, Purchases, Usage]:
+        tokens = TokenCounter(self._settings.embedding_tokenizer)
+        usage = Usage(self._store.usage, self._settings.embedding_model, tokens)
+        stage = EmbeddingStage(self._embedder, self.dependencies.embedding, self._settings, usage)
+        ledger = Ledger(self._store.ledger, self.dependencies.database)
+        return stage, ledger, Purchases(stage, ledger, usage), usage
+
+    async def _change_generation(self, apply: Callable[[], Settings]) -> None:
+        """See change_generation()."""
+        self._next_generation = None
+        await self._retire_pipeline()
+        await self._finish_buying(time.monotonic())
+        self._settings = apply()
+        self._buying = self._make_buying()
+        assigned = self._source.assignment()
+        if assigned and not self._lost:
+            starts = await self._source.start_offsets(assigned)
+            for tp, offset in starts.items():
+                self._source.resume_from(tp, offset)
+        self._abandoned = 0
+        log.info("generation_changed", model=self._settings.embedding_model, partitions=len(assigned))
 
     def _new_pipeline(self) -> Pipeline:
         assert self._buying is not None, "pipelines are made in run()"

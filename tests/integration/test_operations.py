@@ -278,7 +278,7 @@ async def hnsw_index_valid(env: Env) -> bool | None:
     """None when the index does not exist, else whether it is valid."""
     conn = await connect(env)
     try:
-        name = f"{env.schema}.chunks_embedding_hnsw_idx"
+        name = f"{env.schema}.chunks_g1_embedding_hnsw_idx"
         return await conn.fetchval(  # type: ignore[no-any-return]
             "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name
         )
@@ -293,7 +293,7 @@ async def test_run_leaves_a_missing_ann_index_over_stored_rows_to_build_index(en
     assert await hnsw_index_valid(env) is True  # a fresh schema gets it at once (no rows yet)
     conn = await connect(env)
     try:
-        await conn.execute(f"DROP INDEX {env.schema}.chunks_embedding_hnsw_idx")
+        await conn.execute(f"DROP INDEX {env.schema}.chunks_g1_embedding_hnsw_idx")
     finally:
         await conn.close()
     later: list[Event] = [(f"iy-{i}", {"id": f"iy-{i}", "text": f"and me {i}. " * 30}) for i in range(20)]
@@ -311,7 +311,7 @@ async def test_run_leaves_a_missing_ann_index_over_stored_rows_to_build_index(en
     # A concurrent build interrupted half-way leaves an invalid index: build-index replaces it.
     conn = await connect(env)
     try:
-        name = f"{env.schema}.chunks_embedding_hnsw_idx"
+        name = f"{env.schema}.chunks_g1_embedding_hnsw_idx"
         await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass($1)", name)
     finally:
         await conn.close()
@@ -369,7 +369,7 @@ async def test_writes_over_a_roles_statement_timeout_are_split_until_they_fit(en
             END $$"""
         )
         await conn.execute(
-            f"CREATE TRIGGER slow_big_writes AFTER INSERT ON {env.schema}.chunks REFERENCING NEW TABLE "
+            f"CREATE TRIGGER slow_big_writes AFTER INSERT ON {env.schema}.chunks_g1 REFERENCING NEW TABLE "
             f"AS written FOR EACH STATEMENT EXECUTE FUNCTION {env.schema}.slow_big_writes()"
         )
         events: list[Event] = [  # 17 chunks each

@@ -162,10 +162,10 @@ async def test_backfill_loads_without_the_ann_index_then_builds_it(env: Env) -> 
     await asyncio.wait_for(serve(env.settings, stop=asyncio.Event(), stop_when_idle=1.5, backfill=True), 120)
     conn = await connect(env)
     try:
-        index = await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.chunks_embedding_hnsw_idx")
+        index = await conn.fetchval("SELECT to_regclass($1)", f"{env.schema}.chunks_g1_embedding_hnsw_idx")
         method = await conn.fetchval(
             "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam WHERE c.oid = $1::regclass",
-            f"{env.schema}.chunks_embedding_hnsw_idx",
+            f"{env.schema}.chunks_g1_embedding_hnsw_idx",
         )
     finally:
         await conn.close()
@@ -217,7 +217,7 @@ async def hnsw_index_is_valid(env: Env) -> bool:
     try:
         valid = await conn.fetchval(
             "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
-            f"{env.schema}.chunks_embedding_hnsw_idx",
+            f"{env.schema}.chunks_g1_embedding_hnsw_idx",
         )
     finally:
         await conn.close()

@@ -78,7 +78,7 @@ async def _fk(env: Env) -> str:
         return str(
             await conn.fetchval(
                 "SELECT conname FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'f'",
-                f"{env.schema}.chunks",
+                f"{env.schema}.chunks_g1",
             )
         )
     finally:
@@ -115,8 +115,10 @@ DAMAGE: dict[str, tuple[list[str], bool, dict[str, str]]] = {
     # needs it, goes first), then one row is cut to 100 dimensions.
     "wrong embedding dimension": (
         [
-            "DROP INDEX {s}.chunks_embedding_hnsw_idx",
-            "ALTER TABLE {s}.chunks ALTER COLUMN embedding TYPE vector USING embedding::vector",
+            "DROP INDEX {s}.chunks_g1_embedding_hnsw_idx",
+            "DROP VIEW {s}.chunks",  # a column a view shows cannot change type
+            "ALTER TABLE {s}.chunks_g1 ALTER COLUMN embedding TYPE vector USING embedding::vector",
+            "CREATE VIEW {s}.chunks AS SELECT * FROM {s}.chunks_g1",
             "UPDATE {s}.chunks SET embedding = ((embedding::real[])[1:100])::vector WHERE doc_id = 'doc-13'",
         ],
         False,
@@ -129,7 +131,7 @@ DAMAGE: dict[str, tuple[list[str], bool, dict[str, str]]] = {
     ),
     "orphan chunk": (
         [
-            "ALTER TABLE {s}.chunks DROP CONSTRAINT {fk}",
+            "ALTER TABLE {s}.chunks_g1 DROP CONSTRAINT {fk}",
             "INSERT INTO {s}.chunks SELECT 'nobody', chunk_index, content, embedding, char_start, char_end, "
             "model, content_sha256 FROM {s}.chunks WHERE doc_id = 'doc-8'",
         ],

@@ -1,0 +1,264 @@
+"""`ingest-worker reindex`: build a generation of the index beside the served one, switch to it,
+roll back, drop the one not served (worker.generations says what a generation is).
+
+    start    register the generation (every live document pending in it) and fill it from what
+             PostgreSQL holds (worker.fill), then build its HNSW index; stopped and started again,
+             it goes on where it was
+    status   every generation, with documents and chunks done
+    switch   serve the generation built (once nothing is pending in it), in one transaction
+    rollback serve the kept one again
+    drop     remove the generation not served
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from worker import generations
+from worker.embed import OpenAIEmbedder
+from worker.errors import ConfigError, WorkerError
+from worker.fill import Filler
+from worker.generations import Generation
+from worker.settings import Settings
+from worker.store import Store
+
+WAIT_POLL = 1.0  # seconds between looks while `switch --wait` waits
+
+
+class NotReady(WorkerError):
+    """What was asked cannot be done yet (exit 1): the reason says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """A generation as `reindex start` is asked for it (None: as the served one)."""
+
+    model: str | None = None
+    dimensions: int | None = None
+    vector_type: str | None = None
+    chunk_size: int | None = None
+    chunk_overlap: int | None = None
+    chunk_unit: str | None = None
+
+    def of(self, served: Generation, settings: Settings) -> Generation:
+        """The generation asked for, checked as its settings would be (ConfigError naming the flag)."""
+        wanted = Generation(
+            id=0,
+            model=self.model or served.model,
+            dimensions=self.dimensions or served.dimensions,
+            vector_type=self.vector_type or served.vector_type,
+            chunk_size=self.chunk_size or served.chunk_size,
+            chunk_overlap=served.chunk_overlap if self.chunk_overlap is None else self.chunk_overlap,
+            chunk_unit=self.chunk_unit or served.chunk_unit,
+            state="building",
+        )
+        try:
+            wanted.settings(settings)
+        except ConfigError as exc:
+            flag = "--" + exc.setting.lower().replace("embedding_", "").replace("_", "-")
+            reason = str(exc).removeprefix(f"{exc.setting}: ")
+            raise ConfigError(flag, reason) from exc
+        return wanted
+
+
+async def start(
+    settings: Settings, wanted: Wanted, stop: asyncio.Event, *, progress: bool = True
+) -> Generation:
+    """Register the generation (or find it registered: resume) and fill it; build its index.
+    Raises NotReady when documents are left that cannot be filled (each one's reason logged)."""
+    async with Store(settings) as base:
+        found = await _registry(base)
+        served = generations.served(found)
+        target = wanted.of(served, settings)
+        generation = _resumable(found, target)
+        if generation is None:
+            generation = await _register(base, target)
+            print(f"registered generation {generation.describe()}", file=sys.stderr)
+        else:
+            print(f"resuming generation {generation.describe()}", file=sys.stderr)
+    started = time.perf_counter()
+    store = Store(settings, generation)
+    async with OpenAIEmbedder(store.settings) as embedder, store:
+        filler = Filler(store, embedder, source=lambda: served, stop=stop)
+        try:
+            live, pending = await _counts(store, generation)
+            bar = asyncio.create_task(_progress(filler, live, live - pending)) if progress else None
+            try:
+                await filler.run(until_done=True)
+            finally:
+                if bar is not None:
+                    bar.cancel()
+                    await asyncio.gather(bar, return_exceptions=True)
+        finally:
+            await filler.close()
+        if stop.is_set():
+            return generation
+        seconds = time.perf_counter() - started
+        rate = filler.chunks / seconds if seconds else 0.0
+        print(
+            f"filled {filler.documents:,} documents ({filler.chunks:,} chunks) in {seconds:.1f} s: "
+            f"{rate:,.0f} chunks/s",
+            file=sys.stderr,
+        )
+        counts = (await store.pending_counts()).get(generation.id)
+        if counts is not None and counts["problems"]:
+            raise NotReady(
+                f"{counts['problems']} documents cannot be filled ({', '.join(counts['examples'])}"
+                f"{', ...' if counts['problems'] > len(counts['examples']) else ''}): {counts['problem']}"
+            )
+        indexing = time.perf_counter()
+        await store.build_ann_index()
+        print(f"HNSW index ready in {time.perf_counter() - indexing:.1f} s", file=sys.stderr)
+    print(
+        f"generation {generation.describe()} is complete; running workers keep it current. "
+        "`ingest-worker reindex switch` serves it."
+    )
+    return generation
+
+
+async def status(settings: Settings) -> list[dict[str, object]]:
+    """Each generation: what it is, its state, its documents pending and chunks stored."""
+    async with Store(settings) as base:
+        found = await _registry(base)
+        pending = await base.pending_counts()
+        live = await base.live_documents()
+        rows: list[dict[str, object]] = []
+        for g in found:
+            chunks = await base.count_chunks(g)
+            behind = pending.get(g.id)
+            waiting = int(behind["pending"]) if behind is not None else 0
+            problems = int(behind["problems"]) if behind is not None else 0
+            done = live - waiting - problems
+            estimate = round(chunks * live / done) if done > 0 else None
+            rows.append(
+                {
+                    "generation": g.id,
+                    "state": g.state,
+                    "model": g.model,
+                    "dimensions": g.dimensions,
+                    "vector_type": g.vector_type,
+                    "chunking": f"{g.chunk_size}/{g.chunk_overlap} {g.chunk_unit}",
+                    "documents_done": done,
+                    "documents": live,
+                    "chunks_done": chunks,
+                    "chunks_total": estimate,
+                    "problems": problems,
+                }
+            )
+        return rows
+
+
+async def switch(
+    settings: Settings, *, rollback: bool = False, wait: bool = False
+) -> tuple[Generation, Generation]:
+    """Serve the generation not served (the one built; with ``rollback`` the one kept), in one
+    transaction that also checks nothing is pending in it. Returns (served now, served before)."""
+    async with Store(settings) as base:
+        found = await _registry(base)
+        target = generations.not_served(found)
+        wanted = "kept" if rollback else "building"
+        if target is None or target.state != wanted:
+            what = "no generation was served before this one" if rollback else "no generation is being built"
+            hint = "; `reindex rollback` serves the kept one" if target is not None and not rollback else ""
+            raise NotReady(f"{what}{hint}")
+        target_store = Store(settings, target)
+        target_store.use(target)
+        state = await base.ann_index_state_of(target)
+        if state != "ready":
+            if not wait:
+                raise NotReady(
+                    f"generation {target.describe()} has no HNSW index yet: `reindex start` builds it "
+                    "once filled (or `reindex switch --wait`)"
+                )
+            async with target_store:
+                await target_store.build_ann_index()
+        while True:
+            outcome = await base.serve(target)
+            if outcome is None:
+                return target, generations.served(found)
+            waiting, problems = outcome
+            if problems:
+                raise NotReady(
+                    f"{problems} documents cannot be filled into generation {target.describe()}: "
+                    "`reindex status` and `reindex start` say which and why"
+                )
+            if not wait:
+                raise NotReady(
+                    f"generation {target.describe()} is {waiting:,} documents behind: wait for "
+                    "`reindex start` (or running workers) to fill them, or use --wait"
+                )
+            print(f"waiting: {waiting:,} documents pending", file=sys.stderr)
+            await asyncio.sleep(WAIT_POLL)
+
+
+async def drop(settings: Settings) -> Generation:
+    async with Store(settings) as base:
+        found = await _registry(base)
+        target = generations.not_served(found)
+        if target is None:
+            raise NotReady("only the served generation exists: nothing to drop")
+        await base.drop_generation(target)
+        return target
+
+
+async def _registry(store: Store) -> list[Generation]:
+    try:
+        found = await store.generations()
+    except asyncpg.UndefinedTableError as exc:
+        raise NotReady(f"no generations table in {store.settings.database_schema}: run `migrate`") from exc
+    if not found:
+        raise NotReady(f"{store.settings.database_schema} has no generation yet: run `migrate`")
+    return found
+
+
+def _resumable(found: list[Generation], target: Generation) -> Generation | None:
+    """The registered generation ``target`` is (resumed), None when there is none; ConfigError
+    when it is the served one, or another generation stands in its way."""
+
+    def spec(g: Generation) -> tuple[object, ...]:
+        return (g.model, g.dimensions, g.vector_type, g.chunking)
+
+    served = generations.served(found)
+    if spec(served) == spec(target):
+        raise ConfigError("--model", f"generation {served.describe()} is the one served already")
+    other = generations.not_served(found)
+    if other is None:
+        return None
+    if spec(other) == spec(target) and other.state == "building":
+        return other
+    verb = "`reindex rollback` serves it again" if other.state == "kept" else "`reindex switch` serves it"
+    raise ConfigError(
+        "--model",
+        f"generation {other.describe()} is {other.state}: one generation beside the served one at a "
+        f"time; {verb}, `reindex drop` removes it",
+    )
+
+
+async def _register(store: Store, target: Generation) -> Generation:
+    return await store.register_generation(target)
+
+
+async def _counts(store: Store, generation: Generation) -> tuple[int, int]:
+    pending = (await store.pending_counts()).get(generation.id)
+    return await store.live_documents(), int(pending["pending"]) if pending is not None else 0
+
+
+async def _progress(filler: Filler, total: int, before: int, every: float = 0.5) -> None:
+    """A bar over the generation's live documents: done before this run, then filled by it."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, initial=before, unit="doc", file=sys.stderr, dynamic_ncols=True, desc="filling"
+    ) as bar:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(every)
+                bar.n = min(total, before + filler.documents)
+                bar.set_postfix_str(f"{filler.chunks:,} chunks", refresh=False)
+                bar.refresh()
