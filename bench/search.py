@@ -41,7 +41,11 @@ async def measure(url: str, dimensions: int, rows: list[int], repeats: int) -> N
         }
     )
     await Store(settings).migrate(ann_index=False)
-    sql = EXACT_SEARCH_SQL.format(candidates=SEARCH_CANDIDATES_SQL.format(schema=schema), query="$2", k="$3")
+    sql = EXACT_SEARCH_SQL.format(
+        candidates=SEARCH_CANDIDATES_SQL.format(chunks=f"{schema}.chunks_g1"),
+        query="$2",
+        k="$3",
+    )
     rng = np.random.default_rng(1)
     conn = await asyncpg.connect(url)
     try:

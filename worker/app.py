@@ -188,6 +188,9 @@ async def serve(
         fillers = Fillers(settings, store, lambda g: _ingest_into(g, worker, store, embedder), stop=stop)
         try:
             await prepare(settings, store, producer, stop, migrate=migrate, backfill=backfill)
+            # The served generation's model, dimensions and chunking, whichever the settings named.
+            embedder.use(store.settings)
+            worker.use(store.settings)
             await _report_ann_index(store, backfill=backfill)
             watching = asyncio.create_task(fillers.watch(), name="generations")
             watching.add_done_callback(lambda t: _side_task_done(t, worker))

@@ -112,6 +112,8 @@ USES: dict[str, frozenset[str]] = {
             "EMBEDDING_PRICE_PER_MTOK",
         }
     ),
+    # Its own --vector-type, --chunk-size, --chunk-overlap and --chunk-unit name the new
+    # generation's: the settings of those names (the served one's) are read from the environment only.
     "reindex": frozenset(
         {
             "LOG_LEVEL",
@@ -130,10 +132,8 @@ USES: dict[str, frozenset[str]] = {
             "EMBEDDING_MAX_ATTEMPTS",
             "EMBEDDING_LEDGER_HOURS",
             "INDEX_BUILD_MEMORY",
-            "CHUNK_UNIT",
-            "CHUNK_SIZE",
-            "CHUNK_OVERLAP",
         }
+        - {"VECTOR_TYPE"}
     ),
     "verify": frozenset(
         {
@@ -149,7 +149,11 @@ USES: dict[str, frozenset[str]] = {
     # The stack sets the broker, database and embedding settings itself; dev refuses the others.
     "dev": frozenset({"LOG_LEVEL", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC", "HEALTH_PORT"}),
 }
-REFUSES_UNUSED = frozenset({"dev"})  # commands that refuse (exit 2) a setting flag they do not use
+REFUSES_UNUSED = frozenset({"dev"})
+# Settings whose flag a command gives a meaning of its own (the setting is read from the environment).
+OWN_FLAGS = {
+    "reindex": frozenset({"VECTOR_TYPE", "CHUNK_SIZE", "CHUNK_OVERLAP", "CHUNK_UNIT"})
+}  # commands that refuse (exit 2) a setting flag they do not use
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +265,8 @@ def _add_settings(parser: _Parser, command: str) -> None:
     used = USES[command]
     group = parser.add_argument_group("settings (each also an environment variable)")
     for name, default, help_text in describe():
+        if name in OWN_FLAGS.get(command, ()):
+            continue
         text = f"{name}: {help_text}" + (f" [{default}]" if default else "")
         action = group.add_argument(
             _flag(name),
@@ -378,15 +384,29 @@ def _parser() -> argparse.ArgumentParser:
     usage.set_defaults(command=do.usage)
 
     reindex = command("reindex", REINDEX_DESCRIPTION)
-    reindex.add_argument("action", choices=("start", "status", "switch", "rollback", "drop"))
+    reindex.add_argument(
+        "action", choices=("start", "status", "switch", "rollback", "drop"), help="what to do (above)"
+    )
     reindex.add_argument("--model", help="start: the new generation's EMBEDDING_MODEL [the served one's]")
     reindex.add_argument("--dimensions", type=_count(1), help="start: its dimensions [the served one's]")
-    reindex.add_argument("--vector-type", choices=("vector", "halfvec"), help="start: [the served one's]")
-    reindex.add_argument("--chunk-size", type=_count(1), help="start: its CHUNK_SIZE [the served one's]")
     reindex.add_argument(
-        "--chunk-overlap", type=_count(0), help="start: its CHUNK_OVERLAP [the served one's]"
+        "--vector-type",
+        dest="new_vector_type",
+        choices=("vector", "halfvec"),
+        help="start: [the served one's]",
     )
-    reindex.add_argument("--chunk-unit", choices=("chars", "tokens"), help="start: [the served one's]")
+    reindex.add_argument(
+        "--chunk-size", dest="new_chunk_size", type=_count(1), help="start: its CHUNK_SIZE [the served one's]"
+    )
+    reindex.add_argument(
+        "--chunk-overlap",
+        dest="new_chunk_overlap",
+        type=_count(0),
+        help="start: its CHUNK_OVERLAP [the served one's]",
+    )
+    reindex.add_argument(
+        "--chunk-unit", dest="new_chunk_unit", choices=("chars", "tokens"), help="start: [the served one's]"
+    )
     reindex.add_argument("--wait", action="store_true", help="switch, rollback: wait until it is complete")
     reindex.add_argument("--json", action="store_true", help="status: one JSON object per generation")
     reindex.set_defaults(command=do.reindex)

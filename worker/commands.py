@@ -105,15 +105,22 @@ async def produce(settings: Settings, args: argparse.Namespace) -> int:
 
 async def search(settings: Settings, args: argparse.Namespace) -> int:
     from worker.embed import OpenAIEmbedder
+    from worker.generations import Generation
     from worker.store import Store
+    from worker.types import Vector
 
     if not args.query.strip():
         print("ingest-worker search: error: the query is empty", file=sys.stderr)
         return 2
     async with OpenAIEmbedder(settings) as embedder, Store(settings) as store:
-        await store.check()  # tables there, column of these dimensions, this model
-        [vector] = await embedder.embed([args.query])
-        hits = await store.search(vector, args.k, tenant=args.tenant)
+        await store.check()  # tables there, settings naming a generation of the index
+
+        async def embed(served: Generation) -> Vector:  # with the served generation's model
+            embedder.use(served.settings(settings))
+            [vector] = await embedder.embed([args.query])
+            return vector
+
+        _, hits = await store.search_served(embed, args.k, tenant=args.tenant)
     if not hits:
         print("no chunks stored yet" if args.tenant is None else f"no chunks of tenant {args.tenant!r}")
     for rank, hit in enumerate(hits, 1):
@@ -168,52 +175,56 @@ async def usage(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def reindex(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import reindex as do
+
+    try:
+        return await _reindex(settings, args)
+    except do.NotReady as exc:
+        print(f"ingest-worker reindex {args.action}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _reindex(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
 
     from worker import reindex as do
 
-    try:
-        if args.action == "start":
-            stop = asyncio.Event()
-            on_stop_signals(lambda _: stop.set())
-            wanted = do.Wanted(
-                model=args.model,
-                dimensions=args.dimensions,
-                vector_type=args.vector_type,
-                chunk_size=args.chunk_size,
-                chunk_overlap=args.chunk_overlap,
-                chunk_unit=args.chunk_unit,
-            )
-            await do.start(settings, wanted, stop, progress=True)
-            return 130 if stop.is_set() else 0
-        if args.action == "status":
-            rows = await do.status(settings)
-            for row in rows:
-                if args.json:
-                    print(orjson.dumps(row).decode())
-                    continue
-                total = f"~{row['chunks_total']:,}" if row["chunks_total"] is not None else "?"
-                problems = f", {row['problems']:,} cannot be filled" if row["problems"] else ""
-                print(
-                    f"#{row['generation']} {row['state']:<8} {row['model']} {row['vector_type']}"
-                    f"({row['dimensions']}) chunks {row['chunking']}: documents {row['documents_done']:,} "
-                    f"of {row['documents']:,}, chunks {row['chunks_done']:,} of {total}{problems}"
-                )
-            return 0
-        if args.action in ("switch", "rollback"):
-            now, before = await do.switch(settings, rollback=args.action == "rollback", wait=args.wait)
+    if args.action == "start":
+        stop = asyncio.Event()
+        on_stop_signals(lambda _: stop.set())
+        wanted = do.Wanted(
+            model=args.model,
+            dimensions=args.dimensions,
+            vector_type=args.new_vector_type,
+            chunk_size=args.new_chunk_size,
+            chunk_overlap=args.new_chunk_overlap,
+            chunk_unit=args.new_chunk_unit,
+        )
+        await do.start(settings, wanted, stop)
+        return 130 if stop.is_set() else 0
+    if args.action == "status":
+        for row in await do.status(settings):
+            if args.json:
+                print(orjson.dumps(row).decode())
+                continue
+            total = f"~{row['chunks_total']:,}" if row["chunks_total"] is not None else "?"
+            problems = f", {row['problems']:,} cannot be filled" if row["problems"] else ""
             print(
-                f"generation {now.describe()} served; {before.describe()} kept, and kept current "
-                f"({'`reindex switch`' if args.action == 'rollback' else '`reindex rollback`'} serves it "
-                "again, `reindex drop` removes it)"
+                f"#{row['generation']} {row['state']:<8} {row['model']} {row['vector_type']}"
+                f"({row['dimensions']}) chunks {row['chunking']}: documents {row['documents_done']:,} "
+                f"of {row['documents']:,}, chunks {row['chunks_done']:,} of {total}{problems}"
             )
-            return 0
-        dropped = await do.drop(settings)
-        print(f"generation {dropped.describe()} dropped")
         return 0
-    except do.NotReady as exc:
-        print(f"ingest-worker reindex {args.action}: {exc}", file=sys.stderr)
-        return 1
+    if args.action in ("switch", "rollback"):
+        now, before = await do.switch(settings, rollback=args.action == "rollback", wait=args.wait)
+        print(
+            f"generation {now.describe()} served; {before.describe()} kept, and kept current "
+            "(`reindex rollback` serves it again, `reindex drop` removes it)"
+        )
+        return 0
+    dropped = await do.drop(settings)
+    print(f"generation {dropped.describe()} dropped")
+    return 0
 
 
 async def verify(settings: Settings, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ lock dies with it: after a ``kill -9`` the next filler takes its documents over 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,10 +111,8 @@ class Filler:
 
     async def run(self, *, until_done: bool) -> None:
         """Fill until nothing is pending (``until_done``) or until stopped."""
-        try:
+        with contextlib.suppress(ShuttingDown):
             await asyncio.gather(*(self._loop(until_done) for _ in range(self._tasks)))
-        except ShuttingDown:
-            pass
 
     async def close(self, within: float = 5.0) -> None:
         await self._stage.finish(within=within)
@@ -140,7 +139,7 @@ class Filler:
     async def _release(self, ids: list[str]) -> None:
         try:
             await self._store.release_pending(ids)
-        except Exception as exc:  # the claim lapses with the process, or after CLAIM_LEASE
+        except (DependencyError, OSError) as exc:  # the claim lapses with the process, or after CLAIM_LEASE
             log.warning("fill_release_failed", error=describe(exc))
 
     async def _fill(self, ids: list[str]) -> None:

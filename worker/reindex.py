@@ -79,9 +79,9 @@ async def start(
         generation = _resumable(found, target)
         if generation is None:
             generation = await _register(base, target)
-            print(f"registered generation {generation.describe()}", file=sys.stderr)
+            _say(f"registered generation {generation.describe()}")
         else:
-            print(f"resuming generation {generation.describe()}", file=sys.stderr)
+            _say(f"resuming generation {generation.describe()}")
     started = time.perf_counter()
     store = Store(settings, generation)
     async with OpenAIEmbedder(store.settings) as embedder, store:
@@ -101,10 +101,9 @@ async def start(
             return generation
         seconds = time.perf_counter() - started
         rate = filler.chunks / seconds if seconds else 0.0
-        print(
+        _say(
             f"filled {filler.documents:,} documents ({filler.chunks:,} chunks) in {seconds:.1f} s: "
-            f"{rate:,.0f} chunks/s",
-            file=sys.stderr,
+            f"{rate:,.0f} chunks/s"
         )
         counts = (await store.pending_counts()).get(generation.id)
         if counts is not None and counts["problems"]:
@@ -114,10 +113,10 @@ async def start(
             )
         indexing = time.perf_counter()
         await store.build_ann_index()
-        print(f"HNSW index ready in {time.perf_counter() - indexing:.1f} s", file=sys.stderr)
-    print(
+        _say(f"HNSW index ready in {time.perf_counter() - indexing:.1f} s")
+    sys.stdout.write(
         f"generation {generation.describe()} is complete; running workers keep it current. "
-        "`ingest-worker reindex switch` serves it."
+        "`ingest-worker reindex switch` serves it.\n"
     )
     return generation
 
@@ -193,7 +192,7 @@ async def switch(
                     f"generation {target.describe()} is {waiting:,} documents behind: wait for "
                     "`reindex start` (or running workers) to fill them, or use --wait"
                 )
-            print(f"waiting: {waiting:,} documents pending", file=sys.stderr)
+            _say(f"waiting: {waiting:,} documents pending")
             await asyncio.sleep(WAIT_POLL)
 
 
@@ -253,12 +252,19 @@ async def _progress(filler: Filler, total: int, before: int, every: float = 0.5)
     """A bar over the generation's live documents: done before this run, then filled by it."""
     from tqdm import tqdm
 
-    with tqdm(
-        total=total, initial=before, unit="doc", file=sys.stderr, dynamic_ncols=True, desc="filling"
-    ) as bar:
-        with contextlib.suppress(asyncio.CancelledError):
-            while True:
-                await asyncio.sleep(every)
-                bar.n = min(total, before + filler.documents)
-                bar.set_postfix_str(f"{filler.chunks:,} chunks", refresh=False)
-                bar.refresh()
+    with (
+        tqdm(
+            total=total, initial=before, unit="doc", file=sys.stderr, dynamic_ncols=True, desc="filling"
+        ) as bar,
+        contextlib.suppress(asyncio.CancelledError),
+    ):
+        while True:
+            await asyncio.sleep(every)
+            bar.n = min(total, before + filler.documents)
+            bar.set_postfix_str(f"{filler.chunks:,} chunks", refresh=False)
+            bar.refresh()
+
+
+def _say(text: str) -> None:
+    """A line for the operator, on standard error (standard output carries the outcome)."""
+    sys.stderr.write(text + "\n")

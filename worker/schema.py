@@ -125,7 +125,8 @@ class Schema:
             if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.generations") is None:
                 raise ConfigError(
                     "DATABASE_SCHEMA",
-                    f"{self._settings.database_schema}.generations does not exist; run `ingest-worker migrate`",
+                    f"{self._settings.database_schema}.generations does not exist: run `ingest-worker "
+                    "migrate`",
                 )
             found = await generations.read(conn, self._sql)
             if not found:

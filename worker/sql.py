@@ -464,15 +464,19 @@ ORDER BY day, tenant, model
 # $6 VERIFY_NOT_BLANK. Python's string indices are code points, as are PostgreSQL's substr and
 # char_length on text; substr finds a code point by walking the text from its start, so a
 # document costs its length times its chunks (measured: a 200 KB document of 200 chunks, 60 ms).
+# documents.chunk_count is the count of the generation that wrote the document last, so it is
+# compared only where the text is not kept; where it is, a chunk left over from a longer version
+# fails the offsets check (its content is not the text's at its offsets).
 _VERIFY_STORED: Final = """
 WITH per_doc AS (
     SELECT doc_id, bool_or(unknown) AS unknown, coalesce(bool_or(deleted), false) AS deleted,
            min(chunk_index) <> 0 OR max(chunk_index) <> count(*) - 1
-               OR (NOT bool_or(deleted) AND count(*) <> max(chunk_count)) AS gaps,
+               OR (NOT bool_or(deleted) AND bool_and(textless) AND count(*) <> max(chunk_count)) AS gaps,
            bool_or(hashes) AS hashes, bool_or(offsets) AS offsets, bool_or(dimensions) AS dimensions,
            bool_or(model) AS model
     FROM (
         SELECT c.doc_id, c.chunk_index, d.id IS NULL AS unknown, d.deleted, d.chunk_count,
+               {text} IS NULL AS textless,
                c.content_sha256 IS DISTINCT FROM sha256(convert_to(c.content, 'UTF8')) AS hashes,
                c.char_start < 0 OR c.char_end - c.char_start <> char_length(c.content)
                    OR c.content <> substr({text}, c.char_start + 1, c.char_end - c.char_start) AS offsets,
@@ -493,11 +497,19 @@ WITH per_doc AS (
     SELECT 'document_hashes', d.id FROM {schema}.documents d
     WHERE {text} IS NOT NULL AND d.content_sha256 IS DISTINCT FROM sha256(convert_to({text}, 'UTF8'))
     UNION ALL
+    -- The last chunk reaches the text's last non-blank character (none cut off the end).
+    SELECT 'chunks_contiguous', d.id
+    FROM {schema}.documents d
+    JOIN (SELECT doc_id, max(char_end) AS reach FROM {chunks} GROUP BY doc_id) AS r ON r.doc_id = d.id
+    WHERE {text} IS NOT NULL AND NOT d.deleted
+      AND r.reach < char_length(regexp_replace({text}, '[' || substr($6, 3) || '+$', ''))
+    UNION ALL
     SELECT 'unchunked_documents', d.id FROM {schema}.documents d
     WHERE NOT d.deleted AND (d.chunk_count > 0 OR {text} ~ $6)
       AND NOT EXISTS (SELECT 1 FROM {chunks} c WHERE c.doc_id = d.id)
 ), ranked AS (
-    SELECT name, doc_id, row_number() OVER (PARTITION BY name ORDER BY doc_id) AS rank FROM failed
+    SELECT name, doc_id, row_number() OVER (PARTITION BY name ORDER BY doc_id) AS rank
+    FROM (SELECT DISTINCT name, doc_id FROM failed) AS once
 )
 SELECT name, count(*) AS problems, array_agg(doc_id ORDER BY doc_id) FILTER (WHERE rank <= $5) AS examples
 FROM ranked GROUP BY name
@@ -516,6 +528,19 @@ VERIFY_COUNTS_SQL: Final = """
 SELECT (SELECT count(*) FROM {schema}.documents) AS documents,
        (SELECT count(*) FROM {chunks}) AS chunks
 """
+# `verify`: a generation beside the served one holds every live document it is not behind on
+# (pending in it, $1), and none of a deleted one: the documents it fails that for, counted, with
+# the first $3 ids ($2 VERIFY_NOT_BLANK).
+_VERIFY_COVERAGE: Final = """
+SELECT count(*) AS problems, (array_agg(d.id ORDER BY d.id))[1:$3] AS examples
+FROM {schema}.documents d
+WHERE NOT EXISTS (SELECT 1 FROM {schema}.generation_pending p WHERE p.generation = $1 AND p.doc_id = d.id)
+  AND CASE WHEN d.deleted THEN EXISTS (SELECT 1 FROM {chunks} c WHERE c.doc_id = d.id)
+           ELSE (d.chunk_count > 0 OR {text} ~ $2)
+                AND NOT EXISTS (SELECT 1 FROM {chunks} c WHERE c.doc_id = d.id) END
+"""
+VERIFY_COVERAGE_SQL: Final = _VERIFY_COVERAGE.replace("{text}", "d.text")
+VERIFY_COVERAGE_WITHOUT_TEXT_SQL: Final = _VERIFY_COVERAGE.replace("{text}", "NULL::text")
 # `verify --topic`: each document as the topic's newest event is compared with (the text by its
 # sha256: the column written with it, where the text itself is not kept), and which record wrote it.
 _VERIFY_DOCUMENTS: Final = """
@@ -668,6 +693,8 @@ class Statements:
     verify_counts: str
     verify_documents: str
     verify_documents_without_text: str
+    verify_coverage: str
+    verify_coverage_without_text: str
     legacy_model: str
     generation_table: tuple[str, ...]
     adopt_chunks_table: tuple[str, ...]
@@ -755,6 +782,8 @@ class Statements:
             verify_counts=filled(VERIFY_COUNTS_SQL),
             verify_documents=filled(VERIFY_DOCUMENTS_SQL),
             verify_documents_without_text=filled(VERIFY_DOCUMENTS_WITHOUT_TEXT_SQL),
+            verify_coverage=filled(VERIFY_COVERAGE_SQL),
+            verify_coverage_without_text=filled(VERIFY_COVERAGE_WITHOUT_TEXT_SQL),
             legacy_model=filled(LEGACY_MODEL_SQL),
             generation_table=all_filled(GENERATION_TABLE_SQL),
             adopt_chunks_table=all_filled(ADOPT_CHUNKS_TABLE_SQL),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -495,35 +495,34 @@ class Store:
         ids = [f.doc_id for f in fills]
         model = self._settings.embedding_model
         try:
-            async with self._pool.acquire() as conn, self._usage.carried() as carry:
-                async with conn.transaction():
-                    if await conn.fetchval(self._sql.lock_generation, self.generation.id) is None:
-                        raise StaleRead(f"generation {self.generation.describe()} was dropped")
-                    now = {
-                        r["id"]: (r["content_sha256"], r["deleted"])
-                        for r in await conn.fetch(self._sql.lock_filled, ids)
-                    }
-                    fresh = [f for f in fills if now.get(f.doc_id) == (f.content_sha256, f.deleted)]
-                    kept = [f.doc_id for f in fresh]
-                    await conn.execute(self._sql.clear_filled, kept)
-                    rows = [
-                        (f.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
-                        for f in fresh
-                        for c, e in zip(f.chunks, f.embeddings, strict=True)
-                    ]
-                    if rows:
-                        await conn.copy_records_to_table(
-                            self._sql.table,
-                            schema_name=self._settings.database_schema,
-                            columns=CHUNK_COLUMNS,
-                            records=rows,
-                        )
-                    await conn.execute(self._sql.finish_pending, self.generation.id, kept)
-                    changed = sorted(set(ids) - set(kept))
-                    await conn.execute(
-                        self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
+            async with self._pool.acquire() as conn, self._usage.carried() as carry, conn.transaction():
+                if await conn.fetchval(self._sql.lock_generation, self.generation.id) is None:
+                    raise StaleRead(f"generation {self.generation.describe()} was dropped")
+                now = {
+                    r["id"]: (r["content_sha256"], r["deleted"])
+                    for r in await conn.fetch(self._sql.lock_filled, ids)
+                }
+                fresh = [f for f in fills if now.get(f.doc_id) == (f.content_sha256, f.deleted)]
+                kept = [f.doc_id for f in fresh]
+                await conn.execute(self._sql.clear_filled, kept)
+                rows = [
+                    (f.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
+                    for f in fresh
+                    for c, e in zip(f.chunks, f.embeddings, strict=True)
+                ]
+                if rows:
+                    await conn.copy_records_to_table(
+                        self._sql.table,
+                        schema_name=self._settings.database_schema,
+                        columns=CHUNK_COLUMNS,
+                        records=rows,
                     )
-                    await carry(conn)
+                await conn.execute(self._sql.finish_pending, self.generation.id, kept)
+                changed = sorted(set(ids) - set(kept))
+                await conn.execute(
+                    self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
+                )
+                await carry(conn)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"generation fill failed: {describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
@@ -642,6 +641,35 @@ class Store:
                 return await nearest(conn, self._sql, model, embedding, k, tenant, exact_up_to)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"search failed: {describe(exc)}") from exc
+
+    async def search_served(
+        self,
+        embed: Callable[[Generation], Awaitable[Vector]],
+        k: int,
+        *,
+        tenant: str | None = None,
+    ) -> tuple[Generation, list[Hit]]:
+        """Search the generation served now: the query embedded (``embed``) with its model and
+        dimensions, its own table searched. A switch meanwhile leaves the generation read intact
+        (kept); one dropped meanwhile is searched again in the one served then."""
+        for attempt in (1, 2):
+            serving = generations.served(await generations.read(self._pool_or_raise(), self._sql))
+            vector = await embed(serving)
+            sql = self._statements_of(serving)
+            try:
+                async with self._pool_or_raise().acquire() as conn:
+                    return serving, await nearest(conn, sql, serving.model, vector, k, tenant)
+            except asyncpg.UndefinedTableError:
+                if attempt == 2:
+                    raise
+            except OUTAGE_ERRORS as exc:
+                raise DatabaseUnavailable(f"search failed: {describe(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    def _statements_of(self, generation: Generation) -> Statements:
+        if generation == self.generation:
+            return self._sql
+        return generation.statements(self._schema)
 
     async def usage_rows(self, since: dt.date, tenant: str | None) -> list[asyncpg.Record] | None:
         """``embedding_usage``'s rows from ``since`` on (None: the schema has no such table)."""

@@ -32,7 +32,8 @@ EXAMPLES: Final = 5  # document ids shown per check
 
 # Every check, in the order printed, with what a problem of it means.
 STORED_CHECKS: Final = {
-    "chunks_contiguous": "chunk_index is not 0..n-1, or n is not documents.chunk_count",
+    "chunks_contiguous": "chunk_index is not 0..n-1, or they stop short of the text's end (of "
+    "documents.chunk_count where the text is not kept)",
     "chunk_hashes": "content_sha256 is not the sha256 of content",
     "chunk_offsets": "content is not text[char_start:char_end], or not char_end - char_start long",
     "document_hashes": "documents.content_sha256 is not the sha256 of its text",
@@ -41,6 +42,8 @@ STORED_CHECKS: Final = {
     "deleted_documents": "chunks of a deleted document",
     "unknown_documents": "chunks of a document with no row",
     "unchunked_documents": "a live document with text (or a chunk_count) but no chunks",
+    "generation_coverage": "a generation beside the served one lacks a live document it is not "
+    "behind on, or holds chunks of a deleted one",
 }
 TOPIC_CHECKS: Final = {
     "topic_missing": "the topic's document has no row",
@@ -232,11 +235,13 @@ async def verify(settings: Settings, topics: tuple[str, ...] | None = None) -> R
         raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
     try:
         schema = await _inspect(conn, settings, sql)
-        if schema.served is not None:
+        if schema.served is not None:  # its model and dimensions are what the chunks must have
             sql = schema.served.statements(sql.schema)
+            settings = schema.served.settings(settings)
         fold = None if topics is None else await read_topics(settings, topics)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             report = await _stored(conn, settings, sql, schema)
+            await _coverage(conn, sql, schema, report)
             if fold is not None:
                 await _compare(conn, sql, schema, fold, report)
     except OUTAGE_ERRORS as exc:
@@ -302,6 +307,34 @@ async def _stored(conn: asyncpg.Connection, settings: Settings, sql: Statements,
             "compared with their document's text; `migrate` adds it"
         )
     return report
+
+
+async def _coverage(conn: asyncpg.Connection, sql: Statements, schema: _Schema, report: Report) -> None:
+    """Each generation beside the served one: complete but for what it is behind on (a note says
+    how far behind)."""
+    problems, examples, details = 0, [], []
+    if schema.served is not None:
+        for g in await generations.read(conn, sql):
+            if g.id == schema.served.id:
+                continue
+            other = g.statements(sql.schema)
+            pending = await conn.fetchval(
+                f"SELECT count(*) FROM {sql.schema}.generation_pending WHERE generation = $1", g.id
+            )
+            report.notes.append(f"note: generation {g.describe()} is {g.state}, {pending:,} documents behind")
+            row = await conn.fetchrow(
+                other.verify_coverage if schema.text else other.verify_coverage_without_text,
+                g.id,
+                VERIFY_NOT_BLANK,
+                EXAMPLES,
+            )
+            if row["problems"]:
+                problems += row["problems"]
+                examples += list(row["examples"])
+                details.append(f"generation #{g.id}")
+    report.checks["generation_coverage"] = Check(
+        problems, tuple(examples[:EXAMPLES]), ", ".join(details) or None
+    )
 
 
 def _declared_dimensions(column: str) -> int | None:

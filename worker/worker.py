@@ -90,6 +90,10 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def use(self, settings: Settings) -> None:
+        """Before run(): the settings of the generation it ingests into (worker.generations)."""
+        self._settings = settings
+
     def change_generation(self, apply: Callable[[], Settings]) -> None:
         """Ingest into another generation of the index (a `reindex switch` or `rollback` served it):
         at the fetch loop's next turn, store what is ready and commit it, let go of the rest as on

@@ -227,8 +227,17 @@ async def committed_offsets(env: Env, partitions: list[TopicPartition]) -> dict[
         await consumer.stop()
 
 
-async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolerance: float = 1e-6) -> None:
-    """The tables hold exactly CONTRACT's Stored state for ``expected``."""
+async def assert_stored_state(
+    env: Env,
+    expected: dict[str, Expected],
+    *,
+    tolerance: float = 1e-6,
+    table: str = "chunks",
+    chunking: tuple[int, int] = (CHUNK_SIZE, CHUNK_OVERLAP),
+    dimensions: int = 384,
+) -> None:
+    """The tables hold exactly CONTRACT's Stored state for ``expected``: in ``chunks`` (the served
+    generation), or in a generation's ``table`` of that ``chunking`` and ``dimensions``."""
     conn = await connect(env)
     try:
         schema = env.schema
@@ -237,7 +246,7 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolera
         }
         rows = await conn.fetch(
             f"SELECT doc_id, chunk_index, content, embedding::text AS embedding, char_start, char_end "
-            f"FROM {schema}.chunks ORDER BY doc_id, chunk_index"
+            f"FROM {schema}.{table} ORDER BY doc_id, chunk_index"
         )
     finally:
         await conn.close()
@@ -253,7 +262,7 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolera
         if want.deleted:
             assert mine == [], f"{doc_id} is deleted but has chunks"
             continue
-        planned = chunk_text(want.text, size=CHUNK_SIZE, overlap=CHUNK_OVERLAP)
+        planned = chunk_text(want.text, size=chunking[0], overlap=chunking[1])
         assert [r["chunk_index"] for r in mine] == list(range(len(planned))), doc_id
         covered = set()
         for row, chunk in zip(mine, planned, strict=True):
@@ -265,7 +274,7 @@ async def assert_stored_state(env: Env, expected: dict[str, Expected], *, tolera
             ), doc_id
             covered.update(range(row["char_start"], row["char_end"]))
             stored = np.array(json.loads(row["embedding"]), dtype=np.float32)
-            np.testing.assert_allclose(stored, hash_embedding(row["content"], 384), atol=tolerance)
+            np.testing.assert_allclose(stored, hash_embedding(row["content"], dimensions), atol=tolerance)
         assert all(i in covered for i, ch in enumerate(want.text) if not ch.isspace()), doc_id
     assert chunks == {}, f"chunks of unknown documents: {sorted(chunks)}"
 

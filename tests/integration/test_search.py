@@ -27,7 +27,6 @@ from tests.integration.helpers import (
 )
 from tests.integration.services import Services
 from worker import store as store_module
-from worker.app import serve
 from worker.chunk import chunk_text
 from worker.dev.embedserver import hash_embedding
 from worker.kafka import ensure_topic

@@ -93,6 +93,16 @@ DAMAGE: dict[str, tuple[list[str], bool, dict[str, str]]] = {
         False,
         {"chunks_contiguous": "doc-8"},
     ),
+    # The text is kept: no chunk count to compare with (a generation's own), so the last chunk must
+    # reach the text's end.
+    "missing last chunk": (
+        [
+            "DELETE FROM {s}.chunks WHERE doc_id = 'doc-8' AND chunk_index = "
+            "(SELECT max(chunk_index) FROM {s}.chunks WHERE doc_id = 'doc-8')"
+        ],
+        False,
+        {"chunks_contiguous": "doc-8"},
+    ),
     "content not matching its hash": (
         ["UPDATE {s}.chunks SET content_sha256 = sha256('x') WHERE doc_id = 'doc-10' AND chunk_index = 0"],
         False,

@@ -18,7 +18,18 @@ from worker.settings import describe
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = [name for name, _, _ in describe()]
 FLAGS = {name: "--" + name.lower().replace("_", "-") for name in SETTINGS}
-COMMANDS = ("run", "migrate", "build-index", "produce", "replay", "search", "usage", "verify", "dev")
+COMMANDS = (
+    "run",
+    "migrate",
+    "build-index",
+    "produce",
+    "replay",
+    "search",
+    "usage",
+    "reindex",
+    "verify",
+    "dev",
+)
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -111,6 +122,7 @@ def test_uses_names_real_settings_for_every_command() -> None:
             {"DATABASE_URL", "EMBEDDING_DIMENSIONS", "EMBEDDING_MODEL", "KAFKA_TOPIC", "KAFKA_SASL_PASSWORD"},
             ("EMBEDDING_URL", "EMBEDDING_API_KEY", "CHUNK_", "KAFKA_GROUP"),
         ),
+        ("reindex", {"DATABASE_URL", "EMBEDDING_URL", "EMBEDDING_API_KEY"}, ("KAFKA_", "HEALTH_")),
         ("dev", {"KAFKA_TOPIC", "HEALTH_PORT"}, ("DATABASE_", "EMBEDDING_", "KAFKA_BOOTSTRAP")),
     ],
 )

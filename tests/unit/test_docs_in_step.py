@@ -38,5 +38,5 @@ def test_contract_settings_and_commands_exist() -> None:
     named = set(re.findall(r"`((?:KAFKA|DATABASE|EMBEDDING|HEALTH)_[A-Z_]+)`", contract))
     assert named <= known, f"CONTRACT names settings the code lacks: {sorted(named - known)}"
     commands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    for command in ("run", "migrate", "produce", "replay", "search", "verify", "dev"):
+    for command in ("run", "migrate", "produce", "replay", "search", "reindex", "verify", "dev"):
         assert command in commands

@@ -214,7 +214,7 @@ def test_the_report_prints_one_line_per_check_and_a_summary() -> None:
     assert lines[1].startswith("chunk_hashes          12 problems (e.g. doc-1, doc-7): ")
     assert lines[4].startswith("embedding_dimensions  1 problem (e.g. doc-3): ")
     assert lines[4].endswith("; the column is vector, not vector(384)")
-    assert lines[-1] == "not clean: 2 of 9 checks found problems (1,200 documents, 34,000 chunks, 1.2s)"
+    assert lines[-1] == "not clean: 2 of 10 checks found problems (1,200 documents, 34,000 chunks, 1.2s)"
     assert not report.clean
 
 
@@ -222,7 +222,7 @@ def test_a_clean_report_in_json() -> None:
     names = {**STORED_CHECKS, **TOPIC_CHECKS}
     report = Report({name: Check() for name in names}, documents=3, chunks=5, notes=["topic docs: ..."])
     assert report.clean
-    assert report.lines()[-1] == "clean: 14 checks passed (3 documents, 5 chunks, 0.0s)"
+    assert report.lines()[-1] == "clean: 15 checks passed (3 documents, 5 chunks, 0.0s)"
     shown = report.as_json()
     assert shown["clean"] is True
     assert shown["checks"]["topic_behind"] == {"problems": 0, "examples": []}

@@ -1,0 +1,258 @@
+"""Generations of the index (issue 14), on the real broker and PostgreSQL: a switch of model and
+dimensions under live ingestion with searches running all the while, then a rollback; a `reindex
+start` killed (-9) halfway and started again; a chunking change through the same path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from tests.integration.helpers import (
+    Env,
+    Event,
+    assert_stored_state,
+    cli,
+    connect,
+    embedding_stats,
+    expected_state,
+    fresh_env,
+    one_line_error,
+    produce,
+    run_worker,
+)
+from tests.integration.services import Services
+from worker.app import serve
+from worker.dev.embedserver.hashing import hash_embedding
+from worker.generations import Generation
+from worker.store import Store
+from worker.types import Vector
+
+NEW = ("--model", "local-hash-ngram-v2", "--dimensions", "256")
+WORDS = ["tomato", "basil", "kafka", "offset", "vector", "chunk", "garden", "partition", "cake", "index"]
+
+
+def text(doc: int, version: int, words: int = 120, tag: str = "") -> str:
+    rng = np.random.default_rng(doc * 1000 + version)
+    body = " ".join(rng.choice(WORDS, size=words))
+    return f"{tag} document {doc} version {version}. {body}."
+
+
+def upserts(docs: range, version: int, words: int = 120, tag: str = "") -> list[Event]:
+    return [
+        (f"d{n}", {"id": f"d{n}", "version": version, "text": text(n, version, words, tag)}) for n in docs
+    ]
+
+
+def deletes(docs: range) -> list[Event]:
+    return [(f"d{n}", None) for n in docs]
+
+
+async def eventually(check: Callable[[], Awaitable[None]], within: float) -> None:
+    """``check`` passes within ``within`` seconds (its last failure raised otherwise)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await check()
+        except (AssertionError, asyncpg.UndefinedTableError):  # not there yet (migrate runs first)
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+        else:
+            return
+
+
+async def scalar(env: Env, sql: str) -> Any:
+    conn = await connect(env)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def test_switch_model_and_dimensions_under_live_ingestion_then_roll_back(stack: Services) -> None:
+    env = fresh_env(stack)
+    events = upserts(range(60), 1)
+    await produce(env, events)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(env.settings, stop=stop))  # runs throughout, never restarted
+    searches: list[tuple[int, int]] = []  # (generation searched, hits)
+    failures: list[BaseException] = []
+    searching = asyncio.Event()
+    searching.set()
+
+    async def search_all_the_while() -> None:
+        async with Store(env.settings) as store:
+            await store.check()
+
+            async def embed(served: Generation) -> Vector:
+                return hash_embedding("kafka offset partition", served.dimensions)
+
+            while searching.is_set():
+                try:
+                    served, hits = await store.search_served(embed, 5)
+                    searches.append((served.id, len(hits)))
+                except Exception as exc:  # noqa: BLE001 - every search must answer: any failure counts
+                    failures.append(exc)
+                await asyncio.sleep(0.05)
+
+    try:
+        await eventually(lambda: assert_stored_state(env, expected_state(events)), 90)
+        searcher = asyncio.create_task(search_all_the_while())
+        # Before the build: updates, deletes, inserts.
+        batch = upserts(range(20), 2) + deletes(range(20, 25)) + upserts(range(60, 80), 1)
+        events += batch
+        await produce(env, batch)
+        building = asyncio.create_task(asyncio.to_thread(cli, env, "reindex", "start", *NEW))
+        # During it: documents grow, others shrink to one chunk, some go, new ones come.
+        await asyncio.sleep(1.0)
+        batch = (
+            upserts(range(30, 40), 2, words=300)
+            + upserts(range(45, 50), 2, words=5)
+            + deletes(range(40, 45))
+            + upserts(range(80, 100), 1)
+        )
+        events += batch
+        await produce(env, batch)
+        started = await building
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert "is complete" in started.stdout, started.stdout
+        # After it, before the switch.
+        batch = upserts(range(10), 3) + upserts(range(100, 110), 1) + deletes(range(70, 72))
+        events += batch
+        await produce(env, batch)
+        switched = await asyncio.to_thread(cli, env, "reindex", "switch", "--wait")
+        assert switched.returncode == 0, switched.stderr[-3000:]
+        # After the switch: the running worker ingests into the new generation, and keeps the old one
+        # current (a rollback would serve it).
+        batch = upserts(range(50, 60), 2, words=5) + deletes(range(60, 65)) + upserts(range(110, 120), 1)
+        events += batch
+        await produce(env, batch)
+        expected = expected_state(events)
+        await eventually(lambda: assert_stored_state(env, expected, dimensions=256), 90)
+        await eventually(lambda: assert_stored_state(env, expected, table="chunks_g1", dimensions=384), 60)
+        assert await scalar(env, f"SELECT count(*) FROM {env.schema}.generation_pending") == 0
+        status = await asyncio.to_thread(cli, env, "reindex", "status")
+        assert status.returncode == 0, status.stderr
+        assert "#1 kept" in status.stdout and "#2 served" in status.stdout, status.stdout
+        rolled = await asyncio.to_thread(cli, env, "reindex", "rollback")
+        assert rolled.returncode == 0, rolled.stderr[-3000:]
+        await asyncio.sleep(1.0)  # searches go on over the rollback too
+        searching.clear()
+        await searcher
+        await assert_stored_state(env, expected)  # `chunks` is generation 1 again, exact
+        await assert_stored_state(env, expected, table="chunks_g2", dimensions=256)
+    finally:
+        searching.clear()
+        stop.set()
+        await asyncio.wait_for(worker, 60)
+    assert failures == [], failures[:3]
+    assert len(searches) > 20, searches
+    assert all(hits == 5 for _, hits in searches), searches
+    assert {generation for generation, _ in searches} == {1, 2}, "the searches never saw the switch"
+    first_two = [g for g, _ in searches]
+    assert first_two.index(2) < len(first_two) - first_two[::-1].index(2), first_two  # 1.., 2.., 1..
+
+
+async def test_a_reindex_killed_halfway_resumes_and_buys_nothing_twice(stack: Services, faults: Any) -> None:
+    env = fresh_env(stack, EMBEDDING_BATCH_SIZE="8", EMBEDDING_CONCURRENCY="2")
+    tag = uuid.uuid4().hex[:10]
+    events = upserts(range(150), 1, words=100, tag=tag)
+    await produce(env, events)
+    await run_worker(env)
+    faults(slow_marker=tag, slow_ms=300)  # slow enough for the kill to land halfway
+    before = embedding_stats(env)["inputs"]
+    first = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "reindex",
+        "start",
+        *NEW,
+        env={**os.environ, **env.values},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        async def halfway() -> None:
+            assert first.returncode is None, "reindex start ended before the kill"
+            assert await scalar(env, f"SELECT to_regclass('{env.schema}.chunks_g2')") is not None
+            filled = await scalar(env, f"SELECT count(*) FROM {env.schema}.chunks_g2")
+            assert filled >= 100, filled
+
+        await eventually(halfway, 90)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    finally:
+        if first.returncode is None:
+            first.kill()
+            await first.wait()
+    pending = await scalar(env, f"SELECT count(*) FROM {env.schema}.generation_pending")
+    assert pending > 0, "nothing left to resume"
+    again = await asyncio.to_thread(cli, env, "reindex", "start", *NEW)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming generation #2" in again.stderr, again.stderr[-3000:]
+    bought = embedding_stats(env)["inputs"] - before
+    distinct = await scalar(env, f"SELECT count(DISTINCT content_sha256) FROM {env.schema}.chunks_g2")
+    # At most what was in flight at the kill (2 requests of 8, answered after it) and what was
+    # answered in the ledger's last quarter second is bought again.
+    assert distinct <= bought <= distinct + 32, (bought, distinct)
+    switched = await asyncio.to_thread(cli, env, "reindex", "switch")
+    assert switched.returncode == 0, switched.stderr[-3000:]
+    await assert_stored_state(env, expected_state(events), dimensions=256)
+
+
+async def test_a_chunking_change_goes_the_same_way_and_settings_must_name_a_generation(
+    stack: Services,
+) -> None:
+    env = fresh_env(stack)
+    events = upserts(range(40), 1) + upserts(range(10), 2, words=300) + deletes(range(35, 38))
+    await produce(env, events)
+    await run_worker(env)
+    before = embedding_stats(env)["inputs"]
+    started = await asyncio.to_thread(
+        cli, env, "reindex", "start", "--chunk-size", "120", "--chunk-overlap", "20"
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert embedding_stats(env)["inputs"] > before  # new chunks were embedded (same model)
+    switched = await asyncio.to_thread(cli, env, "reindex", "switch")
+    assert switched.returncode == 0, switched.stderr[-3000:]
+    await assert_stored_state(env, expected_state(events), chunking=(120, 20))
+    # The old settings name the kept generation: a worker with them runs, ingesting into the one
+    # served. Once the kept one is dropped, they name none: one line naming the setting.
+    more = upserts(range(40, 45), 1)
+    events += more
+    await produce(env, more)
+    await run_worker(env)
+    await assert_stored_state(env, expected_state(events), chunking=(120, 20))
+    # verify checks the kept generation too: complete but for what it is behind on.
+    conn = await connect(env)
+    try:
+        await conn.execute(f"DELETE FROM {env.schema}.chunks_g1 WHERE doc_id = 'd3'")
+    finally:
+        await conn.close()
+    damaged = await asyncio.to_thread(
+        cli, env.with_(CHUNK_SIZE="120", CHUNK_OVERLAP="20"), "verify", "--json"
+    )
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    coverage = json.loads(damaged.stdout)["checks"]["generation_coverage"]
+    assert coverage["problems"] == 1 and coverage["examples"] == ["d3"], coverage
+    dropped = await asyncio.to_thread(cli, env, "reindex", "drop")
+    assert dropped.returncode == 0, dropped.stderr
+    assert await scalar(env, f"SELECT to_regclass('{env.schema}.chunks_g1')") is None
+    refused = await asyncio.to_thread(cli, env, "run", "--stop-when-idle", "1")
+    assert refused.returncode == 2
+    line = one_line_error(refused)
+    assert "CHUNK_SIZE" in line and "#2" in line, line
+    verified = await asyncio.to_thread(cli, env.with_(CHUNK_SIZE="120", CHUNK_OVERLAP="20"), "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
