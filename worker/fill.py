@@ -33,10 +33,11 @@ from worker.errors import DependencyError, RecordError, describe
 from worker.generations import Generation
 from worker.ledger import Ledger
 from worker.purchases import Purchase, Purchases, vectors_of
-from worker.retry import ShuttingDown, sleep_unless
+from worker.retry import ShuttingDown, sleep_unless, unless_stopped
 from worker.settings import Settings
 from worker.store import GenerationFill, Store
 from worker.tokens import TokenCounter
+from worker.types import Vector
 from worker.usage import Usage
 
 log = structlog.get_logger()
@@ -200,7 +201,9 @@ class Filler:
 
     async def _embed(self, wanting: list[_Wanting], problems: dict[str, str]) -> list[GenerationFill]:
         supplied = await self._purchases.supply(wanting, known=self._store.known_embeddings)
-        results = await asyncio.gather(*(vectors_of(f) for f in supplied), return_exceptions=True)
+        # A stop does not wait for the answers: what was sent is paid for and kept in the ledger
+        # as it arrives (close() lets it), and the claims are given back.
+        results = await unless_stopped(self._stop, _all_vectors(supplied))
         fills = []
         for w, result in zip(wanting, results, strict=True):
             if isinstance(result, RecordError):
@@ -210,6 +213,11 @@ class Filler:
                 raise result
             fills.append(GenerationFill(w.doc_id, w.content_sha256, w.deleted, w.chunks, result))
         return fills
+
+
+async def _all_vectors(supplied: list[list[asyncio.Future[Vector]]]) -> list[list[Vector] | BaseException]:
+    """Each document's vectors, or what failed it (a coroutine: a stop cancels it as a task)."""
+    return await asyncio.gather(*(vectors_of(f) for f in supplied), return_exceptions=True)
 
 
 class Fillers:
@@ -252,6 +260,7 @@ class Fillers:
         metrics.GENERATION_SERVED.set(served.id)
         if self._store.generation is not None and served.id != self._store.generation.id:
             self._ingest(served)
+        self._store.reuse_from(found)
         writing = self._store.generation.id if self._store.generation is not None else served.id
         wanted = {g.id: g for g in found if g.id != writing}
         for gid in sorted(set(self._running) - set(wanted)):
@@ -259,6 +268,7 @@ class Fillers:
         for gid, generation in sorted(wanted.items()):
             if gid not in self._running:
                 self._running[gid] = await self._start(generation)
+            self._running[gid].store.reuse_from(found)
 
     async def _start(self, generation: Generation) -> _Running:
         settings = dataclasses.replace(self._settings, database_pool_size=2)

@@ -13,16 +13,23 @@ roll back, drop the one not served (worker.generations says what a generation is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 from worker import generations
-from worker.embed import OpenAIEmbedder
-from worker.errors import ConfigError, WorkerError
+from worker.embed import KNOWN_GOOD_INPUT, OpenAIEmbedder
+from worker.errors import (
+    ConfigError,
+    DependencyError,
+    EmbeddingProtocolError,
+    InputRejected,
+    WorkerError,
+    describe,
+)
 from worker.fill import Filler
 from worker.generations import Generation
 from worker.settings import Settings
@@ -77,6 +84,7 @@ async def start(
         served = generations.served(found)
         target = wanted.of(served, settings)
         generation = _resumable(found, target)
+        await _ask_the_api(target, settings)
         if generation is None:
             generation = await _register(base, target)
             _say(f"registered generation {generation.describe()}")
@@ -84,6 +92,7 @@ async def start(
             _say(f"resuming generation {generation.describe()}")
     started = time.perf_counter()
     store = Store(settings, generation)
+    store.reuse_from(found)
     async with OpenAIEmbedder(store.settings) as embedder, store:
         filler = Filler(store, embedder, source=lambda: served, stop=stop)
         try:
@@ -98,6 +107,10 @@ async def start(
         finally:
             await filler.close()
         if stop.is_set():
+            _say(
+                f"stopped after {filler.documents:,} documents ({filler.chunks:,} chunks): the same "
+                "`reindex start` goes on where this one was"
+            )
             return generation
         seconds = time.perf_counter() - started
         rate = filler.chunks / seconds if seconds else 0.0
@@ -225,7 +238,11 @@ def _resumable(found: list[Generation], target: Generation) -> Generation | None
 
     served = generations.served(found)
     if spec(served) == spec(target):
-        raise ConfigError("--model", f"generation {served.describe()} is the one served already")
+        raise ConfigError(
+            "--model",
+            f"nothing to build: generation {served.describe()} is the one served; give the "
+            "--model, --dimensions, --vector-type or --chunk-* that differ",
+        )
     other = generations.not_served(found)
     if other is None:
         return None
@@ -237,6 +254,23 @@ def _resumable(found: list[Generation], target: Generation) -> Generation | None
         f"generation {other.describe()} is {other.state}: one generation beside the served one at a "
         f"time; {verb}, `reindex drop` removes it",
     )
+
+
+async def _ask_the_api(target: Generation, settings: Settings) -> None:
+    """One input embedded with the generation's model and dimensions before anything is registered:
+    an API that refuses them (an unknown model, dimensions it does not give) is a bad flag (exit 2),
+    not documents to leave pending. One that does not answer is waited for, as ingestion does."""
+    async with OpenAIEmbedder(target.settings(settings)) as embedder:
+        try:
+            await embedder.embed([KNOWN_GOOD_INPUT])
+        except (InputRejected, EmbeddingProtocolError) as exc:
+            raise ConfigError(
+                "--model",
+                f"the embedding API at EMBEDDING_URL refuses {target.model} with {target.dimensions} "
+                f"dimensions: {describe(exc)}",
+            ) from exc
+        except DependencyError as exc:
+            _say(f"the embedding API does not answer ({describe(exc)}): waiting for it")
 
 
 async def _register(store: Store, target: Generation) -> Generation:
@@ -252,17 +286,23 @@ async def _progress(filler: Filler, total: int, before: int, every: float = 0.5)
     """A bar over the generation's live documents: done before this run, then filled by it."""
     from tqdm import tqdm
 
-    with (
-        tqdm(
-            total=total, initial=before, unit="doc", file=sys.stderr, dynamic_ncols=True, desc="filling"
-        ) as bar,
-        contextlib.suppress(asyncio.CancelledError),
-    ):
-        while True:
-            await asyncio.sleep(every)
-            bar.n = min(total, before + filler.documents)
-            bar.set_postfix_str(f"{filler.chunks:,} chunks", refresh=False)
-            bar.refresh()
+    with tqdm(
+        total=total, initial=before, unit="doc", file=sys.stderr, dynamic_ncols=True, desc="filling"
+    ) as bar:
+        try:
+            while True:
+                await asyncio.sleep(every)
+                _show(bar, filler, total, before)
+        except asyncio.CancelledError:
+            _show(bar, filler, total, before)  # where it ended
+
+
+def _show(bar: Any, filler: Filler, total: int, before: int) -> None:
+    down = sorted(d.name for d in filler.dependencies.all() if not d.up)
+    bar.set_description_str("waiting for " + " and ".join(down) if down else "filling", refresh=False)
+    bar.n = min(total, before + filler.documents)
+    bar.set_postfix_str(f"{filler.chunks:,} chunks", refresh=False)
+    bar.refresh()
 
 
 def _say(text: str) -> None:

@@ -248,7 +248,8 @@ class Settings:
             raise bad(
                 "embedding_dimensions",
                 f"{self.embedding_dimensions} is more than an HNSW index on {self.vector_type} takes "
-                f"({MAX_INDEXED_DIMENSIONS[self.vector_type]}); use VECTOR_TYPE=halfvec (up to 4000)",
+                f"({MAX_INDEXED_DIMENSIONS[self.vector_type]})"
+                + ("; use VECTOR_TYPE=halfvec (up to 4000)" if self.vector_type == "vector" else ""),
             )
         emb = _split_url(self.embedding_url, "EMBEDDING_URL")
         if emb.scheme not in ("http", "https") or not emb.netloc:

@@ -147,6 +147,7 @@ class Store:
             settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=self._usage
         )
         self._retired_ledgers: list[LedgerTable] = []
+        self._siblings: list[Statements] = []  # see reuse_from()
         if generation is not None:
             self.use(generation)
 
@@ -258,6 +259,7 @@ class Store:
     def _use_served(self, found: list[Generation]) -> None:
         if not self._fixed:
             self.use(generations.served(found))
+        self.reuse_from(found)
 
     async def generations(self) -> list[Generation]:
         """The registry as it is now."""
@@ -443,13 +445,30 @@ class Store:
         if not hashes:
             return {}
         sql = self._sql.known_embeddings_with_ledger if self._ledger.enabled else self._sql.known_embeddings
+        model = self._settings.embedding_model
         if self._ledger.enabled:
-            rows = await self._fetch(
-                sql, list(hashes), self._settings.embedding_model, ledger_key(self._settings)
-            )
+            rows = await self._fetch(sql, list(hashes), model, ledger_key(self._settings))
         else:
-            rows = await self._fetch(sql, list(hashes), self._settings.embedding_model)
-        return {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
+            rows = await self._fetch(sql, list(hashes), model)
+        known = {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
+        for sibling in self._siblings:  # another generation of this model and dimensions
+            if not (rest := [h for h in hashes if h not in known]):
+                break
+            rows = await self._fetch(sibling.known_embeddings, rest, model)
+            known |= {bytes(r["content_sha256"]): r["embedding"].to_numpy() for r in rows}
+        return known
+
+    def reuse_from(self, found: Sequence[Generation]) -> None:
+        """Look for known embeddings in the other live generations of this one's model and
+        dimensions too (a chunking change: chunks that come out the same are not bought again)."""
+        mine = self.generation
+        self._siblings = [
+            g.statements(self._schema)
+            for g in found
+            if mine is not None
+            and g.id != mine.id
+            and (g.model, g.dimensions) == (mine.model, mine.dimensions)
+        ]
 
     # -- filling a generation (worker.fill) ------------------------------------------------------
 
