@@ -69,6 +69,9 @@ _KAFKA_CLIENT = (  # kafka.client_options: every Kafka client
 _PRODUCER = (*_KAFKA_CLIENT, "KAFKA_PRODUCER_IDEMPOTENCE", "MAX_TEXT_BYTES")  # kafka.make_producer
 # Store.migrate and Store.check: where the tables are, and the column and model they hold
 _SCHEMA = ("DATABASE_URL", "DATABASE_SCHEMA", "VECTOR_TYPE", "EMBEDDING_DIMENSIONS", "EMBEDDING_MODEL")
+# Compared with the generation the settings name (migrate registers generation 1 with them; search
+# and build-index read them, and do not refuse another chunking: they write no chunks)
+_CHUNKING = ("CHUNK_SIZE", "CHUNK_OVERLAP", "CHUNK_UNIT")
 _EMBEDDER = (  # embed.OpenAIEmbedder
     "EMBEDDING_URL",
     "EMBEDDING_MODEL",
@@ -86,8 +89,8 @@ _EMBEDDER = (  # embed.OpenAIEmbedder
 )
 USES: dict[str, frozenset[str]] = {
     "run": frozenset(name for name, _, _ in describe()),  # app.serve: the whole pipeline
-    "migrate": frozenset({"LOG_LEVEL", *_SCHEMA, "INDEX_BUILD_MEMORY"}),
-    "build-index": frozenset({"LOG_LEVEL", *_SCHEMA, "INDEX_BUILD_MEMORY"}),
+    "migrate": frozenset({"LOG_LEVEL", *_SCHEMA, *_CHUNKING, "INDEX_BUILD_MEMORY"}),
+    "build-index": frozenset({"LOG_LEVEL", *_SCHEMA, *_CHUNKING, "INDEX_BUILD_MEMORY"}),
     "produce": frozenset({"LOG_LEVEL", *_PRODUCER, "KAFKA_TOPIC"}),
     "replay": frozenset(
         {
@@ -101,7 +104,7 @@ USES: dict[str, frozenset[str]] = {
         }
     ),
     "search": frozenset(
-        {"LOG_LEVEL", *_SCHEMA, "DATABASE_POOL_SIZE", "DATABASE_STATEMENT_CACHE_SIZE", *_EMBEDDER}
+        {"LOG_LEVEL", *_SCHEMA, *_CHUNKING, "DATABASE_POOL_SIZE", "DATABASE_STATEMENT_CACHE_SIZE", *_EMBEDDER}
     ),
     "usage": frozenset(
         {

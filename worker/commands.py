@@ -75,7 +75,7 @@ async def build_index(settings: Settings, _: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     store = Store(settings)
-    await store.check()  # a missing schema says "run migrate", not a traceback
+    await store.check(chunking=False)  # a missing schema says "run migrate", not a traceback
     built = await store.build_ann_index()
     state = "built" if built else "already there"
     print(f"HNSW index on {settings.database_schema}.chunks {state} ({time.perf_counter() - started:.1f}s)")
@@ -113,7 +113,7 @@ async def search(settings: Settings, args: argparse.Namespace) -> int:
         print("ingest-worker search: error: the query is empty", file=sys.stderr)
         return 2
     async with OpenAIEmbedder(settings) as embedder, Store(settings) as store:
-        await store.check()  # tables there, settings naming a generation of the index
+        await store.check(chunking=False)  # tables there, settings naming a generation of the index
 
         async def embed(served: Generation) -> Vector:  # with the served generation's model
             embedder.use(served.settings(settings))

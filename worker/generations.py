@@ -114,16 +114,18 @@ async def read(conn: asyncpg.Connection | asyncpg.Pool, sql: Statements) -> list
     return [Generation.of_row(row) for row in await conn.fetch(sql.generations)]
 
 
-def check_settings(settings: Settings, generations: Sequence[Generation]) -> Generation:
+def check_settings(
+    settings: Settings, generations: Sequence[Generation], *, chunking: bool = True
+) -> Generation:
     """The live generation ``settings`` name (model, dimensions, vector type); ConfigError naming
-    the setting, and saying which generation is served, when they name none, or name one with
-    another chunking."""
+    the setting, and saying which generation is served, when they name none, or (``chunking``:
+    for what writes chunks) name one with another chunking."""
     serving = served(generations)
     wanted = of_settings(settings)
     same_model = [g for g in generations if g.model == wanted.model]
     for g in same_model:
         if (g.dimensions, g.vector_type) == (wanted.dimensions, wanted.vector_type):
-            if g.chunking != wanted.chunking:
+            if chunking and g.chunking != wanted.chunking:
                 raise ConfigError(
                     "CHUNK_SIZE",
                     f"generation {g.describe()} chunks otherwise than CHUNK_SIZE={wanted.chunk_size}, "

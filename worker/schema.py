@@ -117,9 +117,9 @@ class Schema:
         for statement in sql.chunks_view:
             await conn.execute(statement)
 
-    async def check(self) -> list[Generation]:
+    async def check(self, *, chunking: bool = True) -> list[Generation]:
         """What `migrate` checks, for `run --no-migrate`: the schema is there, and the settings
-        name one of its generations. Returns them."""
+        name one of its generations (``chunking``: with its chunking). Returns them."""
         conn = await _connect(self._settings)
         try:
             if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.generations") is None:
@@ -136,7 +136,7 @@ class Schema:
                 )
         finally:
             await conn.close()
-        generations.check_settings(self._settings, found)
+        generations.check_settings(self._settings, found, chunking=chunking)
         return found
 
     async def build_ann_index(self) -> bool:

@@ -250,9 +250,9 @@ class Store:
         self._use_served(found)
         return found
 
-    async def check(self) -> list[Generation]:
+    async def check(self, *, chunking: bool = True) -> list[Generation]:
         """See :meth:`worker.schema.Schema.check`; uses the served generation from then on."""
-        found = await self.schema.check()
+        found = await self.schema.check(chunking=chunking)
         self._use_served(found)
         return found
 
@@ -262,8 +262,8 @@ class Store:
         self.reuse_from(found)
 
     async def generations(self) -> list[Generation]:
-        """The registry as it is now."""
-        return await generations.read(self._pool_or_raise(), self._sql)
+        """The registry as it is now (DatabaseUnavailable in an outage, as every other read)."""
+        return [Generation.of_row(row) for row in await self._fetch(self._sql.generations)]
 
     async def build_ann_index(self) -> bool:
         return await self.schema.build_ann_index()

@@ -55,7 +55,8 @@ async def stored_chunks(env: Env, doc_id: str) -> list[tuple[int, str, str]]:
     conn = await connect(env)
     try:
         rows = await conn.fetch(
-            f"SELECT chunk_index, content, xmin::text AS xmin FROM {env.schema}.chunks "
+            # the served generation's table: a row's xmin (`chunks` is a view, which has none)
+            f"SELECT chunk_index, content, xmin::text AS xmin FROM {env.schema}.chunks_g1 "
             "WHERE doc_id = $1 ORDER BY chunk_index",
             doc_id,
         )
@@ -69,6 +70,7 @@ async def test_new_documents_are_copied_in_and_stored_ones_merged_leaving_unchan
 ) -> None:
     await Store(env.settings).migrate(ann_index=True)
     async with Store(env.settings) as store:
+        await store.check()  # writes the served generation's table, as the worker's store does
         before = steps()
         assert await store.write([write_of(env, "a", FIRST, None, 1)]) == set()
         after_new = steps()
@@ -99,6 +101,7 @@ async def test_a_new_document_another_writer_stores_meanwhile_is_planned_again_n
     other = await connect(env)
     try:
         async with Store(env.settings) as store:
+            await store.check()  # writes the served generation's table, as the worker's store does
             # The other writer has inserted the document and its chunks, not yet committed: the
             # lock read finds no row, so this write copies the chunks straight in, once it may.
             tx = other.transaction()

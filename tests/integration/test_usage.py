@@ -111,6 +111,7 @@ async def test_every_transaction_that_makes_vectors_durable_carries_the_counts_p
             await conn.close()
 
     async with Store(env.settings) as store:
+        await store.check()  # writes the served generation's table, as the worker's store does
         usage = Usage(store.usage, "m", TokenCounter("bytes"), delay=3600)  # never writes by itself
         try:
             usage.bought(["alpha"], ["t"], prompt_tokens=2)

@@ -114,7 +114,12 @@ def test_uses_names_real_settings_for_every_command() -> None:
             ("DATABASE_", "EMBEDDING_"),
         ),
         ("replay", {"KAFKA_DLQ_TOPIC", "KAFKA_GROUP_ID", "KAFKA_SASL_PASSWORD"}, ("DATABASE_", "EMBEDDING_")),
-        ("search", {"DATABASE_URL", "EMBEDDING_URL", "EMBEDDING_API_KEY"}, ("KAFKA_", "CHUNK_")),
+        # search compares CHUNK_* with the generation the settings name (not refusing another)
+        (
+            "search",
+            {"DATABASE_URL", "EMBEDDING_URL", "EMBEDDING_API_KEY", "CHUNK_SIZE"},
+            ("KAFKA_", "HEALTH_"),
+        ),
         ("migrate", {"DATABASE_URL", "VECTOR_TYPE", "EMBEDDING_DIMENSIONS"}, ("KAFKA_", "EMBEDDING_URL")),
         ("build-index", {"DATABASE_URL", "INDEX_BUILD_MEMORY"}, ("KAFKA_", "EMBEDDING_URL")),
         (
@@ -163,6 +168,8 @@ def test_every_command_still_accepts_every_setting_flag(command: str) -> None:
     args = cli._parser().parse_args(argv)
     for name in settings:
         assert getattr(args, name.lower()) == f"value-of-{name}"
+    for name in cli.OWN_FLAGS.get(command, ()):
+        assert not hasattr(args, name.lower())
 
 
 def _no_stack(*_: object, **__: object) -> None:
