@@ -83,7 +83,7 @@ async def start(
         found = await _registry(base)
         served = generations.served(found)
         target = wanted.of(served, settings)
-        generation = _resumable(found, target)
+        generation = resumable(found, target)
         await _ask_the_api(target, settings)
         if generation is None:
             generation = await _register(base, target)
@@ -229,7 +229,7 @@ async def _registry(store: Store) -> list[Generation]:
     return found
 
 
-def _resumable(found: list[Generation], target: Generation) -> Generation | None:
+def resumable(found: list[Generation], target: Generation) -> Generation | None:
     """The registered generation ``target`` is (resumed), None when there is none; ConfigError
     when it is the served one, or another generation stands in its way."""
 
