@@ -47,6 +47,9 @@ FILL_TASKS = 4  # batches in progress at once: embedding one while another is wr
 CLAIM_LEASE = 600.0  # seconds after which a live process's claim is taken over (it froze)
 IDLE_POLL = 1.0  # seconds between looks for pending documents while there are none
 GENERATION_POLL = 2.0  # seconds between a worker's looks at the registry
+# A worker's filler beside ingestion: enough to keep up with what ingestion changes (a batch of
+# FILL_BATCH documents per round trip), not so much that a build takes over the worker.
+WORKER_FILL_TASKS = 2
 NO_TEXT = (
     "stored before documents kept their text, and no generation of the same chunking holds its "
     "chunks: publish the document again (any event of it stores its text)"
@@ -280,7 +283,9 @@ class Fillers:
         except BaseException:
             await embedder.__aexit__(None, None, None)
             raise
-        filler = Filler(store, embedder, source=lambda: self._served, stop=self._stop)
+        filler = Filler(
+            store, embedder, source=lambda: self._served, stop=self._stop, tasks=WORKER_FILL_TASKS
+        )
         task = asyncio.create_task(filler.run(until_done=False), name=f"fill-{generation.id}")
         log.info("generation_filling", generation=generation.describe(), state=generation.state)
         return _Running(filler, task, store, embedder)

@@ -562,6 +562,13 @@ class Store:
         try:
             async with conn.transaction():
                 await conn.execute(self._sql.register_lock)
+                for other in await generations.read(conn, self._sql):  # another start got here first
+                    if other.state != "served":
+                        raise ConfigError(
+                            "--model",
+                            f"generation {other.describe()} was registered meanwhile: one generation "
+                            "beside the served one at a time",
+                        )
                 gid = await conn.fetchval(
                     self._sql.register_generation,
                     wanted.model,
