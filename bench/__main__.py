@@ -10,7 +10,8 @@ embedding server that answers after ``LATENCY_MS``, publishes a deterministic co
 the ceilings (plain consume+decode, plain binary COPY with and without the HNSW index), the real
 worker with the instant and the slow embedding server, the naive baseline, the embedding inputs
 saved when the stream is redelivered, scaling over processes, rebalance churn (a member joins, another
-leaves), a latency x concurrency sweep, and peak RSS against a 10x backlog.
+leaves), a latency x concurrency sweep, peak RSS against a 10x backlog, and a reindex (``reindex
+start`` of a new generation against COPY + HNSW build of its rows, and ingestion while one runs).
 Prints each figure with its goal; writes ``bench/RESULTS.md`` and ``bench/throughput.png``.
 """
 
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 import worker
-from bench import churn
+from bench import churn, reindex
 from bench.context import Bench, Plan
 from bench.cpu import busy_cores, wait_for_quiet
 from bench.items import ONLY, run_all, run_only
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             f"KAFKA_SESSION_TIMEOUT_MS={churn.SESSION_TIMEOUT_MS}, --stop-when-idle {churn.IDLE_SECONDS:g}; "
             f"B joins once A has stored {churn.JOIN_AFTER_BATCHES} batches, A leaves "
             f"{churn.LEAVE_AFTER_SECONDS:g} s after B's first",
+            "reindex (item 13)": f"`reindex start --model <stack model>{reindex.MODEL_SUFFIX}` "
+            f"(dimensions {reindex.DIMENSIONS or 'the served ones'}, vector type "
+            f"{reindex.VECTOR_TYPE or 'the served one'}, the served chunking) of the base corpus, "
+            f"instant embeddings; ingestion during it: {reindex.DURING_TOPIC}, as many other documents",
         },
     )
     if args.only is not None:

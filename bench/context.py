@@ -103,17 +103,30 @@ class Bench:
         finally:
             await consumer.stop()
 
-    async def warm_instant(self) -> None:
+    async def warm_instant(
+        self,
+        events: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        dimensions: int | None = None,
+        chunk_size: int | None = None,
+        chunk_overlap: int | None = None,
+    ) -> None:
         """Have the instant server compute the base corpus's chunks before the runs that use it.
 
-        It remembers them (``--memo``) and answers the runs from memory: as a remote API's
-        compute is not on this machine, and as the COPY ceilings compute their vectors before
-        their clock starts. Its counters are reset afterwards."""
+        It remembers them (``--memo``, by text and dimensions, whatever the model) and answers the
+        runs from memory: as a remote API's compute is not on this machine, and as the COPY
+        ceilings compute their vectors before their clock starts. Its counters are reset
+        afterwards. ``events`` (the base corpus by default), ``dimensions`` and the chunking (the
+        stack's and the worker's by default) name other texts to warm, e.g. a new generation's."""
         env = self.stack.env()
-        size, overlap = self.plan.setting("CHUNK_SIZE", 1000), self.plan.setting("CHUNK_OVERLAP", 100)
+        size = chunk_size if chunk_size is not None else self.plan.setting("CHUNK_SIZE", 1000)
+        overlap = chunk_overlap if chunk_overlap is not None else self.plan.setting("CHUNK_OVERLAP", 100)
+        dimensions = dimensions if dimensions is not None else int(env["EMBEDDING_DIMENSIONS"])
         texts = list(
             dict.fromkeys(
-                c.content for e in self.events for c in chunk_text(e["text"], size=size, overlap=overlap)
+                c.content
+                for e in (self.events if events is None else events)
+                for c in chunk_text(e["text"], size=size, overlap=overlap)
             )
         )
         async with aiohttp.ClientSession() as http:
@@ -121,7 +134,7 @@ class Bench:
                 body = {
                     "model": env["EMBEDDING_MODEL"],
                     "input": texts[i : i + WARM_BATCH],
-                    "dimensions": int(env["EMBEDDING_DIMENSIONS"]),
+                    "dimensions": dimensions,
                     "encoding_format": "base64",
                 }
                 async with http.post(f"{self.instant.url}/embeddings", json=body) as answer:
@@ -250,9 +263,10 @@ class Bench:
         finally:
             await conn.close()
 
-    async def migrate(self, schema: str) -> None:
-        """``ingest-worker migrate`` into ``schema``: the worker's own tables and indexes."""
-        env = self.env("migrate", topic=TOPIC, embedding_url=self.stack.embeddings.url)
+    async def migrate(self, schema: str, **overrides: str) -> None:
+        """``ingest-worker migrate`` into ``schema``: the worker's own tables and indexes (with
+        ``overrides`` of the settings, e.g. another EMBEDDING_DIMENSIONS)."""
+        env = self.env("migrate", topic=TOPIC, embedding_url=self.stack.embeddings.url, **overrides)
         env["DATABASE_SCHEMA"] = schema
         process = await asyncio.create_subprocess_exec(
             *worker_command(),

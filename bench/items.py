@@ -12,6 +12,7 @@ from bench.churn import churn
 from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, best, little_bound, run_note, spread
 from bench.corpus import make_documents, publish
 from bench.naive import NaiveConfig, run_naive
+from bench.reindex import reindex
 from bench.report import Check, SweepPoint, megabytes, rate
 from bench.runner import WorkerRun
 
@@ -454,6 +455,7 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
     await backlog(bench, first)
     await ledger_cost(bench)
     await budget(bench)
+    await reindex(bench)
 
 
 def write_breakdown(seconds: Mapping[str, float]) -> str:
@@ -498,7 +500,7 @@ async def ledger_cost(bench: Bench) -> None:
     )
 
 
-ONLY = ("churn", "ledger", "write", "budget")  # items `--only` can run by themselves
+ONLY = ("churn", "ledger", "write", "budget", "reindex")  # items `--only` can run by themselves
 
 
 async def run_only(bench: Bench, item: str) -> None:
@@ -511,6 +513,9 @@ async def run_only(bench: Bench, item: str) -> None:
     elif item == "budget":
         await publish_base(bench)
         await budget(bench)
+    elif item == "reindex":  # item 13: builds its own served index from the base corpus
+        await publish_base(bench)
+        await reindex(bench)
     elif item == "write":  # items 1, 2 and 10: the write path against the COPY ceilings
         await publish_base(bench)
         limits = await ceilings(bench)
