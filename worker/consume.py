@@ -199,7 +199,11 @@ class KafkaSource:
 
     def caught_up(self) -> bool:
         """Every assigned partition's committed offset has reached its high watermark, and so has
-        its fetching (a partition rewound below its commit has records to read again)."""
+        its fetching (a partition rewound below its commit has records to read again). Never while
+        a rebalance is under way: the assignment's callback may be about to rewind a partition
+        (a database restored from a backup), its position not set yet."""
+        if self._rebalancing:
+            return False
         lags = self._lags()
         return bool(lags) and all(lag == 0 for lag in lags.values()) and self.unfetched() == 0
 

@@ -176,7 +176,8 @@ DAMAGE: dict[str, tuple[list[str], bool, dict[str, str]]] = {
             "WHERE id = 'doc-3'"
         ],
         True,
-        {"topic_text": "doc-3", "chunk_offsets": "doc-3"},
+        # Its chunks are another text's: not at their offsets, nor reaching the end of this one.
+        {"topic_text": "doc-3", "chunk_offsets": "doc-3", "chunks_contiguous": "doc-3"},
     ),
     "a live document the topic deleted": (
         ["UPDATE {s}.documents SET deleted = false WHERE id = 'doc-1'"],
