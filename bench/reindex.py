@@ -61,7 +61,9 @@ POLL_SECONDS = 0.2
 FILLED = re.compile(r"filled ([\d,]+) documents \(([\d,]+) chunks\) in ([\d.]+) s")
 INDEXED = re.compile(r"HNSW index ready in ([\d.]+) s")
 GENERATION = re.compile(r"(?:registered|resuming) generation #(\d+)")
-MARKS = {"registered": GENERATION, "filled": FILLED, "indexed": INDEXED}  # lines whose time is noted
+STARTED = re.compile(r"^reindex start: ")  # its first line: the interpreter is up, its imports done
+# lines whose time is noted
+MARKS = {"started": STARTED, "registered": GENERATION, "filled": FILLED, "indexed": INDEXED}
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,19 @@ class ReindexRun:
         return self.chunks / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     @property
+    def work_seconds(self) -> float:
+        """Its own work: from its first line (the interpreter up) to its index ready, i.e.
+        registration, fill and build; the whole command when a line is missing."""
+        m = self.marks
+        if "started" in m and "indexed" in m:
+            return m["indexed"] - m["started"]
+        return self.wall_seconds
+
+    @property
+    def work_chunks_per_s(self) -> float:
+        return self.chunks / self.work_seconds if self.work_seconds > 0 else 0.0
+
+    @property
     def fill_chunks_per_s(self) -> float:
         return self.fill_chunks / self.fill_seconds if self.fill_seconds else 0.0
 
@@ -107,7 +122,8 @@ class ReindexRun:
         if not all(k in m for k in MARKS):
             return None
         return {
-            "start-up + registration": m["registered"],
+            "start-up": m["started"],
+            "registration": m["registered"] - m["started"],
             "fill": m["filled"] - m["registered"],
             "HNSW build": m["indexed"] - m["filled"],
             "closing": self.wall_seconds - m["indexed"],
@@ -372,7 +388,8 @@ def gap(run: ReindexRun, ceiling: Ceiling) -> str:
     if phases is None:
         return ""
     extra = {
-        "start-up + registration": phases["start-up + registration"],
+        "start-up": phases["start-up"],
+        "registration": phases["registration"],
         "fill - COPY": phases["fill"] - ceiling.seconds,
         "CONCURRENTLY build - plain build": phases["HNSW build"] - ceiling.build_seconds,
         "closing": phases["closing"],
@@ -433,21 +450,24 @@ async def reindex(bench: Bench) -> None:
         await bench.wait_for_quiet()
         runs.append(await run_reindex(bench, f"reindex_{i}", SCHEMA, new))
         await reindex_command(bench, SCHEMA, "drop")
-    run = max(runs, key=lambda r: (r.ok, r.chunks_per_s))
+    run = max(runs, key=lambda r: (r.ok, r.work_chunks_per_s))
     ceiling = min(ceilings, key=lambda c: c.seconds + c.build_seconds)
     both = ceiling.with_build()
-    ratio = run.chunks_per_s / both.per_s
+    ratio = run.work_chunks_per_s / both.per_s
+    whole_ratio = run.chunks_per_s / both.per_s
     fill_ratio = run.fill_chunks_per_s / ceiling.per_s if ceiling.per_s else 0.0
-    others = [f"{rate(r.chunks_per_s, 'chunks/s')}" for r in runs if r is not run]
+    others = [f"{rate(r.work_chunks_per_s, 'chunks/s')}" for r in runs if r is not run]
     expected = f"the ceiling's {len(rows.rows)} rows" + (
         "" if run.chunks == len(rows.rows) else f" (**not** the {run.chunks} the reindex stored)"
     )
     report.add(
         Check(
             "13a. reindex, instant embeddings",
-            f"{rate(run.chunks_per_s, 'chunks/s')} ({run.chunks} chunks in {run.wall_seconds:.2f} s, the "
-            f"whole command); {ratio:.2f} of the COPY + HNSW build ceiling "
-            f"({rate(both.per_s, 'rows/s')}); the fill alone {rate(run.fill_chunks_per_s, 'chunks/s')}, "
+            f"{rate(run.work_chunks_per_s, 'chunks/s')} ({run.chunks} chunks in {run.work_seconds:.2f} s: "
+            f"registration, fill, index); {ratio:.2f} of the COPY + HNSW build ceiling "
+            f"({rate(both.per_s, 'rows/s')}); the whole command, interpreter start-up and closing "
+            f"included, {rate(run.chunks_per_s, 'chunks/s')} = {whole_ratio:.2f} of it; the fill alone "
+            f"{rate(run.fill_chunks_per_s, 'chunks/s')}, "
             f"{fill_ratio:.2f} of the COPY alone ({rate(ceiling.per_s, 'rows/s')})"
             + (f" (best of {len(runs)}; other runs {', '.join(others)})" if others else ""),
             f">= {GOAL_REINDEX_OF_CEILING}",
@@ -458,7 +478,9 @@ async def reindex(bench: Bench) -> None:
             f"from their stored text into {run.chunks} chunks, embedded by the instant server (from "
             "memory: Bench.warm_instant), written by binary COPY into its own table without HNSW, "
             f"then its HNSW index built CONCURRENTLY; timed from spawn to exit: {run.timeline()} "
-            "(phases by when its lines came on its stderr); CPU s spawn to exit: "
+            "(phases by when its lines came on its stderr; the rate is over registration, fill and "
+            "build: the ceiling's clock too starts with its process up, connected and its rows "
+            "ready); CPU s spawn to exit: "
             f"{run.cpu_line()}. Each run followed by `reindex drop`, so the next starts alike. "
             f"Ceiling (item 1c's, measured just before each run, best of {len(ceilings)}: "
             + ", ".join(rate(c.with_build().per_s, "rows/s") for c in ceilings)

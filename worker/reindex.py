@@ -79,6 +79,7 @@ async def start(
 ) -> Generation:
     """Register the generation (or find it registered: resume) and fill it; build its index.
     Raises NotReady when documents are left that cannot be filled (each one's reason logged)."""
+    _say(f"reindex start: {settings.database_schema}")
     async with Store(settings) as base:
         found = await _registry(base)
         served = generations.served(found)
