@@ -42,7 +42,7 @@ from worker.usage import Usage
 
 log = structlog.get_logger()
 
-FILL_BATCH = 512  # documents claimed at a time
+FILL_BATCH = 64  # documents claimed at a time
 FILL_TASKS = 4  # batches in progress at once: embedding one while another is written
 CLAIM_LEASE = 600.0  # seconds after which a live process's claim is taken over (it froze)
 IDLE_POLL = 1.0  # seconds between looks for pending documents while there are none

@@ -142,10 +142,7 @@ class Store:
         self._vector_schema = "public"
         self._records_offsets = False  # the schema has source_offsets (one migrated before it has not)
         self._stores_text = False  # documents has its text column (likewise)
-        self._usage = UsageRows(self._sql, pool=lambda: self._pool)
-        self._ledger = LedgerTable(
-            settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=self._usage
-        )
+        self._usage, self._ledger = self._tables()
         self._retired_ledgers: list[LedgerTable] = []
         self._siblings: list[Statements] = []  # see reuse_from()
         if generation is not None:
@@ -161,12 +158,17 @@ class Store:
         self._sql = generation.statements(self._schema)
         self.schema = Schema(self._settings, self._schema, self._sql)
         exists = self._ledger.exists, self._usage.exists
-        self._retired_ledgers.append(self._ledger)
-        self._usage = UsageRows(self._sql, pool=lambda: self._pool)
-        self._ledger = LedgerTable(
-            self._settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=self._usage
-        )
+        self._retired_ledgers.append(self._ledger)  # its presence connection closes with the store
+        self._usage, self._ledger = self._tables()
         self._ledger.exists, self._usage.exists = exists
+
+    def _tables(self) -> tuple[UsageRows, LedgerTable]:
+        """``embedding_usage`` and ``embedding_ledger`` as the generation's statements name them."""
+        usage = UsageRows(self._sql, pool=lambda: self._pool)
+        ledger = LedgerTable(
+            self._settings, self._sql, fetch=self._fetch, pool=lambda: self._pool, usage=usage
+        )
+        return usage, ledger
 
     @property
     def settings(self) -> Settings:
