@@ -1,7 +1,9 @@
 """Item 13: ``ingest-worker reindex start`` against this machine's ceiling, and ingestion while one runs.
 
-Setup: the base topic ingested (instant embeddings) into two schemas, ``bench_reindex`` and
-``bench_reindex_alone``, as a served index to rebuild; a second topic, ``bench_during``, of as
+Setup: a corpus SCALE times the base one (documents of their own, on ``bench_reindex_corpus``)
+ingested (instant embeddings) into two schemas, ``bench_reindex`` and ``bench_reindex_alone``, as
+a served index to rebuild (a reindex is a bulk job over a whole index: at the base corpus's size
+its fixed costs weigh as they do not on a real one); a second topic, ``bench_during``, of as
 many other documents (another seed), for ingestion to do during a reindex; the instant server
 warmed with both corpora's chunks (it remembers a text's vector by text and dimensions, whatever
 the model: the new generation's inputs are answered from memory as item 2's are).
@@ -19,7 +21,7 @@ the model: the new generation's inputs are answered from memory as item 2's are)
     worker's partitions are assigned (its workers keep the new generation current too: each
     write marks its documents pending in it, and the worker's own filler takes pending documents
     as ``reindex start`` does). Ingestion's rate is the worker's batch_stored chunks over its
-    measured interval (both schemas hold the base corpus already, so the chunks table's count
+    measured interval (both schemas hold (a)'s corpus already, so the chunks table's count
     is not the run's); no goal, the ratio is reported.
 """
 
@@ -54,6 +56,11 @@ SCHEMA = "bench_reindex"  # (a), then (b) with a reindex
 ALONE = "bench_reindex_alone"  # (b) without
 TEMPLATE = "bench_template_reindex"  # migrated with the new generation's settings: the ceiling's table
 DURING_TOPIC = "bench_during"
+# The index (a) rebuilds: SCALE times the base corpus's documents, of their own (another prefix).
+# A reindex is a bulk job over a whole index: at the base corpus's size (about 7,000 chunks) its
+# fixed costs (the registration, each batch's round trips) weigh as they never do on a real one.
+SCALE = 4
+CORPUS_TOPIC = "bench_reindex_corpus"
 DURING_SEED = 20240602  # other texts than the base corpus's (make_documents' default seed)
 WITHIN = 300.0  # seconds a reindex may take
 POLL_SECONDS = 0.2
@@ -313,16 +320,25 @@ async def count_rows(bench: Bench, schema: str, table: str) -> int:
 
 
 async def publish_during(bench: Bench) -> tuple[Published, list[dict[str, object]]]:
+    events = make_documents(bench.docs, seed=DURING_SEED, prefix="during")
+    return await _publish(bench, DURING_TOPIC, events), events
+
+
+async def publish_corpus(bench: Bench) -> tuple[Published, list[dict[str, object]]]:
+    events = make_documents(SCALE * bench.docs, prefix="reindex")
+    return await _publish(bench, CORPUS_TOPIC, events), events
+
+
+async def _publish(bench: Bench, topic: str, events: list[dict[str, object]]) -> Published:
     plan = bench.plan
     admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(DURING_TOPIC, plan.partitions, replication_factor=1)])
+        await admin.create_topics([NewTopic(topic, plan.partitions, replication_factor=1)])
     finally:
         await admin.close()
-    events = make_documents(bench.docs, seed=DURING_SEED, prefix="during")
-    print(f"- publishing {len(events)} other documents to `{DURING_TOPIC}` ...", flush=True)
-    return await publish(bench.bootstrap, DURING_TOPIC, events, partitions=plan.partitions), events
+    print(f"- publishing {len(events)} documents to `{topic}` ...", flush=True)
+    return await publish(bench.bootstrap, topic, events, partitions=plan.partitions)
 
 
 @dataclass(frozen=True)
@@ -405,7 +421,8 @@ async def reindex(bench: Bench) -> None:
     plan, report = bench.plan, bench.report
     new = new_generation(bench)
     during, during_events = await publish_during(bench)
-    await bench.warm_instant([*bench.events, *during_events])
+    _, corpus_events = await publish_corpus(bench)
+    await bench.warm_instant([*corpus_events, *during_events])
     served_dims = int(bench.stack.env()["EMBEDDING_DIMENSIONS"])
     if new.dimensions != served_dims:  # the new generation's vectors are other texts for the memo
         await bench.warm_instant(dimensions=new.dimensions)
@@ -416,16 +433,26 @@ async def reindex(bench: Bench) -> None:
         overrides["VECTOR_TYPE"] = new.vector_type
     await bench.migrate(TEMPLATE, **overrides)
     rows = chunk_rows(
-        bench.events,
+        corpus_events,
         chunk_size=new.chunk_size,
         chunk_overlap=new.chunk_overlap,
         model=new.model,
         dimensions=new.dimensions,
     )
 
-    # The served index to rebuild: the base corpus, in two schemas alike.
-    base = await bench.run("reindex_base", embedding_url=bench.instant.url, schema=SCHEMA)
-    alone_base = await bench.run("reindex_alone_base", embedding_url=bench.instant.url, schema=ALONE)
+    # The served index to rebuild: the corpus, in two schemas alike.
+    async def served(name: str, schema: str) -> WorkerRun:
+        return await bench.run(
+            name,
+            embedding_url=bench.instant.url,
+            topic=CORPUS_TOPIC,
+            docs=len(corpus_events),
+            schema=schema,
+            within=600.0,
+        )
+
+    base = await served("reindex_base", SCHEMA)
+    alone_base = await served("reindex_alone_base", ALONE)
 
     # (a) reindex alone, each after the ceiling it is measured against.
     ceilings: list[Ceiling] = []
@@ -473,7 +500,8 @@ async def reindex(bench: Bench) -> None:
             f">= {GOAL_REINDEX_OF_CEILING}",
             run.ok and ratio >= GOAL_REINDEX_OF_CEILING,
             f"`{run.command}` (with the served generation's settings in the environment) on a schema "
-            f"holding the base corpus ({bench.docs} documents, {base.chunks} chunks, ingested by a worker "
+            f"holding a corpus {SCALE} times the base one ({len(corpus_events)} other documents, "
+            f"{base.chunks} chunks, ingested by a worker "
             f"first): generation #{run.generation} registered, {run.fill_docs} documents re-chunked "
             f"from their stored text into {run.chunks} chunks, embedded by the instant server (from "
             "memory: Bench.warm_instant), written by binary COPY into its own table without HNSW, "
@@ -549,7 +577,7 @@ async def reindex(bench: Bench) -> None:
             f"{rate(without_rate, 'chunks/s')}; {rate(with_reindex.docs_per_s, 'docs/s')} vs "
             f"{rate(alone.docs_per_s, 'docs/s')})",
             note=f"`{DURING_TOPIC}`, {during.records} other documents (seed {DURING_SEED}), ingested by one "
-            f"worker into a schema holding the base corpus, once alone and once while `{new.model}` "
+            f"worker into a schema holding (a)'s corpus, once alone and once while `{new.model}` "
             "is being built there; chunks/s = the chunks of the worker's batch_stored lines over its "
             "measured interval (first batch's start to last batch stored). Without: "
             + ingest_note(alone, bench.logs / "ingest_alone-0.log")
