@@ -247,6 +247,7 @@ class Fillers:
         self._running: dict[int, _Running] = {}
 
     async def watch(self) -> None:
+        """Until the stop: a stop ends it quietly (ShuttingDown is how waits say so)."""
         try:
             while not self._stop.is_set():
                 try:
@@ -254,6 +255,8 @@ class Fillers:
                 except DependencyError as exc:
                     log.warning("generations_unread", error=describe(exc))
                 await sleep_unless(self._stop, self._poll)
+        except ShuttingDown:
+            pass
         finally:
             await asyncio.shield(self.close())
 
