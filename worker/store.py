@@ -175,10 +175,6 @@ class Store:
         """The settings with the generation's model, dimensions, vector type and chunking."""
         return self._settings
 
-    @property
-    def statements(self) -> Statements:
-        return self._sql
-
     async def __aenter__(self) -> Store:
         await self.open()
         return self
