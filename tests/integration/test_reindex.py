@@ -158,9 +158,9 @@ async def test_switch_model_and_dimensions_under_live_ingestion_then_roll_back(s
     assert failures == [], failures[:3]
     assert len(searches) > 20, searches
     assert all(hits == 5 for _, hits in searches), searches
-    assert {generation for generation, _ in searches} == {1, 2}, "the searches never saw the switch"
-    first_two = [g for g, _ in searches]
-    assert first_two.index(2) < len(first_two) - first_two[::-1].index(2), first_two  # 1.., 2.., 1..
+    # Generation 1 until the switch, 2 until the rollback, 1 again: never another order.
+    served = [generation for generation, _ in searches]
+    assert [g for i, g in enumerate(served) if i == 0 or g != served[i - 1]] == [1, 2, 1], served
 
 
 async def test_a_reindex_killed_halfway_resumes_and_buys_nothing_twice(stack: Services, faults: Any) -> None:
