@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,17 +29,14 @@ from worker.chunk import Chunk, chunk_document
 from worker.dependency import Dependencies
 from worker.embed import Embedder, OpenAIEmbedder
 from worker.embed import probe as probe_embedding
-from worker.embedding import EmbeddingStage
 from worker.errors import DependencyError, RecordError, describe
 from worker.generations import Generation
-from worker.ledger import Ledger
-from worker.purchases import Purchase, Purchases, vectors_of
+from worker.purchases import Buying, Purchase, vectors_of
 from worker.retry import ShuttingDown, sleep_unless, unless_stopped
 from worker.settings import Settings
 from worker.store import GenerationFill, Store
 from worker.tokens import TokenCounter
 from worker.types import Vector
-from worker.usage import Usage
 
 log = structlog.get_logger()
 
@@ -105,13 +103,10 @@ class Filler:
             stop=stop,
             threshold=settings.embedding_max_attempts,
         )
-        self._usage = Usage(store.usage, settings.embedding_model, self._tokens)
-        self._stage = EmbeddingStage(embedder, self.dependencies.embedding, settings, self._usage)
-        self._ledger = Ledger(store.ledger, self.dependencies.database)
-        self._purchases = Purchases(self._stage, self._ledger, self._usage)
+        self._buying = Buying.of(embedder, store.ledger, store.usage, self.dependencies, settings)
+        self._purchases = self._buying.purchases
         self.documents = 0  # documents filled (written, or found deleted)
         self.chunks = 0  # chunks written
-        self.problems = 0  # documents left pending with a problem
 
     async def run(self, *, until_done: bool) -> None:
         """Fill until nothing is pending (``until_done``) or until stopped."""
@@ -119,9 +114,7 @@ class Filler:
             await asyncio.gather(*(self._loop(until_done) for _ in range(self._tasks)))
 
     async def close(self, within: float = 5.0) -> None:
-        await self._stage.finish(within=within)
-        await self._ledger.close(within=max(1.0, within))
-        await self._usage.close()
+        await self._buying.close(time.monotonic() + within)
         for dependency in self.dependencies.all():
             await dependency.close()
 
@@ -176,12 +169,12 @@ class Filler:
         finally:
             for w in wanting:
                 self._purchases.release(w.held.values(), stored=w.doc_id not in problems)
-        done = [f for f in fills if f.doc_id not in set(changed)]
+        still = set(changed)
+        done = [f for f in fills if f.doc_id not in still]
         self.documents += len(done)
         self.chunks += sum(len(f.chunks) for f in done)
         metrics.GENERATION_FILLED.labels(generation=str(self.generation.id)).inc(len(done))
         if problems:
-            self.problems += len(problems)
             for doc_id, problem in sorted(problems.items()):
                 log.warning("fill_problem", generation=self.generation.id, doc_id=doc_id, problem=problem)
             await self.dependencies.database.call(lambda: self._release_with_problems(problems))
@@ -196,9 +189,12 @@ class Filler:
     async def _layout(self, doc_ids: list[str]) -> dict[str, list[Chunk]]:
         """Chunks of documents without text, from the served generation if it chunks the same."""
         source = self._source()
-        if not doc_ids or source is None or source.id == self.generation.id:
-            return {}
-        if source.chunking != self.generation.chunking:
+        if (
+            not doc_ids
+            or source is None
+            or source.id == self.generation.id
+            or source.chunking != self.generation.chunking
+        ):
             return {}
         return await self.dependencies.database.call(lambda: self._store.chunk_layout(source, doc_ids))
 

@@ -114,6 +114,22 @@ async def read(conn: asyncpg.Connection | asyncpg.Pool, sql: Statements) -> list
     return [Generation.of_row(row) for row in await conn.fetch(sql.generations)]
 
 
+async def register(conn: asyncpg.Connection, sql: Statements, generation: Generation) -> Generation:
+    """Record ``generation`` (as it is, in its state) under the next number; it, numbered."""
+    g = generation
+    gid = await conn.fetchval(
+        sql.register_generation,
+        g.model,
+        g.dimensions,
+        g.vector_type,
+        g.chunk_size,
+        g.chunk_overlap,
+        g.chunk_unit,
+        g.state,
+    )
+    return dataclasses.replace(g, id=gid)
+
+
 def check_settings(
     settings: Settings, generations: Sequence[Generation], *, chunking: bool = True
 ) -> Generation:

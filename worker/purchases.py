@@ -12,15 +12,21 @@ what was never sent is withdrawn: nobody has paid for it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from worker import metrics
 from worker.chunk import Chunk
-from worker.ledger import Ledger
+from worker.dependency import Dependencies
+from worker.embed import Embedder
+from worker.embedding import EmbeddingStage
+from worker.ledger import Ledger, PaidEmbeddings
+from worker.settings import Settings
+from worker.tokens import TokenCounter
 from worker.types import Vector
-from worker.usage import Usage
+from worker.usage import Usage, UsageTable
 
 
 class Wanting(Protocol):
@@ -266,3 +272,35 @@ def _resolved(vector: Vector) -> asyncio.Future[Vector]:
     future: asyncio.Future[Vector] = asyncio.get_running_loop().create_future()
     future.set_result(vector)
     return future
+
+
+@dataclass(eq=False)
+class Buying:
+    """How a process buys one model's embeddings: the embedding stage, the ledger, the purchases
+    made through them and the usage they count (the Worker's for ingestion, each Filler's)."""
+
+    stage: EmbeddingStage
+    ledger: Ledger
+    purchases: Purchases
+    usage: Usage
+
+    @classmethod
+    def of(
+        cls,
+        embedder: Embedder,
+        paid: PaidEmbeddings,
+        counted: UsageTable,
+        dependencies: Dependencies,
+        settings: Settings,
+    ) -> Buying:
+        usage = Usage(counted, settings.embedding_model, TokenCounter(settings.embedding_tokenizer))
+        stage = EmbeddingStage(embedder, dependencies.embedding, settings, usage)
+        ledger = Ledger(paid, dependencies.database)
+        return cls(stage, ledger, Purchases(stage, ledger, usage), usage)
+
+    async def close(self, deadline: float) -> None:
+        """Let the requests already sent be answered until ``deadline`` (time.monotonic()) and
+        keep their vectors in the ledger (they are paid for); write the counts."""
+        await self.stage.finish(within=max(0.0, deadline - time.monotonic()))
+        await self.ledger.close(within=max(1.0, deadline - time.monotonic()))  # a write takes a moment
+        await self.usage.close()

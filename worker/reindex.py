@@ -87,7 +87,7 @@ async def start(
         generation = resumable(found, target)
         await _ask_the_api(target, settings)
         if generation is None:
-            generation = await _register(base, target)
+            generation = await base.register_generation(target)
             _say(f"registered generation {generation.describe()}")
         else:
             _say(f"resuming generation {generation.describe()}")
@@ -180,16 +180,13 @@ async def switch(
             what = "no generation was served before this one" if rollback else "no generation is being built"
             hint = "; `reindex rollback` serves the kept one" if target is not None and not rollback else ""
             raise NotReady(f"{what}{hint}")
-        target_store = Store(settings, target)
-        target_store.use(target)
-        state = await base.ann_index_state_of(target)
-        if state != "ready":
+        if await base.ann_index_state_of(target) != "ready":
             if not wait:
                 raise NotReady(
                     f"generation {target.describe()} has no HNSW index yet: `reindex start` builds it "
                     "once filled (or `reindex switch --wait`)"
                 )
-            async with target_store:
+            async with Store(settings, target) as target_store:
                 await target_store.build_ann_index()
         while True:
             outcome = await base.serve(target)
@@ -272,10 +269,6 @@ async def _ask_the_api(target: Generation, settings: Settings) -> None:
             ) from exc
         except DependencyError as exc:
             _say(f"the embedding API does not answer ({describe(exc)}): waiting for it")
-
-
-async def _register(store: Store, target: Generation) -> Generation:
-    return await store.register_generation(target)
 
 
 async def _counts(store: Store, generation: Generation) -> tuple[int, int]:

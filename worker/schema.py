@@ -62,7 +62,7 @@ class Schema:
         """
         s = self._settings
         names = {"schema": self._schema}
-        conn = await _connect(s)
+        conn = await connect(s)
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
@@ -101,17 +101,8 @@ class Schema:
                 vector_type=vector_type if vector_type in ("vector", "halfvec") else first.vector_type,
                 dimensions=int(dims.rstrip(")")) if dims else first.dimensions,
             )
+        first = await generations.register(conn, self._sql, first)
         sql = first.statements(self._schema)
-        await conn.fetchval(
-            sql.register_generation,
-            first.model,
-            first.dimensions,
-            first.vector_type,
-            first.chunk_size,
-            first.chunk_overlap,
-            first.chunk_unit,
-            "served",
-        )
         for statement in sql.adopt_chunks_table if kind == "r" else sql.generation_table:
             await conn.execute(statement)
         for statement in sql.chunks_view:
@@ -120,7 +111,7 @@ class Schema:
     async def check(self, *, chunking: bool = True) -> list[Generation]:
         """What `migrate` checks, for `run --no-migrate`: the schema is there, and the settings
         name one of its generations (``chunking``: with its chunking). Returns them."""
-        conn = await _connect(self._settings)
+        conn = await connect(self._settings)
         try:
             if await conn.fetchval(EXISTS_SQL["relation"], f"{self._schema}.generations") is None:
                 raise ConfigError(
@@ -145,7 +136,7 @@ class Schema:
         Raises DatabaseUnavailable when the database cannot be reached or goes away meanwhile (an
         interrupted build leaves an invalid index, which the next build replaces).
         """
-        conn = await _connect(self._settings)
+        conn = await connect(self._settings)
         try:
             built = await self._build_ann_index(conn, self._sql, wait=True)
         except BaseException as exc:
@@ -184,7 +175,8 @@ class Schema:
         return self._sql.ann_index
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """A connection of its own (DatabaseUnavailable when there is none to be had)."""
     try:
         return await asyncpg.connect(settings.database_url.reveal(), timeout=10)
     except OUTAGE_ERRORS as exc:

@@ -324,12 +324,7 @@ class Store:
                     # leaves unchanged chunks untouched and updates changed ones.
                     new = [row for row in chunk_rows if row[0] not in now]
                     if new:
-                        await conn.copy_records_to_table(
-                            self._sql.table,
-                            schema_name=self._settings.database_schema,
-                            columns=CHUNK_COLUMNS,
-                            records=new,
-                        )
+                        await self._copy_chunks(conn, new)
                         clock.lap("copy_new")
                     if len(new) < len(chunk_rows):
                         await conn.execute(self._sql.incoming_table)
@@ -376,6 +371,12 @@ class Store:
                 raise DatabaseRefused(f"database refuses writes: {describe(exc)}") from exc
             raise StoreRejected(f"database refused the batch: {describe(exc)}") from exc
         return moved
+
+    async def _copy_chunks(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Binary COPY of chunk rows (CHUNK_COLUMNS) straight into the generation's table."""
+        await conn.copy_records_to_table(
+            self._sql.table, schema_name=self._settings.database_schema, columns=CHUNK_COLUMNS, records=rows
+        )
 
     async def _lock_generations(self, conn: asyncpg.Connection) -> list[int]:
         """Key-share lock the registry's rows (a registration, a drop wait for this write) and
@@ -528,12 +529,7 @@ class Store:
                     for c, e in zip(f.chunks, f.embeddings, strict=True)
                 ]
                 if rows:
-                    await conn.copy_records_to_table(
-                        self._sql.table,
-                        schema_name=self._settings.database_schema,
-                        columns=CHUNK_COLUMNS,
-                        records=rows,
-                    )
+                    await self._copy_chunks(conn, rows)
                 await conn.execute(self._sql.finish_pending, self.generation.id, kept)
                 changed = sorted(set(ids) - set(kept))
                 await conn.execute(
@@ -556,78 +552,48 @@ class Store:
         """Register ``wanted`` as a new generation being built, make its table, and list every live
         document as pending in it: in one transaction that locks the registry exclusively, so that
         the writes in flight finish first and every later write sees the generation."""
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.execute(self._sql.register_lock)
-                for other in await generations.read(conn, self._sql):  # another start got here first
-                    if other.state != "served":
-                        raise ConfigError(
-                            "--model",
-                            f"generation {other.describe()} was registered meanwhile: one generation "
-                            "beside the served one at a time",
-                        )
-                gid = await conn.fetchval(
-                    self._sql.register_generation,
-                    wanted.model,
-                    wanted.dimensions,
-                    wanted.vector_type,
-                    wanted.chunk_size,
-                    wanted.chunk_overlap,
-                    wanted.chunk_unit,
-                    "building",
-                )
-                generation = dataclasses.replace(wanted, id=gid, state="building")
-                sql = generation.statements(self._schema)
-                for statement in sql.generation_table:
-                    await conn.execute(statement)
-                await conn.execute(self._sql.seed_pending, gid)
-        finally:
-            await conn.close()
+        async with self._pool_or_raise().acquire() as conn, conn.transaction():
+            await conn.execute(self._sql.register_lock)
+            for other in await generations.read(conn, self._sql):  # another start got here first
+                if other.state != "served":
+                    raise ConfigError(
+                        "--model",
+                        f"generation {other.describe()} was registered meanwhile: one generation "
+                        "beside the served one at a time",
+                    )
+            generation = await generations.register(
+                conn, self._sql, dataclasses.replace(wanted, state="building")
+            )
+            for statement in generation.statements(self._schema).generation_table:
+                await conn.execute(statement)
+            await conn.execute(self._sql.seed_pending, generation.id)
         return generation
 
     async def serve(self, target: Generation) -> tuple[int, int] | None:
         """Serve ``target`` (the others kept) if nothing is pending in it: the registry's rows locked
         (writes in flight finish first, later ones wait for this), the states set and the `chunks`
         view replaced, in one transaction. None when served; else (pending, problems)."""
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.fetch(self._sql.lock_registry)
-                counts = await conn.fetchrow(
-                    "SELECT count(*) FILTER (WHERE problem IS NULL) AS pending, "
-                    "count(*) FILTER (WHERE problem IS NOT NULL) AS problems "
-                    f"FROM {self._schema}.generation_pending WHERE generation = $1",
-                    target.id,
-                )
-                if counts["pending"] or counts["problems"]:
-                    return int(counts["pending"]), int(counts["problems"])
-                await conn.execute(
-                    f"UPDATE {self._schema}.generations SET state = 'kept' WHERE state = 'served'"
-                )
-                await conn.execute(self._sql.set_state, target.id, "served")
-                for statement in target.statements(self._schema).chunks_view:
-                    await conn.execute(statement)
-        finally:
-            await conn.close()
+        async with self._pool_or_raise().acquire() as conn, conn.transaction():
+            registry = [Generation.of_row(row) for row in await conn.fetch(self._sql.lock_registry)]
+            behind = {r["generation"]: r for r in await conn.fetch(self._sql.pending_counts)}.get(target.id)
+            if behind is not None:
+                return int(behind["pending"]), int(behind["problems"])
+            await conn.execute(self._sql.set_state, generations.served(registry).id, "kept")
+            await conn.execute(self._sql.set_state, target.id, "served")
+            for statement in target.statements(self._schema).chunks_view:
+                await conn.execute(statement)
         return None
 
     async def drop_generation(self, target: Generation) -> None:
         """Remove a generation not served: its registry row (once the writes holding it finish),
         its pending rows and its table."""
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.fetch(self._sql.lock_registry)
-                state = await conn.fetchval(
-                    f"SELECT state FROM {self._schema}.generations WHERE id = $1", target.id
-                )
-                if state is None or state == "served":
-                    raise ConfigError("reindex", f"generation {target.describe()} is {state or 'gone'}")
-                await conn.execute(self._sql.drop_generation, target.id)
-                await conn.execute(f"DROP TABLE IF EXISTS {target.statements(self._schema).chunks}")
-        finally:
-            await conn.close()
+        async with self._pool_or_raise().acquire() as conn, conn.transaction():
+            states = {row["id"]: row["state"] for row in await conn.fetch(self._sql.lock_registry)}
+            state = states.get(target.id)
+            if state is None or state == "served":
+                raise ConfigError("reindex", f"generation {target.describe()} is {state or 'gone'}")
+            await conn.execute(self._sql.drop_generation, target.id)
+            await conn.execute(f"DROP TABLE IF EXISTS {target.statements(self._schema).chunks}")
 
     async def live_documents(self) -> int:
         return int(await self._fetchval(self._sql.live_documents))
@@ -637,12 +603,6 @@ class Store:
 
     async def ann_index_state_of(self, generation: Generation) -> str:
         return str(await self._fetchval(ANN_INDEX_STATE_SQL, generation.statements(self._schema).ann_index))
-
-    async def _connection(self) -> asyncpg.Connection:
-        try:
-            return await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
-        except OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
 
     async def ann_index_state(self) -> str:
         """ "ready", "missing" or "invalid": searches without a ready index scan every chunk."""

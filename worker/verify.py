@@ -314,13 +314,12 @@ async def _coverage(conn: asyncpg.Connection, sql: Statements, schema: _Schema, 
     how far behind)."""
     problems, examples, details = 0, [], []
     if schema.served is not None:
+        behind = {r["generation"]: r["pending"] + r["problems"] for r in await conn.fetch(sql.pending_counts)}
         for g in await generations.read(conn, sql):
             if g.id == schema.served.id:
                 continue
             other = g.statements(sql.schema)
-            pending = await conn.fetchval(
-                f"SELECT count(*) FROM {sql.schema}.generation_pending WHERE generation = $1", g.id
-            )
+            pending = behind.get(g.id, 0)
             report.notes.append(f"note: generation {g.describe()} is {g.state}, {pending:,} documents behind")
             row = await conn.fetchrow(
                 other.verify_coverage if schema.text else other.verify_coverage_without_text,

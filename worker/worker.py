@@ -27,17 +27,13 @@ from worker.dependency import Dependencies
 from worker.dlq import DeadLetterSink
 from worker.embed import Embedder
 from worker.embed import probe as probe_embedding
-from worker.embedding import EmbeddingStage
 from worker.errors import DependencyError, Fenced, describe
-from worker.ledger import Ledger
 from worker.pipeline import Pipeline
-from worker.purchases import Purchases
+from worker.purchases import Buying
 from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
 from worker.settings import Settings
 from worker.store import DocumentStore
-from worker.tokens import TokenCounter
 from worker.types import Record
-from worker.usage import Usage
 
 log = structlog.get_logger()
 
@@ -71,7 +67,7 @@ class Worker:
             threshold=settings.embedding_max_attempts,
             backoff=backoff,
         )
-        self._buying: tuple[EmbeddingStage, Ledger, Purchases, Usage] | None = None  # made in run()
+        self._buying: Buying | None = None  # made in run()
         self._pipeline: Pipeline | None = None
         self._retiring: Pipeline | None = None  # draining on stop or revoke: its records still count
         self._fetching: asyncio.Future[list[Record]] | None = None
@@ -296,19 +292,13 @@ class Worker:
         the grace period, and keep their vectors in the ledger (they are paid for)."""
         if self._buying is None:
             return
-        stage, ledger, _, usage = self._buying
-        deadline = stopped_at + self._settings.shutdown_grace_seconds
-        await stage.finish(within=max(0.0, deadline - time.monotonic()))
-        await ledger.close(within=max(1.0, deadline - time.monotonic()))  # a write takes a moment
-        await usage.close()
+        await self._buying.close(stopped_at + self._settings.shutdown_grace_seconds)
         self._buying = None
 
-    def _make_buying(self) -> tuple[EmbeddingStage, Ledger, Purchases, Usage]:
-        tokens = TokenCounter(self._settings.embedding_tokenizer)
-        usage = Usage(self._store.usage, self._settings.embedding_model, tokens)
-        stage = EmbeddingStage(self._embedder, self.dependencies.embedding, self._settings, usage)
-        ledger = Ledger(self._store.ledger, self.dependencies.database)
-        return stage, ledger, Purchases(stage, ledger, usage), usage
+    def _make_buying(self) -> Buying:
+        return Buying.of(
+            self._embedder, self._store.ledger, self._store.usage, self.dependencies, self._settings
+        )
 
     async def _change_generation(self, apply: Callable[[], Settings]) -> None:
         """See change_generation()."""
@@ -329,7 +319,7 @@ class Worker:
         assert self._buying is not None, "pipelines are made in run()"
         pipeline = Pipeline(
             store=self._store,
-            purchases=self._buying[2],
+            purchases=self._buying.purchases,
             dead_letters=self._dead_letters,
             settings=self._settings,
             stop=self._stop,
