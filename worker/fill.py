@@ -241,6 +241,7 @@ class Fillers:
         self._poll = poll
         self._served: Generation | None = None
         self._running: dict[int, _Running] = {}
+        self._closing = asyncio.Lock()
 
     async def watch(self) -> None:
         """Until the stop: a stop ends it quietly (ShuttingDown is how waits say so)."""
@@ -297,9 +298,11 @@ class Fillers:
             await running.filler.run(until_done=True)
 
     async def close(self) -> None:
-        for running in self._running.values():
-            await running.close()
-        self._running.clear()
+        """Close every filler, once: the cancelled watch's close and the app's may overlap, and
+        the second returns when the first is done."""
+        async with self._closing:
+            while self._running:
+                await self._running.popitem()[1].close()
 
 
 @dataclass(eq=False)
