@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import structlog
 
 from worker import generations, metrics
@@ -105,6 +107,7 @@ class Filler:
         )
         self._buying = Buying.of(embedder, store.ledger, store.usage, self.dependencies, settings)
         self._purchases = self._buying.purchases
+        self._after = ""
         self.documents = 0  # documents filled (written, or found deleted)
         self.chunks = 0  # chunks written
 
@@ -121,16 +124,24 @@ class Filler:
     async def _loop(self, until_done: bool) -> None:
         database = self.dependencies.database
         while not self._stop.is_set():
-            ids = await database.call(lambda: self._store.claim_pending(self._batch, CLAIM_LEASE))
-            if not ids:
-                if until_done:
-                    return
+            after = self._after
+            rows = await database.call(
+                functools.partial(self._store.claim_pending, self._batch, CLAIM_LEASE, after)
+            )
+            if rows:
+                self._after = rows[-1]["doc_id"]
+            elif after:  # the end of the keys: from the first again (released, or pending again)
+                self._after = ""
+                continue
+            elif until_done:
+                return
+            else:
                 await sleep_unless(self._stop, self._idle_poll)
                 continue
             try:
-                await self._fill(ids)
+                await self._fill(rows)
             except BaseException:
-                await asyncio.shield(self._release(ids))
+                await asyncio.shield(self._release([r["doc_id"] for r in rows]))
                 raise
 
     async def _release(self, ids: list[str]) -> None:
@@ -139,11 +150,13 @@ class Filler:
         except (DependencyError, OSError) as exc:  # the claim lapses with the process, or after CLAIM_LEASE
             log.warning("fill_release_failed", error=describe(exc))
 
-    async def _fill(self, ids: list[str]) -> None:
-        rows = await self.dependencies.database.call(lambda: self._store.fill_documents(ids))
+    async def _fill(self, claimed: list[asyncpg.Record]) -> None:
+        """Fill the claimed documents (Store.claim_pending's rows)."""
+        # A pending document with no row cannot be (rows stay, deleted or not).
+        problems = {r["doc_id"]: "no such document" for r in claimed if r["id"] is None}
+        rows = [r for r in claimed if r["id"] is not None]
         layout = await self._layout([r["id"] for r in rows if not r["deleted"] and r["text"] is None])
         wanting: list[_Wanting] = []
-        problems: dict[str, str] = {}
         for r in rows:
             doc_id, deleted = r["id"], r["deleted"]
             chunks: list[Chunk] | None = []
@@ -161,8 +174,6 @@ class Filler:
                 problems[doc_id] = NO_TEXT
                 continue
             wanting.append(_Wanting(doc_id, r["content_sha256"], deleted, chunks, r["tenant"]))
-        gone = set(ids) - {r["id"] for r in rows}  # pending, yet no row: cannot be (rows stay)
-        problems |= dict.fromkeys(gone, "no such document")
         fills = await self._embed(wanting, problems)
         try:
             changed = await self.dependencies.database.call(lambda: self._store.fill(fills))

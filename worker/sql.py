@@ -581,26 +581,27 @@ SEED_PENDING_SQL: Final = """
 INSERT INTO {schema}.generation_pending (generation, doc_id)
 SELECT $1, id FROM {schema}.documents WHERE NOT deleted ORDER BY id
 """
-# A filler takes up to $3 pending documents of generation $1 in key order for buyer $2: those
-# nobody holds, or whose holder is gone (its advisory lock released: a kill -9) or has held them
-# for $4 seconds (a frozen process). SKIP LOCKED: concurrent fillers take different ones.
+# A filler takes up to $3 pending documents of generation $1 after $5 in key order for buyer $2:
+# those nobody holds, or whose holder is gone (its advisory lock released: a kill -9) or has held
+# them for $4 seconds (a frozen process). SKIP LOCKED: concurrent fillers take different ones. A
+# filler goes on from the last key it took (the rows it filled before are dead tuples, which a scan
+# from the first key would wade through on every claim), and from the first once none are left.
+# Returns what the documents hold now (the text where $6: kept), in key order; `id` NULL where
+# the document has no row (cannot be: rows stay).
 CLAIM_PENDING_SQL: Final = """
-UPDATE {schema}.generation_pending p SET claimed_by = $2, claimed_at = now()
-FROM (SELECT doc_id FROM {schema}.generation_pending
-      WHERE generation = $1 AND problem IS NULL
-        AND (claimed_by IS NULL OR claimed_by NOT IN {live}
-             OR claimed_at < now() - make_interval(secs => $4))
-      ORDER BY doc_id LIMIT $3 FOR UPDATE SKIP LOCKED) AS s
-WHERE p.generation = $1 AND p.doc_id = s.doc_id
-RETURNING p.doc_id
-"""
-FILL_DOCUMENTS_SQL: Final = """
-SELECT id, text, content_sha256, deleted, tenant, chunk_count FROM {schema}.documents
-WHERE id = ANY($1::text[]) ORDER BY id
-"""
-FILL_DOCUMENTS_WITHOUT_TEXT_SQL: Final = """
-SELECT id, NULL::text AS text, content_sha256, deleted, tenant, chunk_count FROM {schema}.documents
-WHERE id = ANY($1::text[]) ORDER BY id
+WITH claimed AS (
+    UPDATE {schema}.generation_pending p SET claimed_by = $2, claimed_at = now()
+    FROM (SELECT doc_id FROM {schema}.generation_pending
+          WHERE generation = $1 AND doc_id > $5 AND problem IS NULL
+            AND (claimed_by IS NULL OR claimed_by NOT IN {live}
+                 OR claimed_at < now() - make_interval(secs => $4))
+          ORDER BY doc_id LIMIT $3 FOR UPDATE SKIP LOCKED) AS s
+    WHERE p.generation = $1 AND p.doc_id = s.doc_id
+    RETURNING p.doc_id
+)
+SELECT c.doc_id, d.id, CASE WHEN $6 THEN d.text END AS text, d.content_sha256, d.deleted, d.tenant
+FROM claimed c LEFT JOIN {schema}.documents d ON d.id = c.doc_id
+ORDER BY c.doc_id
 """
 # A document stored before documents kept their text: the chunks another generation of the same
 # chunking holds for it ({chunks} here), if it is current there (not pending in it, $2).
@@ -706,8 +707,6 @@ class Statements:
     register_generation: str
     seed_pending: str
     claim_pending: str
-    fill_documents: str
-    fill_documents_without_text: str
     chunk_layout: str
     lock_generation: str
     lock_filled: str
@@ -795,8 +794,6 @@ class Statements:
             register_generation=filled(REGISTER_GENERATION_SQL),
             seed_pending=filled(SEED_PENDING_SQL),
             claim_pending=filled(CLAIM_PENDING_SQL),
-            fill_documents=filled(FILL_DOCUMENTS_SQL),
-            fill_documents_without_text=filled(FILL_DOCUMENTS_WITHOUT_TEXT_SQL),
             chunk_layout=filled(CHUNK_LAYOUT_SQL),
             lock_generation=filled(LOCK_GENERATION_SQL),
             lock_filled=filled(LOCK_FILLED_SQL),

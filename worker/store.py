@@ -198,6 +198,7 @@ class Store:
                 max_size=self._settings.database_pool_size,
                 statement_cache_size=self._settings.database_statement_cache_size,
                 init=self._init_connection,
+                reset=_reset_connection,
                 command_timeout=120,
             )
         except OUTAGE_ERRORS as exc:
@@ -471,15 +472,22 @@ class Store:
 
     # -- filling a generation (worker.fill) ------------------------------------------------------
 
-    async def claim_pending(self, count: int, lease: float) -> list[str]:
-        """Up to ``count`` documents pending in this store's generation, in key order, claimed by
-        this process (its ledger buyer number, present while it lives)."""
+    async def claim_pending(self, count: int, lease: float, after: str = "") -> list[asyncpg.Record]:
+        """Up to ``count`` documents pending in this store's generation after ``after``, in key
+        order (the database's), claimed by this process (its ledger buyer number, present while it
+        lives), with what they hold now: doc_id; id (None: no such document), text (None where not
+        kept), content_sha256, deleted, tenant."""
         assert self.generation is not None
         await self._ledger.present()
-        rows = await self._fetch(
-            self._sql.claim_pending, self.generation.id, self._ledger.buyer, count, lease
+        return await self._fetch(
+            self._sql.claim_pending,
+            self.generation.id,
+            self._ledger.buyer,
+            count,
+            lease,
+            after,
+            self._stores_text,
         )
-        return sorted(r["doc_id"] for r in rows)
 
     async def release_pending(self, doc_ids: Sequence[str], problem: str | None = None) -> None:
         """Let others fill these again (``problem``: none will, until a write changes them)."""
@@ -488,11 +496,6 @@ class Store:
             await self._fetch(
                 self._sql.release_pending, self.generation.id, list(doc_ids), self._ledger.buyer, problem
             )
-
-    async def fill_documents(self, doc_ids: Sequence[str]) -> list[asyncpg.Record]:
-        """What the documents hold now: text (None where not kept), content_sha256, deleted, tenant."""
-        sql = self._sql.fill_documents if self._stores_text else self._sql.fill_documents_without_text
-        return await self._fetch(sql, list(doc_ids))
 
     async def chunk_layout(self, source: Generation, doc_ids: Sequence[str]) -> dict[str, list[Chunk]]:
         """The chunks ``source`` holds for these documents, where it is current for them."""
@@ -532,9 +535,10 @@ class Store:
                     await self._copy_chunks(conn, rows)
                 await conn.execute(self._sql.finish_pending, self.generation.id, kept)
                 changed = sorted(set(ids) - set(kept))
-                await conn.execute(
-                    self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
-                )
+                if changed:
+                    await conn.execute(
+                        self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
+                    )
                 await carry(conn)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"generation fill failed: {describe(exc)}") from exc
@@ -738,3 +742,10 @@ def _refuses_every_write(exc: asyncpg.PostgresError) -> bool:
     """SQLSTATE classes that no document's data causes: access rules and missing objects (42),
     invalid schema (3F) or authorization (28), unsupported features (0A)."""
     return str(getattr(exc, "sqlstate", "") or "")[:2] in {"42", "3F", "28", "0A"}
+
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Nothing beyond what asyncpg's pool always does (an open transaction rolled back): no
+    pooled connection carries session state (settings are set per transaction, advisory locks
+    are held on connections of their own), so its reset query, one more round trip for every
+    release, is not sent."""

@@ -5,6 +5,7 @@ start` killed (-9) halfway and started again; a chunking change through the same
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from tests.integration.helpers import (
     run_worker,
 )
 from tests.integration.services import Services
+from worker import generations
 from worker.app import serve
 from worker.dev.embedserver.hashing import hash_embedding
 from worker.generations import Generation
@@ -264,3 +266,30 @@ async def test_a_chunking_change_goes_the_same_way_and_settings_must_name_a_gene
     assert "CHUNK_SIZE" in line and "#2" in line, line
     verified = await asyncio.to_thread(cli, env.with_(CHUNK_SIZE="120", CHUNK_OVERLAP="20"), "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_claims_go_on_from_the_last_key_and_come_back_for_those_left_behind(stack: Services) -> None:
+    # A filler claims after the last key it took (the rows it filled before are dead tuples a scan
+    # from the first key would wade through on every claim), so what is released, or pending
+    # again, behind that key is found only by a claim from the first key again.
+    env = fresh_env(stack)
+    await produce(env, upserts(range(6), 1))
+    await run_worker(env)
+    async with Store(env.settings) as base:
+        served = generations.served(await base.generations())
+        generation = await base.register_generation(
+            dataclasses.replace(served, id=0, model="local-hash-ngram-v2", dimensions=256)
+        )
+    async with Store(env.settings, generation) as store:
+
+        async def claim(count: int, after: str = "") -> list[str]:
+            rows = await store.claim_pending(count, 600.0, after)
+            assert all(r["id"] == r["doc_id"] and r["text"] for r in rows), rows  # with what they hold
+            return [r["doc_id"] for r in rows]
+
+        assert await claim(2) == ["d0", "d1"]
+        await store.release_pending(["d0"])
+        assert await claim(2, after="d1") == ["d2", "d3"]  # not d0: behind the key
+        assert await claim(10, after="d3") == ["d4", "d5"]
+        assert await claim(10, after="d5") == []
+        assert await claim(10) == ["d0"]  # the others are held by this (live) process
