@@ -7,6 +7,7 @@ import ctypes
 import gc
 import sys
 import time
+import tracemalloc
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -28,12 +29,15 @@ from worker.kafka import (
     refusal,
     start_producer,
 )
+from worker.loop_health import LoopMonitor, watch_slow_callbacks
 from worker.retry import ShuttingDown, backoff, sleep_unless
 from worker.settings import Settings
 from worker.store import Store
 from worker.worker import Worker
 
 log = structlog.get_logger()
+
+DEBUG_TRACE_FRAMES = 10  # frames tracemalloc keeps per allocation with DEBUG_ENDPOINTS
 
 
 class StartupTimeout(WorkerError):
@@ -160,11 +164,17 @@ async def serve(
             settings=settings,
             stop_when_idle=stop_when_idle,
         )
+        loop_monitor = LoopMonitor()
+        watch_slow_callbacks(asyncio.get_running_loop(), settings.loop_slow_callback_ms)
+        if settings.debug_endpoints and not tracemalloc.is_tracing():
+            tracemalloc.start(DEBUG_TRACE_FRAMES)
         health = HealthServer(
             worker,
             {"database": store.ping, "embedding": embedder.ping},
             port=settings.health_port,
             ann_index=store.ann_index_state,
+            loop=loop_monitor,
+            debug=settings.debug_endpoints,
         )
         try:
             await health.start()
@@ -175,7 +185,12 @@ async def serve(
             ) from exc
         log.info("health_listening", port=health.port)
         log.info("settings", settings=settings.shown())
+        for state in ("in_use", "idle"):
+            metrics.DATABASE_CONNECTIONS.labels(state=state).set_function(
+                lambda state=state: store.connections()[state]  # type: ignore[misc]
+            )
         side = [
+            asyncio.create_task(loop_monitor.run(), name="loop-monitor"),
             asyncio.create_task(_stop_on(stop, worker), name="stop-relay"),
             asyncio.create_task(_watch_readiness(health), name="readiness"),
         ]

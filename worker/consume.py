@@ -129,7 +129,7 @@ class KafkaSource:
         self._update_lag()
         for tp, messages in batches.items():
             self._fetched[tp] = messages[-1].offset + 1
-        return [
+        records = [
             Record(
                 m.topic,
                 m.partition,
@@ -142,6 +142,8 @@ class KafkaSource:
             for messages in batches.values()
             for m in messages
         ]
+        metrics.fetched(len(records), sum(r.size for r in records))
+        return records
 
     def mark_stored(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, offset in offsets.items():
@@ -168,6 +170,7 @@ class KafkaSource:
             metrics.COMMIT_FAILURES.inc()
             log.warning("commit_failed", reason=repr(exc)[:300], partitions=len(offsets))
             return
+        metrics.COMMITS.inc()
         self._committed.update(offsets)
         self._update_lag()
 
@@ -266,9 +269,12 @@ class KafkaSource:
         return lags
 
     def _update_lag(self) -> None:
+        total = 0
         for tp, lag in self._lags().items():
             if lag is not None:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+                total += lag
+        metrics.lag_is(total)
 
     async def _partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._rebalancing = True
@@ -285,6 +291,7 @@ class KafkaSource:
                     self._committed[tp] = committed
                     self._stored[tp] = max(self._stored.get(tp, -1), committed)
         metrics.ASSIGNED_PARTITIONS.set(len(self.assignment()))
+        metrics.REBALANCES.labels(event="assigned").inc()
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
         self._check_for_twin()
         if self._assigned is not None:
@@ -321,6 +328,7 @@ class KafkaSource:
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
         if revoked:  # (a first join revokes nothing)
+            metrics.REBALANCES.labels(event="revoked").inc()
             log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
 
 

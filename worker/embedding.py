@@ -65,6 +65,11 @@ class EmbeddingStage:
         """Cancel ``future``'s input unless it was sent already (then it is paid for): True if so."""
         return self._batcher.withdraw(future)
 
+    @property
+    def queued(self) -> int:
+        """Inputs waiting for a request."""
+        return self._batcher.queued
+
     async def finish(self, within: float) -> None:
         """Let requests already sent be answered (they are paid for) within ``within`` seconds,
         then cancel whatever is left, queued or in flight (its futures too)."""
@@ -191,6 +196,10 @@ class EmbeddingBatcher:
             self._requests[task] = futures
             self._sent.update(futures)
             task.add_done_callback(self._request_done)
+
+    @property
+    def queued(self) -> int:
+        return self._count
 
     def limit_inputs(self, limit: int) -> None:
         """The API said it takes at most ``limit`` inputs a request: no request holds more."""

@@ -1,9 +1,11 @@
-"""``GET /healthz`` (loop alive), ``/readyz`` (partitions assigned, dependencies answer), ``/metrics``."""
+"""``GET /healthz`` (loops alive), ``/readyz`` (partitions assigned, dependencies answer), ``/metrics``,
+and with ``DEBUG_ENDPOINTS``, ``/debug/memory`` (tracemalloc's top allocations)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -12,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import metrics
 from worker.errors import describe
+from worker.loop_health import LoopMonitor
 
 Check = Callable[[], Awaitable[None]]
 State = Callable[[], Awaitable[str]]
@@ -38,8 +41,11 @@ class HealthServer:
         port: int,
         host: str = "0.0.0.0",
         ann_index: State | None = None,
+        loop: LoopMonitor | None = None,
+        debug: bool = False,
     ) -> None:
         self._worker = worker
+        self._loop = loop
         self._checks = checks
         self._ann_index = ann_index
         self._host, self._port = host, port
@@ -49,6 +55,8 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        if debug:
+            app.router.add_get("/debug/memory", self._memory)
         self._app = app
 
     async def start(self) -> None:
@@ -65,6 +73,9 @@ class HealthServer:
             await self._runner.cleanup()
 
     async def _healthz(self, _: web.Request) -> web.Response:
+        stuck = self._loop.stalled() if self._loop is not None else None
+        if stuck is not None:  # (while it is stuck, nothing answers: the probe times out)
+            return web.json_response({"status": "event_loop_stuck", "seconds": round(stuck, 1)}, status=503)
         if self._worker.heartbeat is None:  # start-up waits on dependencies, bounded by its own timeout
             return web.json_response({"status": "starting"})
         stalled = time.monotonic() - self._worker.heartbeat
@@ -107,3 +118,25 @@ class HealthServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _memory(self, request: web.Request) -> web.Response:
+        """The lines that hold the most memory now (``?top=N``, 25 by default), and the totals."""
+        if not tracemalloc.is_tracing():
+            return web.json_response({"error": "tracemalloc is not tracing (DEBUG_ENDPOINTS)"}, status=503)
+        try:
+            top = max(1, min(500, int(request.query.get("top", "25"))))
+        except ValueError:
+            return web.json_response({"error": "top must be a whole number"}, status=400)
+        snapshot = await asyncio.to_thread(tracemalloc.take_snapshot)
+        stats = await asyncio.to_thread(snapshot.statistics, "lineno")
+        current, peak = tracemalloc.get_traced_memory()
+        return web.json_response(
+            {
+                "traced_bytes": current,
+                "peak_bytes": peak,
+                "top": [
+                    {"where": str(stat.traceback[0]), "bytes": stat.size, "blocks": stat.count}
+                    for stat in stats[:top]
+                ],
+            }
+        )

@@ -41,9 +41,11 @@ class AdaptiveConcurrency:
         async with self._changed:
             await self._changed.wait_for(lambda: self._in_flight < max(self.minimum, int(self.limit)))
             self._in_flight += 1
+        metrics.EMBEDDING_IN_FLIGHT.inc()
         try:
             yield
         finally:
+            metrics.EMBEDDING_IN_FLIGHT.dec()
             async with self._changed:
                 self._in_flight -= 1
                 self._changed.notify_all()

@@ -34,7 +34,10 @@ WRITE_STEPS: Final = (
     "stage",
     "merge",
     "trim",
+    "generations",
+    "pending",
     "offsets",
+    "usage",
     "commit",
 )
 WRITE_STEP_SECONDS: Final = Histogram(
@@ -126,3 +129,72 @@ GENERATION_FILLED: Final = Counter(
     ["generation"],
 )
 GENERATION_SERVED: Final = Gauge("ingest_generation_served", "The generation of the index served now")
+
+EVENT_LOOP_LAG: Final = Histogram(
+    "ingest_event_loop_lag_seconds",
+    "How much later than due the event loop woke a sleeper (worker.loop_health, every 0.1 s): "
+    "how long callbacks hold the loop",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+COMMITS: Final = Counter("ingest_commits", "Offset commits the group coordinator accepted")
+REBALANCES: Final = Counter(
+    "ingest_rebalances", "Partitions assigned to this worker, or revoked from it", ["event"]
+)
+for _event in ("assigned", "revoked"):
+    REBALANCES.labels(event=_event)
+QUEUE_STAGES: Final = ("decoded", "embedding", "embedded", "dead_letters")
+QUEUE_DEPTH: Final = Gauge(
+    "ingest_queue_depth",
+    "Waiting in each stage: documents decoded for preparing, inputs queued for an embedding "
+    "request, documents embedded for a write, records for the dead-letter topic",
+    ["stage"],
+)
+DATABASE_CONNECTIONS: Final = Gauge(
+    "ingest_database_connections", "The worker's database pool, by state (in_use, idle)", ["state"]
+)
+EMBEDDING_IN_FLIGHT: Final = Gauge(
+    "ingest_embedding_requests_in_flight",
+    "Embedding requests sent and not yet answered (HTTP connections in use)",
+)
+FETCHED_RECORDS: Final = Counter("ingest_fetched_records", "Records fetched from the broker")
+FETCHED_BYTES: Final = Counter("ingest_fetched_bytes", "Bytes (key and value) of the records fetched")
+IN_FLIGHT_BYTES: Final = Gauge(
+    "ingest_in_flight_bytes", "Bytes of the records fetched and not yet stored or dead-lettered"
+)
+BACKLOG_BYTES: Final = Gauge(
+    "ingest_backlog_bytes",
+    "Work waiting, weighted by size (for autoscaling): bytes in flight plus the consumer lag times "
+    "the mean size of the records fetched so far",
+)
+
+
+class _Backlog:
+    """What ``ingest_backlog_bytes`` is made of, kept as plain numbers (reading them back from the
+    registry would collect every metric, on every turn of the fetch loop)."""
+
+    records = 0  # fetched so far
+    bytes = 0  # of those
+    lag = 0  # records behind, over every assigned partition
+
+
+_BACKLOG = _Backlog()
+
+
+def fetched(records: int, size: int) -> None:
+    FETCHED_RECORDS.inc(records)
+    FETCHED_BYTES.inc(size)
+    _BACKLOG.records += records
+    _BACKLOG.bytes += size
+
+
+def lag_is(records: int) -> None:
+    """The consumer lag over every partition assigned now."""
+    _BACKLOG.lag = records
+
+
+def update_backlog(in_flight_bytes: int) -> None:
+    """Set ``ingest_in_flight_bytes`` and ``ingest_backlog_bytes`` (record counts hide size: one
+    partition's 1,000 records of 1 MB are more work than another's 1,000 of 1 KB)."""
+    IN_FLIGHT_BYTES.set(in_flight_bytes)
+    mean = _BACKLOG.bytes / _BACKLOG.records if _BACKLOG.records else 0.0
+    BACKLOG_BYTES.set(in_flight_bytes + _BACKLOG.lag * mean)

@@ -144,6 +144,19 @@ class Pipeline:
         return self._inflight.records
 
     @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of the records admitted and not finished."""
+        return self._inflight.bytes
+
+    def queue_depths(self) -> dict[str, int]:
+        """What waits in each queue between the stages (metrics.QUEUE_STAGES but `embedding`)."""
+        return {
+            "decoded": self._ready.qsize(),
+            "embedded": self._embedded.qsize(),
+            "dead_letters": self._dead.qsize(),
+        }
+
+    @property
     def full(self) -> bool:
         """The in-flight window is full: fetching should pause."""
         return self._inflight.full

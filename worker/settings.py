@@ -219,6 +219,16 @@ class Settings:
         high=86400,
     )
 
+    loop_slow_callback_ms: int = _setting(
+        0,
+        "log each callback that holds the event loop longer (asyncio debug mode); 0: off",
+        low=0,
+        high=60_000,
+    )
+    debug_endpoints: bool = _setting(
+        False, "serve GET /debug/memory (tracemalloc, which costs memory and speed)"
+    )
+
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> ConfigError:
             return ConfigError(name.upper(), message)

@@ -204,6 +204,13 @@ class Store:
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
 
+    def connections(self) -> dict[str, int]:
+        """The pool's connections in use and idle (none before it is open)."""
+        if self._pool is None:
+            return {"in_use": 0, "idle": 0}
+        idle = self._pool.get_idle_size()
+        return {"in_use": self._pool.get_size() - idle, "idle": idle}
+
     @property
     def ledger(self) -> LedgerTable:
         return self._ledger

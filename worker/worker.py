@@ -240,6 +240,11 @@ class Worker:
         if self._pipeline is None:
             return
         metrics.IN_FLIGHT_RECORDS.set(self._pipeline.in_flight)
+        depths = self._pipeline.queue_depths()
+        depths["embedding"] = self._buying.stage.queued if self._buying is not None else 0
+        for stage, depth in depths.items():
+            metrics.QUEUE_DEPTH.labels(stage=stage).set(depth)
+        metrics.update_backlog(self._pipeline.in_flight_bytes)
         hold = self._pipeline.full or not all(d.up for d in self.dependencies.all())
         if not self._paused and hold:
             self._set_paused(True)
