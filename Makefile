@@ -7,7 +7,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration smoke lint bench dev clean
+KUSTOMIZE_VERSION := v5.7.1
+TOOLS  := .tools/bin
+
+.PHONY: install tools run test unit integration smoke lint bench dev clean
 
 install: $(STAMP)
 
@@ -17,6 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+## make tools: kustomize, built from the Go module proxy where Go is (tests/unit/test_deploy.py
+## renders deploy/kubernetes with it); without Go those tests are skipped.
+tools: $(TOOLS)/kustomize
+
+$(TOOLS)/kustomize:
+	@if command -v go >/dev/null; then \
+		GOBIN=$(CURDIR)/$(TOOLS) GOFLAGS=-buildvcs=false go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
+	else echo "no Go here: the deploy/ rendering tests will be skipped"; fi
 
 ## make run: the whole job on the embedded stack: broker, Postgres+pgvector, embedding server,
 ## publish the sample corpus, ingest it until idle, search it, clean up.
@@ -28,11 +40,11 @@ run: install
 ## make test: unit tests and the integration suite on a real broker (Apache Kafka when java and
 ## mvn are here: see tests/integration/services.py), then the smoke subset on the embedded Tansu.
 ## Each run starts the services it uses and stops them.
-test: install
-	$(BIN)/python -m pytest tests -q
+test: install tools
+	$(BIN)/python -m pytest tests -q --durations=15
 	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke
 
-unit: install
+unit: install tools
 	$(BIN)/python -m pytest tests/unit -q
 
 integration: install
@@ -54,4 +66,4 @@ dev: install
 	$(BIN)/ingest-worker dev --broker $(BROKER)
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache worker/dev/kafka/lib
+	rm -rf $(VENV) .run .tools .pytest_cache .mypy_cache .ruff_cache worker/dev/kafka/lib

@@ -11,6 +11,7 @@ from bench.ceilings import Ceiling, chunk_rows, consume_ceiling, copy_ceiling
 from bench.churn import churn
 from bench.context import LARGE_TOPIC, TOPIC, Bench, Limits, best, little_bound, run_note, spread
 from bench.corpus import make_documents, publish
+from bench.loop import loop_lag
 from bench.naive import NaiveConfig, run_naive
 from bench.reindex import reindex
 from bench.report import Check, SweepPoint, megabytes, rate
@@ -456,6 +457,7 @@ async def run_all(bench: Bench, *, with_sweep: bool) -> None:
     await ledger_cost(bench)
     await budget(bench)
     await reindex(bench)
+    await loop_lag(bench)
 
 
 def write_breakdown(seconds: Mapping[str, float]) -> str:
@@ -500,7 +502,7 @@ async def ledger_cost(bench: Bench) -> None:
     )
 
 
-ONLY = ("churn", "ledger", "write", "budget", "reindex")  # items `--only` can run by themselves
+ONLY = ("churn", "ledger", "write", "budget", "reindex", "loop")  # items `--only` can run by themselves
 
 
 async def run_only(bench: Bench, item: str) -> None:
@@ -516,6 +518,8 @@ async def run_only(bench: Bench, item: str) -> None:
     elif item == "reindex":  # item 13: builds its own served index from the base corpus
         await publish_base(bench)
         await reindex(bench)
+    elif item == "loop":  # item 14: its own topic
+        await loop_lag(bench)
     elif item == "write":  # items 1, 2 and 10: the write path against the COPY ceilings
         await publish_base(bench)
         limits = await ceilings(bench)

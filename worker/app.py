@@ -13,7 +13,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from worker import logs, metrics
+from worker import logs, metrics, tracing
 from worker.consume import KafkaSource
 from worker.dlq import KafkaDeadLetterSink
 from worker.embed import OpenAIEmbedder
@@ -164,6 +164,7 @@ async def serve(
             settings=settings,
             stop_when_idle=stop_when_idle,
         )
+        tracing.configure()
         loop_monitor = LoopMonitor()
         watch_slow_callbacks(asyncio.get_running_loop(), settings.loop_slow_callback_ms)
         if settings.debug_endpoints and not tracemalloc.is_tracing():
@@ -230,6 +231,8 @@ async def serve(
                 task.cancel()
             await asyncio.gather(*side, return_exceptions=True)
             await fillers.close()
+            tracing.shutdown()
+            log.info("event_loop", **loop_monitor.summary())  # its lag over the run
             await health.stop()
             await dead_letters.stop()
             await store.close()

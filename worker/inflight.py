@@ -10,6 +10,7 @@ job finishes, then run as one job (folded, so only the winner is embedded).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from aiokafka import TopicPartition
 
 from worker.decode import DocumentEvent
+from worker.tracing import trace_of
 from worker.types import Record
 
 
@@ -62,6 +64,13 @@ class Job:
 
     doc_id: str
     events: list[tuple[Record, DocumentEvent]] = field(default_factory=list)
+    admitted: float = field(default_factory=time.time)  # wall clock: its first record's admission
+    trace_id: str = ""  # its first record's (worker.tracing)
+    parent_span_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.trace_id and self.events:
+            self.trace_id, self.parent_span_id = trace_of(self.events[0][0])
 
     @property
     def records(self) -> list[Record]:
@@ -161,7 +170,10 @@ class InFlight:
     def route(self, record: Record, event: DocumentEvent) -> Job | None:
         """Queue the event behind its document's running job, or return a new job to start now."""
         if event.doc_id in self._running:
-            self._waiting.setdefault(event.doc_id, Job(event.doc_id)).events.append((record, event))
+            if (waiting := self._waiting.get(event.doc_id)) is not None:
+                waiting.events.append((record, event))
+            else:
+                self._waiting[event.doc_id] = Job(event.doc_id, [(record, event)])
             return None
         job = Job(event.doc_id, [(record, event)])
         self._running[event.doc_id] = job

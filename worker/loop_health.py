@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 import structlog
 
@@ -35,6 +36,7 @@ SUSTAINED = 1.0  # seconds the lag must stay above the threshold before it is lo
 LOG_EVERY = 10.0  # seconds between event_loop_lag lines while it lasts
 STUCK = 10.0  # seconds without a wake-up: the loop is stuck (longer than a group session may allow)
 REMEMBER = 30.0  # seconds /healthz keeps failing after a stall ended (a probe may have missed it)
+KEPT = 10_000  # the latest wake-ups kept for summary() (about 17 minutes at INTERVAL)
 
 
 class LoopMonitor:
@@ -61,6 +63,8 @@ class LoopMonitor:
         self._logged = 0.0
         self._thread_id: int | None = None
         self._watching = threading.Event()
+        self._lags: deque[float] = deque(maxlen=KEPT)
+        self.max_lag = 0.0
 
     async def run(self) -> None:
         """Until cancelled; starts the watchdog thread and stops it on the way out."""
@@ -83,6 +87,8 @@ class LoopMonitor:
         self._woke = now
         lag = max(0.0, lag)
         metrics.EVENT_LOOP_LAG.observe(lag)
+        self._lags.append(lag)
+        self.max_lag = max(self.max_lag, lag)
         if lag >= self.stuck:
             self._worst_stall = (lag, now)
         self._worst = max(self._worst, lag)
@@ -101,6 +107,19 @@ class LoopMonitor:
             )
             self._logged = now
             self._worst = 0.0
+
+    def summary(self) -> dict[str, float]:
+        """The lag's p50 and p99 over the latest KEPT wake-ups and its worst since the start (ms),
+        for the ``event_loop`` line at exit."""
+        lags = sorted(self._lags)
+        if not lags:
+            return {"wakeups": 0}
+        return {
+            "wakeups": len(lags),
+            "p50_ms": round(lags[len(lags) // 2] * 1000, 2),
+            "p99_ms": round(lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000, 2),
+            "max_ms": round(self.max_lag * 1000, 2),
+        }
 
     def stalled(self) -> float | None:
         """Seconds the loop is (or, within ``remember`` seconds, was) stuck; None if it is not."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class Prepared:
     chunks: list[Chunk]
     vectors: list[Vector] = field(default_factory=list)
     held: dict[bytes, Purchase] = field(default_factory=dict)  # purchases it waits for, by digest
+    prepared: float = field(default_factory=time.time)  # wall clock: planned and chunked
+    embedded: float = 0.0  # wall clock: its vectors all there
 
     @property
     def tenant(self) -> str | None:
@@ -340,6 +343,7 @@ class Pipeline:
     async def _await_vectors(self, p: Prepared, futures: list[asyncio.Future[Vector]]) -> None:
         try:
             p.vectors = await vectors_of(futures)
+            p.embedded = time.time()
             await self._intake.wait()
         except RecordError as exc:  # rejected, or failed every attempt while the API was up
             await self._intake.wait()

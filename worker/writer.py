@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from worker import metrics
+from worker import metrics, tracing
 from worker.dependency import Dependency
 from worker.errors import Fenced, StaleRead, StoreRejected, WriteTimedOut
 from worker.retry import ShuttingDown, isolate, sleep_unless
 from worker.store import DocumentStore, DocumentWrite, Progress
+from worker.tracing import DocumentTimes
 from worker.types import Record, TopicPartition
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from worker.pipeline import Prepared
 
 log = structlog.get_logger()
+
+TRACE_IDS_SHOWN = 20  # trace ids a batch_stored line lists at most
 
 Watermarks = Callable[[Iterable[Record]], Mapping[TopicPartition, int]]
 
@@ -70,7 +73,7 @@ class Writer:
             after={tp: m for tp, m in self._watermarks(records).items() if tp in touched},
             epoch=self.epoch,
         )
-        started = time.perf_counter()
+        started, began = time.perf_counter(), time.time()
         try:
             moved = await self._database.call(lambda: self._store.write(writes, progress))
         except Fenced as exc:
@@ -88,15 +91,34 @@ class Writer:
         self._timeouts, self.failure = 0, None
         seconds = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(seconds)
+        chunks = sum(len(p.chunks) for p in stored)
         log.info(
             "batch_stored",
             documents=len(stored),
-            chunks=sum(len(p.chunks) for p in stored),
+            chunks=chunks,
+            bytes=sum(r.size for p in stored for r in p.job.records),
             offsets=_offset_ranges([p.job for p in stored]),
             replanned=len(moved),
             in_flight=self._in_flight(),
             seconds=round(seconds, 4),
+            stage_seconds=_stage_seconds(stored, began),
+            trace_ids=sorted({p.job.trace_id for p in stored})[:TRACE_IDS_SHOWN],
         )
+        if tracing.enabled():
+            times = [
+                DocumentTimes(
+                    p.job.doc_id,
+                    p.job.trace_id,
+                    p.job.parent_span_id,
+                    p.record,
+                    len(p.chunks),
+                    p.job.admitted,
+                    p.prepared,
+                    p.embedded or p.prepared,
+                )
+                for p in stored
+            ]
+            tracing.batch_stored(times, began, began + seconds, chunks=chunks)
         return [None] * len(batch)
 
     async def _alone(self, p: Prepared, exc: Exception) -> None:
@@ -124,3 +146,15 @@ def _offset_ranges(jobs: Sequence[Job]) -> dict[str, str]:
             low, high = spans.get(where, (record.offset, record.offset))
             spans[where] = (min(low, record.offset), max(high, record.offset))
     return {where: f"{low}-{high}" for where, (low, high) in sorted(spans.items())}
+
+
+def _stage_seconds(batch: list[Prepared], began: float) -> dict[str, float]:
+    """The longest time a document of ``batch`` spent in each stage before its write: waiting and
+    being prepared (planned, chunked), being embedded, and waiting for a writer."""
+    if not batch:
+        return {}
+    return {
+        "prepare": round(max(p.prepared - p.job.admitted for p in batch), 4),
+        "embed": round(max((p.embedded or p.prepared) - p.prepared for p in batch), 4),
+        "write_wait": round(max(began - (p.embedded or p.prepared) for p in batch), 4),
+    }

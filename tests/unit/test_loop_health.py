@@ -99,3 +99,11 @@ async def test_slow_callbacks_are_named_when_asked_for(caplog: pytest.LogCapture
         loop.set_debug(debug)
         loop.slow_callback_duration = duration
     assert any("crunch" in r.getMessage() and "took" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_the_summary_gives_the_lags_percentiles_and_worst() -> None:
+    monitor = LoopMonitor()
+    assert monitor.summary() == {"wakeups": 0}
+    for lag in [0.001] * 98 + [0.2, 0.5]:
+        monitor.woke(lag)
+    assert monitor.summary() == {"wakeups": 100, "p50_ms": 1.0, "p99_ms": 500.0, "max_ms": 500.0}
