@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 KUSTOMIZE_VERSION := v5.7.1
 TOOLS  := .tools/bin
 
-.PHONY: install tools run test unit integration smoke lint bench dev clean
+.PHONY: install tools browser run test unit integration smoke lint bench dev clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ $(TOOLS)/kustomize:
 		GOBIN=$(CURDIR)/$(TOOLS) GOFLAGS=-buildvcs=false go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
 	else echo "no Go here: the deploy/ rendering tests will be skipped"; fi
 
+## make browser: Debian's chromium where it is missing (the status page test drives it headless).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		echo "installing Debian's chromium for the status page test"; \
+		apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+		echo "could not install chromium: the status page test will be skipped"; }
+
 ## make run: the whole job on the embedded stack: broker, Postgres+pgvector, embedding server,
 ## publish the sample corpus, ingest it until idle, search it, clean up.
 ## `make run BROKER=kafka` does it on Apache Kafka (fetched from Maven Central on first use);
@@ -40,7 +48,7 @@ run: install
 ## make test: unit tests and the integration suite on a real broker (Apache Kafka when java and
 ## mvn are here: see tests/integration/services.py), then the smoke subset on the embedded Tansu.
 ## Each run starts the services it uses and stops them.
-test: install tools
+test: install tools browser
 	$(BIN)/python -m pytest tests -q --durations=15
 	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke
 

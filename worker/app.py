@@ -176,6 +176,7 @@ async def serve(
             ann_index=store.ann_index_state,
             loop=loop_monitor,
             debug=settings.debug_endpoints,
+            settings=settings,
         )
         try:
             await health.start()

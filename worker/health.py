@@ -7,12 +7,12 @@ import asyncio
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from worker import metrics
+from worker import metrics, status
 from worker.errors import describe
 from worker.loop_health import LoopMonitor
 
@@ -43,8 +43,11 @@ class HealthServer:
         ann_index: State | None = None,
         loop: LoopMonitor | None = None,
         debug: bool = False,
+        settings: Any = None,
     ) -> None:
         self._worker = worker
+        self._settings = settings
+        self._rates = status.Rates()
         self._loop = loop
         self._checks = checks
         self._ann_index = ann_index
@@ -55,6 +58,8 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/status.json", self._status)
         if debug:
             app.router.add_get("/debug/memory", self._memory)
         self._app = app
@@ -140,3 +145,13 @@ class HealthServer:
                 ],
             }
         )
+
+    async def _page(self, _: web.Request) -> web.Response:
+        return web.Response(text=status.PAGE, content_type="text/html")
+
+    async def _status(self, _: web.Request) -> web.Response:
+        partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in self._worker.assignment())  # type: ignore[attr-defined]
+        figures = status.status(
+            self._rates, partitions=partitions, down=self._worker.down(), settings=self._settings
+        )
+        return web.json_response(figures)

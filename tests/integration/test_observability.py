@@ -5,6 +5,10 @@ event loop that stays responsive while near-limit documents go through."""
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -12,11 +16,21 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.helpers import Env, Event, assert_stored_state, expected_state, produce, spawn_worker
+from tests.integration.helpers import (
+    Env,
+    Event,
+    assert_stored_state,
+    expected_state,
+    produce,
+    produce_raw,
+    spawn_worker,
+)
 from worker.dev.processes import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
 SCRAPE_EVERY = 0.25  # seconds between scrapes of /metrics (/healthz is asked every 0.05 s)
 WORDS = ["tomato", "basil", "kafka", "offset", "vector", "chunk", "garden", "partition", "cake", "index"]
 
@@ -175,3 +189,105 @@ async def test_the_loop_stays_responsive_while_near_limit_documents_go_through(
     within = last['ingest_event_loop_lag_seconds_bucket{le="0.25"}']
     assert within >= 0.99 * count, f"{count - within:.0f} of {count:.0f} wake-ups came more than 250 ms late"
     await assert_stored_state(env, expected_state(events), chunking=(2000, 100))
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("no chromium: `make browser` installs Debian's")
+    return found
+
+
+def headless(*args: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium (as root it needs --no-sandbox), its own profile each time."""
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+
+async def test_the_status_page_shows_what_metrics_say(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    events: list[Event] = [
+        (f"d{n}", {"id": f"d{n}", "version": 1, "text": f"document {n}. {words(n, 200)}"}) for n in range(60)
+    ]
+    bad = [(b"broken", b"{not json")]  # one dead letter, for the page to count
+    await produce(env, events)
+    await produce_raw(env, bad)
+    worker = spawn_worker(env.with_(HEALTH_PORT=str(port)), tmp_path / "worker.log")  # runs until stopped
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def settled() -> dict[str, float]:
+                """/metrics once everything is stored, committed and dead-lettered (it stays so)."""
+                for _ in range(600):
+                    try:
+                        async with http.get(f"{url}/metrics") as response:
+                            found = series(await response.text())
+                        lags = [v for k, v in found.items() if k.startswith("ingest_consumer_lag{")]
+                        stored = found.get("ingest_chunks_written_total", 0) > 0
+                        if stored and lags and not any(lags) and found.get("ingest_in_flight_records") == 0:
+                            return found
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.2)
+                raise AssertionError(
+                    "the worker never settled: " + (tmp_path / "worker.log").read_text()[-2000:]
+                )
+
+            metrics_page = await settled()
+            dom = await asyncio.to_thread(headless, "--dump-dom", f"{url}/")
+            assert dom.returncode == 0, dom.stderr[-2000:]
+            screenshot = ROOT / ".run" / "screenshots" / "status-page.png"
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            shot = await asyncio.to_thread(
+                headless, f"--screenshot={screenshot}", "--window-size=1280,1000", f"{url}/"
+            )
+            assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    finally:
+        worker.terminate()
+        worker.wait(60)
+    shown = dict(re.findall(r'data-key="([^"]+)" data-value="([^"]*)"', dom.stdout))
+    assert 'data-loaded="true"' in dom.stdout, dom.stdout[-2000:]
+    assert float(shown["totals.chunks_written"]) == metrics_page["ingest_chunks_written_total"]
+    assert (
+        float(shown["totals.dead_letters"])
+        == 1
+        == sum(v for k, v in metrics_page.items() if k.startswith("ingest_dead_letters_total{"))
+    )
+    assert (
+        float(shown["totals.records"])
+        == sum(v for k, v in metrics_page.items() if k.startswith("ingest_records_total{"))
+        == len(events) + len(bad)
+    )
+    lags = {
+        k.split("partition=")[1].split('"')[1]: v
+        for k, v in metrics_page.items()
+        if k.startswith("ingest_consumer_lag{")
+    }
+    assert {k.split("/")[-1] for k in shown if k.startswith("lag.")} == set(lags)
+    assert all(float(shown[f"lag.{env.topic}/{p}"]) == v for p, v in lags.items())
+    assert float(shown["embedding.concurrency_limit"]) == round(
+        metrics_page["ingest_embedding_concurrency_limit"], 2
+    )
+    assert float(shown["in_flight.records"]) == metrics_page["ingest_in_flight_records"] == 0
+    assert shown["dependencies.database"] == shown["dependencies.embedding"] == "up"
+    assert ">ready<" in dom.stdout  # partitions assigned, nothing down
+    with capsys.disabled():
+        print(f"\nstatus page screenshot: {screenshot}")
