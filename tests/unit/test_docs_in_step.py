@@ -40,3 +40,17 @@ def test_contract_settings_and_commands_exist() -> None:
     commands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     for command in ("run", "migrate", "produce", "replay", "search", "reindex", "verify", "dev"):
         assert command in commands
+
+
+def test_every_metric_is_in_the_readme_table_with_its_type() -> None:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from worker import metrics
+
+    readme = (ROOT / "README.md").read_text()
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            name = metric._name + ("_total" if metric._type == "counter" else "")
+            row = re.search(rf"^\| `{name}` \| (\w+) \|", readme, re.MULTILINE)
+            assert row is not None, f"{name} is missing from the README's metrics table"
+            assert row.group(1) == metric._type, f"README shows another type for {name}"
