@@ -102,10 +102,10 @@ def configure(provider: Any = None) -> bool:
 
 
 def shutdown() -> None:
-    """Send the spans still buffered (at exit)."""
+    """Send the spans still buffered, and close the exporter (at exit)."""
     global _tracer, _provider
     if _provider is not None:
-        _provider.force_flush()
+        _provider.shutdown()
     _tracer = _provider = None
 
 

@@ -3,6 +3,8 @@ the OpenTelemetry SDK's in-memory exporter."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -85,3 +87,31 @@ async def test_no_spans_are_made_without_an_endpoint(monkeypatch: pytest.MonkeyP
     await r.run()
     assert not tracing.enabled()
     assert r.store.documents.keys() == {"a"}
+
+
+async def test_spans_go_over_otlp_http_to_the_endpoint_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert tracing.configure()
+        r = rig(log_of({0: [upsert("traced", TEXT_C)]}, headers={(0, 0): TRACEPARENT}))
+        await r.run()
+        tracing.shutdown()  # what is buffered is sent
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received and all(path == "/v1/traces" for path, _ in received), received
+    assert any(bytes.fromhex(TRACE_ID) in body and b"ingest.document" in body for _, body in received)
