@@ -93,7 +93,7 @@ async def test_spans_go_over_otlp_http_to_the_endpoint_set(monkeypatch: pytest.M
     received: list[tuple[str, bytes]] = []
 
     class Collector(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+        def do_POST(self) -> None:
             received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
