@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.ceilings import Ceiling
-from bench.corpus import Published
+from bench.corpus import Published, publish
 from bench.cpu import PidSource, postgres_pids, wait_for_quiet
 from bench.report import BUSY_MACHINE_CORES, Report, cpu_line, megabytes, rate
 from bench.runner import WorkerRun, run_workers, worker_command
@@ -255,6 +256,17 @@ class Bench:
             await conn.execute("CHECKPOINT")
         finally:
             await conn.close()
+
+    async def publish_topic(self, topic: str, events: Sequence[dict[str, Any]]) -> Published:
+        """Create ``topic`` (the plan's partitions) and publish ``events`` to it."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, self.plan.partitions, replication_factor=1)])
+        finally:
+            await admin.close()
+        print(f"- publishing {len(events)} documents to `{topic}` ...", flush=True)
+        return await publish(self.bootstrap, topic, events, partitions=self.plan.partitions)
 
     async def drop_schema(self, schema: str) -> None:
         conn = await asyncpg.connect(self.database_url, timeout=10)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import random
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from bench.context import Bench
-from bench.corpus import make_documents, publish
+from bench.corpus import make_documents
 from bench.report import Check, rate
 from bench.runner import json_lines
 
@@ -46,19 +44,9 @@ def near_limit_documents() -> list[dict[str, object]]:
 
 
 async def loop_lag(bench: Bench) -> None:
-    plan, report = bench.plan, bench.report
-    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(TOPIC, plan.partitions, replication_factor=1)])
-    finally:
-        await admin.close()
+    report = bench.report
     events = near_limit_documents()
-    print(
-        f"- publishing {len(events)} documents ({BIG} of ~{BIG_CHARS // 1000} KB) to `{TOPIC}` ...",
-        flush=True,
-    )
-    published = await publish(bench.bootstrap, TOPIC, events, partitions=plan.partitions)
+    published = await bench.publish_topic(TOPIC, events)
     run = await bench.run("loop_lag", embedding_url=bench.instant.url, topic=TOPIC, docs=published.records)
     summary = next(
         (line for line in json_lines(bench.logs / "loop_lag-0.log") if line.get("event") == "event_loop"),

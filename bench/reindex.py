@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.ceilings import Ceiling, chunk_rows, copy_ceiling
 from bench.context import TOPIC, Bench
-from bench.corpus import Published, make_documents, publish
+from bench.corpus import Published, make_documents
 from bench.cpu import CpuAccount
 from bench.report import Check, cpu_line, rate
 from bench.runner import WorkerRun, json_lines, log_timestamp, stop_worker, worker_command
@@ -321,24 +320,12 @@ async def count_rows(bench: Bench, schema: str, table: str) -> int:
 
 async def publish_during(bench: Bench) -> tuple[Published, list[dict[str, object]]]:
     events = make_documents(bench.docs, seed=DURING_SEED, prefix="during")
-    return await _publish(bench, DURING_TOPIC, events), events
+    return await bench.publish_topic(DURING_TOPIC, events), events
 
 
 async def publish_corpus(bench: Bench) -> tuple[Published, list[dict[str, object]]]:
     events = make_documents(SCALE * bench.docs, prefix="reindex")
-    return await _publish(bench, CORPUS_TOPIC, events), events
-
-
-async def _publish(bench: Bench, topic: str, events: list[dict[str, object]]) -> Published:
-    plan = bench.plan
-    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, plan.partitions, replication_factor=1)])
-    finally:
-        await admin.close()
-    print(f"- publishing {len(events)} documents to `{topic}` ...", flush=True)
-    return await publish(bench.bootstrap, topic, events, partitions=plan.partitions)
+    return await bench.publish_topic(CORPUS_TOPIC, events), events
 
 
 @dataclass(frozen=True)
