@@ -86,7 +86,7 @@ async def test_every_operations_metric_is_exported_and_moves(env: Env, faults: A
     port = free_port()
     events: list[Event] = [
         (f"d{n}", {"id": f"d{n}", "version": 1, "text": f"{tag} document {n}. {words(n, 250)}"})
-        for n in range(200)
+        for n in range(80)
     ]
     await produce(env, events)
     faults(slow_marker=tag, slow_ms=100)  # requests in flight and inputs queued, long enough to see
