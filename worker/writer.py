@@ -63,6 +63,12 @@ class Writer:
             await isolate(batch, self._once, faults=(StoreRejected, WriteTimedOut), alone=self._alone)
 
     async def _once(self, batch: list[Prepared]) -> list[None]:
+        """One write of ``batch``; every line logged meanwhile (a retry, a timeout, a fence) carries
+        its documents' trace ids."""
+        with structlog.contextvars.bound_contextvars(trace_ids=_trace_ids(batch)):
+            return await self._write(batch)
+
+    async def _write(self, batch: list[Prepared]) -> list[None]:
         if self.fenced:
             return [None] * len(batch)  # abandoned: the partitions' new owner stores them
         writes = [DocumentWrite(p.change, p.record, p.chunks, p.vectors) for p in batch]
@@ -102,7 +108,7 @@ class Writer:
             in_flight=self._in_flight(),
             seconds=round(seconds, 4),
             stage_seconds=_stage_seconds(stored, began),
-            trace_ids=sorted({p.job.trace_id for p in stored})[:TRACE_IDS_SHOWN],
+            trace_ids=_trace_ids(stored),
         )
         if tracing.enabled():
             times = [
@@ -158,3 +164,7 @@ def _stage_seconds(batch: list[Prepared], began: float) -> dict[str, float]:
         "embed": round(max((p.embedded or p.prepared) - p.prepared for p in batch), 4),
         "write_wait": round(max(began - (p.embedded or p.prepared) for p in batch), 4),
     }
+
+
+def _trace_ids(batch: list[Prepared]) -> list[str]:
+    return sorted({p.job.trace_id for p in batch})[:TRACE_IDS_SHOWN]

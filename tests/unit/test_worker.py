@@ -1100,7 +1100,7 @@ async def test_a_member_whose_partitions_were_claimed_by_another_writes_nothing_
     await on_assigned({P0})
     await asyncio.wait_for(embedder.entered.wait(), 2)
     await r.store.claim({P0: 0})  # meanwhile the group gave P0 to another member, which claimed it
-    with structlog.testing.capture_logs() as logged:
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logged:
         release.set()
         await until(lambda: any(e["event"] == "partitions_lost" for e in logged))
     r.worker.stop()
@@ -1112,6 +1112,9 @@ async def test_a_member_whose_partitions_were_claimed_by_another_writes_nothing_
         "write_fenced",
         "partitions_lost",
     ]
+    # The lines logged during a write carry its documents' trace ids (made: these have no traceparent).
+    fenced = next(e for e in logged if e["event"] == "write_fenced")
+    assert len(fenced["trace_ids"]) == fenced["documents"] and all(len(t) == 32 for t in fenced["trace_ids"])
 
 
 async def test_a_full_redelivery_keeps_a_document_recreated_after_its_tombstone() -> None:
