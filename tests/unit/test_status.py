@@ -21,3 +21,23 @@ def test_rates_are_taken_between_reads_over_the_window(monkeypatch: pytest.Monke
     assert rates.update({"n": 90.0}) == pytest.approx({"n": 20 / 2})  # since the previous read
     clock[0] += 3
     assert rates.update({"n": 120.0}) == pytest.approx({"n": 50 / 5})  # over the 5 s within the window
+
+
+def test_a_dependency_down_shows_with_its_reason_and_the_worker_not_ready() -> None:
+    from worker import metrics
+    from worker.settings import Settings
+
+    metrics.DEPENDENCY_UP.labels(dependency="embedding").set(0)
+    metrics.DEPENDENCY_UP.labels(dependency="database").set(1)
+    try:
+        figures = status.status(
+            status.Rates(),
+            partitions=["docs/0"],
+            down={"embedding": "the API refuses every request: 401"},
+            settings=Settings.load({}),
+        )
+    finally:
+        metrics.DEPENDENCY_UP.labels(dependency="embedding").set(1)
+    assert figures["dependencies"]["embedding"] == "down: the API refuses every request: 401"
+    assert figures["dependencies"]["database"] == "up"
+    assert figures["ready"] is False
