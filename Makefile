@@ -48,8 +48,11 @@ run: install
 ## make test: unit tests and the integration suite on a real broker (Apache Kafka when java and
 ## mvn are here: see tests/integration/services.py), then the smoke subset on the embedded Tansu.
 ## Each run starts the services it uses and stops them.
-test: install tools browser
-	$(BIN)/python -m pytest tests -q --durations=15
+test: install browser
+	@# kustomize builds (Go, ~35 s) while the integration tests run; the unit tests, after them, use it
+	@$(MAKE) --no-print-directory tools > .tools-build.log 2>&1 & \
+	$(BIN)/python -m pytest tests -q --durations=15; tests=$$?; \
+	wait; exit $$tests
 	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke
 
 unit: install tools

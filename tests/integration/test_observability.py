@@ -89,7 +89,7 @@ async def test_every_operations_metric_is_exported_and_moves(env: Env, faults: A
         for n in range(80)
     ]
     await produce(env, events)
-    faults(slow_marker=tag, slow_ms=100)  # requests in flight and inputs queued, long enough to see
+    faults(slow_marker=tag, slow_ms=60)  # requests in flight and inputs queued, long enough to see
     run_env = env.with_(
         HEALTH_PORT=str(port), DEBUG_ENDPOINTS="true", EMBEDDING_CONCURRENCY="2", EMBEDDING_BATCH_SIZE="8"
     )
@@ -155,11 +155,12 @@ async def test_debug_endpoints_are_off_unless_asked_for(env: Env, tmp_path: Path
 async def test_the_loop_stays_responsive_while_near_limit_documents_go_through(
     env: Env, tmp_path: Path
 ) -> None:
-    # Issue 15, tried as a new user would: twelve ~900 KB documents among 1,500 small ones. The
+    # Issue 15, tried as a new user would: twelve ~900 KB documents among 1,500 small ones (here 600:
+    # the bench's item 14 takes the 1,500). The
     # chunking, hashing and encoding of each large one happen off the loop; /healthz answered in
     # 13 ms at p99 and 53 ms at worst then. Guarded generously here (the figures go to the bench).
     port = free_port()
-    small: list[Event] = [(f"s{n}", {"id": f"s{n}", "version": 1, "text": words(n, 60)}) for n in range(1500)]
+    small: list[Event] = [(f"s{n}", {"id": f"s{n}", "version": 1, "text": words(n, 60)}) for n in range(600)]
     big: list[Event] = [
         (f"big{n}", {"id": f"big{n}", "version": 1, "text": words(10_000 + n, 900_000 // 7)})
         for n in range(12)
