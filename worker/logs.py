@@ -113,11 +113,18 @@ class _ToStructlog(logging.Handler):
         structlog.get_logger().log(level, "library_log", logger=record.name, message=message, **extra)
 
 
-def trace_id_from(headers: object) -> str | None:
-    """The trace id of a W3C ``traceparent`` header (version-traceid-parentid-flags), if any."""
+def traceparent(headers: object) -> tuple[str, str] | None:
+    """The trace id and parent span id of a W3C ``traceparent`` header
+    (version-traceid-parentid-flags), if any."""
     for key, value in headers or ():  # type: ignore[attr-defined]
         if key == "traceparent" and value:
             parts = bytes(value).decode("ascii", "replace").split("-")
             if len(parts) == 4 and len(parts[1]) == 32:
-                return parts[1]
+                return parts[1], parts[2]
     return None
+
+
+def trace_id_from(headers: object) -> str | None:
+    """The trace id of a W3C ``traceparent`` header, if any."""
+    found = traceparent(headers)
+    return found[0] if found is not None else None

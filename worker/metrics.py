@@ -142,7 +142,6 @@ REBALANCES: Final = Counter(
 )
 for _event in ("assigned", "revoked"):
     REBALANCES.labels(event=_event)
-QUEUE_STAGES: Final = ("decoded", "embedding", "embedded", "dead_letters")
 QUEUE_DEPTH: Final = Gauge(
     "ingest_queue_depth",
     "Waiting in each stage: documents decoded for preparing, inputs queued for an embedding "

@@ -69,7 +69,10 @@ class Prepared:
     vectors: list[Vector] = field(default_factory=list)
     held: dict[bytes, Purchase] = field(default_factory=dict)  # purchases it waits for, by digest
     prepared: float = field(default_factory=time.time)  # wall clock: planned and chunked
-    embedded: float = 0.0  # wall clock: its vectors all there
+    embedded: float = field(init=False)  # wall clock: its vectors all there (till then: prepared)
+
+    def __post_init__(self) -> None:
+        self.embedded = self.prepared
 
     @property
     def tenant(self) -> str | None:
@@ -152,7 +155,7 @@ class Pipeline:
         return self._inflight.bytes
 
     def queue_depths(self) -> dict[str, int]:
-        """What waits in each queue between the stages (metrics.QUEUE_STAGES but `embedding`)."""
+        """What waits in each queue between the stages (the embedding stage's inputs aside)."""
         return {
             "decoded": self._ready.qsize(),
             "embedded": self._embedded.qsize(),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from worker.logs import trace_id_from
+from worker.logs import traceparent
 from worker.types import Record
 
 if TYPE_CHECKING:
@@ -43,14 +43,11 @@ def new_trace_id() -> str:
 
 def trace_of(record: Record) -> tuple[str, str | None]:
     """The record's trace id and parent span id from its ``traceparent``, or a made trace id."""
-    trace_id = trace_id_from(record.headers)
-    if trace_id is None or trace_id == "0" * 32:
+    found = traceparent(record.headers)
+    if found is None or found[0] == "0" * 32:
         return new_trace_id(), None
-    for key, value in record.headers:
-        if key == "traceparent" and value:
-            parent = bytes(value).decode("ascii", "replace").split("-")[2]
-            return trace_id, parent if len(parent) == 16 and parent != "0" * 16 else None
-    return trace_id, None
+    trace_id, parent = found
+    return trace_id, parent if len(parent) == 16 and parent != "0" * 16 else None
 
 
 @dataclass(frozen=True)

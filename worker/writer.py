@@ -120,7 +120,7 @@ class Writer:
                     len(p.chunks),
                     p.job.admitted,
                     p.prepared,
-                    p.embedded or p.prepared,
+                    p.embedded,
                 )
                 for p in stored
             ]
@@ -161,8 +161,8 @@ def _stage_seconds(batch: list[Prepared], began: float) -> dict[str, float]:
         return {}
     return {
         "prepare": round(max(p.prepared - p.job.admitted for p in batch), 4),
-        "embed": round(max((p.embedded or p.prepared) - p.prepared for p in batch), 4),
-        "write_wait": round(max(began - (p.embedded or p.prepared) for p in batch), 4),
+        "embed": round(max(p.embedded - p.prepared for p in batch), 4),
+        "write_wait": round(max(began - p.embedded for p in batch), 4),
     }
 
 
