@@ -64,11 +64,21 @@ _KAFKA_CLIENT = (  # kafka.client_options: every Kafka client
     "KAFKA_SASL_MECHANISM",
     "KAFKA_SASL_USERNAME",
     "KAFKA_SASL_PASSWORD",
+    "KAFKA_SASL_PASSWORD_FILE",
     "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
 )
 _PRODUCER = (*_KAFKA_CLIENT, "KAFKA_PRODUCER_IDEMPOTENCE", "MAX_TEXT_BYTES")  # kafka.make_producer
 # Store.migrate and Store.check: where the tables are, and the column and model they hold
-_SCHEMA = ("DATABASE_URL", "DATABASE_SCHEMA", "VECTOR_TYPE", "EMBEDDING_DIMENSIONS", "EMBEDDING_MODEL")
+_SCHEMA = (
+    "DATABASE_URL",
+    "DATABASE_PASSWORD_FILE",
+    "DATABASE_SCHEMA",
+    "VECTOR_TYPE",
+    "EMBEDDING_DIMENSIONS",
+    "EMBEDDING_MODEL",
+)
 # Compared with the generation the settings name (migrate registers generation 1 with them; search
 # and build-index read them, and do not refuse another chunking: they write no chunks)
 _CHUNKING = ("CHUNK_SIZE", "CHUNK_OVERLAP", "CHUNK_UNIT")

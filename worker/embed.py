@@ -9,6 +9,7 @@ their text.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
@@ -18,12 +19,21 @@ from typing import Any, Protocol
 import aiohttp
 import numpy as np
 import orjson
+import structlog
 
-from worker import metrics
-from worker.errors import EmbeddingProtocolError, EmbeddingUnavailable, InputRejected, TooManyInputs
+from worker import logs, metrics
+from worker.errors import (
+    ConfigError,
+    EmbeddingProtocolError,
+    EmbeddingUnavailable,
+    InputRejected,
+    TooManyInputs,
+)
 from worker.limits import MAX_RETRY_AFTER, AdaptiveConcurrency, Budget, ProviderPacer, retry_after
-from worker.settings import Settings
+from worker.settings import Settings, read_secret_file
 from worker.types import Vector
+
+log = structlog.get_logger()
 
 # Statuses that say "this input can never be embedded": the record is at fault.
 _REJECTED = frozenset({400, 413, 422})
@@ -60,8 +70,7 @@ class OpenAIEmbedder:
         self._url = settings.embedding_url.rstrip("/") + "/embeddings"
         self._extra_body = settings.extra_body  # a provider's own fields (input_type, user), parsed once
         self._headers = {"Content-Type": "application/json"}
-        if settings.api_key:
-            self._headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._key = ApiKey(settings)
         self.concurrency = AdaptiveConcurrency(settings.embedding_concurrency)
         self.pacer = ProviderPacer()
         self._budget = Budget(
@@ -111,12 +120,26 @@ class OpenAIEmbedder:
         return parse_embeddings(payload, len(texts), self._settings.embedding_dimensions)
 
     async def _post(self, body: dict[str, Any], count: int) -> bytes:
+        """One request; on a 401 with EMBEDDING_API_KEY_FILE, the file is read again and the
+        request sent again, twice at most (the second time after a pause): a rotated key is
+        picked up without a restart, and a refused one fails as any other answer does."""
+        for pause in (0.0, KEY_REREAD_PAUSE, None):
+            try:
+                return await self._send(body, count)
+            except EmbeddingUnavailable as exc:
+                if exc.status != 401 or pause is None or not self._key.path:
+                    raise
+            await asyncio.sleep(pause)
+            self._key.reread()
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _send(self, body: dict[str, Any], count: int) -> bytes:
         assert self._session is not None
         async with self.concurrency.slot():
             started = time.perf_counter()
             status = "error"
             try:
-                async with self._session.post(self._url, json=body) as response:
+                async with self._session.post(self._url, json=body, headers=self._key.header()) as response:
                     status = str(response.status)
                     self.pacer.observe(response.headers, throttled=response.status == 429)
                     payload = await response.read()
@@ -138,8 +161,9 @@ class OpenAIEmbedder:
 
     def _redact(self, payload: bytes) -> bytes:
         """Some providers echo the key they were given: never let it reach a log or a dead letter."""
-        key = self._settings.api_key
-        return payload.replace(key.encode(), b"**********") if key else payload
+        for key in self._key.seen:
+            payload = payload.replace(key.encode(), b"**********")
+        return payload
 
     async def ping(self) -> None:
         """Cheap reachability check for /readyz: any HTTP answer means the API is there."""
@@ -151,6 +175,38 @@ class OpenAIEmbedder:
                 pass
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EmbeddingUnavailable(f"embedding API unreachable: {type(exc).__name__}") from exc
+
+
+KEY_REREAD_PAUSE = 1.0  # seconds between the two reads of a key file (a Secret being swapped)
+
+
+class ApiKey:
+    """The bearer token: EMBEDDING_API_KEY, or EMBEDDING_API_KEY_FILE's text, read again on request
+    (a Kubernetes Secret's file is replaced in place when the Secret is rotated)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.embedding_api_key_file
+        self.value = settings.api_key
+        self.seen = [self.value] if self.value else []  # every key used, masked wherever it turns up
+
+    def header(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.value}"} if self.value else {}
+
+    def reread(self) -> bool:
+        """Read the file again; True if it holds another key (used from now on)."""
+        try:
+            value = read_secret_file("EMBEDDING_API_KEY_FILE", self.path)
+        except ConfigError as exc:
+            log.warning("api_key_file_unreadable", error=str(exc))
+            return False
+        if value == self.value:
+            log.warning("api_key_refused", file=self.path, changed=False)
+            return False
+        self.value = value
+        self.seen.append(value)
+        logs.hide(value)
+        log.info("api_key_reread", file=self.path, changed=True)
+        return True
 
 
 class Embeddings(list[Vector]):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,12 +72,31 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "client_id": "ingest-worker",
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
+        options["ssl_context"] = ssl_context(settings)
     if settings.kafka_sasl_mechanism:
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
         options["sasl_plain_username"] = settings.kafka_sasl_username
         options["sasl_plain_password"] = settings.kafka_sasl_password.reveal()
     return options
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of every Kafka client: the CA to trust, and the client certificate where one
+    is given. A file TLS cannot use is a ConfigError naming its setting."""
+    try:
+        context: ssl.SSLContext = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("KAFKA_SSL_CAFILE", f"holds no CA certificate TLS can use ({exc})") from None
+    if settings.kafka_ssl_certfile:
+        try:
+            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                "KAFKA_SSL_CERTFILE",
+                f"{settings.kafka_ssl_certfile} and KAFKA_SSL_KEYFILE are not a PEM certificate and "
+                f"its unencrypted key ({exc})",
+            ) from None
+    return context
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -157,14 +179,43 @@ async def bootstrap_error(settings: Settings) -> BaseException | None:
     try:
         conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=10_000, **options)
     except (OSError, KafkaError, TimeoutError, ValueError) as exc:
+        if "ssl_context" in options and isinstance(exc, KafkaError):
+            # A broker that wants a client certificate completes TLS 1.3's handshake, then closes
+            # with an alert that aiokafka reports as "connection closed": read the alert itself.
+            return await _tls_alert(host.strip("[]"), int(port), options["ssl_context"]) or exc
         return exc
     conn.close()
+    return None
+
+
+# ApiVersions v0, correlation id 1, client id "ingest-worker": a request every broker answers.
+_API_VERSIONS = struct.pack(">hhih", 18, 0, 1, 13) + b"ingest-worker"
+
+
+async def _tls_alert(host: str, port: int, context: ssl.SSLContext) -> ssl.SSLError | None:
+    """The TLS alert a broker closes our connection with (e.g. certificate required), if any."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout=10
+        )
+        writer.write(struct.pack(">i", len(_API_VERSIONS)) + _API_VERSIONS)
+        await asyncio.wait_for(reader.readexactly(4), timeout=10)
+    except ssl.SSLError as exc:
+        return exc
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
     return None
 
 
 def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
     """The broker's answer as an error no retry will change, naming what to fix; None for an outage."""
     cause = getattr(exc, "cause", exc)
+    if isinstance(cause, ssl.SSLError):
+        return _tls_refusal(cause, settings)
     answer = f"the broker answered {type(cause).__name__}: {cause}".rstrip(": ")
     if isinstance(cause, _AUTHENTICATION):
         user = settings.kafka_sasl_username or "(none)"
@@ -201,3 +252,45 @@ def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
     if isinstance(cause, ClusterAuthorizationFailedError):
         return BrokerError(f"this user may not do what the worker needs ({answer})")
     return None
+
+
+# Alerts a broker sends when it does not take our certificate (or wants one we did not send).
+_CERTIFICATE_REFUSED = (
+    "CERTIFICATE_REQUIRED",
+    "BAD_CERTIFICATE",
+    "UNKNOWN_CA",
+    "CERTIFICATE_UNKNOWN",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "UNSUPPORTED_CERTIFICATE",
+    "HANDSHAKE_FAILURE",
+)
+
+
+def _tls_refusal(exc: ssl.SSLError, settings: Settings) -> ConfigError:
+    """A TLS failure as the setting to fix: no retry makes a certificate trusted."""
+    where = f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = settings.kafka_ssl_cafile or "the system's CAs (KAFKA_SSL_CAFILE is not set)"
+        return ConfigError(
+            "KAFKA_SSL_CAFILE",
+            f"the broker's certificate at {where} is not trusted by {ca}: {exc.verify_message}",
+        )
+    reason = exc.reason or str(exc)
+    if any(alert in reason for alert in _CERTIFICATE_REFUSED):
+        if not settings.kafka_ssl_certfile:
+            return ConfigError(
+                "KAFKA_SSL_CERTFILE",
+                f"the broker at {where} requires a client certificate ({reason}): set "
+                "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE",
+            )
+        return ConfigError(
+            "KAFKA_SSL_CERTFILE",
+            f"the broker at {where} refused the client certificate {settings.kafka_ssl_certfile} "
+            f"({reason}): is it signed by a CA the broker trusts?",
+        )
+    return ConfigError(
+        "KAFKA_SECURITY_PROTOCOL",
+        f"TLS with the broker at {where} failed ({reason}): does that listener speak "
+        f"{settings.kafka_security_protocol}?",
+    )

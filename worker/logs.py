@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -19,13 +19,13 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 def configure(level: str = "info", *, stream: object = None, secrets: tuple[str, ...] = ()) -> None:
     """JSON lines on ``stream``; any of ``secrets`` found in a log line is masked, whatever its source."""
-    processors: list[Any] = [structlog.contextvars.merge_contextvars]
-    hidden = tuple(secret for secret in secrets if len(secret) >= 4)
-    if hidden:
-        processors.append(_Redact(hidden))
+    _hidden[:] = []
+    for secret in secrets:
+        hide(secret)
     structlog.configure(
         processors=[
-            *processors,
+            structlog.contextvars.merge_contextvars,
+            _redact,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
@@ -66,23 +66,32 @@ def quiet_connection_errors() -> Iterator[None]:
         _quiet -= 1
 
 
-class _Redact:
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        self._secrets = secrets
+_hidden: list[str] = []  # the secrets masked in every line
 
-    def __call__(self, _: object, __: str, event: dict[str, Any]) -> dict[str, Any]:
-        return {key: self._clean(value) for key, value in event.items()}
 
-    def _clean(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._secrets:
-                value = value.replace(secret, "**********")
-            return value
-        if isinstance(value, dict):
-            return {k: self._clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._clean(v) for v in value]
+def hide(secret: str) -> None:
+    """Mask ``secret`` in every line from now on (a key read again from its file, say). Values
+    shorter than 4 characters are not masked: they would mask ordinary text."""
+    if len(secret) >= 4 and secret not in _hidden:
+        _hidden.append(secret)
+
+
+def _redact(_: object, __: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    if not _hidden:
+        return event
+    return {key: _clean(value) for key, value in event.items()}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _hidden:
+            value = value.replace(secret, "**********")
         return value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 class _ToStructlog(logging.Handler):

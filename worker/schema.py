@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Final
+import ssl
+from typing import Any, Final
 
 import asyncpg
 
@@ -175,9 +176,43 @@ class Schema:
         return self._sql.ann_index
 
 
-async def connect(settings: Settings) -> asyncpg.Connection:
-    """A connection of its own (DatabaseUnavailable when there is none to be had)."""
+async def connect(settings: Settings, **options: Any) -> asyncpg.Connection:
+    """A connection of its own: DatabaseUnavailable when there is none to be had, ConfigError
+    when the server refuses us in a way no retry changes (see :func:`login_refused`)."""
     try:
-        return await asyncpg.connect(settings.database_url.reveal(), timeout=10)
-    except OUTAGE_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
+        return await asyncpg.connect(settings.database_url.reveal(), timeout=10, **options)
+    except (*OUTAGE_ERRORS, *LOGIN_ERRORS) as exc:
+        raise login_refused(exc, settings) or unavailable(exc) from exc
+
+
+def unavailable(exc: BaseException) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}")
+
+
+# The server's answers to a login that no retry changes (besides TLS failures, which are OSErrors).
+LOGIN_ERRORS: Final = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # password, pg_hba.conf, no such role
+    asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+)
+
+
+def login_refused(exc: BaseException, settings: Settings) -> ConfigError | None:
+    """A refused login or an untrusted certificate as a ConfigError naming what to fix (one line,
+    exit 2), instead of an outage waited out until STARTUP_TIMEOUT_SECONDS; None for an outage."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigError(
+            "DATABASE_URL",
+            f"the database server's certificate was refused ({exc.verify_message}): check the host "
+            "name the URL connects to and its sslrootcert",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ConfigError("DATABASE_URL", f"TLS with the database server failed ({exc.reason or exc})")
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return ConfigError("DATABASE_URL", "the database server takes no TLS, which its sslmode requires")
+    if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
+        return ConfigError("DATABASE_URL", f"the database server refused the login: {exc}")
+    if isinstance(exc, asyncpg.exceptions.InvalidPasswordError) and settings.database_password_file:
+        return ConfigError("DATABASE_PASSWORD_FILE", f"the database server refused the login: {exc}")
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):  # pg_hba.conf, role
+        return ConfigError("DATABASE_URL", f"the database server refused the login: {exc}")
+    return None

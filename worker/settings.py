@@ -87,7 +87,12 @@ class Settings:
     kafka_sasl_mechanism: SaslMechanism = _setting("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     kafka_sasl_username: str = _setting("", "SASL user name")
     kafka_sasl_password: Secret = _setting(NO_SECRET, "SASL password")
+    kafka_sasl_password_file: str = _setting("", "file holding the SASL password (a mounted Secret)")
     kafka_ssl_cafile: str = _setting("", "CA bundle for SSL/SASL_SSL (system default if empty)")
+    kafka_ssl_certfile: str = _setting(
+        "", "client certificate (PEM) for SSL/SASL_SSL, for a broker that asks for one (mTLS)"
+    )
+    kafka_ssl_keyfile: str = _setting("", "its private key (PEM, unencrypted), if not in KAFKA_SSL_CERTFILE")
     kafka_producer_idempotence: bool = _setting(True, "idempotent dead-letter/produce producer")
     kafka_max_poll_records: int = _setting(500, "records fetched per poll", low=1, high=100_000)
     kafka_max_partition_fetch_bytes: int = _setting(
@@ -101,7 +106,12 @@ class Settings:
         300_000, "longest a batch may take before the group evicts us", low=1000, high=86_400_000
     )
     # PostgreSQL
-    database_url: Secret = _setting(LOCAL_DATABASE, "libpq URL (sslmode honoured)")
+    database_url: Secret = _setting(
+        LOCAL_DATABASE, "libpq URL (sslmode, sslrootcert, sslcert and sslkey honoured)"
+    )
+    database_password_file: str = _setting(
+        "", "file holding the database password (a mounted Secret), for a DATABASE_URL without one"
+    )
     database_schema: str = _setting("public", "schema of the documents and chunks tables")
     database_pool_size: int = _setting(4, "asyncpg pool size", low=1, high=1000)
     database_statement_cache_size: int = _setting(
@@ -114,7 +124,9 @@ class Settings:
     embedding_dimensions: int = _setting(1536, "vector dimensions", low=1, high=16_000)
     embedding_send_dimensions: bool = _setting(True, "send `dimensions` in requests")
     embedding_api_key: Secret = _setting(NO_SECRET, "bearer token")
-    embedding_api_key_file: str = _setting("", "file holding the bearer token")
+    embedding_api_key_file: str = _setting(
+        "", "file holding the bearer token; read again on a 401, so a rotated key needs no restart"
+    )
     embedding_batch_size: int = _setting(
         64,
         "inputs the batcher aims to fill each request with: fewer, larger requests; capped by "
@@ -250,8 +262,18 @@ class Settings:
             url.port  # noqa: B018 - parsing it is the check
         except ValueError:
             raise bad("database_url", "has a port that is not a number from 0 to 65535") from None
-        if self.kafka_ssl_cafile and not Path(self.kafka_ssl_cafile).is_file():
-            raise bad("kafka_ssl_cafile", f"{self.kafka_ssl_cafile} is not a readable file")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise bad(name, f"{path} is not a readable file")
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise bad("kafka_ssl_keyfile", "is given without KAFKA_SSL_CERTFILE, its certificate")
+        if self.kafka_ssl_certfile and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            raise bad(
+                "kafka_ssl_certfile",
+                f"is used only over TLS, and KAFKA_SECURITY_PROTOCOL is {self.kafka_security_protocol}",
+            )
+        _check_tls_parameters(url)
         if not IDENTIFIER.fullmatch(self.database_schema):
             raise bad("database_schema", "must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
         if self.embedding_dimensions > MAX_INDEXED_DIMENSIONS[self.vector_type]:
@@ -292,7 +314,8 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, so logs can mask them wherever they turn up: the key, the SASL
-        password, and a password either URL carries (as written, and decoded)."""
+        password, and a password either URL carries (as written, and decoded; a password from
+        DATABASE_PASSWORD_FILE is in DATABASE_URL by then)."""
         found = [self.api_key, self.kafka_sasl_password.reveal()]
         for url in (self.database_url.reveal(), self.embedding_url):
             password = _url_password(url)
@@ -337,17 +360,67 @@ class Settings:
             if value is not None:
                 raw[f.name] = value
         values = {name: _parse(name, text) for name, text in raw.items()}
-        key_file = values.get("embedding_api_key_file")
-        if key_file:
-            try:
-                values["embedding_api_key"] = Secret(Path(key_file).read_text(encoding="utf-8").strip())
-            except OSError as exc:
-                raise ConfigError(
-                    "EMBEDDING_API_KEY_FILE", f"cannot read {key_file}: {exc.strerror}"
-                ) from exc
-            except UnicodeDecodeError:
-                raise ConfigError("EMBEDDING_API_KEY_FILE", f"{key_file} is not UTF-8 text") from None
+        for secret, file_setting in SECRET_FILES.items():
+            path = values.get(file_setting)
+            if not path:
+                continue
+            text = read_secret_file(file_setting.upper(), path)  # the file wins over the variable
+            if secret == "database_url":
+                values[secret] = _with_password(values.get(secret, LOCAL_DATABASE), text)
+            else:
+                values[secret] = Secret(text)
         return cls(**values)
+
+
+# Secrets that a file can give instead (a Kubernetes Secret mounted as files): secret -> its *_FILE.
+SECRET_FILES: Final = {
+    "embedding_api_key": "embedding_api_key_file",
+    "kafka_sasl_password": "kafka_sasl_password_file",
+    "database_url": "database_password_file",  # the password, put into the URL
+}
+
+
+def read_secret_file(setting: str, path: str) -> str:
+    """A secret file's text without the line end a file usually has: ConfigError naming ``setting``
+    when it cannot be read or is empty."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(setting, f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(setting, f"{path} is empty")
+    return text
+
+
+def _with_password(url: Secret, password: str) -> Secret:
+    """DATABASE_URL with the password from DATABASE_PASSWORD_FILE, as libpq's ``password``
+    parameter (in place of any the URL had), so that user and host stay as they were written."""
+    parts = _split_url(url.reveal(), "DATABASE_URL")
+    if parts.password is not None:
+        parts = parts._replace(netloc=f"{parts.netloc.partition(':')[0]}@{parts.netloc.rpartition('@')[2]}")
+    query = [
+        (k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k != "password"
+    ]
+    query.append(("password", password))
+    return Secret(urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query))))
+
+
+_SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_tls_parameters(url: urllib.parse.SplitResult) -> None:
+    """DATABASE_URL's sslmode is one libpq knows, and the files it names are there."""
+    query = dict(urllib.parse.parse_qsl(url.query))
+    mode = query.get("sslmode")
+    if mode is not None and mode not in _SSLMODES:
+        named = ", ".join(_SSLMODES[:-1])
+        raise ConfigError("DATABASE_URL", f"sslmode must be {named} or verify-full, got {mode!r}")
+    for name in ("sslrootcert", "sslcert", "sslkey"):
+        path = query.get(name)
+        if path and path != "system" and not Path(path).expanduser().is_file():
+            raise ConfigError("DATABASE_URL", f"{name}={path} is not a readable file")
 
 
 def secrets_in(flags: Mapping[str, str | None]) -> list[str]:

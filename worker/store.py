@@ -37,7 +37,7 @@ from worker.errors import (
 from worker.generations import Generation
 from worker.ledger import LedgerTable, PaidEmbeddings, ledger_key
 from worker.plan import Change, DocState
-from worker.schema import OUTAGE_ERRORS, Schema
+from worker.schema import LOGIN_ERRORS, OUTAGE_ERRORS, Schema, connect, login_refused, unavailable
 from worker.search import EXACT_SEARCH_MAX_ROWS, Hit, nearest
 from worker.settings import Settings
 from worker.sql import (
@@ -201,8 +201,8 @@ class Store:
                 reset=_reset_connection,
                 command_timeout=120,
             )
-        except OUTAGE_ERRORS as exc:
-            raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
+        except (*OUTAGE_ERRORS, *LOGIN_ERRORS) as exc:
+            raise login_refused(exc, self._settings) or unavailable(exc) from exc
 
     def connections(self) -> dict[str, int]:
         """The pool's connections in use and idle (none before it is open)."""
@@ -233,7 +233,7 @@ class Store:
     async def _inspect(self) -> _Found:
         """pgvector's schema (for its codec), and whether ``source_offsets``, ``embedding_ledger``,
         ``embedding_usage`` and ``documents.text`` exist (a schema migrated before them has none)."""
-        conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
+        conn = await connect(self._settings)
         try:
             schema = await conn.fetchval(EXTENSION_SCHEMA_SQL)
             offsets = await conn.fetchval("SELECT to_regclass($1)", f"{self._schema}.source_offsets")

@@ -22,7 +22,7 @@ import asyncpg
 from worker import generations
 from worker.errors import DatabaseRefused, DatabaseUnavailable, WorkerError, describe
 from worker.generations import Generation
-from worker.schema import OUTAGE_ERRORS
+from worker.schema import OUTAGE_ERRORS, connect
 from worker.settings import Settings
 from worker.sql import EMBEDDING_TYPE_SQL, EXISTS_SQL, VERIFY_NOT_BLANK, Statements, quoted
 from worker.topic_fold import TopicFold, Winner, read_topics
@@ -225,14 +225,7 @@ async def verify(settings: Settings, topics: tuple[str, ...] | None = None) -> R
     """Check the stored state; with ``topics``, compare it with what they hold."""
     started = time.perf_counter()
     sql = Statements.of(quoted(settings.database_schema), settings.vector_type)
-    try:
-        conn = await asyncpg.connect(
-            settings.database_url.reveal(),
-            timeout=10,
-            statement_cache_size=settings.database_statement_cache_size,
-        )
-    except OUTAGE_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot connect to the database: {describe(exc)}") from exc
+    conn = await connect(settings, statement_cache_size=settings.database_statement_cache_size)
     try:
         schema = await _inspect(conn, settings, sql)
         if schema.served is not None:  # its model and dimensions are what the chunks must have

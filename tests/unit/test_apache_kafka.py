@@ -19,7 +19,7 @@ def test_server_properties_replicate_across_the_cluster_and_take_overrides(tmp_p
     cluster = KafkaCluster(tmp_path, size=3, properties={"group.initial.rebalance.delay.ms": 3000})
     voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in cluster.nodes)
     node = cluster.nodes[1]
-    node.write_properties(voters, replicas=3, overrides=cluster.properties)
+    node.write_properties(voters, replicas=3, overrides=cluster.properties, certificates=cluster.certificates)
     lines = dict(line.split("=", 1) for line in node.properties_path.read_text().splitlines())
     assert lines["node.id"] == "2"
     assert lines["controller.quorum.voters"] == voters
@@ -29,3 +29,8 @@ def test_server_properties_replicate_across_the_cluster_and_take_overrides(tmp_p
     assert lines["group.initial.rebalance.delay.ms"] == "3000"
     assert f"PLAINTEXT://127.0.0.1:{node.port}" in lines["advertised.listeners"]
     assert cluster.bootstrap.count(",") == 2
+    # The TLS listeners read the cluster's own certificates, made in its workdir.
+    assert f"SSL://127.0.0.1:{node.ssl_port}" in lines["advertised.listeners"]
+    assert f"SASL_SSL://127.0.0.1:{node.sasl_ssl_port}" in lines["advertised.listeners"]
+    assert Path(lines["ssl.keystore.location"]).is_file()
+    assert lines["listener.name.ssl.ssl.client.auth"] == "required"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from worker import embed
 from worker.dev.embedserver import Faults, ServerState, hash_embedding, start_server, text_hash
 from worker.embed import KNOWN_GOOD_INPUT, OpenAIEmbedder, probe
-from worker.errors import InputRejected
+from worker.errors import EmbeddingUnavailable, InputRejected
 from worker.settings import Settings
 
 DOCUMENT = '{"input_type": "document", "user": "ingest"}'
@@ -77,3 +79,34 @@ async def test_a_413_for_too_many_inputs_is_taken_for_the_inputs_refusal(
         with pytest.raises(InputRejected, match=r"413 for 5 input\(s\).*maximum allowed batch size 4"):
             await embedder.embed([f"text {i}" for i in range(5)])
         assert len(await embedder.embed([f"text {i}" for i in range(4)])) == 4
+
+
+async def test_a_401_reads_the_key_file_again_and_a_rotated_key_is_used_from_then_on(
+    server: tuple[str, ServerState], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, state = server
+    monkeypatch.setattr(embed, "KEY_REREAD_PAUSE", 0.01)
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-old\n")
+    state.faults = Faults(api_key="sk-old")
+    async with OpenAIEmbedder(settings_for(url, EMBEDDING_API_KEY_FILE=str(key_file))) as embedder:
+        await embedder.embed(["one"])
+        key_file.write_text("sk-new\n")  # rotated: the new key in the file, the old one revoked
+        state.faults = Faults(api_key="sk-new")
+        await embedder.embed(["two"])
+        await embedder.embed(["three"])
+        assert state.stats.status_counts == {200: 3, 401: 1}, "one refusal, then the new key"
+        state.faults = Faults(api_key="sk-revoked")  # a key nobody put in the file
+        with pytest.raises(EmbeddingUnavailable) as info:
+            await embedder.embed(["four"])
+    assert info.value.status == 401
+    assert state.stats.status_counts == {200: 3, 401: 4}, "read again twice, then it fails"
+
+
+async def test_without_a_key_file_a_401_fails_at_once(server: tuple[str, ServerState]) -> None:
+    url, state = server
+    state.faults = Faults(api_key="sk-wanted")
+    async with OpenAIEmbedder(settings_for(url, EMBEDDING_API_KEY="sk-given")) as embedder:
+        with pytest.raises(EmbeddingUnavailable):
+            await embedder.embed(["one"])
+    assert state.stats.status_counts == {401: 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,57 @@ def test_a_password_in_either_url_is_masked_in_logs_and_in_the_settings_shown(
     assert secret in settings.secrets, "logs mask it wherever it turns up"
     assert "SECRET" not in repr(settings.shown())
     assert "sslmode=require" in settings.shown()["DATABASE_URL"] or "sslmode" not in database_url
+
+
+def test_every_secret_can_come_from_a_file_which_wins(tmp_path: Path) -> None:
+    files = {}
+    for name, value in (("sasl", "sasl pass\n"), ("db", "p@ss:w/rd\n"), ("key", "sk-file\n")):
+        files[name] = tmp_path / name
+        files[name].write_text(value)
+    s = Settings.load(
+        {
+            "KAFKA_SASL_PASSWORD": "from-env",
+            "KAFKA_SASL_PASSWORD_FILE": str(files["sasl"]),
+            "DATABASE_URL": "postgresql://ingest:old@db.internal:5432/search?sslmode=verify-full",
+            "DATABASE_PASSWORD_FILE": str(files["db"]),
+            "EMBEDDING_API_KEY_FILE": str(files["key"]),
+        }
+    )
+    assert s.kafka_sasl_password.reveal() == "sasl pass"
+    assert s.api_key == "sk-file"
+    url = urllib.parse.urlsplit(s.database_url.reveal())
+    assert (url.username, url.password, url.hostname, url.port) == ("ingest", None, "db.internal", 5432)
+    assert urllib.parse.parse_qs(url.query) == {"sslmode": ["verify-full"], "password": ["p@ss:w/rd"]}
+    assert "p@ss:w/rd" in s.secrets and "sasl pass" in s.secrets
+    shown = s.shown()
+    assert "p@ss" not in str(shown) and "sasl pass" not in str(shown) and "old" not in shown["DATABASE_URL"]
+
+
+@pytest.mark.parametrize("setting", ["KAFKA_SASL_PASSWORD_FILE", "DATABASE_PASSWORD_FILE"])
+def test_a_secret_file_missing_or_empty_names_its_setting(tmp_path: Path, setting: str) -> None:
+    assert config_error({setting: str(tmp_path / "absent")}).setting == setting
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    error = config_error({setting: str(empty)})
+    assert error.setting == setting and "is empty" in str(error)
+
+
+def test_database_tls_parameters_are_checked(tmp_path: Path) -> None:
+    base = "postgresql://ingest@db:5432/search"
+    assert "sslmode must be" in str(config_error({"DATABASE_URL": f"{base}?sslmode=verify_full"}))
+    error = config_error({"DATABASE_URL": f"{base}?sslmode=verify-full&sslrootcert={tmp_path}/ca.pem"})
+    assert error.setting == "DATABASE_URL" and "sslrootcert" in str(error)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("a CA")
+    Settings.load({"DATABASE_URL": f"{base}?sslmode=verify-full&sslrootcert={ca}"})
+
+
+def test_kafka_client_certificate_settings_are_checked(tmp_path: Path) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("a certificate")
+    tls = {"KAFKA_SECURITY_PROTOCOL": "SSL"}
+    assert config_error({**tls, "KAFKA_SSL_CERTFILE": str(tmp_path / "no")}).setting == "KAFKA_SSL_CERTFILE"
+    assert config_error({**tls, "KAFKA_SSL_KEYFILE": str(cert)}).setting == "KAFKA_SSL_KEYFILE"
+    error = config_error({"KAFKA_SSL_CERTFILE": str(cert)})  # PLAINTEXT
+    assert error.setting == "KAFKA_SSL_CERTFILE" and "only over TLS" in str(error)
+    Settings.load({**tls, "KAFKA_SSL_CERTFILE": str(cert), "KAFKA_SSL_KEYFILE": str(cert)})

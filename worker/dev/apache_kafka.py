@@ -11,6 +11,9 @@ combined mode) on 127.0.0.1, with three listeners:
 - ``SASL_PLAINTEXT`` (PLAIN) with an authorizer, for tests that play a refused or
   least-privilege user (``admin``/``admin-secret`` is a super user; :meth:`KafkaCluster.allow`
   grants others);
+- ``SASL_SSL`` (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512; the SCRAM users made when the storage is
+  formatted) and ``SSL`` that requires a client certificate (its CN is the user), both with
+  certificates made for the cluster by ``certs.py``;
 - ``CONTROLLER`` for the quorum.
 
 Used by the tests, ``make bench``, ``make run BROKER=kafka`` and ``ingest-worker dev --broker kafka``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -32,12 +36,19 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.dev.certs import CLIENT_NAME, Certificates, make_certificates
 from worker.dev.processes import Freezable, StackError, free_port, stop_process
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 LIB = POM.parent / "lib"
 HEAP = "768m"
-SASL_USERS = {"admin": "admin-secret", "reader": "reader-secret", "writer": "writer-secret"}
+SASL_USERS = {
+    "admin": "admin-secret",
+    "reader": "reader-secret",
+    "writer": "writer-secret",
+    CLIENT_NAME: "ingest-secret",  # the worker's own user: granted only what the README lists
+}
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 _STARTED = "Kafka Server started"
 
 
@@ -137,6 +148,8 @@ class KafkaNode(Freezable):
     workdir: Path
     port: int = field(default_factory=free_port)
     sasl_port: int = field(default_factory=free_port)
+    sasl_ssl_port: int = field(default_factory=free_port)
+    ssl_port: int = field(default_factory=free_port)
     controller_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _log_offset: int = field(default=0, repr=False)  # where this start's lines begin in server.log
@@ -153,22 +166,29 @@ class KafkaNode(Freezable):
     def log_path(self) -> Path:
         return self.workdir / "server.log"
 
-    def write_properties(self, voters: str, replicas: int, overrides: dict[str, object]) -> None:
-        jaas = " ".join(f'user_{name}="{password}"' for name, password in SASL_USERS.items())
+    def write_properties(
+        self, voters: str, replicas: int, overrides: dict[str, object], certificates: Certificates
+    ) -> None:
+        users = " ".join(f'user_{name}="{password}"' for name, password in SASL_USERS.items())
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="admin" password="{SASL_USERS["admin"]}" {users};'
+        )
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        served = (
+            f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
+            f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port},SSL://127.0.0.1:{self.ssl_port}"
+        )
         min_isr = min(2, replicas)
         settings = {
             "process.roles": "broker,controller",
             "node.id": self.node_id,
             "controller.quorum.voters": voters,
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
-                f"CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
-            "advertised.listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
-            ),
+            "listeners": f"{served},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": served,
             "listener.security.protocol.map": (
-                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT"
+                "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,"
+                "CONTROLLER:PLAINTEXT"
             ),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -190,10 +210,20 @@ class KafkaNode(Freezable):
             "broker.heartbeat.interval.ms": 500,
             "broker.session.timeout.ms": 3000,
             "sasl.enabled.mechanisms": "PLAIN",
-            "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
-                "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                f'username="admin" password="{SASL_USERS["admin"]}" {jaas};'
-            ),
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain,
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": ",".join(("PLAIN", *SCRAM_MECHANISMS)),
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
+            **{
+                f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config": scram
+                for mechanism in SCRAM_MECHANISMS
+            },
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": certificates.kafka.bundle,
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": certificates.ca,
+            "listener.name.ssl.ssl.client.auth": "required",
+            # A client certificate's CN is its user: CN=ingest is User:ingest, as over SASL.
+            "ssl.principal.mapping.rules": "RULE:^CN=([^,]+)$/$1/,DEFAULT",
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "super.users": "User:ANONYMOUS;User:admin",
             **overrides,
@@ -203,8 +233,20 @@ class KafkaNode(Freezable):
         (self.workdir / "log4j2.properties").write_text(_LOG4J)
 
     def format_command(self, cluster_id: str) -> list[str]:
+        scram = [
+            f"{mechanism}=[name={name},password={password}]"
+            for mechanism in SCRAM_MECHANISMS
+            for name, password in SASL_USERS.items()
+        ]
         return _java(
-            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties_path), "-g"
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.properties_path),
+            "-g",
+            *(arg for user in scram for arg in ("--add-scram", user)),
         )
 
     def start(self) -> None:
@@ -280,6 +322,11 @@ class KafkaCluster:
         if not self.nodes:
             self.nodes = [KafkaNode(i, self.workdir / f"node-{i}") for i in range(1, self.size + 1)]
 
+    @functools.cached_property
+    def certificates(self) -> Certificates:
+        """The cluster's throwaway CA and certificates (made on first use, in its workdir)."""
+        return make_certificates(self.workdir / "certs")
+
     @property
     def bootstrap(self) -> str:
         return ",".join(node.bootstrap for node in self.nodes)
@@ -287,6 +334,15 @@ class KafkaCluster:
     @property
     def sasl_bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{node.sasl_port}" for node in self.nodes)
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{node.sasl_ssl_port}" for node in self.nodes)
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """The listener that requires a client certificate."""
+        return ",".join(f"127.0.0.1:{node.ssl_port}" for node in self.nodes)
 
     @property
     def version(self) -> str:
@@ -315,7 +371,9 @@ class KafkaCluster:
         fetch_jars()
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
         for node in self.nodes:
-            node.write_properties(voters, replicas=len(self.nodes), overrides=self.properties)
+            node.write_properties(
+                voters, replicas=len(self.nodes), overrides=self.properties, certificates=self.certificates
+            )
         formats = [
             subprocess.Popen(
                 node.format_command(self.cluster_id),

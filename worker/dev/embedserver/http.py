@@ -163,7 +163,7 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
         await asyncio.sleep(delay_ms / 1000)
         if request.transport is None or request.transport.is_closing():
             return web.Response(status=CLIENT_GONE)  # given up on while it waited: nothing embedded
-    denied = _check_auth(request, state.api_key)
+    denied = _check_auth(request, faults.api_key or state.api_key)
     if denied is not None:
         return denied
     injected = _injected_fault(state)

