@@ -290,3 +290,55 @@ async def _everything_served(port: int) -> str:
                 pages.append(await response.text())
     assert "ingest_" in pages[0], "the metrics were served"
     return "\n".join(pages)
+
+
+async def test_a_refused_api_key_keeps_every_record_until_the_file_holds_one_the_api_takes(
+    stack: Services, secure: Secure, faults: object, tmp_path: Path
+) -> None:
+    """A dependency that refuses every request: not ready, saying why, nothing lost or dead-lettered."""
+    wanted = "sk-right-" + secrets.token_hex(8)
+    faults(api_key=wanted)  # type: ignore[operator]
+    port = free_port()
+    key_file = secure.secret_file("refused-key", "sk-wrong-" + secrets.token_hex(8))
+    worker, admin = await secure_env(
+        stack, secure, "mtls", EMBEDDING_API_KEY_FILE=key_file, HEALTH_PORT=str(port)
+    )
+    events = _events("refused-", 5)
+    await produce(admin, events)
+    process = spawn_worker(worker, tmp_path / "worker.log", "--stop-when-idle", "2")
+    try:
+        reason = await _until_not_ready(port)
+        assert "401" in reason and "embedding" in reason, reason
+        conn = await asyncpg.connect(admin.values["DATABASE_URL"])
+        try:
+            table = await conn.fetchval("SELECT to_regclass($1)", f"{admin.schema}.documents")
+            assert table is None or await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+        finally:
+            await conn.close()
+        assert process.poll() is None, "a refused key is waited out, not a crash"
+        await asyncio.to_thread(Path(key_file).write_text, wanted + "\n")  # the Secret fixed
+        await _until_stored(admin, len(events), within=90)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    await assert_stored_state(admin, expected_state(events))
+    dead = await asyncio.to_thread(cli, admin, "replay", "--dry-run")
+    assert "scanned 0 dead letters" in dead.stdout, dead.stdout + dead.stderr
+
+
+async def _until_not_ready(port: int, within: float = 90) -> str:
+    """/readyz's answer once it is 503 for a dependency."""
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    text = await response.text()
+                    if response.status == 503 and "down" in text:
+                        return text
+            except aiohttp.ClientError:
+                pass  # not listening yet
+            await asyncio.sleep(0.3)
+    raise AssertionError(f"/readyz did not turn 503 within {within:.0f}s")
