@@ -176,16 +176,61 @@ async def bootstrap_error(settings: Settings) -> BaseException | None:
     host, _, port = settings.kafka_bootstrap_servers.split(",")[0].strip().rpartition(":")
     options = client_options(settings)
     options.pop("bootstrap_servers")
+    host = host.strip("[]")
     try:
-        conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=10_000, **options)
+        conn = await create_conn(host, int(port), request_timeout_ms=10_000, **options)
     except (OSError, KafkaError, TimeoutError, ValueError) as exc:
-        if "ssl_context" in options and isinstance(exc, KafkaError):
+        if isinstance(exc, ssl.SSLError) or not isinstance(exc, ConnectionError | KafkaError):
+            return exc  # TLS's own answer, or nobody there: nothing more to learn
+        tls = "ssl_context" in options
+        if tls and isinstance(exc, KafkaError):
             # A broker that wants a client certificate completes TLS 1.3's handshake, then closes
             # with an alert that aiokafka reports as "connection closed": read the alert itself.
-            return await _tls_alert(host.strip("[]"), int(port), options["ssl_context"]) or exc
+            alert = await _tls_alert(host, int(port), options["ssl_context"])
+            if alert is not None:
+                return alert
+        # A connection the broker closes at once: a listener of another protocol?
+        if tls and await _answers_plaintext(host, int(port)):
+            return ProtocolMismatch(f"{host}:{port} answers without TLS")
+        if not tls and await _speaks_tls(host, int(port)):
+            return ProtocolMismatch(f"{host}:{port} speaks TLS")
         return exc
     conn.close()
     return None
+
+
+class ProtocolMismatch(Exception):
+    """The listener speaks another security protocol than KAFKA_SECURITY_PROTOCOL."""
+
+
+async def _answers_plaintext(host: str, port: int) -> bool:
+    """The listener answers an ApiVersions request sent without TLS."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=5)
+        writer.write(struct.pack(">i", len(_API_VERSIONS)) + _API_VERSIONS)
+        size, correlation = struct.unpack(">ii", await asyncio.wait_for(reader.readexactly(8), timeout=5))
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    return bool(size > 4 and correlation == 1)
+
+
+async def _speaks_tls(host: str, port: int) -> bool:
+    """The listener completes a TLS handshake (its certificate not checked: only the protocol)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout=5
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 # ApiVersions v0, correlation id 1, client id "ingest-worker": a request every broker answers.
@@ -216,6 +261,18 @@ def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
     cause = getattr(exc, "cause", exc)
     if isinstance(cause, ssl.SSLError):
         return _tls_refusal(cause, settings)
+    if isinstance(cause, ProtocolMismatch):
+        return ConfigError(
+            "KAFKA_SECURITY_PROTOCOL",
+            f"is {settings.kafka_security_protocol}, but the listener at {cause}: is "
+            "KAFKA_BOOTSTRAP_SERVERS the listener for this protocol?",
+        )
+    if isinstance(cause, UnsupportedSaslMechanismError):
+        return ConfigError(
+            "KAFKA_SASL_MECHANISM",
+            f"the listener at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} does not take "
+            f"{settings.kafka_sasl_mechanism} (the broker answered {type(cause).__name__})",
+        )
     answer = f"the broker answered {type(cause).__name__}: {cause}".rstrip(": ")
     if isinstance(cause, _AUTHENTICATION):
         user = settings.kafka_sasl_username or "(none)"

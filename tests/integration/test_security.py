@@ -193,6 +193,9 @@ async def _run_refused(worker: Env) -> tuple[str, str]:
         ("sasl-scram", "untrusted CA", "KAFKA_SSL_CAFILE", "not trusted"),
         ("mtls", "no client certificate", "KAFKA_SSL_CERTFILE", "requires a client certificate"),
         ("mtls", "untrusted CA", "KAFKA_SSL_CAFILE", "not trusted"),
+        ("sasl-scram", "a mechanism the listener does not take", "KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+        ("sasl-scram", "plaintext to a TLS listener", "KAFKA_SECURITY_PROTOCOL", "speaks TLS"),
+        ("mtls", "TLS to a plaintext listener", "KAFKA_SECURITY_PROTOCOL", "answers without TLS"),
         ("sasl-scram", "database host not in its certificate", "DATABASE_URL", "mismatch"),
         (
             "sasl-scram",
@@ -214,6 +217,14 @@ async def test_a_refusal_ends_in_one_line_naming_the_setting(
         "wrong password": {"KAFKA_SASL_PASSWORD_FILE": secure.secret_file("wrong-sasl", wrong)},
         "untrusted CA": {"KAFKA_SSL_CAFILE": other_ca},
         "no client certificate": {"KAFKA_SSL_CERTFILE": "", "KAFKA_SSL_KEYFILE": ""},
+        # The SASL_PLAINTEXT listener takes PLAIN only.
+        "a mechanism the listener does not take": {
+            "KAFKA_BOOTSTRAP_SERVERS": secure.kafka.sasl_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+        },
+        "plaintext to a TLS listener": {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"},
+        "TLS to a plaintext listener": {"KAFKA_BOOTSTRAP_SERVERS": secure.kafka.bootstrap},
         "database host not in its certificate": {
             "DATABASE_URL": secure.postgres.url(ROLE, host="127.0.0.1", sslmode="verify-full", sslrootcert=ca)
         },

@@ -15,6 +15,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
     UnknownError,
+    UnsupportedSaslMechanismError,
 )
 
 from worker.dev.certs import make_certificates
@@ -135,3 +136,9 @@ def test_client_options_carry_the_client_certificate(tmp_path: Path) -> None:
     context = client_options(settings)["ssl_context"]
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "ingest test CA"),),)]
+
+
+def test_a_mechanism_the_listener_does_not_take_names_the_mechanism_setting() -> None:
+    refused = refusal(UnsupportedSaslMechanismError("not enabled"), SASL)
+    assert isinstance(refused, ConfigError) and refused.setting == "KAFKA_SASL_MECHANISM"
+    assert "SCRAM-SHA-512" in str(refused)
