@@ -32,6 +32,7 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import TopicPartition
 
 from worker.errors import ConfigError, WorkerError
@@ -40,9 +41,7 @@ from worker.settings import Settings
 _AUTHENTICATION = (
     AuthenticationFailedError,
     AuthenticationMethodNotSupported,
-    IllegalSaslStateError,
     SaslAuthenticationFailed,
-    UnsupportedSaslMechanismError,
 )
 _TOPIC_REFUSED = (
     InvalidReplicationFactorError,
@@ -195,7 +194,13 @@ async def bootstrap_error(settings: Settings) -> BaseException | None:
         if not tls and await _speaks_tls(host, int(port)):
             return ProtocolMismatch(f"{host}:{port} speaks TLS")
         return exc
-    conn.close()
+    try:
+        if not settings.kafka_sasl_mechanism:  # a SASL listener answers ApiVersions, then closes
+            await conn.send(MetadataRequest([]))
+    except KafkaError:
+        return ProtocolMismatch(f"{host}:{port} closed the connection at the first request: it expects SASL")
+    finally:
+        conn.close()
     return None
 
 
@@ -266,6 +271,12 @@ def refusal(exc: BaseException, settings: Settings) -> WorkerError | None:
             "KAFKA_SECURITY_PROTOCOL",
             f"is {settings.kafka_security_protocol}, but the listener at {cause}: is "
             "KAFKA_BOOTSTRAP_SERVERS the listener for this protocol?",
+        )
+    if isinstance(cause, IllegalSaslStateError):  # the listener takes no SASL handshake at all
+        return ConfigError(
+            "KAFKA_SECURITY_PROTOCOL",
+            f"is {settings.kafka_security_protocol}, but the listener at KAFKA_BOOTSTRAP_SERVERS="
+            f"{settings.kafka_bootstrap_servers} takes no SASL (the broker answered {type(cause).__name__})",
         )
     if isinstance(cause, UnsupportedSaslMechanismError):
         return ConfigError(

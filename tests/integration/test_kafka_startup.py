@@ -50,8 +50,8 @@ def env_module_stack(stack: object) -> Iterator[KafkaCluster]:
     if not isinstance(broker, KafkaCluster):
         pytest.skip("needs the local Apache Kafka (its SASL listener and authorizer)")
     # `reader` may read every topic and group, and nothing else: no Create, no Write.
-    broker.allow("User:reader", "--operation", "Read", "--operation", "Describe", "--topic", "*")
-    broker.allow("User:reader", "--operation", "Read", "--group", "*")
+    broker.allow("User:reader", "topic", "*", "Read", "Describe")
+    broker.allow("User:reader", "group", "*", "Read")
     yield broker
 
 

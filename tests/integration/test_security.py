@@ -14,7 +14,6 @@ its own schema, the extension made by an administrator). Over TCP the server tak
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import re
 import secrets
 import shutil
@@ -79,14 +78,10 @@ def secure(stack: Services) -> Iterator[Secure]:
         postgres.start()
         asyncio.run(_create_role(postgres))
         # What the README's security section grants the worker's user, and nothing more.
-        user, prefixed = f"User:{CLIENT_NAME}", ("--resource-pattern-type", "prefixed")
-        grants = [
-            (user, *prefixed, "--operation", "Read", "--operation", "Describe", "--topic", SOURCE),
-            (user, *prefixed, "--operation", "Write", "--operation", "Describe", "--topic", DEAD),
-            (user, *prefixed, "--operation", "Read", "--group", GROUP),
-        ]
-        with concurrent.futures.ThreadPoolExecutor() as pool:  # a JVM each: at once
-            list(pool.map(lambda grant: kafka.allow(*grant), grants))
+        user = f"User:{CLIENT_NAME}"
+        kafka.allow(user, "topic", SOURCE, "Read", "Describe", prefixed=True)
+        kafka.allow(user, "topic", DEAD, "Write", "Describe", prefixed=True)
+        kafka.allow(user, "group", GROUP, "Read", prefixed=True)
         secrets_dir = workdir / "secrets"
         secrets_dir.mkdir()
         yield Secure(kafka, kafka.certificates, postgres, secrets_dir)
@@ -196,6 +191,8 @@ async def _run_refused(worker: Env) -> tuple[str, str]:
         ("sasl-scram", "a mechanism the listener does not take", "KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
         ("sasl-scram", "plaintext to a TLS listener", "KAFKA_SECURITY_PROTOCOL", "speaks TLS"),
         ("mtls", "TLS to a plaintext listener", "KAFKA_SECURITY_PROTOCOL", "answers without TLS"),
+        ("mtls", "no SASL to a SASL listener", "KAFKA_SECURITY_PROTOCOL", "it expects SASL"),
+        ("mtls", "SASL to a listener without it", "KAFKA_SECURITY_PROTOCOL", "takes no SASL"),
         ("sasl-scram", "database host not in its certificate", "DATABASE_URL", "mismatch"),
         (
             "sasl-scram",
@@ -225,6 +222,13 @@ async def test_a_refusal_ends_in_one_line_naming_the_setting(
         },
         "plaintext to a TLS listener": {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"},
         "TLS to a plaintext listener": {"KAFKA_BOOTSTRAP_SERVERS": secure.kafka.bootstrap},
+        "no SASL to a SASL listener": {"KAFKA_BOOTSTRAP_SERVERS": secure.kafka.sasl_ssl_bootstrap},
+        "SASL to a listener without it": {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "PLAIN",
+            "KAFKA_SASL_USERNAME": CLIENT_NAME,
+            "KAFKA_SASL_PASSWORD_FILE": secure.secret_file("sasl", SASL_USERS[CLIENT_NAME]),
+        },
         "database host not in its certificate": {
             "DATABASE_URL": secure.postgres.url(ROLE, host="127.0.0.1", sslmode="verify-full", sslrootcert=ca)
         },

@@ -9,6 +9,7 @@ import pytest
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    IllegalSaslStateError,
     KafkaConnectionError,
     KafkaTimeoutError,
     NodeNotReadyError,
@@ -142,3 +143,8 @@ def test_a_mechanism_the_listener_does_not_take_names_the_mechanism_setting() ->
     refused = refusal(UnsupportedSaslMechanismError("not enabled"), SASL)
     assert isinstance(refused, ConfigError) and refused.setting == "KAFKA_SASL_MECHANISM"
     assert "SCRAM-SHA-512" in str(refused)
+
+
+def test_sasl_to_a_listener_without_it_names_the_protocol_setting() -> None:
+    refused = refusal(IllegalSaslStateError("no SASL here"), SASL)
+    assert isinstance(refused, ConfigError) and refused.setting == "KAFKA_SECURITY_PROTOCOL"

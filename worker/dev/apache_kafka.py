@@ -22,6 +22,7 @@ Synchronous on purpose, like ``stack.py``: it only starts and stops processes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import fcntl
@@ -35,6 +36,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aiokafka.conn import create_conn
+from aiokafka.protocol.admin import CreateAclsRequest
 
 from worker.dev.certs import CLIENT_NAME, Certificates, make_certificates
 from worker.dev.processes import Freezable, StackError, free_port, stop_process
@@ -413,22 +417,39 @@ class KafkaCluster:
             if node.process is not None:
                 node.process.wait()
 
-    def allow(self, principal: str, *acl_args: str) -> None:
-        """Add ACLs with Kafka's AclCommand: ``allow("User:reader", "--operation", "Read", ...)``."""
-        result = subprocess.run(
-            _java(
-                "org.apache.kafka.tools.AclCommand",
-                "--bootstrap-server",
-                self.nodes[0].bootstrap,
-                "--add",
-                "--allow-principal",
-                principal,
-                *acl_args,
-            ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise StackError(f"AclCommand failed: {(result.stdout + result.stderr)[-500:]}")
+    def allow(
+        self, principal: str, resource: str, name: str, *operations: str, prefixed: bool = False
+    ) -> None:
+        """Allow ``principal`` (``User:reader``) ``operations`` (``Read``, ``Write``, ``Describe``,
+        ``Create``) on a ``resource`` (``topic``, ``group``, ``cluster``) named ``name`` (or, with
+        ``prefixed``, every one whose name starts with it): CreateAcls sent as the super user."""
+        asyncio.run(self._allow(principal, resource, name, operations, prefixed))
+
+    async def _allow(
+        self, principal: str, resource: str, name: str, operations: tuple[str, ...], prefixed: bool
+    ) -> None:
+        host, _, port = self.nodes[0].bootstrap.rpartition(":")
+        conn = await create_conn(host, int(port))
+        try:
+            for operation in operations:
+                request = CreateAclsRequest(
+                    _ACL_RESOURCES[resource],
+                    name,
+                    _ACL_PREFIXED if prefixed else _ACL_LITERAL,
+                    principal,
+                    "*",
+                    _ACL_OPERATIONS[operation],
+                    _ACL_ALLOW,
+                )
+                answer = await conn.send(request)
+                for code, message in answer.creation_responses:
+                    if code:
+                        raise StackError(f"CreateAcls {operation} on {resource} {name!r}: {code} {message}")
+        finally:
+            conn.close()
+
+
+# CreateAcls codes (org.apache.kafka.common.acl / resource enums).
+_ACL_RESOURCES = {"topic": 2, "group": 3, "cluster": 4}
+_ACL_OPERATIONS = {"Read": 3, "Write": 4, "Create": 5, "Describe": 8, "IdempotentWrite": 12}
+_ACL_LITERAL, _ACL_PREFIXED, _ACL_ALLOW = 3, 4, 3
