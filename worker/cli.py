@@ -398,7 +398,20 @@ def _parser() -> argparse.ArgumentParser:
 
     reindex = command("reindex", REINDEX_DESCRIPTION)
     reindex.add_argument(
-        "action", choices=("start", "status", "switch", "rollback", "drop"), help="what to do (above)"
+        "action", choices=("start", "fill", "status", "switch", "rollback", "drop"), help="what to do (above)"
+    )
+    reindex.add_argument(
+        "--fillers",
+        type=_count(1),
+        default=None,
+        help="start: processes filling the generation, this one included [2]",
+    )
+    reindex.add_argument(
+        "--report-every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fill: print `filled <documents> <chunks>` this often, for a process watching it [off]",
     )
     reindex.add_argument("--model", help="start: the new generation's EMBEDDING_MODEL [the served one's]")
     reindex.add_argument("--dimensions", type=_count(1), help="start: its dimensions [the served one's]")
@@ -474,7 +487,10 @@ generation of the index beside the served one, keep both current, switch in one 
             the documents' stored text, with a progress bar; then build its HNSW index. Content
             that model embedded before is not bought again. Stopped (even by kill -9) and started
             again with the same flags, it goes on where it was. Running workers write every change
-            into both generations from the moment it is registered.
+            into both generations from the moment it is registered. --fillers N: fill with N
+            processes (helpers running `fill`) [2].
+  fill      fill the generation being built until nothing is pending, without building its
+            index: run it on more machines to share a large build
   status    every generation: state, model, dimensions, chunking, documents and chunks done
   switch    serve the new generation, once nothing is pending in it (--wait: wait for that), in
             one transaction: the `chunks` view and `search` give it, workers ingest into it

@@ -200,7 +200,14 @@ async def _reindex(settings: Settings, args: argparse.Namespace) -> int:
             chunk_overlap=args.new_chunk_overlap,
             chunk_unit=args.new_chunk_unit,
         )
-        await do.start(settings, wanted, stop)
+        await do.start(settings, wanted, stop, fillers=args.fillers or do.FILLERS)
+        return 130 if stop.is_set() else 0
+    if args.action == "fill":
+        stop = asyncio.Event()
+        on_stop_signals(lambda _: stop.set())
+        documents, chunks = await do.fill(settings, stop, report_every=args.report_every)
+        if not args.report_every:
+            print(f"filled {documents:,} documents ({chunks:,} chunks)")
         return 130 if stop.is_set() else 0
     if args.action == "status":
         for row in await do.status(settings):

@@ -36,6 +36,8 @@ from worker.settings import Settings
 from worker.store import Store
 
 WAIT_POLL = 1.0  # seconds between looks while `switch --wait` waits
+FILLERS = 2  # processes filling a generation at `reindex start` (bench/MEASUREMENTS.md)
+HELPER_REPORT_EVERY = 0.5  # seconds between a helper's `filled` lines
 
 
 class NotReady(WorkerError):
@@ -75,9 +77,15 @@ class Wanted:
 
 
 async def start(
-    settings: Settings, wanted: Wanted, stop: asyncio.Event, *, progress: bool = True
+    settings: Settings,
+    wanted: Wanted,
+    stop: asyncio.Event,
+    *,
+    progress: bool = True,
+    fillers: int = FILLERS,
 ) -> Generation:
-    """Register the generation (or find it registered: resume) and fill it; build its index.
+    """Register the generation (or find it registered: resume) and fill it, with ``fillers``
+    processes (this one and helpers running `reindex fill`); build its index.
     Raises NotReady when documents are left that cannot be filled (each one's reason logged)."""
     _say(f"reindex start: {settings.database_schema}")
     async with Store(settings) as base:
@@ -96,28 +104,36 @@ async def start(
     store.reuse_from(found)
     async with OpenAIEmbedder(store.settings) as embedder, store:
         filler = Filler(store, embedder, source=lambda: served, stop=stop)
+        helpers = Helpers(settings, fillers - 1)
         try:
             live, pending = await _counts(store, generation)
-            bar = asyncio.create_task(_progress(filler, live, live - pending)) if progress else None
+            await helpers.start()
+            bar = asyncio.create_task(_progress(filler, helpers, live, live - pending)) if progress else None
             try:
                 await filler.run(until_done=True)
+                # What is left is claimed by the helpers: once they are done, whatever one of
+                # them gave back (or left, stopping) is filled here.
+                await helpers.wait()
+                await filler.run(until_done=True)
             finally:
+                await helpers.stop()
                 if bar is not None:
                     bar.cancel()
                     await asyncio.gather(bar, return_exceptions=True)
         finally:
             await filler.close()
+        documents, chunks = filler.documents + helpers.documents, filler.chunks + helpers.chunks
         if stop.is_set():
             _say(
-                f"stopped after {filler.documents:,} documents ({filler.chunks:,} chunks): the same "
+                f"stopped after {documents:,} documents ({chunks:,} chunks): the same "
                 "`reindex start` goes on where this one was"
             )
             return generation
         seconds = time.perf_counter() - started
-        rate = filler.chunks / seconds if seconds else 0.0
+        rate = chunks / seconds if seconds else 0.0
+        by = f" by {fillers} processes" if fillers > 1 else ""
         _say(
-            f"filled {filler.documents:,} documents ({filler.chunks:,} chunks) in {seconds:.1f} s: "
-            f"{rate:,.0f} chunks/s"
+            f"filled {documents:,} documents ({chunks:,} chunks) in {seconds:.1f} s{by}: {rate:,.0f} chunks/s"
         )
         counts = (await store.pending_counts()).get(generation.id)
         if counts is not None and counts["problems"]:
@@ -133,6 +149,116 @@ async def start(
         "`ingest-worker reindex switch` serves it.\n"
     )
     return generation
+
+
+async def fill(settings: Settings, stop: asyncio.Event, *, report_every: float = 0.0) -> tuple[int, int]:
+    """Fill the generation being built until nothing is pending in it, without building its index
+    (`reindex start` does): what its helper processes run, and what more processes, on this
+    machine or others, can run to share a large build. With ``report_every``, a ``filled
+    <documents> <chunks>`` line on standard output that often (for the process that spawned it).
+    Returns (documents, chunks) filled."""
+    async with Store(settings) as base:
+        found = await _registry(base)
+        served = generations.served(found)
+        generation = generations.not_served(found)
+        if generation is None or generation.state != "building":
+            raise NotReady("no generation is being built: `reindex start` registers one")
+    store = Store(settings, generation)
+    store.reuse_from(found)
+    async with OpenAIEmbedder(store.settings) as embedder, store:
+        filler = Filler(store, embedder, source=lambda: served, stop=stop)
+        reports = asyncio.create_task(_report(filler, report_every)) if report_every else None
+        try:
+            await filler.run(until_done=True)
+        finally:
+            await filler.close()
+            if reports is not None:
+                reports.cancel()
+                await asyncio.gather(reports, return_exceptions=True)
+                _report_line(filler)
+    return filler.documents, filler.chunks
+
+
+async def _report(filler: Filler, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        _report_line(filler)
+
+
+def _report_line(filler: Filler) -> None:
+    sys.stdout.write(f"filled {filler.documents} {filler.chunks}\n")
+    sys.stdout.flush()
+
+
+class Helpers:
+    """``count`` processes running `reindex fill` beside `reindex start`, with its settings; each
+    one ends with it (a ``kill -9`` of it too: the kernel sends them SIGTERM, and they give their
+    claims back). Their ``filled`` lines keep the totals."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self._settings = settings
+        self._count = count
+        self._processes: list[asyncio.subprocess.Process] = []
+        self._filled: dict[int, tuple[int, int]] = {}  # pid -> its last (documents, chunks)
+        self._readers: list[asyncio.Task[None]] = []
+
+    @property
+    def documents(self) -> int:
+        return sum(d for d, _ in self._filled.values())
+
+    @property
+    def chunks(self) -> int:
+        return sum(c for _, c in self._filled.values())
+
+    async def start(self) -> None:
+        for _ in range(self._count):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "worker",
+                "reindex",
+                "fill",
+                "--report-every",
+                str(HELPER_REPORT_EVERY),
+                env=self._settings.environment(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                preexec_fn=_end_with_parent,
+            )
+            self._processes.append(process)
+            self._readers.append(asyncio.create_task(self._read(process)))
+
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            word, _, counts = line.decode(errors="replace").partition(" ")
+            if word == "filled":
+                documents, _, chunks = counts.partition(" ")
+                self._filled[process.pid] = (int(documents), int(chunks))
+
+    async def wait(self) -> None:
+        """Until every helper has ended (nothing left to claim); one that failed is said, and
+        what it held is filled by whoever claims it next."""
+        for process in self._processes:
+            code = await process.wait()
+            if code != 0:
+                _say(f"a helper filler (pid {process.pid}) ended with status {code}: its part is filled here")
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+    async def stop(self) -> None:
+        for process in self._processes:
+            if process.returncode is None:
+                process.terminate()
+        await self.wait()
+
+
+def _end_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies, however it dies (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 async def status(settings: Settings) -> list[dict[str, object]]:
@@ -276,7 +402,7 @@ async def _counts(store: Store, generation: Generation) -> tuple[int, int]:
     return await store.live_documents(), int(pending["pending"]) if pending is not None else 0
 
 
-async def _progress(filler: Filler, total: int, before: int, every: float = 0.5) -> None:
+async def _progress(filler: Filler, helpers: Helpers, total: int, before: int, every: float = 0.5) -> None:
     """A bar over the generation's live documents: done before this run, then filled by it."""
     from tqdm import tqdm
 
@@ -286,16 +412,16 @@ async def _progress(filler: Filler, total: int, before: int, every: float = 0.5)
         try:
             while True:
                 await asyncio.sleep(every)
-                _show(bar, filler, total, before)
+                _show(bar, filler, helpers, total, before)
         except asyncio.CancelledError:
-            _show(bar, filler, total, before)  # where it ended
+            _show(bar, filler, helpers, total, before)  # where it ended
 
 
-def _show(bar: Any, filler: Filler, total: int, before: int) -> None:
+def _show(bar: Any, filler: Filler, helpers: Helpers, total: int, before: int) -> None:
     down = sorted(d.name for d in filler.dependencies.all() if not d.up)
     bar.set_description_str("waiting for " + " and ".join(down) if down else "filling", refresh=False)
-    bar.n = min(total, before + filler.documents)
-    bar.set_postfix_str(f"{filler.chunks:,} chunks", refresh=False)
+    bar.n = min(total, before + filler.documents + helpers.documents)
+    bar.set_postfix_str(f"{filler.chunks + helpers.chunks:,} chunks", refresh=False)
     bar.refresh()
 
 

@@ -337,6 +337,21 @@ class Settings:
             shown[f.name.upper()] = value
         return shown
 
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables that give them (secrets revealed): for a
+        child process that must run with exactly them, flags given to this one included."""
+        found: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                value = value.reveal()
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            found[f.name.upper()] = str(value)
+        return found
+
     @property
     def api_key(self) -> str:
         return self.embedding_api_key.reveal()

@@ -414,3 +414,20 @@ def test_kafka_client_certificate_settings_are_checked(tmp_path: Path) -> None:
     error = config_error({"KAFKA_SSL_CERTFILE": str(cert)})  # PLAINTEXT
     assert error.setting == "KAFKA_SSL_CERTFILE" and "only over TLS" in str(error)
     Settings.load({**tls, "KAFKA_SSL_CERTFILE": str(cert), "KAFKA_SSL_KEYFILE": str(cert)})
+
+
+def test_the_environment_of_settings_gives_the_same_settings(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("sk-file\n")
+    given = Settings.load(
+        {
+            "KAFKA_TOPIC": "a,b",
+            "KAFKA_SASL_PASSWORD": "p@ss",
+            "DATABASE_URL": "postgresql://ingest@db/search?sslmode=require",
+            "EMBEDDING_API_KEY_FILE": str(key),
+            "EMBEDDING_SEND_DIMENSIONS": "false",
+            "EMBEDDING_TIMEOUT": "12.5",
+        },
+        {"chunk_size": "700"},  # a flag: children get it too
+    )
+    assert Settings.load(given.environment()) == given
