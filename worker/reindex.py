@@ -13,6 +13,7 @@ roll back, drop the one not served (worker.generations says what a generation is
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -220,7 +221,7 @@ class Helpers:
                 "fill",
                 "--report-every",
                 str(HELPER_REPORT_EVERY),
-                env=self._settings.environment(),
+                env={**os.environ, **self._settings.environment()},  # PATH, proxies, OTEL_* too
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 preexec_fn=_end_with_parent,
