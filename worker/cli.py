@@ -404,7 +404,7 @@ def _parser() -> argparse.ArgumentParser:
         "--fillers",
         type=_count(1),
         default=None,
-        help="start: processes filling the generation, this one included [2]",
+        help="start: processes filling the generation, this one included [1]",
     )
     reindex.add_argument(
         "--report-every",
@@ -488,7 +488,7 @@ generation of the index beside the served one, keep both current, switch in one 
             that model embedded before is not bought again. Stopped (even by kill -9) and started
             again with the same flags, it goes on where it was. Running workers write every change
             into both generations from the moment it is registered. --fillers N: fill with N
-            processes (helpers running `fill`) [2].
+            processes (helpers running `fill`) [1].
   fill      fill the generation being built until nothing is pending, without building its
             index: run it on more machines to share a large build
   status    every generation: state, model, dimensions, chunking, documents and chunks done

@@ -37,7 +37,10 @@ from worker.settings import Settings
 from worker.store import Store
 
 WAIT_POLL = 1.0  # seconds between looks while `switch --wait` waits
-FILLERS = 2  # processes filling a generation at `reindex start` (bench/MEASUREMENTS.md)
+# Processes filling a generation at `reindex start`. One: on 2 cores the fill keeps the machine
+# busy (database, embedding server and filler together), and a second process made it no faster
+# (bench/MEASUREMENTS.md, "Filling a generation with more processes").
+FILLERS = 1
 HELPER_REPORT_EVERY = 0.5  # seconds between a helper's `filled` lines
 
 

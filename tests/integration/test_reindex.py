@@ -59,6 +59,24 @@ def deletes(docs: range) -> list[Event]:
     return [(f"d{n}", None) for n in docs]
 
 
+def fillers_of(schema: str) -> list[int]:
+    """The pids of `reindex fill` processes working on ``schema`` (named in their environment)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if b"reindex" in command and b"fill" in command and f"DATABASE_SCHEMA={schema}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
 async def eventually(check: Callable[[], Awaitable[None]], within: float) -> None:
     """``check`` passes within ``within`` seconds (its last failure raised otherwise)."""
     deadline = asyncio.get_running_loop().time() + within
@@ -180,6 +198,8 @@ async def test_a_reindex_killed_halfway_resumes_and_buys_nothing_twice(stack: Se
         "reindex",
         "start",
         *NEW,
+        "--fillers",
+        "2",
         env={**os.environ, **env.values},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -193,6 +213,8 @@ async def test_a_reindex_killed_halfway_resumes_and_buys_nothing_twice(stack: Se
             assert filled >= 100, filled
 
         await eventually(halfway, 90)
+        helpers = fillers_of(env.schema)
+        assert len(helpers) == 1, "a helper fills beside reindex start (--fillers 2)"
         # From now on every request is held 3 s: a second later, what was answered before is in
         # the ledger, and what is in flight (at most 2 requests of 8) is paid for and lost with
         # the process (the server answers it all the same, as a provider would).
@@ -201,6 +223,11 @@ async def test_a_reindex_killed_halfway_resumes_and_buys_nothing_twice(stack: Se
         first.send_signal(signal.SIGKILL)
         await first.wait()
         killed = asyncio.get_running_loop().time()
+
+        async def helpers_gone() -> None:
+            assert fillers_of(env.schema) == [], "a helper outlived the reindex start it helped"
+
+        await eventually(helpers_gone, 10)  # told by the kernel (SIGTERM), they give their claims back
     finally:
         if first.returncode is None:
             first.kill()

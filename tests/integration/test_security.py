@@ -36,9 +36,11 @@ from tests.integration.helpers import (
     fresh_env,
     one_line_error,
     produce,
+    produce_raw,
     spawn_worker,
 )
 from tests.integration.services import Services
+from tests.integration.test_operations import read_dead_letters
 from worker.dev import tls_postgres
 from worker.dev.apache_kafka import SASL_USERS, KafkaCluster
 from worker.dev.certs import CLIENT_NAME, Certificates
@@ -163,12 +165,15 @@ async def test_ingests_over_tls_with_least_privilege_and_secrets_from_files(
     )
     events = _events("doc-", 12)
     await produce(admin, events)
+    await produce_raw(admin, [(b"broken", b"{not json")])  # a dead letter, through the user's ACLs
     result = await asyncio.to_thread(cli, worker, "run", "--stop-when-idle", "1")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     await assert_stored_state(admin, expected_state(events))
+    [letter] = await read_dead_letters(admin, expected=1)
+    shown = output + repr(letter)
     for secret in (api_key, ROLE_PASSWORD, SASL_USERS[CLIENT_NAME]):
-        assert secret not in output
+        assert secret not in shown
     assert "waiting_for_dependencies" not in output, "every dependency answered at once"
 
 
