@@ -25,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import functools
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +39,7 @@ from aiokafka.conn import create_conn
 from aiokafka.protocol.admin import CreateAclsRequest
 
 from worker.dev.certs import CLIENT_NAME, Certificates, make_certificates
+from worker.dev.maven import fetch_once, fetched, pom_property
 from worker.dev.processes import Freezable, StackError, free_port, stop_process
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
@@ -57,44 +56,19 @@ _STARTED = "Kafka Server started"
 
 
 def kafka_version() -> str:
-    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
-    if found is None:  # pragma: no cover - the pom is ours
-        raise StackError(f"{POM} names no kafka.version")
-    return found.group(1)
+    return pom_property(POM, "kafka.version")
 
 
 def available() -> bool:
     """Java is here, and the jars are fetched already or Maven can fetch them."""
-    return shutil.which("java") is not None and (_fetched() or shutil.which("mvn") is not None)
-
-
-def _fetched() -> bool:
-    return (LIB / f".fetched-{kafka_version()}").exists()
+    return shutil.which("java") is not None and (
+        fetched(LIB, kafka_version()) or shutil.which("mvn") is not None
+    )
 
 
 def fetch_jars(timeout: float = 900) -> Path:
     """Copy the broker's jars into ``kafka/lib`` once (one process at a time); return the folder."""
-    LIB.mkdir(parents=True, exist_ok=True)
-    with open(LIB.parent / ".fetch.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _fetched():
-            return LIB
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise StackError("Apache Kafka's jars are not fetched yet and `mvn` is not on PATH")
-        for stale in LIB.glob("*.jar"):
-            stale.unlink()
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if result.returncode != 0:
-            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
-            raise StackError("fetching Apache Kafka with Maven failed: " + " | ".join(tail))
-        (LIB / f".fetched-{kafka_version()}").touch()
+    fetch_once(POM, LIB, kafka_version(), "Apache Kafka", timeout=timeout)
     return LIB
 
 

