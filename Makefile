@@ -49,11 +49,17 @@ run: install
 ## mvn are here: see tests/integration/services.py), then the smoke subset on the embedded Tansu.
 ## Each run starts the services it uses and stops them.
 test: install browser
-	@# kustomize builds (Go, ~35 s) while the integration tests run; the unit tests, after them, use it
-	@$(MAKE) --no-print-directory tools > .tools-build.log 2>&1 & \
-	$(BIN)/python -m pytest tests -q --durations=15; tests=$$?; \
-	wait; exit $$tests
-	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke
+	@# The integration tests in two processes (each with its own stack: most of their time is
+	@# waiting), while kustomize builds (Go, ~35 s); then the unit tests, which use it, beside the
+	@# smoke subset on Tansu (mostly waiting for Tansu's group joins).
+	@mkdir -p .run; $(MAKE) --no-print-directory tools > .tools-build.log 2>&1 & \
+	$(BIN)/python -m pytest tests/integration -q -n 2 --dist loadfile --durations=15; integration=$$?; \
+	wait; \
+	TEST_BROKER=tansu $(BIN)/python -m pytest tests/integration -q -m smoke -p no:cacheprovider \
+		--basetemp=.run/smoke-tmp > .run/smoke.log 2>&1 & smoke=$$!; \
+	$(BIN)/python -m pytest tests/unit -q --durations=5; unit=$$?; \
+	wait $$smoke; smoked=$$?; echo "-- smoke on Tansu:"; tail -n 15 .run/smoke.log; \
+	exit $$(( integration || unit || smoked ))
 
 unit: install tools
 	$(BIN)/python -m pytest tests/unit -q

@@ -213,8 +213,6 @@ async def test_a_reindex_killed_halfway_resumes_and_buys_nothing_twice(stack: Se
             assert filled >= 100, filled
 
         await eventually(halfway, 90)
-        helpers = fillers_of(env.schema)
-        assert len(helpers) == 1, "a helper fills beside reindex start (--fillers 2)"
         # From now on every request is held 3 s: a second later, what was answered before is in
         # the ledger, and what is in flight (at most 2 requests of 8) is paid for and lost with
         # the process (the server answers it all the same, as a provider would).
