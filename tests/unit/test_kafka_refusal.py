@@ -148,3 +148,14 @@ def test_a_mechanism_the_listener_does_not_take_names_the_mechanism_setting() ->
 def test_sasl_to_a_listener_without_it_names_the_protocol_setting() -> None:
     refused = refusal(IllegalSaslStateError("no SASL here"), SASL)
     assert isinstance(refused, ConfigError) and refused.setting == "KAFKA_SECURITY_PROTOCOL"
+
+
+def test_a_ca_file_that_holds_no_certificate_names_the_setting(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    settings = Settings.load(
+        {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SSL_CAFILE": str(ca)}
+    )
+    with pytest.raises(ConfigError) as info:
+        client_options(settings)
+    assert info.value.setting == "KAFKA_SSL_CAFILE"
