@@ -40,6 +40,9 @@ log = structlog.get_logger()
 DEBUG_TRACE_FRAMES = 10  # frames tracemalloc keeps per allocation with DEBUG_ENDPOINTS
 
 
+ATTEMPT_GRACE = 30.0  # seconds a start-up attempt may run past STARTUP_TIMEOUT_SECONDS to fail by itself
+
+
 class StartupTimeout(WorkerError):
     """A dependency did not answer within STARTUP_TIMEOUT_SECONDS."""
 
@@ -96,13 +99,18 @@ async def _prepare(
     attempt = 0
     while True:
         try:
-            if migrate:
-                await store.migrate(ann_index=not backfill, only_if_empty=True)
-            else:
-                await store.check()
-            await store.open()
-            await ensure_topic(settings, settings.dlq_topic, partitions=1)
-            await start_producer(producer)
+            # An attempt that hangs (a peer that accepts and never answers) is cut once past the
+            # limit, so STARTUP_TIMEOUT_SECONDS bounds start-up however the dependencies behave;
+            # an attempt that fails by itself meanwhile says why, as before.
+            left = limit - (time.monotonic() - started)
+            async with asyncio.timeout(max(left, ATTEMPT_GRACE) if limit else None):
+                if migrate:
+                    await store.migrate(ann_index=not backfill, only_if_empty=True)
+                else:
+                    await store.check()
+                await store.open()
+                await ensure_topic(settings, settings.dlq_topic, partitions=1)
+                await start_producer(producer)
         except (DependencyError, KafkaError, OSError, TimeoutError) as exc:
             cause = exc
             if isinstance(exc, KafkaConnectionError):  # aiokafka hides why; a refused password?
@@ -135,6 +143,8 @@ def _what_failed(exc: BaseException, settings: Settings, cause: BaseException) -
         return (
             f"no Kafka broker answered at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} ({why})"
         )
+    if type(exc) is TimeoutError and not str(exc):  # the attempt cut at the limit
+        return "an attempt did not finish: a dependency accepted the connection but did not answer"
     return describe(exc)
 
 

@@ -14,9 +14,13 @@ its own schema, the extension made by an administrator). Over TCP the server tak
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -245,8 +249,10 @@ async def _refused(
     }[change]
     async with gate:
         started = time.monotonic()
-        result = await asyncio.to_thread(cli, worker.with_(**changed), "run", "--stop-when-idle", "1")
+        result = await asyncio.to_thread(_run_or_dump, worker.with_(**changed))
         seconds = time.monotonic() - started
+    if result.returncode == -signal.SIGABRT:
+        return f"still running after 90 s; where (faulthandler): {result.stderr[-4000:]}"
     output = result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     if result.returncode != 2:
@@ -262,6 +268,24 @@ async def _refused(
     if wrong in output or ROLE_PASSWORD in output or SASL_USERS[CLIENT_NAME] in output:
         return "a secret shows"
     return None
+
+
+def _run_or_dump(env: Env, within: float = 90) -> subprocess.CompletedProcess[str]:
+    """`run --stop-when-idle 1` with ``env``; one still running after ``within`` seconds is sent
+    SIGABRT, on which faulthandler writes where each of its threads is to standard error."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--stop-when-idle", "1"],
+        env={**os.environ, **env.values, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        stdout, stderr = process.communicate(timeout=30)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 async def test_a_rotated_api_key_file_is_picked_up_without_a_restart_and_nothing_shows_a_secret(
