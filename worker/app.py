@@ -238,9 +238,7 @@ async def serve(
         except ShuttingDown:
             pass
         finally:
-            for task in side:
-                task.cancel()
-            await asyncio.gather(*side, return_exceptions=True)
+            await cancel_all(side)
             await fillers.close()
             tracing.shutdown()
             log.info("event_loop", **loop_monitor.summary())  # its lag over the run
@@ -306,9 +304,25 @@ async def _index_once_caught_up(store: Store, worker: Worker) -> None:
 
 async def _watch_readiness(health: HealthServer, every: float = 10.0) -> None:
     """Keep the ``ingest_ready`` gauge current even when nothing polls /readyz."""
+    task = asyncio.current_task()
     while True:
         await health.readiness()
+        if task is not None and task.cancelling():  # cancelled, and a wait_for inside swallowed it
+            raise asyncio.CancelledError
         await asyncio.sleep(every)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]], every: float = 0.5) -> None:
+    """Cancel ``tasks`` and wait for them all to end, cancelling again those still running: on
+    Python 3.11 a cancellation that reaches ``asyncio.wait_for`` as its inner future completes is
+    swallowed (fixed in 3.12), and a task that loops would then never end. Seen: a worker whose
+    start-up was refused hanging at exit, its readiness watch still looping."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _stop_on(stop: asyncio.Event, worker: Worker) -> None:

@@ -252,7 +252,7 @@ async def _refused(
         result = await asyncio.to_thread(_run_or_dump, worker.with_(**changed))
         seconds = time.monotonic() - started
     if result.returncode == -signal.SIGABRT:
-        return f"still running after 90 s; where (faulthandler): {result.stderr[-4000:]}"
+        return f"still running after 75 s; where (faulthandler): {result.stderr[-4000:]}"
     output = result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     if result.returncode != 2:
@@ -270,7 +270,7 @@ async def _refused(
     return None
 
 
-def _run_or_dump(env: Env, within: float = 90) -> subprocess.CompletedProcess[str]:
+def _run_or_dump(env: Env, within: float = 75) -> subprocess.CompletedProcess[str]:
     """`run --stop-when-idle 1` with ``env``; one still running after ``within`` seconds is sent
     SIGABRT, on which faulthandler writes where each of its threads is to standard error."""
     process = subprocess.Popen(
