@@ -25,6 +25,7 @@ from pathlib import Path
 import asyncpg
 
 from bench.corpus import make_documents
+from bench.cpu import all_processes, machine_busy
 from worker.dev.stack import EmbeddingServer, Postgres
 
 SCHEMA = "fill_bench"
@@ -34,25 +35,15 @@ GROUPS = {b"reindex": "filler", b"embedserver": "embedding", b"postgres": "postg
 def cpu_by_group() -> dict[str, float]:
     """CPU seconds so far of the processes alive now, by GROUPS (matched on their command line)."""
     found: dict[str, float] = collections.defaultdict(float)
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid, used in all_processes().items():
         try:
-            command = Path(f"/proc/{entry.name}/cmdline").read_bytes()
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
             continue
         group = next((name for marker, name in GROUPS.items() if marker in command), None)
         if group is not None:
-            found[group] += (int(fields[11]) + int(fields[12])) / tick
+            found[group] += used
     return found
-
-
-def machine_busy() -> tuple[int, int]:
-    """(all jiffies, idle and iowait jiffies) from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(values), values[3] + values[4]
 
 
 async def one_run(env: dict[str, str], args: list[str]) -> str:
@@ -63,7 +54,7 @@ async def one_run(env: dict[str, str], args: list[str]) -> str:
         env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stderr is not None
-    marks: dict[str, tuple[float, dict[str, float], tuple[int, int]]] = {}
+    marks: dict[str, tuple[float, dict[str, float], float]] = {}
     lines = []
     async for raw in process.stderr:
         line = raw.decode(errors="replace").strip()
@@ -79,8 +70,7 @@ async def one_run(env: dict[str, str], args: list[str]) -> str:
     if process.returncode != 0 or len(marks) != 2:
         return f"FAILED ({process.returncode}): {' | '.join(lines[-3:])}"
     (t0, cpu0, busy0), (t1, cpu1, busy1) = marks["start"], marks["end"]
-    total, idle = busy1[0] - busy0[0], busy1[1] - busy0[1]
-    cores = (os.cpu_count() or 1) * (1 - idle / total) if total else 0.0
+    cores = (busy1 - busy0) / (t1 - t0)
     spent = ", ".join(f"{group} {cpu1[group] - cpu0.get(group, 0.0):.2f}" for group in sorted(cpu1))
     return f"fill {t1 - t0:.2f} s; CPU s {spent}; {cores:.2f} cores busy"
 

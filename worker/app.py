@@ -304,11 +304,8 @@ async def _index_once_caught_up(store: Store, worker: Worker) -> None:
 
 async def _watch_readiness(health: HealthServer, every: float = 10.0) -> None:
     """Keep the ``ingest_ready`` gauge current even when nothing polls /readyz."""
-    task = asyncio.current_task()
     while True:
         await health.readiness()
-        if task is not None and task.cancelling():  # cancelled, and a wait_for inside swallowed it
-            raise asyncio.CancelledError
         await asyncio.sleep(every)
 
 

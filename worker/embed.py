@@ -192,21 +192,20 @@ class ApiKey:
     def header(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.value}"} if self.value else {}
 
-    def reread(self) -> bool:
-        """Read the file again; True if it holds another key (used from now on)."""
+    def reread(self) -> None:
+        """Read the file again: another key in it is used from now on."""
         try:
             value = read_secret_file("EMBEDDING_API_KEY_FILE", self.path)
         except ConfigError as exc:
             log.warning("api_key_file_unreadable", error=str(exc))
-            return False
+            return
         if value == self.value:
             log.warning("api_key_refused", file=self.path, changed=False)
-            return False
+            return
         self.value = value
         self.seen.append(value)
         logs.hide(value)
         log.info("api_key_reread", file=self.path, changed=True)
-        return True
 
 
 class Embeddings(list[Vector]):

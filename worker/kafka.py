@@ -208,18 +208,29 @@ class ProtocolMismatch(Exception):
     """The listener speaks another security protocol than KAFKA_SECURITY_PROTOCOL."""
 
 
-async def _answers_plaintext(host: str, port: int) -> bool:
-    """The listener answers an ApiVersions request sent without TLS."""
+async def _ask_api_versions(host: str, port: int, context: ssl.SSLContext | None, within: float) -> bytes:
+    """The first 8 bytes (size, correlation id) of the listener's answer to ApiVersions, sent over
+    TLS with ``context`` (None: without). OSError (ssl.SSLError: TLS's own answer), TimeoutError
+    or IncompleteReadError when there is none."""
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=5)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None),
+            within,
+        )
         writer.write(struct.pack(">i", len(_API_VERSIONS)) + _API_VERSIONS)
-        size, correlation = struct.unpack(">ii", await asyncio.wait_for(reader.readexactly(8), timeout=5))
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
-        return False
+        return await asyncio.wait_for(reader.readexactly(8), within)
     finally:
         if writer is not None:
             writer.close()
+
+
+async def _answers_plaintext(host: str, port: int) -> bool:
+    """The listener answers an ApiVersions request sent without TLS."""
+    try:
+        size, correlation = struct.unpack(">ii", await _ask_api_versions(host, port, None, 5))
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
     return bool(size > 4 and correlation == 1)
 
 
@@ -244,20 +255,12 @@ _API_VERSIONS = struct.pack(">hhih", 18, 0, 1, 13) + b"ingest-worker"
 
 async def _tls_alert(host: str, port: int, context: ssl.SSLContext) -> ssl.SSLError | None:
     """The TLS alert a broker closes our connection with (e.g. certificate required), if any."""
-    writer = None
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout=10
-        )
-        writer.write(struct.pack(">i", len(_API_VERSIONS)) + _API_VERSIONS)
-        await asyncio.wait_for(reader.readexactly(4), timeout=10)
+        await _ask_api_versions(host, port, context, 10)
     except ssl.SSLError as exc:
         return exc
     except (OSError, TimeoutError, asyncio.IncompleteReadError):
         return None
-    finally:
-        if writer is not None:
-            writer.close()
     return None
 
 

@@ -243,7 +243,8 @@ class Helpers:
     async def wait(self) -> None:
         """Until every helper has ended (nothing left to claim); one that failed is said, and
         what it held is filled by whoever claims it next."""
-        for process in self._processes:
+        while self._processes:  # each one's end said once (stop() waits again)
+            process = self._processes.pop(0)
             code = await process.wait()
             if code != 0:
                 _say(f"a helper filler (pid {process.pid}) ended with status {code}: its part is filled here")

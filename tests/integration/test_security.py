@@ -41,6 +41,7 @@ from tests.integration.helpers import (
     produce,
     produce_raw,
     spawn_worker,
+    stored_documents,
 )
 from tests.integration.services import Services
 from tests.integration.test_operations import read_dead_letters
@@ -328,16 +329,10 @@ async def test_a_rotated_api_key_file_is_picked_up_without_a_restart_and_nothing
 
 async def _until_stored(admin: Env, count: int, within: float = 60) -> None:
     deadline = time.monotonic() + within
-    conn = await asyncpg.connect(admin.values["DATABASE_URL"])
-    try:
-        while time.monotonic() < deadline:
-            table = await conn.fetchval("SELECT to_regclass($1)", f"{admin.schema}.documents")
-            if table and await conn.fetchval(f"SELECT count(*) FROM {table}") >= count:
-                return
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
-    raise AssertionError(f"{count} documents were not stored within {within:.0f}s")
+    while await stored_documents(admin) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} documents were not stored within {within:.0f}s")
+        await asyncio.sleep(0.2)
 
 
 async def _everything_served(port: int) -> str:
@@ -368,12 +363,7 @@ async def test_a_refused_api_key_keeps_every_record_until_the_file_holds_one_the
     try:
         reason = await _until_not_ready(port)
         assert "401" in reason and "embedding" in reason, reason
-        conn = await asyncpg.connect(admin.values["DATABASE_URL"])
-        try:
-            table = await conn.fetchval("SELECT to_regclass($1)", f"{admin.schema}.documents")
-            assert table is None or await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
-        finally:
-            await conn.close()
+        assert await stored_documents(admin) == 0
         assert process.poll() is None, "a refused key is waited out, not a crash"
         await asyncio.to_thread(Path(key_file).write_text, wanted + "\n")  # the Secret fixed
         await _until_stored(admin, len(events), within=90)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -19,6 +20,14 @@ class StackError(RuntimeError):
 # Below Linux's ephemeral range (32768-60999): a port picked there for a server started a moment
 # later can meanwhile be taken by some client's outgoing connection, and the server fails to bind.
 _SERVER_PORTS = range(20000, 32768)
+
+
+def reachable(directory: Path) -> None:
+    """Let every user enter ``directory`` and each of its parents: as root, PostgreSQL runs as
+    another user, which must reach its data and its binaries."""
+    for parent in (directory, *directory.parents):
+        if parent.stat().st_mode & 0o005 != 0o005:
+            parent.chmod(parent.stat().st_mode | 0o005)
 
 
 def free_port() -> int:

