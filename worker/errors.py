@@ -3,9 +3,9 @@
 A RecordError can never succeed: its record is dead-lettered, under its ``stage``. A
 DependencyError is an outage: the dependency's circuit breaker (worker.dependency) retries it and
 waits it out. Anything else stops the worker, except the two the pipeline handles itself
-(WriteTimedOut: write smaller; StaleRead: plan again). Third-party errors are wrapped with
-``raise ... from exc`` so the original stays in the traceback; ``describe`` gives the one-line
-form logs, /readyz and dead letters use.
+(WriteTimedOut: write smaller; StaleRead: plan again) and the one fillers handle (Indexing: wait).
+Third-party errors are wrapped with ``raise ... from exc`` so the original stays in the traceback;
+``describe`` gives the one-line form logs, /readyz and dead letters use.
 """
 
 from __future__ import annotations
@@ -142,3 +142,8 @@ class Fenced(WorkerError):
 
 class StaleRead(WorkerError):
     """A document changed between planning a batch and writing it (a rebalance race). Re-plan."""
+
+
+class Indexing(WorkerError):
+    """A generation not served is having its HNSW index built, which holds its table: its
+    fillers give their documents back and wait (worker.fill)."""

@@ -11,6 +11,11 @@ alive while its process holds a session advisory lock of its number (``LedgerTab
 killed process's connection closes, its lock goes, and its announced purchases are taken over at
 once. An announcement is also a lease its buyer renews while it waits: a frozen process's ones
 are taken over once they are ``LEASE`` seconds old.
+
+A process buying a model's embeddings alone announces nothing (``LedgerTable.sole``): announcing
+costs a sixth of a reindex's fill, and there is nobody to tell. Another process wanting to buy
+with that model waits until the sole buyer has announced what it is buying and has not written
+yet (it looks every ``WATCH_INTERVAL``); from then on both announce.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -31,7 +37,13 @@ from worker.errors import DatabaseUnavailable, DependencyError, describe
 from worker.retry import ShuttingDown
 from worker.schema import OUTAGE_ERRORS
 from worker.settings import Settings
-from worker.sql import LEDGER_PRUNE_LIMIT, LEDGER_PRUNE_LOCK, Statements
+from worker.sql import (
+    LEDGER_PRUNE_LIMIT,
+    LEDGER_PRUNE_LOCK,
+    SOLE_BUYER_LOCK,
+    WAITING_TO_SHARE_SQL,
+    Statements,
+)
 from worker.types import Vector
 from worker.usage import UsageRows
 
@@ -52,6 +64,11 @@ class PaidEmbeddings(Protocol):
 
     @property
     def enabled(self) -> bool: ...
+    @property
+    def sole(self) -> bool: ...
+    async def present(self) -> None: ...
+    async def wanted(self) -> bool: ...
+    async def share(self, hashes: Sequence[bytes]) -> None: ...
     async def claim(self, hashes: Sequence[bytes]) -> set[bytes]: ...
     async def keep(self, vectors: Mapping[bytes, Vector]) -> None: ...
     async def drop(self, hashes: Sequence[bytes]) -> None: ...
@@ -89,6 +106,9 @@ class LedgerTable:
         self.buyer = secrets.randbits(62) + 1  # this process, as the ledger's rows name it
         self._presence: asyncpg.Connection | None = None
         self._presence_lock = asyncio.Lock()  # one presence connection, one buyer number
+        self._sole_key = zlib.crc32(self._key.encode()) & 0x7FFFFFFF  # the sole-buyer lock's second key
+        self.sole = False  # the only process buying with this model: its claims are not announced
+        self._asking: asyncio.Future[str] | None = None  # its request for the lock shared, while waiting
         self.exists = False  # set by the store when it finds the table
 
     @property
@@ -122,11 +142,11 @@ class LedgerTable:
         await self._run(keep_all)
 
     async def drop(self, hashes: Sequence[bytes]) -> None:
-        if self.enabled and hashes:
+        if self.enabled and hashes and not self.sole:
             await self._fetch(self._sql.drop_purchases, self._key, sorted(hashes), self.buyer)
 
     async def renew(self, hashes: Sequence[bytes]) -> None:
-        if self.enabled and hashes:
+        if self.enabled and hashes and not self.sole:
             await self._fetch(self._sql.renew_purchases, self._key, sorted(hashes), self.buyer)
 
     async def watch(self, hashes: Sequence[bytes]) -> dict[bytes, Vector | bool]:
@@ -162,22 +182,91 @@ class LedgerTable:
         return deleted
 
     async def close(self) -> None:
+        self.sole = False
+        if self._asking is not None:
+            self._asking.cancel()
+            self._asking = None
         if self._presence is not None:
-            await self._presence.close()
+            await _close(self._presence)
             self._presence = None
 
     async def present(self) -> None:
-        """Hold this process's buyer lock on a connection of its own (again after it was lost)."""
+        """Hold this process's buyer lock on a connection of its own (again after it was lost),
+        and the model's sole-buyer lock: alone (``sole``), or shared with the other buyers."""
         async with self._presence_lock:
             if self._presence is not None and not self._presence.is_closed():
                 return
+            self.sole = False
+            conn = None
             try:
                 conn = await asyncpg.connect(self._settings.database_url.reveal(), timeout=10)
                 while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.buyer):
                     self.buyer = secrets.randbits(62) + 1  # another process drew the same number
+                if self.enabled:
+                    await self._join(conn)
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                if conn is not None:
+                    conn.terminate()
                 raise DatabaseUnavailable(f"cannot announce purchases: {describe(exc)}") from exc
+            except BaseException:  # cancelled while waiting for the sole buyer
+                if conn is not None:
+                    conn.terminate()
+                raise
             self._presence = conn
+
+    async def _join(self, conn: asyncpg.Connection) -> None:
+        """Take the model's sole-buyer lock: alone, shared with other buyers, or, while a sole
+        buyer holds it, asked for shared: it shares once it has announced what it is buying. A
+        frozen one is waited for ``LEASE`` seconds, as its announcements would be; then this
+        process buys beside it, announcing, its request left waiting for when it wakes."""
+        keys = (SOLE_BUYER_LOCK, self._sole_key)
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *keys):
+            self.sole = True
+            return
+        if await conn.fetchval("SELECT pg_try_advisory_lock_shared($1, $2)", *keys):
+            return
+        asking = asyncio.ensure_future(conn.execute("SELECT pg_advisory_lock_shared($1, $2)", *keys))
+        done, _ = await asyncio.wait({asking}, timeout=LEASE)
+        if done:
+            asking.result()  # a failure: the connection is unusable (raised as an outage)
+            return
+        log.warning("ledger_sole_buyer_silent", model=self._key, waited_seconds=LEASE)
+        self._asking = asking
+        asking.add_done_callback(self._granted)
+
+    def _granted(self, asking: asyncio.Future[str]) -> None:
+        if self._asking is asking:
+            self._asking = None
+        if not asking.cancelled() and asking.exception() is None:
+            log.info("ledger_sole_buyer_shared", model=self._key)
+
+    async def wanted(self) -> bool:
+        """Buying alone, and another process waits to buy with the same model."""
+        conn = self._presence
+        if not self.sole or conn is None or conn.is_closed():
+            return False
+        return bool(await conn.fetchval(WAITING_TO_SHARE_SQL, SOLE_BUYER_LOCK, self._sole_key))
+
+    async def share(self, hashes: Sequence[bytes]) -> None:
+        """Stop buying alone: announce ``hashes`` (what this process is buying, or has bought and
+        not written yet), then share the sole-buyer lock, which lets the waiting buyers in.
+        ``sole`` is False from the call on (every later claim is announced); True again if this
+        fails, for the next look to try again."""
+        conn = self._presence
+        assert conn is not None, "sole while present"
+        self.sole = False
+        try:
+            if hashes:
+                await self._fetch(
+                    self._sql.claim_purchases, self._key, sorted(set(hashes)), self.buyer, LEASE
+                )
+            keys = (SOLE_BUYER_LOCK, self._sole_key)
+            await conn.execute("SELECT pg_advisory_lock_shared($1, $2)", *keys)  # its own: granted at once
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", *keys)
+        except BaseException:
+            self.sole = not conn.is_closed()  # closed: the lock is gone with it
+            raise
+        log.info("ledger_shared", model=self._key, announced=len(hashes))
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         pool = self._pool()
@@ -234,7 +323,12 @@ class Ledger:
 
     async def claim(self, hashes: Sequence[bytes]) -> set[bytes]:
         self._dropped.difference_update(hashes)
-        mine = await self._database.call(lambda: self._table.claim(hashes))
+        if self.enabled:
+            await self._database.call(self._table.present)
+        if self._table.sole:  # nobody to tell; noted before any await, for _share to announce
+            mine = set(hashes)
+        else:
+            mine = await self._database.call(lambda: self._table.claim(hashes))
         if self.enabled:
             self._announced |= mine
         return mine
@@ -319,6 +413,14 @@ class Ledger:
     async def _watch_loop(self) -> None:
         while True:
             await asyncio.sleep(self._watch_every)
+            if self._table.sole:
+                try:
+                    if await self._table.wanted():
+                        await self._share()
+                except ShuttingDown:
+                    return
+                except (DependencyError, asyncpg.PostgresError, OSError) as exc:  # the next look tries again
+                    log.info("ledger_share_failed", error=describe(exc))
             for digest in [d for d, f in self._watched.items() if f.done()]:
                 del self._watched[digest]  # withdrawn by every document that wanted it
             if not self._watched:
@@ -349,6 +451,16 @@ class Ledger:
             else:
                 future.set_result(state)
 
+    async def _share(self) -> None:
+        """Another process wants to buy with this model: announce what is being bought here, and
+        what was bought and is not written yet (its lookups cannot see those), then share."""
+        buying = self._announced | self._unwritten.keys() | self._writing.keys()  # no await before share()
+        await self._table.share(sorted(buying))
+        # settled meanwhile: a drop may have run before the announcement, which would then stand
+        if settled := buying - (self._announced | self._unwritten.keys() | self._writing.keys()):
+            self._dropped |= settled
+            self._to_write()
+
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(LEASE / 3)
@@ -368,6 +480,14 @@ class Ledger:
                     log.info("ledger_pruned", rows=deleted)
             except (DependencyError, asyncpg.PostgresError) as exc:  # the next turn tries again
                 log.info("ledger_prune_failed", error=describe(exc))
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close a connection; at once where it cannot be closed cleanly (a lock request still waiting)."""
+    try:
+        await conn.close(timeout=2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        conn.terminate()
 
 
 def _died(task: asyncio.Task[None]) -> None:

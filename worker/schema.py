@@ -131,15 +131,17 @@ class Schema:
         generations.check_settings(self._settings, found, chunking=chunking)
         return found
 
-    async def build_ann_index(self) -> bool:
-        """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY. True if built now.
+    async def build_ann_index(self, *, served: bool = True) -> bool:
+        """Build the HNSW index if it is missing (after a backfill), CONCURRENTLY where ``served``
+        (ingestion writes that table), else plainly (worker.sql.HNSW_INDEX_UNSERVED_SQL). True if
+        built now.
 
         Raises DatabaseUnavailable when the database cannot be reached or goes away meanwhile (an
-        interrupted build leaves an invalid index, which the next build replaces).
+        interrupted concurrent build leaves an invalid index, which the next build replaces).
         """
         conn = await connect(self._settings)
         try:
-            built = await self._build_ann_index(conn, self._sql, wait=True)
+            built = await self._build_ann_index(conn, self._sql, wait=True, served=served)
         except BaseException as exc:
             # Ending the session ends a build still running in it (a stop cancels the task mid-
             # statement, where nothing else could be sent) and releases its advisory lock.
@@ -150,7 +152,9 @@ class Schema:
         await conn.close()
         return built
 
-    async def _build_ann_index(self, conn: asyncpg.Connection, sql: Statements, *, wait: bool) -> bool:
+    async def _build_ann_index(
+        self, conn: asyncpg.Connection, sql: Statements, *, wait: bool, served: bool = True
+    ) -> bool:
         """Build the index unless it is ready; if another session is building it, wait or leave it.
 
         On an error the lock is left to the session, which the caller ends: after a cancelled
@@ -167,7 +171,7 @@ class Schema:
                 await conn.execute(sql.drop_invalid_ann_index)
             await conn.execute(f"SET maintenance_work_mem = '{s.index_build_memory}'")
             await conn.execute("SET max_parallel_maintenance_workers = 7")
-            await conn.execute(sql.hnsw_index)
+            await conn.execute(sql.hnsw_index if served else sql.hnsw_index_unserved)
         await conn.execute("SELECT pg_advisory_unlock($1)", ANN_BUILD_LOCK)
         return state != "ready"
 

@@ -203,6 +203,13 @@ HNSW_INDEX_SQL: Final = """
 CREATE INDEX CONCURRENTLY IF NOT EXISTS {ann_index}
     ON {chunks} USING hnsw (embedding {vector_type}_cosine_ops)
 """
+# A generation not served: only fillers write its table, and they wait (FILL_LOCK_SQL) while this
+# builds; ingestion goes on (it marks documents pending there, see MARK_PENDING_SQL). No second
+# pass over the table as CONCURRENTLY makes, and an interrupted build leaves nothing behind.
+HNSW_INDEX_UNSERVED_SQL: Final = """
+CREATE INDEX IF NOT EXISTS {ann_index}
+    ON {chunks} USING hnsw (embedding {vector_type}_cosine_ops)
+"""
 # "missing", "invalid" (a concurrent build that failed half-way leaves one) or "ready".
 ANN_INDEX_STATE_SQL: Final = """
 SELECT CASE WHEN to_regclass($1) IS NULL THEN 'missing'
@@ -384,6 +391,19 @@ SELECT h AS content_sha256,
                 AND l.bought_at >= now() - make_interval(secs => $3), false) AS pending
 FROM unnest($2::bytea[]) AS h
 LEFT JOIN {schema}.embedding_ledger l ON l.model = $1 AND l.content_sha256 = h
+"""
+# A process buying one model's embeddings alone holds the sole-buyer lock of its key (the two-key
+# advisory lock SOLE_BUYER_LOCK, a number of the key): it announces nothing (claims and their
+# drops were a sixth of a reindex's fill). Others hold it shared and announce every purchase. One
+# that finds it held exclusively asks for it shared and waits; the sole buyer sees that request
+# waiting, announces what it is buying and has not written yet, and shares the lock: from then on
+# both announce.
+SOLE_BUYER_LOCK: Final = 0x656D6273
+WAITING_TO_SHARE_SQL: Final = """
+SELECT EXISTS (SELECT 1 FROM pg_locks
+               WHERE locktype = 'advisory' AND NOT granted AND objsubid = 2
+                 AND classid = $1::bigint::oid AND objid = $2::bigint::oid
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
 """
 # Bounded by the ledger's retention, and nothing kept twice: a vector a stored chunk holds, an
 # intent whose buyer is gone, and anything older than $1 hours go (at most {limit} rows a turn).
@@ -618,6 +638,14 @@ LOCK_FILLED_SQL: Final = """
 SELECT id, content_sha256, deleted FROM {schema}.documents
 WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
 """
+# A fill's second statement, before it locks any document: while the generation's HNSW index is
+# built (HNSW_INDEX_UNSERVED_SQL holds the table in SHARE mode), it fails at once, and the filler
+# waits outside any transaction, holding no document that a write may want.
+FILL_LOCK_SQL: Final = "LOCK TABLE {chunks} IN ROW EXCLUSIVE MODE NOWAIT"
+# The build holds (or waits for) the table in SHARE mode: fills would fail on FILL_LOCK_SQL.
+INDEXING_SQL: Final = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass('{chunks}') AND mode = 'ShareLock')
+"""
 CLEAR_FILLED_SQL: Final = "DELETE FROM {chunks} WHERE doc_id = ANY($1::text[])"
 FINISH_PENDING_SQL: Final = """
 DELETE FROM {schema}.generation_pending WHERE generation = $1 AND doc_id = ANY($2::text[])
@@ -673,6 +701,7 @@ class Statements:
     known_embeddings: str
     chunks_empty: str
     hnsw_index: str
+    hnsw_index_unserved: str
     drop_invalid_ann_index: str
     search_candidates: str
     search_tenant_candidates: str
@@ -710,6 +739,8 @@ class Statements:
     chunk_layout: str
     lock_generation: str
     lock_filled: str
+    fill_lock: str
+    indexing: str
     clear_filled: str
     finish_pending: str
     release_pending: str
@@ -760,6 +791,7 @@ class Statements:
             known_embeddings=filled(KNOWN_EMBEDDINGS_SQL),
             chunks_empty=filled(CHUNKS_EMPTY_SQL),
             hnsw_index=filled(HNSW_INDEX_SQL),
+            hnsw_index_unserved=filled(HNSW_INDEX_UNSERVED_SQL),
             drop_invalid_ann_index=filled(DROP_INVALID_ANN_INDEX_SQL),
             search_candidates=filled(SEARCH_CANDIDATES_SQL),
             search_tenant_candidates=filled(SEARCH_TENANT_CANDIDATES_SQL),
@@ -797,6 +829,8 @@ class Statements:
             chunk_layout=filled(CHUNK_LAYOUT_SQL),
             lock_generation=filled(LOCK_GENERATION_SQL),
             lock_filled=filled(LOCK_FILLED_SQL),
+            fill_lock=filled(FILL_LOCK_SQL),
+            indexing=filled(INDEXING_SQL),
             clear_filled=filled(CLEAR_FILLED_SQL),
             finish_pending=filled(FINISH_PENDING_SQL),
             release_pending=filled(RELEASE_PENDING_SQL),

@@ -29,6 +29,7 @@ from worker.errors import (
     DatabaseRefused,
     DatabaseUnavailable,
     Fenced,
+    Indexing,
     StaleRead,
     StoreRejected,
     WriteTimedOut,
@@ -272,7 +273,9 @@ class Store:
         return [Generation.of_row(row) for row in await self._fetch(self._sql.generations)]
 
     async def build_ann_index(self) -> bool:
-        return await self.schema.build_ann_index()
+        """The HNSW index of this store's generation (worker.schema): CONCURRENTLY while served."""
+        served = self.generation is None or self.generation.state == "served"
+        return await self.schema.build_ann_index(served=served)
 
     # -- the write path -------------------------------------------------------------------
 
@@ -526,6 +529,10 @@ class Store:
             async with self._pool.acquire() as conn, self._usage.carried() as carry, conn.transaction():
                 if await conn.fetchval(self._sql.lock_generation, self.generation.id) is None:
                     raise StaleRead(f"generation {self.generation.describe()} was dropped")
+                try:
+                    await conn.execute(self._sql.fill_lock)
+                except asyncpg.LockNotAvailableError as exc:
+                    raise Indexing(f"generation {self.generation.describe()} is being indexed") from exc
                 now = {
                     r["id"]: (r["content_sha256"], r["deleted"])
                     for r in await conn.fetch(self._sql.lock_filled, ids)
@@ -552,6 +559,10 @@ class Store:
         except asyncpg.PostgresError as exc:
             raise DatabaseRefused(f"database refuses the generation fill: {describe(exc)}") from exc
         return changed
+
+    async def indexing(self) -> bool:
+        """This generation's HNSW index is being built: a fill would fail (Indexing)."""
+        return bool(await self._fetchval(self._sql.indexing))
 
     async def pending_counts(self) -> dict[int, asyncpg.Record]:
         rows = await self._fetch(self._sql.pending_counts)

@@ -4,6 +4,8 @@ announcements between two processes, a buyer's liveness through its session lock
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,12 @@ async def test_a_purchase_announced_by_a_live_process_is_awaited_and_taken_over_
     await a.open()
     await b.open()
     try:
+        await a.ledger.present()
+        assert a.ledger.sole, "the first buyer with a model buys alone"
+        await a.ledger.share([])  # nobody waits here: sharing needs no request
+        assert not a.ledger.sole
+        await b.ledger.present()
+        assert not b.ledger.sole, "a process joining buyers that share announces too"
         assert await a.ledger.claim([X, Y]) == {X, Y}
         assert await b.ledger.claim([X, Y]) == set(), "announced by a live buyer: not b's to buy"
         assert await b.ledger.watch([X, Y]) == {X: True, Y: True}
@@ -49,6 +57,50 @@ async def test_a_purchase_announced_by_a_live_process_is_awaited_and_taken_over_
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_sole_buyer_announces_what_it_buys_before_another_process_joins_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await Store(env.settings).migrate(ann_index=False)
+    a, b, c = Store(env.settings), Store(env.settings), Store(env.settings)
+    for store in (a, b, c):
+        await store.open()
+    try:
+        await a.ledger.present()
+        assert a.ledger.sole and not await a.ledger.wanted()
+        joining = asyncio.create_task(b.ledger.present())
+        for _ in range(100):  # b's request for the lock shared shows in pg_locks
+            if await a.ledger.wanted():
+                break
+            await asyncio.sleep(0.05)
+        assert await a.ledger.wanted(), "a sees b waiting"
+        assert not joining.done(), "b waits while a buys alone"
+        await a.ledger.share([X])  # what a is buying
+        await asyncio.wait_for(joining, 5)
+        assert not a.ledger.sole and not b.ledger.sole
+        assert await b.ledger.claim([X, Y]) == {Y}, "announced by a before b came in"
+        await asyncio.wait_for(c.ledger.present(), 5)  # buyers that share: a third joins at once
+        assert not c.ledger.sole
+    finally:
+        for store in (a, b, c):
+            await store.close()
+    # a sole buyer that never answers (frozen) is waited for as long as its announcements would be
+    monkeypatch.setattr("worker.ledger.LEASE", 0.5)
+    frozen, late = Store(env.settings), Store(env.settings)
+    await frozen.open()
+    await late.open()
+    try:
+        await frozen.ledger.present()
+        assert frozen.ledger.sole
+        await asyncio.wait_for(late.ledger.present(), 5)
+        assert not late.ledger.sole, "after the lease, it buys beside it, announcing"
+        assert await frozen.ledger.wanted(), "its request stays, for when the frozen one wakes"
+        await frozen.ledger.share([])
+        assert not await frozen.ledger.wanted()
+    finally:
+        await frozen.close()
+        await late.close()
 
 
 async def test_the_prune_keeps_only_what_is_paid_for_unstored_and_recent(env: Env) -> None:

@@ -318,3 +318,43 @@ async def test_claims_go_on_from_the_last_key_and_come_back_for_those_left_behin
         assert await claim(10, after="d3") == ["d4", "d5"]
         assert await claim(10, after="d5") == []
         assert await claim(10) == ["d0"]  # the others are held by this (live) process
+
+
+async def test_building_an_unserved_generations_index_holds_its_fillers_never_ingestion(
+    stack: Services,
+) -> None:
+    # `reindex start` builds the index of a generation not served plainly (no second pass over the
+    # table as CONCURRENTLY makes): it holds the table in SHARE mode, which only fillers write.
+    # They must wait holding nothing, above all no document that ingestion wants to write.
+    env = fresh_env(stack)
+    events = upserts(range(10), 1)
+    await produce(env, events)
+    await run_worker(env)
+    async with Store(env.settings) as base:
+        served = generations.served(await base.generations())
+        generation = await base.register_generation(
+            dataclasses.replace(served, id=0, model="local-hash-ngram-v2", dimensions=256)
+        )
+    table = f"chunks_g{generation.id}"
+    build = await connect(env)  # holds the table as the plain CREATE INDEX does
+    holding = build.transaction()
+    await holding.start()
+    await build.execute(f"LOCK TABLE {env.schema}.{table} IN SHARE MODE")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(env.settings, stop=stop))
+    try:
+        await asyncio.sleep(5)  # the worker's filler for the generation has found it held
+        batch = upserts(range(5), 2) + deletes(range(5, 8)) + upserts(range(10, 20), 1)
+        events += batch
+        await produce(env, batch)
+        expected = expected_state(events)
+        await eventually(lambda: assert_stored_state(env, expected), 60)  # ingestion goes on
+        pending = f"SELECT count(*) FROM {env.schema}.generation_pending WHERE claimed_by IS NULL"
+        assert await scalar(env, pending) == 20, "nothing filled, nothing held while the table is"
+        await holding.rollback()  # the build is done
+        await eventually(lambda: assert_stored_state(env, expected, table=table, dimensions=256), 60)
+        assert await scalar(env, f"SELECT count(*) FROM {env.schema}.generation_pending") == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, 60)
+        await build.close()

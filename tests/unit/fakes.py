@@ -314,6 +314,21 @@ class FakeLedgerTable:
     buyer: int = 1
     enabled: bool = True
     journal: Journal = field(default_factory=list)
+    sole: bool = False  # buying alone: claims are not announced
+    wanting: bool = False  # (while sole) another process waits to buy beside it
+
+    async def present(self) -> None:
+        pass
+
+    async def wanted(self) -> bool:
+        return self.sole and self.wanting
+
+    async def share(self, hashes: Sequence[bytes]) -> None:
+        self.sole = False
+        for digest in hashes:
+            if digest not in self.vectors:
+                self.intents.setdefault(digest, self.buyer)
+        self.journal.append(("ledger_share", len(hashes)))
 
     async def claim(self, hashes: Sequence[bytes]) -> set[bytes]:
         mine = set()

@@ -227,3 +227,50 @@ async def test_a_document_fails_with_its_first_failed_chunk_without_waiting_for_
     assert not slow.done()
     slow.set_result(VECTOR)
     assert [v.tolist() for v in await vectors_of([slow, slow])] == [VECTOR.tolist()] * 2
+
+
+async def test_a_process_buying_alone_announces_nothing_and_keeps_what_it_paid_for(here: Process) -> None:
+    here.table.sole = True
+    purchase = (await here.purchases.acquire({D1: ("boilerplate", None)}))[D1]
+    assert here.buyer.calls == [("boilerplate", None)]
+    assert here.table.intents == {} and not any(e[0] == "ledger_claim" for e in here.table.journal)
+    purchase.vector.set_result(VECTOR)
+    await asyncio.sleep(0)
+    assert await here.ledger.flush(within=1)
+    assert here.table.vectors == {D1: VECTOR}, "what was paid for is kept all the same (a kill -9)"
+
+
+async def test_a_process_buying_alone_announces_what_it_buys_before_another_buys_beside_it(
+    here: Process,
+) -> None:
+    D3 = bytes([3] * 32)
+    here.table.sole = True
+    buying, answered, stored = (
+        await here.purchases.acquire({D1: ("in flight", None), D2: ("answered", None), D3: ("stored", None)})
+    ).values()
+    here.ledger._write_delay = 60  # answered and not written yet when the other process comes
+    answered.vector.set_result(VECTOR)
+    stored.vector.set_result(VECTOR)
+    await asyncio.sleep(0)
+    here.purchases.release([stored], stored=True)
+    assert here.table.intents == {}
+    here.table.wanting = True  # another process asks for the sole-buyer lock shared
+    await until(lambda: not here.table.sole)
+    assert here.table.intents == {D1: here.table.buyer, D2: here.table.buyer}, (
+        "what it is buying and what it bought and has not written are announced; a stored one need not be"
+    )
+    there = Process(here.table.elsewhere(buyer=2))
+    try:
+        theirs = await there.purchases.acquire({D1: ("in flight", None), D2: ("answered", None)})
+        assert there.buyer.calls == [], "announced here: awaited there, not bought again"
+        assert await here.ledger.flush(within=1)
+        assert (await asyncio.wait_for(theirs[D2].vector, 2)) is VECTOR
+        assert ("ledger_claim", 1) not in here.table.journal
+        later = await here.purchases.acquire({bytes([4] * 32): ("later", None)})
+        assert here.table.intents.get(bytes([4] * 32)) == here.table.buyer, "sharing now: announced"
+        buying.vector.set_result(VECTOR)
+        assert (await asyncio.wait_for(theirs[D1].vector, 2)) is VECTOR
+        assert there.buyer.calls == []
+        later[bytes([4] * 32)].vector.cancel()
+    finally:
+        await there.close()
