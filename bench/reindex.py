@@ -10,7 +10,7 @@ the model: the new generation's inputs are answered from memory as item 2's are)
 
 (a) ``reindex start --model <model>-v2 --dimensions <the same> --chunk-size/--chunk-overlap <the
     served ones>`` on ``bench_reindex``, alone, timed from spawn to exit (the whole command:
-    start-up, registration, the fill, the HNSW build CONCURRENTLY, and closing); the fill and the
+    start-up, registration, the fill, the HNSW build, and closing); the fill and the
     build also by the lines it prints. Against the ceiling of item 1c measured just before each
     reindex: a binary COPY of the same chunk rows (the new generation's chunking and dimensions)
     into a table like the new generation's without its HNSW index, then the index built. Each
@@ -394,7 +394,7 @@ def gap(run: ReindexRun, ceiling: Ceiling) -> str:
         "start-up": phases["start-up"],
         "registration": phases["registration"],
         "fill - COPY": phases["fill"] - ceiling.seconds,
-        "CONCURRENTLY build - plain build": phases["HNSW build"] - ceiling.build_seconds,
+        "its build - the ceiling's": phases["HNSW build"] - ceiling.build_seconds,
         "closing": phases["closing"],
     }
     spent = run.wall_seconds - ceiling.seconds - ceiling.build_seconds
@@ -492,7 +492,8 @@ async def reindex(bench: Bench) -> None:
             f"first): generation #{run.generation} registered, {run.fill_docs} documents re-chunked "
             f"from their stored text into {run.chunks} chunks, embedded by the instant server (from "
             "memory: Bench.warm_instant), written by binary COPY into its own table without HNSW, "
-            f"then its HNSW index built CONCURRENTLY; timed from spawn to exit: {run.timeline()} "
+            "then its HNSW index built (a plain CREATE INDEX: the generation is not served, its "
+            f"fillers wait meanwhile); timed from spawn to exit: {run.timeline()} "
             "(phases by when its lines came on its stderr; the rate is over registration, fill and "
             "build: the ceiling's clock too starts with its process up, connected and its rows "
             "ready); CPU s spawn to exit: "

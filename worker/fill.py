@@ -308,7 +308,7 @@ class Fillers:
 
     async def _start(self, generation: Generation) -> _Running:
         settings = dataclasses.replace(self._settings, database_pool_size=2)
-        store = Store(settings, generation)
+        store = Store(settings, generation, filling=True)
         embedder = OpenAIEmbedder(store.settings)
         await embedder.__aenter__()
         try:

@@ -104,7 +104,7 @@ async def start(
         else:
             _say(f"resuming generation {generation.describe()}")
     started = time.perf_counter()
-    store = Store(settings, generation)
+    store = Store(settings, generation, filling=True)
     store.reuse_from(found)
     async with OpenAIEmbedder(store.settings) as embedder, store:
         filler = Filler(store, embedder, source=lambda: served, stop=stop)
@@ -167,7 +167,7 @@ async def fill(settings: Settings, stop: asyncio.Event, *, report_every: float =
         generation = generations.not_served(found)
         if generation is None or generation.state != "building":
             raise NotReady("no generation is being built: `reindex start` registers one")
-    store = Store(settings, generation)
+    store = Store(settings, generation, filling=True)
     store.reuse_from(found)
     async with OpenAIEmbedder(store.settings) as embedder, store:
         filler = Filler(store, embedder, source=lambda: served, stop=stop)

@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import asyncpg
 import orjson
@@ -127,12 +127,24 @@ def sha256(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+# A filler's sessions (its claims, fills, kept answers) do not wait for their commits' WAL to
+# reach the disk: a fill is a batch of 64 documents, and those waits were a tenth of a reindex's
+# fill. A database crash may lose what they committed in its last 3 x wal_writer_delay (0.6 s by
+# default): those documents are pending again and are filled, their embeddings bought, again.
+# Nothing is lost or inconsistent (the WAL is written in order) and ingestion's commits wait as
+# ever.
+FILLING_SESSION: Final = {"synchronous_commit": "off"}
+
+
 class Store:
     """The database of one DATABASE_SCHEMA, writing one generation of the index (``use``): the
     served one, as ``migrate`` and ``check`` find it, unless told another."""
 
-    def __init__(self, settings: Settings, generation: Generation | None = None) -> None:
+    def __init__(
+        self, settings: Settings, generation: Generation | None = None, *, filling: bool = False
+    ) -> None:
         self._base_settings = settings
+        self._filling = filling  # a filler's store (worker.fill): commits need not wait for the disk
         self._settings = settings
         self._schema = quoted(settings.database_schema)
         self._sql = Statements.of(self._schema, settings.vector_type)  # the view, until use()
@@ -201,6 +213,7 @@ class Store:
                 init=self._init_connection,
                 reset=_reset_connection,
                 command_timeout=120,
+                server_settings=FILLING_SESSION if self._filling else None,
             )
         except (*OUTAGE_ERRORS, *LOGIN_ERRORS) as exc:
             raise login_refused(exc, self._settings) or unavailable(exc) from exc

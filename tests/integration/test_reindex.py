@@ -358,3 +358,13 @@ async def test_building_an_unserved_generations_index_holds_its_fillers_never_in
         stop.set()
         await asyncio.wait_for(worker, 60)
         await build.close()
+
+
+async def test_only_a_fillers_commits_skip_the_wait_for_the_disk(stack: Services) -> None:
+    env = fresh_env(stack)
+    await Store(env.settings).migrate(ann_index=False)
+    async with Store(env.settings) as base:
+        served = generations.served(await base.generations())
+        assert await base._fetchval("SHOW synchronous_commit") == "on", "ingestion's commits wait"
+    async with Store(env.settings, served, filling=True) as filling:
+        assert await filling._fetchval("SHOW synchronous_commit") == "off"
