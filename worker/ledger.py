@@ -21,6 +21,7 @@ yet (it looks every ``WATCH_INTERVAL``); from then on both announce.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import secrets
 import zlib
@@ -51,9 +52,12 @@ log = structlog.get_logger()
 
 WATCH_INTERVAL = 0.25  # seconds between looks at purchases another process is making
 LEASE = 10.0  # seconds an announced purchase stands unrenewed (renewed every third of it)
-# Answers wait this long before they are written: most are stored by then (a batch takes tens of
-# milliseconds), and those are not written twice, only their announcement taken back. What a
-# kill -9 loses of what was paid for is at most this much of the answers.
+# Each answer waits this long after it came before it is written: most are stored by then (a batch
+# takes tens of milliseconds), and those are not written twice, only their announcement taken
+# back. What a kill -9 loses of what was paid for is at most this much of the answers. An answer's
+# own age counts, not the oldest's of a window: a write takes those at least half as old too (one
+# statement every WRITE_DELAY / 2 at most), never one younger (a window wrote a tenth of a
+# reindex's answers, stored a few milliseconds later).
 WRITE_DELAY = 0.25
 PRUNE_INTERVAL = 60.0  # seconds between prunes
 KEEP_BATCH = 256  # answers kept per statement (a burst of thousands in one array: +10 MB peak RSS)
@@ -296,6 +300,7 @@ class Ledger:
         self._watch_every = watch_every
         self._write_delay = write_delay
         self._unwritten: dict[bytes, Vector] = {}  # answered, not yet in the table
+        self._arrivals: collections.deque[tuple[float, bytes]] = collections.deque()  # when, in order
         self._writing: dict[bytes, Vector] = {}  # being written now
         self._dropped: set[bytes] = set()  # announced, then not bought after all
         self._announced: set[bytes] = set()  # announced here and not answered yet: renewed
@@ -349,6 +354,7 @@ class Ledger:
             return
         self._announced.discard(digest)
         self._unwritten[digest] = future.result()
+        self._arrivals.append((asyncio.get_running_loop().time(), digest))
         self._to_write()
 
     def _to_write(self) -> None:
@@ -386,22 +392,42 @@ class Ledger:
             future.cancel()
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hurry.wait(), self._write_delay)
             self._wake.clear()
-            self._writing, self._unwritten = self._unwritten, {}
+            oldest = self._arrivals[0][0] if self._arrivals else loop.time()  # drops alone: the delay
+            if (wait := oldest + self._write_delay - loop.time()) > 0 and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), wait)
+            self._writing = self._due(loop.time())
             dropped, self._dropped = sorted(self._dropped - self._writing.keys()), set()
             try:
                 await self._write(dropped, self._writing)
             except ShuttingDown:
-                self._unwritten.update(self._writing)  # close() says how many were not written
+                self._put_back(self._writing)  # close() says how many were not written
             except (DependencyError, asyncpg.PostgresError) as exc:  # refused (not an outage): unkept
                 log.warning("ledger_write_failed", embeddings=len(self._writing), error=describe(exc))
             self._writing = {}
-            if not self._unwritten and not self._dropped:
+            if self._unwritten or self._dropped:
+                self._wake.set()  # younger ones: written when they are due
+            else:
                 self._written.set()
+
+    def _due(self, now: float) -> dict[bytes, Vector]:
+        """The unwritten answers at least half the delay old (all of them when hurried); those
+        stored meanwhile are gone from ``_unwritten`` already."""
+        cutoff = now if self._hurry.is_set() else now - self._write_delay / 2
+        due: dict[bytes, Vector] = {}
+        while self._arrivals and self._arrivals[0][0] <= cutoff:
+            digest = self._arrivals.popleft()[1]
+            if (vector := self._unwritten.pop(digest, None)) is not None:
+                due[digest] = vector
+        return due
+
+    def _put_back(self, vectors: Mapping[bytes, Vector]) -> None:
+        self._unwritten.update(vectors)
+        self._arrivals.extendleft((0.0, digest) for digest in vectors)  # due at once
 
     async def _write(self, dropped: list[bytes], kept: Mapping[bytes, Vector]) -> None:
         if dropped:
