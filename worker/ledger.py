@@ -402,17 +402,19 @@ class Ledger:
                     await asyncio.wait_for(self._hurry.wait(), wait)
             self._writing = self._due(loop.time())
             dropped, self._dropped = sorted(self._dropped - self._writing.keys()), set()
+            stopping = False
             try:
                 await self._write(dropped, self._writing)
-            except ShuttingDown:
+            except ShuttingDown:  # nothing more can be written: the next answer tries again
                 self._put_back(self._writing)  # close() says how many were not written
+                stopping = True
             except (DependencyError, asyncpg.PostgresError) as exc:  # refused (not an outage): unkept
                 log.warning("ledger_write_failed", embeddings=len(self._writing), error=describe(exc))
             self._writing = {}
-            if self._unwritten or self._dropped:
-                self._wake.set()  # younger ones: written when they are due
-            else:
+            if not self._unwritten and not self._dropped:
                 self._written.set()
+            elif not stopping:
+                self._wake.set()  # younger ones: written when they are due
 
     def _due(self, now: float) -> dict[bytes, Vector]:
         """The unwritten answers at least half the delay old (all of them when hurried); those

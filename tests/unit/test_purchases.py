@@ -14,6 +14,7 @@ from worker.dependency import Dependency
 from worker.errors import InputRejected
 from worker.ledger import Ledger
 from worker.purchases import Purchases, vectors_of
+from worker.retry import ShuttingDown
 from worker.types import Vector
 
 D1, D2 = bytes(32), bytes([1] * 32)  # content digests
@@ -292,3 +293,21 @@ async def test_each_answer_waits_its_own_delay_not_the_oldest_ones() -> None:
         assert process.table.vectors == {D1: VECTOR}
     finally:
         await process.close()
+
+
+async def test_a_write_cut_short_by_the_stop_is_not_tried_again_in_a_loop(here: Process) -> None:
+    purchase = (await here.purchases.acquire({D1: ("boilerplate", None)}))[D1]
+    tries = 0
+
+    async def stopping(dropped: list[bytes], kept: object) -> None:
+        nonlocal tries
+        tries += 1
+        await asyncio.sleep(0)  # (a loop of tries then spins without blocking the test)
+        raise ShuttingDown("the worker is stopping")
+
+    here.ledger._write = stopping  # type: ignore[method-assign]
+    purchase.vector.set_result(VECTOR)
+    await until(lambda: tries > 0)
+    await asyncio.sleep(0.1)  # twenty write delays
+    assert tries == 1, "put back for close() to count, not tried again and again"
+    assert here.ledger.unwritten(D1) is VECTOR
