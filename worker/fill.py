@@ -33,7 +33,7 @@ from worker.embed import Embedder, OpenAIEmbedder
 from worker.embed import probe as probe_embedding
 from worker.errors import DependencyError, Indexing, RecordError, describe
 from worker.generations import Generation
-from worker.purchases import Buying, Purchase
+from worker.purchases import Buying, Purchase, settled_vectors
 from worker.retry import ShuttingDown, sleep_unless, unless_stopped
 from worker.settings import Settings
 from worker.store import GenerationFill, Store
@@ -140,14 +140,13 @@ class Filler:
                 continue
             try:
                 await self._fill(rows)
-            except Indexing:  # its HNSW index is being built: wait, holding nothing
+            except BaseException as exc:
                 await asyncio.shield(self._release([r["doc_id"] for r in rows]))
-                log.info("fill_waits_for_index", generation=self.generation.id)
+                if not isinstance(exc, Indexing):
+                    raise
+                log.info("fill_waits_for_index", generation=self.generation.id)  # holding nothing
                 while await database.call(self._store.indexing):
                     await sleep_unless(self._stop, self._idle_poll)
-            except BaseException:
-                await asyncio.shield(self._release([r["doc_id"] for r in rows]))
-                raise
 
     async def _release(self, ids: list[str]) -> None:
         try:
@@ -180,16 +179,15 @@ class Filler:
                 continue
             wanting.append(_Wanting(doc_id, r["content_sha256"], deleted, chunks, r["tenant"]))
         fills = await self._embed(wanting, problems)
-        changed: list[str] | None = None
+        still: set[str] | None = None  # written but these, which changed since they were read
         try:
-            changed = await self.dependencies.database.call(lambda: self._store.fill(fills))
+            still = set(await self.dependencies.database.call(lambda: self._store.fill(fills)))
         finally:
             # the documents not written (the fill failed, or they changed): the ledger keeps their vectors
-            written = {f.doc_id for f in fills} - set(changed) if changed is not None else set()
+            written = {f.doc_id for f in fills} - still if still is not None else set()
             for w in wanting:
                 self._purchases.release(w.held.values(), stored=w.doc_id in written)
-        still = set(changed)
-        done = [f for f in fills if f.doc_id not in still]
+        done = [f for f in fills if f.doc_id in written]
         self.documents += len(done)
         self.chunks += sum(len(f.chunks) for f in done)
         metrics.GENERATION_FILLED.labels(generation=str(self.generation.id)).inc(len(done))
@@ -240,16 +238,13 @@ async def _all_vectors(supplied: list[list[asyncio.Future[Vector]]]) -> list[lis
     (other documents may hold the same purchases)."""
     if pending := {f for futures in supplied for f in futures if not f.done()}:
         await asyncio.wait(pending)
-    return [_outcome(futures) for futures in supplied]
-
-
-def _outcome(futures: list[asyncio.Future[Vector]]) -> list[Vector] | BaseException:
-    for future in futures:
-        if future.cancelled():
-            return asyncio.CancelledError()
-        if (exc := future.exception()) is not None:
-            return exc
-    return [future.result() for future in futures]
+    outcomes: list[list[Vector] | BaseException] = []
+    for futures in supplied:
+        try:
+            outcomes.append(settled_vectors(futures))
+        except BaseException as exc:  # noqa: BLE001 - the document's failure, handed back as vectors_of's
+            outcomes.append(exc)
+    return outcomes
 
 
 class Fillers:

@@ -262,10 +262,16 @@ async def vectors_of(futures: list[asyncio.Future[Vector]]) -> list[Vector]:
     """
     if futures:
         await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+    return settled_vectors(futures)
+
+
+def settled_vectors(futures: list[asyncio.Future[Vector]]) -> list[Vector]:
+    """The vectors of futures all done, or one of them failed: the first failure raised (a
+    cancelled one, at close, raises CancelledError)."""
     for future in futures:
         if future.done() and not future.cancelled() and (exc := future.exception()) is not None:
             raise exc
-    return [future.result() for future in futures]  # all done; a cancelled one (close) raises
+    return [future.result() for future in futures]
 
 
 def _resolved(vector: Vector) -> asyncio.Future[Vector]:

@@ -277,22 +277,18 @@ async def test_a_process_buying_alone_announces_what_it_buys_before_another_buys
         await there.close()
 
 
-async def test_each_answer_waits_its_own_delay_not_the_oldest_ones() -> None:
-    process = Process(FakeLedgerTable())
-    process.ledger._write_delay = 0.2
-    try:
-        early, late = (await process.purchases.acquire({D1: ("early", None), D2: ("late", None)})).values()
-        early.vector.set_result(VECTOR)
-        await asyncio.sleep(0.15)
-        late.vector.set_result(VECTOR)  # 0.05 s old when the early one is due
-        await until(lambda: D1 in process.table.vectors)
-        assert D2 not in process.table.vectors, "too young to be written with the early one"
-        process.purchases.release([late], stored=True)  # stored before its own delay ran out
-        await asyncio.sleep(0.3)
-        assert D2 not in process.table.vectors, "stored: never written twice"
-        assert process.table.vectors == {D1: VECTOR}
-    finally:
-        await process.close()
+async def test_each_answer_waits_its_own_delay_not_the_oldest_ones(here: Process) -> None:
+    here.ledger._write_delay = 0.2
+    early, late = (await here.purchases.acquire({D1: ("early", None), D2: ("late", None)})).values()
+    early.vector.set_result(VECTOR)
+    await asyncio.sleep(0.15)
+    late.vector.set_result(VECTOR)  # 0.05 s old when the early one is due
+    await until(lambda: D1 in here.table.vectors)
+    assert D2 not in here.table.vectors, "too young to be written with the early one"
+    here.purchases.release([late], stored=True)  # stored before its own delay ran out
+    await asyncio.sleep(0.3)
+    assert D2 not in here.table.vectors, "stored: never written twice"
+    assert here.table.vectors == {D1: VECTOR}
 
 
 async def test_a_write_cut_short_by_the_stop_is_not_tried_again_in_a_loop(here: Process) -> None:

@@ -27,7 +27,12 @@ def pom_property(pom: Path, name: str) -> str:
 
 
 def fetched(lib: Path, version: str) -> bool:
-    return (lib / f".fetched-{version}").exists()
+    return _marker(lib, version).exists()
+
+
+def _marker(lib: Path, version: str) -> Path:
+    """The file saying ``lib`` holds ``version``'s artifacts."""
+    return lib / f".fetched-{version}"
 
 
 def fetch_once(
@@ -62,4 +67,4 @@ def fetch_once(
             tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
             raise StackError(f"fetching {what} with Maven failed: " + " | ".join(tail))
         then()
-        (lib / f".fetched-{version}").touch()
+        _marker(lib, version).touch()
