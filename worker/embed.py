@@ -10,7 +10,6 @@ their text.
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import aiohttp
 import numpy as np
 import orjson
+import pybase64
 import structlog
 
 from worker import logs, metrics
@@ -220,10 +220,17 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> Embeddings:
         answer = orjson.loads(payload)
         data = answer["data"]
         vectors: list[Vector | None] = [None] * count
+        if (joined := _decode_together(data, dimensions)) is not None:
+            for item, vector in zip(data, joined, strict=True):
+                index = item["index"]
+                if not isinstance(index, int) or not 0 <= index < count:
+                    raise _bad_index(index, count)
+                vectors[index] = vector
+            data = ()
         for item in data:
             embedding = item["embedding"]
             if isinstance(embedding, str):
-                vector = np.frombuffer(base64.b64decode(embedding), dtype="<f4").astype(
+                vector = np.frombuffer(pybase64.b64decode(embedding), dtype="<f4").astype(
                     np.float32, copy=False
                 )
             else:
@@ -248,6 +255,29 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> Embeddings:
             )
         result.append(found)
     return result
+
+
+def _decode_together(data: list[Any], dimensions: int) -> np.ndarray | None:
+    """The answer's base64 vectors decoded in one call, one row each, where each is the exact
+    encoding of ``dimensions`` floats and needs no padding (dimensions a multiple of 3, as 384,
+    768, 1536 and 3072 are): base64.b64decode of each cost a filler a tenth of its CPU on an
+    instant embedder, pybase64 (SIMD) of them all together a fifteenth of that. None where that
+    does not hold: each is then decoded (leniently, as base64 does) and checked alone."""
+    size = dimensions * 4
+    if not data or size % 3 or not isinstance(data, list):
+        return None
+    length = size // 3 * 4
+    try:
+        texts = [item["embedding"] for item in data]
+    except (KeyError, TypeError):
+        return None
+    if not all(isinstance(t, str) and len(t) == length for t in texts):
+        return None
+    try:
+        decoded = pybase64.b64decode("".join(texts), validate=True)
+    except ValueError:  # binascii.Error: not base64
+        return None
+    return np.frombuffer(decoded, dtype="<f4").astype(np.float32, copy=False).reshape(len(texts), dimensions)
 
 
 def _bad_index(index: object, count: int) -> ValueError:

@@ -632,12 +632,6 @@ WHERE c.doc_id = ANY($1::text[])
 ORDER BY c.doc_id, c.chunk_index
 """
 LOCK_GENERATION_SQL: Final = "SELECT state FROM {schema}.generations WHERE id = $1 FOR KEY SHARE"
-# The documents being filled, share-locked in key order (a write holds them for update): what
-# they hold now is compared with what was embedded, and only those unchanged are written.
-LOCK_FILLED_SQL: Final = """
-SELECT id, content_sha256, deleted FROM {schema}.documents
-WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
-"""
 # A fill's second statement, before it locks any document: while the generation's HNSW index is
 # built (HNSW_INDEX_UNSERVED_SQL holds the table in SHARE mode), it fails at once, and the filler
 # waits outside any transaction, holding no document that a write may want.
@@ -646,9 +640,31 @@ FILL_LOCK_SQL: Final = "LOCK TABLE {chunks} IN ROW EXCLUSIVE MODE NOWAIT"
 INDEXING_SQL: Final = """
 SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass('{chunks}') AND mode = 'ShareLock')
 """
-CLEAR_FILLED_SQL: Final = "DELETE FROM {chunks} WHERE doc_id = ANY($1::text[])"
-FINISH_PENDING_SQL: Final = """
-DELETE FROM {schema}.generation_pending WHERE generation = $1 AND doc_id = ANY($2::text[])
+# A fill's third statement, one round trip for what took four: the documents being filled
+# ($2, as read: $3 content_sha256, $4 deleted) share-locked in key order (a write holds them for
+# update), those unchanged since they were read kept (returned): their old chunks in this
+# generation cleared (their new ones are copied next) and they are taken off its pending list;
+# the changed ones are given back by buyer $5 (pending still, to fill again).
+SETTLE_FILL_SQL: Final = """
+WITH read (id, content_sha256, deleted) AS (
+    SELECT * FROM unnest($2::text[], $3::bytea[], $4::boolean[])
+), locked AS MATERIALIZED (
+    SELECT id, content_sha256, deleted FROM {schema}.documents
+    WHERE id = ANY($2::text[]) ORDER BY id FOR SHARE
+), kept AS MATERIALIZED (
+    SELECT r.id FROM read r JOIN locked l ON l.id = r.id
+    WHERE l.content_sha256 IS NOT DISTINCT FROM r.content_sha256 AND l.deleted = r.deleted
+), cleared AS (
+    DELETE FROM {chunks} WHERE doc_id IN (SELECT id FROM kept)
+), finished AS (
+    DELETE FROM {schema}.generation_pending
+    WHERE generation = $1 AND doc_id IN (SELECT id FROM kept)
+), released AS (
+    UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = NULL
+    WHERE generation = $1 AND doc_id = ANY($2::text[]) AND doc_id NOT IN (SELECT id FROM kept)
+      AND claimed_by = $5
+)
+SELECT id FROM kept
 """
 RELEASE_PENDING_SQL: Final = """
 UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = $4
@@ -738,11 +754,9 @@ class Statements:
     claim_pending: str
     chunk_layout: str
     lock_generation: str
-    lock_filled: str
     fill_lock: str
     indexing: str
-    clear_filled: str
-    finish_pending: str
+    settle_fill: str
     release_pending: str
     pending_counts: str
     live_documents: str
@@ -828,11 +842,9 @@ class Statements:
             claim_pending=filled(CLAIM_PENDING_SQL),
             chunk_layout=filled(CHUNK_LAYOUT_SQL),
             lock_generation=filled(LOCK_GENERATION_SQL),
-            lock_filled=filled(LOCK_FILLED_SQL),
             fill_lock=filled(FILL_LOCK_SQL),
             indexing=filled(INDEXING_SQL),
-            clear_filled=filled(CLEAR_FILLED_SQL),
-            finish_pending=filled(FINISH_PENDING_SQL),
+            settle_fill=filled(SETTLE_FILL_SQL),
             release_pending=filled(RELEASE_PENDING_SQL),
             pending_counts=filled(PENDING_COUNTS_SQL),
             live_documents=filled(LIVE_DOCUMENTS_SQL),

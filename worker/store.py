@@ -13,13 +13,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
 import asyncpg
+import numpy as np
 import orjson
 import structlog
+from pgvector import HalfVector
+from pgvector import Vector as PgVector
 from pgvector.asyncpg import register_vector
 
 from worker import generations, metrics
@@ -243,6 +247,14 @@ class Store:
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
         await register_vector(conn, schema=self._vector_schema)
+        for type_name, encode, decode in _VECTOR_CODECS:  # numpy arrays written without pgvector's objects
+            try:
+                await conn.set_type_codec(
+                    type_name, schema=self._vector_schema, encoder=encode, decoder=decode, format="binary"
+                )
+            except ValueError as exc:  # halfvec: pgvector before 0.7 has none (register_vector skips it too)
+                if not str(exc).startswith("unknown type:"):
+                    raise
 
     async def _inspect(self) -> _Found:
         """pgvector's schema (for its codec), and whether ``source_offsets``, ``embedding_ledger``,
@@ -546,26 +558,24 @@ class Store:
                     await conn.execute(self._sql.fill_lock)
                 except asyncpg.LockNotAvailableError as exc:
                     raise Indexing(f"generation {self.generation.describe()} is being indexed") from exc
-                now = {
-                    r["id"]: (r["content_sha256"], r["deleted"])
-                    for r in await conn.fetch(self._sql.lock_filled, ids)
-                }
-                fresh = [f for f in fills if now.get(f.doc_id) == (f.content_sha256, f.deleted)]
-                kept = [f.doc_id for f in fresh]
-                await conn.execute(self._sql.clear_filled, kept)
+                settled = await conn.fetch(
+                    self._sql.settle_fill,
+                    self.generation.id,
+                    ids,
+                    [f.content_sha256 for f in fills],
+                    [f.deleted for f in fills],
+                    self._ledger.buyer,
+                )
+                kept = {r["id"] for r in settled}
                 rows = [
                     (f.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
-                    for f in fresh
+                    for f in fills
+                    if f.doc_id in kept
                     for c, e in zip(f.chunks, f.embeddings, strict=True)
                 ]
                 if rows:
                     await self._copy_chunks(conn, rows)
-                await conn.execute(self._sql.finish_pending, self.generation.id, kept)
-                changed = sorted(set(ids) - set(kept))
-                if changed:
-                    await conn.execute(
-                        self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
-                    )
+                changed = sorted(set(ids) - kept)
                 await carry(conn)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"generation fill failed: {describe(exc)}") from exc
@@ -780,3 +790,26 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     pooled connection carries session state (settings are set per transaction, advisory locks
     are held on connections of their own), so its reset query, one more round trip for every
     release, is not sent."""
+
+
+_VECTOR_HEADER = struct.Struct(">HH")  # pgvector's binary vector and halfvec: dimensions, unused
+
+
+def _binary(big_endian: str, fallback: type[PgVector] | type[HalfVector]) -> Callable[[Any], bytes]:
+    """pgvector's binary encoder for a vector type, with a one-dimensional numpy array (what the
+    worker holds) written straight from its buffer: pgvector's own builds an object of it first
+    (3.5 times the time: 2.5 against 0.7 us a 384-dimension vector here). Other values go
+    through pgvector's."""
+
+    def encode(value: Any) -> bytes:
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            return _VECTOR_HEADER.pack(len(value), 0) + value.astype(big_endian, copy=False).tobytes()
+        return bytes((value if isinstance(value, fallback) else fallback(value)).to_binary())
+
+    return encode
+
+
+_VECTOR_CODECS: Final = (
+    ("vector", _binary(">f4", PgVector), PgVector.from_binary),
+    ("halfvec", _binary(">f2", HalfVector), HalfVector.from_binary),
+)

@@ -48,6 +48,27 @@ def test_base64_little_endian_float32() -> None:
     assert all(v.dtype == np.float32 for v in vectors)
 
 
+def test_base64_vectors_of_a_multiple_of_3_dimensions_are_decoded_together_in_index_order() -> None:
+    rows = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
+    order = [3, 0, 4, 1, 2]
+    vectors = parse_embeddings(answer(*((i, b64(rows[i].tolist())) for i in order)), 5, 6)
+    assert as_lists(vectors) == rows.tolist()
+    assert all(v.dtype == np.float32 and v.shape == (6,) for v in vectors)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b64([1.0] * 5),  # too short: alone it decodes to the wrong dimensions
+        b64([1.0] * 6)[:12] + "!!!!" + b64([1.0] * 6)[16:],  # not base64: alone, leniently, 21 bytes
+    ],
+)
+def test_one_vector_that_cannot_be_decoded_with_the_others_is_decoded_alone(bad: str) -> None:
+    payload = answer((0, b64([2.0] * 6)), (1, bad))
+    with pytest.raises(EmbeddingProtocolError, match=r"EMBEDDING_DIMENSIONS is 6|multiple of element size"):
+        parse_embeddings(payload, 2, 6)
+
+
 def test_answers_are_put_back_in_input_order_by_index() -> None:
     vectors = parse_embeddings(answer((2, [2.0]), (0, b64([0.0])), (1, [1.0])), 3, 1)
     assert as_lists(vectors) == [[0.0], [1.0], [2.0]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import logging
 import math
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pybase64
 from aiohttp import web
 
 from worker.dev.embedserver.budget import Budget, duration, retry_headers
@@ -208,7 +208,7 @@ async def _answer(request: web.Request, state: ServerState) -> web.Response:
             "object": "embedding",
             "index": i,
             "embedding": (
-                base64.b64encode(vectors[i].astype("<f4").tobytes()).decode("ascii")
+                pybase64.b64encode_as_string(vectors[i].astype("<f4").tobytes())
                 if parsed.base64
                 else vectors[i]
             ),
