@@ -607,16 +607,18 @@ SELECT $1, id FROM {schema}.documents WHERE NOT deleted ORDER BY id
 # filler goes on from the last key it took (the rows it filled before are dead tuples, which a scan
 # from the first key would wade through on every claim), and from the first once none are left.
 # Returns what the documents hold now (the text where $6: kept), in key order; `id` NULL where
-# the document has no row (cannot be: rows stay).
+# the document has no row (cannot be: rows stay). The keys taken go to the UPDATE as an array:
+# joined to the table instead, they were matched by a scan of every pending row, each claim's
+# cost growing with the build (8,000 documents: 0.6 ms of a 1.5 ms claim).
 CLAIM_PENDING_SQL: Final = """
 WITH claimed AS (
     UPDATE {schema}.generation_pending p SET claimed_by = $2, claimed_at = now()
-    FROM (SELECT doc_id FROM {schema}.generation_pending
-          WHERE generation = $1 AND doc_id > $5 AND problem IS NULL
-            AND (claimed_by IS NULL OR claimed_by NOT IN {live}
-                 OR claimed_at < now() - make_interval(secs => $4))
-          ORDER BY doc_id LIMIT $3 FOR UPDATE SKIP LOCKED) AS s
-    WHERE p.generation = $1 AND p.doc_id = s.doc_id
+    WHERE p.generation = $1 AND p.doc_id = ANY (ARRAY(
+        SELECT doc_id FROM {schema}.generation_pending
+        WHERE generation = $1 AND doc_id > $5 AND problem IS NULL
+          AND (claimed_by IS NULL OR claimed_by NOT IN {live}
+               OR claimed_at < now() - make_interval(secs => $4))
+        ORDER BY doc_id LIMIT $3 FOR UPDATE SKIP LOCKED))
     RETURNING p.doc_id
 )
 SELECT c.doc_id, d.id, CASE WHEN $6 THEN d.text END AS text, d.content_sha256, d.deleted, d.tenant

@@ -368,3 +368,33 @@ async def test_only_a_fillers_commits_skip_the_wait_for_the_disk(stack: Services
         assert await base._fetchval("SHOW synchronous_commit") == "on", "ingestion's commits wait"
     async with Store(env.settings, served, filling=True) as filling:
         assert await filling._fetchval("SHOW synchronous_commit") == "off"
+
+
+async def test_a_claim_reaches_its_rows_by_key_however_many_are_pending(stack: Services) -> None:
+    # Joined to the rows its subquery picked, a claim's UPDATE matched them by a scan of every
+    # pending row: each claim's cost grew with the build (over a million documents, a build's
+    # claims would scan the table some 15,000 times). Its plan must reach them by key.
+    env = fresh_env(stack)
+    await Store(env.settings).migrate(ann_index=False)
+    schema = env.settings.database_schema
+    conn = await connect(env)
+    try:
+        await conn.copy_records_to_table(
+            "documents",
+            schema_name=schema,
+            columns=["id", "version", "text", "content_sha256", "chunk_count"],
+            records=[(f"doc{i:05}", 1, f"text {i}", None, 0) for i in range(5000)],
+        )
+        async with Store(env.settings) as base:
+            served = generations.served(await base.generations())
+            generation = await base.register_generation(dataclasses.replace(served, id=0, model="m-v2"))
+        await conn.execute(f'ANALYZE "{schema}".generation_pending')
+        async with Store(env.settings, generation) as store:
+            claim = store._sql.claim_pending
+            plan = await conn.fetch(f"EXPLAIN {claim}", generation.id, 1, 64, 600.0, "", True)
+        lines = [r[0] for r in plan]
+        assert not [line for line in lines if "Seq Scan on generation_pending" in line], "\n".join(lines)
+        by_key = "Index Scan using generation_pending_pkey on generation_pending p"
+        assert any(by_key in line for line in lines), "\n".join(lines)
+    finally:
+        await conn.close()
