@@ -24,7 +24,6 @@ import orjson
 import structlog
 from pgvector import HalfVector
 from pgvector import Vector as PgVector
-from pgvector.asyncpg import register_vector
 
 from worker import generations, metrics
 from worker.chunk import Chunk
@@ -246,15 +245,17 @@ class Store:
             self._pool = None
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
-        await register_vector(conn, schema=self._vector_schema)
-        for type_name, encode, decode in _VECTOR_CODECS:  # numpy arrays written without pgvector's objects
+        # pgvector's codecs (its register_vector's), with numpy arrays written without its objects;
+        # not sparsevec, which the worker never reads or writes (each type costs a round trip to
+        # introspect, on every new connection)
+        for type_name, encode, decode in _VECTOR_CODECS:
             try:
                 await conn.set_type_codec(
                     type_name, schema=self._vector_schema, encoder=encode, decoder=decode, format="binary"
                 )
-            except ValueError as exc:  # halfvec: pgvector before 0.7 has none (register_vector skips it too)
-                if not str(exc).startswith("unknown type:"):
-                    raise
+            except ValueError as exc:
+                if type_name != "halfvec" or not str(exc).startswith("unknown type:"):
+                    raise  # (pgvector before 0.7 has no halfvec)
 
     async def _inspect(self) -> _Found:
         """pgvector's schema (for its codec), and whether ``source_offsets``, ``embedding_ledger``,
