@@ -8,7 +8,6 @@ logged and survived: the partition's new owner re-processes, and idempotent writ
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +22,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from worker import metrics
 from worker.errors import ConfigError, WorkerError
 from worker.kafka import client_options
+from worker.retry import wait_within
 from worker.settings import Settings
 from worker.types import Record
 
@@ -114,7 +114,7 @@ class KafkaSource:
         if self._consumer is None:
             return
         try:
-            await asyncio.wait_for(self._consumer.stop(), self._stop_timeout)
+            await wait_within(self._consumer.stop(), self._stop_timeout)
         except TimeoutError:
             log.warning("consumer_stop_timeout", seconds=self._stop_timeout)
 
@@ -191,7 +191,7 @@ class KafkaSource:
         if not partitions:
             return
         try:
-            ends = await asyncio.wait_for(self._consumer.end_offsets(partitions), 5.0)
+            ends = await wait_within(self._consumer.end_offsets(partitions), 5.0)
         except (KafkaError, TimeoutError) as exc:
             log.debug("end_offsets_failed", error=repr(exc)[:200])
             return

@@ -28,6 +28,7 @@ from worker import metrics
 from worker.errors import BrokerUnavailable, DeadLetterRefused, RecordError
 from worker.kafka import make_producer, start_producer
 from worker.logs import trace_id_from
+from worker.retry import wait_within
 from worker.settings import Settings
 from worker.types import Record
 
@@ -189,7 +190,7 @@ class KafkaDeadLetterSink:
     async def ping(self) -> None:
         await self._usable()
         try:
-            await asyncio.wait_for(self._producer.partitions_for(self._topic), 5)
+            await wait_within(self._producer.partitions_for(self._topic), 5)
         except (KafkaError, TimeoutError) as exc:
             raise BrokerUnavailable(f"dead-letter topic {self._topic} unreachable: {exc!r:.300}") from exc
 

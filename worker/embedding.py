@@ -21,7 +21,7 @@ import structlog
 from worker.dependency import Dependency
 from worker.embed import Embedder, probe
 from worker.errors import AttemptsExhausted, EmbeddingProtocolError, InputRejected, RecordError, TooManyInputs
-from worker.retry import isolate
+from worker.retry import isolate, wait_within
 from worker.settings import Settings
 from worker.tokens import TokenCounter
 from worker.types import Vector
@@ -185,7 +185,7 @@ class EmbeddingBatcher:
                         if remaining <= 0:
                             break
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wakeup.wait(), remaining)
+                            await wait_within(self._wakeup.wait(), remaining)
                     else:
                         await self._wakeup.wait()
                 texts, futures, tenants = self._take()

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from worker import metrics, status
 from worker.errors import describe
 from worker.loop_health import LoopMonitor
+from worker.retry import wait_within
 
 Check = Callable[[], Awaitable[None]]
 State = Callable[[], Awaitable[str]]
@@ -96,7 +97,7 @@ class HealthServer:
         """Partitions assigned and every dependency answering; also sets the ``ingest_ready`` gauge."""
         failures: dict[str, str] = {}
         results = await asyncio.gather(
-            *(asyncio.wait_for(check(), 3.0) for check in self._checks.values()), return_exceptions=True
+            *(wait_within(check(), 3.0) for check in self._checks.values()), return_exceptions=True
         )
         for name, result in zip(self._checks, results, strict=True):
             if isinstance(result, BaseException):
@@ -115,7 +116,7 @@ class HealthServer:
         }
         if self._ann_index is not None:  # reported, not a failure: ingestion goes on without it
             try:
-                body["ann_index"] = await asyncio.wait_for(self._ann_index(), 3.0)
+                body["ann_index"] = await wait_within(self._ann_index(), 3.0)
             except Exception as exc:  # noqa: BLE001 - the database's own check above says why
                 body["ann_index"] = f"unknown ({type(exc).__name__})"
             metrics.ANN_INDEX_READY.set(1 if body["ann_index"] == "ready" else 0)

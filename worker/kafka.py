@@ -36,6 +36,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import TopicPartition
 
 from worker.errors import ConfigError, WorkerError
+from worker.retry import wait_within
 from worker.settings import Settings
 
 _AUTHENTICATION = (
@@ -214,12 +215,12 @@ async def _ask_api_versions(host: str, port: int, context: ssl.SSLContext | None
     or IncompleteReadError when there is none."""
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(
+        reader, writer = await wait_within(
             asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None),
             within,
         )
         writer.write(struct.pack(">i", len(_API_VERSIONS)) + _API_VERSIONS)
-        return await asyncio.wait_for(reader.readexactly(8), within)
+        return await wait_within(reader.readexactly(8), within)
     finally:
         if writer is not None:
             writer.close()
@@ -240,8 +241,8 @@ async def _speaks_tls(host: str, port: int) -> bool:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout=5
+        _, writer = await wait_within(
+            asyncio.open_connection(host, port, ssl=context, server_hostname=host), 5
         )
     except (OSError, TimeoutError):
         return False

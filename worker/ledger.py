@@ -35,7 +35,7 @@ import structlog
 from worker import metrics
 from worker.dependency import Dependency
 from worker.errors import DatabaseUnavailable, DependencyError, describe
-from worker.retry import ShuttingDown
+from worker.retry import ShuttingDown, wait_within
 from worker.schema import OUTAGE_ERRORS
 from worker.settings import Settings
 from worker.sql import (
@@ -374,10 +374,13 @@ class Ledger:
         return future
 
     async def flush(self, within: float) -> bool:
-        """Wait until every answer so far is in the table; False when ``within`` ran out first."""
+        """Wait until every answer so far is in the table; False when ``within`` ran out first.
+        Answers whose futures are done but whose callbacks (``settled``) have not run yet count:
+        they run first (a close right after the last answers arrived keeps them too)."""
+        await asyncio.sleep(0)
         self._hurry.set()
         try:
-            await asyncio.wait_for(self._written.wait(), within)
+            await wait_within(self._written.wait(), within)
         except TimeoutError:
             return False
         return True
@@ -399,7 +402,7 @@ class Ledger:
             oldest = self._arrivals[0][0] if self._arrivals else loop.time()  # drops alone: the delay
             if (wait := oldest + self._write_delay - loop.time()) > 0 and not self._hurry.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hurry.wait(), wait)
+                    await wait_within(self._hurry.wait(), wait)
             self._writing = self._due(loop.time())
             dropped, self._dropped = sorted(self._dropped - self._writing.keys()), set()
             stopping = False

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiolimiter import AsyncLimiter
 
 from worker import metrics
+from worker.retry import wait_within
 
 LATENCY_RISE = 3.0  # EWMA latency this many times its floor counts as congestion
 DECREASE_EVERY = 1.0  # seconds: at most one decrease per interval, so one burst halves once
@@ -212,7 +213,7 @@ class ProviderPacer:
         self._last_tokens = tokens
         if self._probing:
             try:  # a first request that takes long (an input the API is slow on) holds none for long
-                await asyncio.wait_for(self._answered.wait(), PROBE_WAIT)
+                await wait_within(self._answered.wait(), PROBE_WAIT)
             except TimeoutError:
                 self._answered.set()
         elif not self._answered.is_set():
@@ -222,7 +223,7 @@ class ProviderPacer:
             while (delay := self.due() - self._clock()) > 0:
                 self._observed.clear()  # an answer meanwhile may change the rate: look again
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._observed.wait(), delay)
+                    await wait_within(self._observed.wait(), delay)
             self.sent(tokens)
 
     def done(self) -> None:

@@ -41,7 +41,7 @@ from worker.errors import (
 from worker.inflight import InFlight, Job
 from worker.plan import Change, plan
 from worker.purchases import Purchase, Purchases, vectors_of
-from worker.retry import ShuttingDown
+from worker.retry import ShuttingDown, wait_within
 from worker.settings import Settings
 from worker.stages import gather, stage_loop
 from worker.store import DocumentStore
@@ -231,7 +231,7 @@ class Pipeline:
         self._intake.clear()
         ready = asyncio.gather(self._embedded.join(), self._dead.join())
         try:
-            await asyncio.wait_for(ready, within)
+            await wait_within(ready, within)
         except TimeoutError:
             self._settled = False
         else:

@@ -47,6 +47,15 @@ async def unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T:
     return task.result()
 
 
+async def wait_within(awaitable: Awaitable[T], seconds: float | None) -> T:
+    """``awaitable``'s result, or TimeoutError after ``seconds`` (None: no limit), as
+    ``asyncio.wait_for`` gives it, without its Python 3.11 flaw: a cancellation that comes after
+    the awaitable is done, before the waiting task resumes, is swallowed and its result returned
+    (the task then goes on as if never stopped). ``asyncio.timeout`` raises it."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     """Sleep, or raise ShuttingDown as soon as ``stop`` is set."""
     if stop.is_set():

@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from worker.retry import wait_within
+
 T = TypeVar("T")
 
 
@@ -44,4 +46,4 @@ async def gather(queue: asyncio.Queue[T], items: list[T], most: int, *, linger: 
         if remaining <= 0:
             break
         with contextlib.suppress(TimeoutError):
-            items.append(await asyncio.wait_for(queue.get(), remaining))
+            items.append(await wait_within(queue.get(), remaining))

@@ -30,7 +30,7 @@ from worker.embed import probe as probe_embedding
 from worker.errors import DependencyError, Fenced, describe
 from worker.pipeline import Pipeline
 from worker.purchases import Buying
-from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped
+from worker.retry import Backoff, ShuttingDown, backoff, unless_stopped, wait_within
 from worker.settings import Settings
 from worker.store import DocumentStore
 from worker.types import Record
@@ -280,7 +280,7 @@ class Worker:
         if marks == self._recorded or not self.dependencies.database.up:
             return  # unchanged, or the database is down (and the commit must not wait on it)
         try:
-            await asyncio.wait_for(self._store.record_progress(marks, self._epoch), REWIND_READ_TIMEOUT)
+            await wait_within(self._store.record_progress(marks, self._epoch), REWIND_READ_TIMEOUT)
         except (DependencyError, TimeoutError, Fenced):
             return
         self._recorded = dict(marks)
@@ -370,7 +370,7 @@ class Worker:
         """Claim the assigned partitions in the database (a new owner epoch): from now on a member
         that held them before, frozen past its session, has its writes refused."""
         try:
-            return await asyncio.wait_for(self._store.claim(starts), REWIND_READ_TIMEOUT)
+            return await wait_within(self._store.claim(starts), REWIND_READ_TIMEOUT)
         except (DependencyError, TimeoutError) as exc:
             log.warning(
                 "partitions_unclaimed",
@@ -382,7 +382,7 @@ class Worker:
     async def _database_offsets(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
         """The database's own record of how far it got on each partition ({} when unreadable)."""
         try:
-            return await asyncio.wait_for(self._store.stored_offsets(assigned), REWIND_READ_TIMEOUT)
+            return await wait_within(self._store.stored_offsets(assigned), REWIND_READ_TIMEOUT)
         except (DependencyError, TimeoutError) as exc:
             log.warning(
                 "database_offsets_unread", error=describe(exc), hint="partitions start where committed"
