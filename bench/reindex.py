@@ -387,9 +387,14 @@ def _logged(log: Path, event: str) -> bool:
 # -- the item ----------------------------------------------------------------------------------
 
 
+def per(amount: float, by: float) -> float:
+    """``amount / by``, 0 where there is nothing to divide by (a run that failed: its check fails)."""
+    return amount / by if by else 0.0
+
+
 def pair_ratio(run: ReindexRun, ceiling: Ceiling) -> float:
     """A reindex's rate over its own work against the COPY + HNSW ceiling measured before it."""
-    return run.work_chunks_per_s / ceiling.with_build().per_s
+    return per(run.work_chunks_per_s, per(ceiling.items, ceiling.seconds + ceiling.build_seconds))
 
 
 def gap(run: ReindexRun, ceiling: Ceiling) -> str:
@@ -475,12 +480,12 @@ async def reindex(bench: Bench) -> None:
     # over theirs. Each HNSW build, the ceiling's as much as the reindex's, varies by a tenth or
     # more from one to the next on this machine: the best of each side, or the median pair, is
     # decided by one build's luck. The phases shown are of the median pair.
-    work = sum(r.chunks for r in runs) / sum(r.work_seconds for r in runs)
-    whole = sum(r.chunks for r in runs) / sum(r.wall_seconds for r in runs)
-    filled = sum(r.fill_chunks for r in runs) / sum(r.fill_seconds or 0.0 for r in runs)
-    both_rate = sum(c.items for c in ceilings) / sum(c.seconds + c.build_seconds for c in ceilings)
-    copy_rate = sum(c.items for c in ceilings) / sum(c.seconds for c in ceilings)
-    ratio, whole_ratio, fill_ratio = work / both_rate, whole / both_rate, filled / copy_rate
+    work = per(sum(r.chunks for r in runs), sum(r.work_seconds for r in runs))
+    whole = per(sum(r.chunks for r in runs), sum(r.wall_seconds for r in runs))
+    filled = per(sum(r.fill_chunks for r in runs), sum(r.fill_seconds or 0.0 for r in runs))
+    both_rate = per(sum(c.items for c in ceilings), sum(c.seconds + c.build_seconds for c in ceilings))
+    copy_rate = per(sum(c.items for c in ceilings), sum(c.seconds for c in ceilings))
+    ratio, whole_ratio, fill_ratio = per(work, both_rate), per(whole, both_rate), per(filled, copy_rate)
     pairs = sorted(zip(runs, ceilings, strict=True), key=lambda p: pair_ratio(*p))
     run, ceiling = pairs[len(pairs) // 2]
     each = "; ".join(

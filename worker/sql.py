@@ -643,31 +643,25 @@ FILL_LOCK_SQL: Final = "LOCK TABLE {chunks} IN ROW EXCLUSIVE MODE NOWAIT"
 INDEXING_SQL: Final = """
 SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass('{chunks}') AND mode = 'ShareLock')
 """
-# A fill's third statement, one round trip for what took four: the documents being filled
-# ($2, as read: $3 content_sha256, $4 deleted) share-locked in key order (a write holds them for
-# update), those unchanged since they were read kept (returned): their old chunks in this
-# generation cleared (their new ones are copied next) and they are taken off its pending list;
-# the changed ones are given back by buyer $5 (pending still, to fill again).
+# The documents being filled, share-locked in key order (a write holds them for update): what
+# they hold now is compared with what was embedded, and only those unchanged are written.
+LOCK_FILLED_SQL: Final = """
+SELECT id, content_sha256, deleted FROM {schema}.documents
+WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
+"""
+# Then, one round trip for what took three: the documents kept ($2: unchanged since read) have
+# their old chunks in this generation cleared (their new ones are copied next) and are taken off
+# its pending list; the changed ones ($3) are given back by buyer $4, pending still. A statement
+# of its own after the locks, not a CTE beside them: its snapshot must be taken after any wait
+# for a writer, whose chunks it has to clear (a worker may ingest into the generation built).
 SETTLE_FILL_SQL: Final = """
-WITH read (id, content_sha256, deleted) AS (
-    SELECT * FROM unnest($2::text[], $3::bytea[], $4::boolean[])
-), locked AS MATERIALIZED (
-    SELECT id, content_sha256, deleted FROM {schema}.documents
-    WHERE id = ANY($2::text[]) ORDER BY id FOR SHARE
-), kept AS MATERIALIZED (
-    SELECT r.id FROM read r JOIN locked l ON l.id = r.id
-    WHERE l.content_sha256 IS NOT DISTINCT FROM r.content_sha256 AND l.deleted = r.deleted
-), cleared AS (
-    DELETE FROM {chunks} WHERE doc_id IN (SELECT id FROM kept)
+WITH cleared AS (
+    DELETE FROM {chunks} WHERE doc_id = ANY($2::text[])
 ), finished AS (
-    DELETE FROM {schema}.generation_pending
-    WHERE generation = $1 AND doc_id IN (SELECT id FROM kept)
-), released AS (
-    UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = NULL
-    WHERE generation = $1 AND doc_id = ANY($2::text[]) AND doc_id NOT IN (SELECT id FROM kept)
-      AND claimed_by = $5
+    DELETE FROM {schema}.generation_pending WHERE generation = $1 AND doc_id = ANY($2::text[])
 )
-SELECT id FROM kept
+UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = NULL
+WHERE generation = $1 AND doc_id = ANY($3::text[]) AND claimed_by = $4
 """
 RELEASE_PENDING_SQL: Final = """
 UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = $4
@@ -759,6 +753,7 @@ class Statements:
     lock_generation: str
     fill_lock: str
     indexing: str
+    lock_filled: str
     settle_fill: str
     release_pending: str
     pending_counts: str
@@ -847,6 +842,7 @@ class Statements:
             lock_generation=filled(LOCK_GENERATION_SQL),
             fill_lock=filled(FILL_LOCK_SQL),
             indexing=filled(INDEXING_SQL),
+            lock_filled=filled(LOCK_FILLED_SQL),
             settle_fill=filled(SETTLE_FILL_SQL),
             release_pending=filled(RELEASE_PENDING_SQL),
             pending_counts=filled(PENDING_COUNTS_SQL),

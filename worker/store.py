@@ -559,15 +559,15 @@ class Store:
                     await conn.execute(self._sql.fill_lock)
                 except asyncpg.LockNotAvailableError as exc:
                     raise Indexing(f"generation {self.generation.describe()} is being indexed") from exc
-                settled = await conn.fetch(
-                    self._sql.settle_fill,
-                    self.generation.id,
-                    ids,
-                    [f.content_sha256 for f in fills],
-                    [f.deleted for f in fills],
-                    self._ledger.buyer,
+                now = {
+                    r["id"]: (r["content_sha256"], r["deleted"])
+                    for r in await conn.fetch(self._sql.lock_filled, ids)
+                }
+                kept = {f.doc_id for f in fills if now.get(f.doc_id) == (f.content_sha256, f.deleted)}
+                changed = sorted(set(ids) - kept)
+                await conn.execute(
+                    self._sql.settle_fill, self.generation.id, sorted(kept), changed, self._ledger.buyer
                 )
-                kept = {r["id"] for r in settled}
                 rows = [
                     (f.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
                     for f in fills
@@ -576,7 +576,6 @@ class Store:
                 ]
                 if rows:
                     await self._copy_chunks(conn, rows)
-                changed = sorted(set(ids) - kept)
                 await carry(conn)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"generation fill failed: {describe(exc)}") from exc

@@ -34,9 +34,10 @@ from tests.integration.helpers import (
 from tests.integration.services import Services
 from worker import generations
 from worker.app import serve
+from worker.chunk import Chunk
 from worker.dev.embedserver.hashing import hash_embedding
 from worker.generations import Generation
-from worker.store import Store
+from worker.store import GenerationFill, Store
 from worker.types import Vector
 
 NEW = ("--model", "local-hash-ngram-v2", "--dimensions", "256")
@@ -399,3 +400,40 @@ async def test_a_claim_reaches_its_rows_by_key_however_many_are_pending(stack: S
         assert any(by_key in line for line in lines), "\n".join(lines)
     finally:
         await conn.close()
+
+
+async def test_a_fill_that_waited_for_a_writer_clears_what_the_writer_stored(stack: Services) -> None:
+    # A worker whose settings name the generation being built writes into its table. A fill that
+    # waits for such a write to a document (its share lock behind the writer's) must see, once
+    # the write commits, the chunks it stored: it clears them before its COPY. Cleared with the
+    # statement's snapshot taken before that wait, they were left, and the COPY collided with them.
+    env = fresh_env(stack)
+    await produce(env, upserts(range(1), 1))
+    await run_worker(env)
+    async with Store(env.settings) as base:
+        served = generations.served(await base.generations())
+        generation = await base.register_generation(dataclasses.replace(served, id=0, model="m-v2"))
+    table = f"{env.schema}.chunks_g{generation.id}"
+    writer = await connect(env)
+    try:
+        sha = await writer.fetchval(f"SELECT content_sha256 FROM {env.schema}.documents WHERE id = 'd0'")
+        chunks = [Chunk(0, "tomato basil", 0, 12), Chunk(1, "kafka offset", 13, 25)]
+        vector = np.ones(served.dimensions, dtype=np.float32)
+        held = writer.transaction()
+        await held.start()
+        await writer.execute(f"SELECT 1 FROM {env.schema}.documents WHERE id = 'd0' FOR UPDATE")
+        await writer.execute(
+            f"INSERT INTO {table} SELECT doc_id, chunk_index, content, embedding, char_start, char_end, "
+            f"'m-v2', content_sha256 FROM {env.schema}.chunks WHERE doc_id = 'd0'"
+        )
+        async with Store(env.settings, generation, filling=True) as store:
+            fill = GenerationFill("d0", sha, False, chunks, [vector, vector])
+            filling = asyncio.create_task(store.fill([fill]))
+            await asyncio.sleep(1.0)
+            assert not filling.done(), "the fill waits for the writer's lock"
+            await held.commit()
+            assert await asyncio.wait_for(filling, 30) == [], "d0 unchanged: filled"
+        rows = await writer.fetch(f"SELECT chunk_index, content FROM {table} ORDER BY chunk_index")
+        assert [(r["chunk_index"], r["content"]) for r in rows] == [(0, "tomato basil"), (1, "kafka offset")]
+    finally:
+        await writer.close()
