@@ -100,6 +100,20 @@ async def scalar(env: Env, sql: str) -> Any:
         await conn.close()
 
 
+async def with_new_generation(
+    stack: Services, docs: int, **changes: Any
+) -> tuple[Env, Generation, Generation]:
+    """A fresh schema holding ``docs`` documents (upserts(range(docs), 1)) ingested by a worker, and
+    a generation registered beside the served one (``changes``: how it differs from it)."""
+    env = fresh_env(stack)
+    await produce(env, upserts(range(docs), 1))
+    await run_worker(env)
+    async with Store(env.settings) as base:
+        served = generations.served(await base.generations())
+        generation = await base.register_generation(dataclasses.replace(served, id=0, **changes))
+    return env, served, generation
+
+
 async def test_switch_model_and_dimensions_under_live_ingestion_then_roll_back(stack: Services) -> None:
     env = fresh_env(stack)
     events = upserts(range(60), 1)
@@ -298,14 +312,7 @@ async def test_claims_go_on_from_the_last_key_and_come_back_for_those_left_behin
     # A filler claims after the last key it took (the rows it filled before are dead tuples a scan
     # from the first key would wade through on every claim), so what is released, or pending
     # again, behind that key is found only by a claim from the first key again.
-    env = fresh_env(stack)
-    await produce(env, upserts(range(6), 1))
-    await run_worker(env)
-    async with Store(env.settings) as base:
-        served = generations.served(await base.generations())
-        generation = await base.register_generation(
-            dataclasses.replace(served, id=0, model="local-hash-ngram-v2", dimensions=256)
-        )
+    env, _, generation = await with_new_generation(stack, 6, model="local-hash-ngram-v2", dimensions=256)
     async with Store(env.settings, generation) as store:
 
         async def claim(count: int, after: str = "") -> list[str]:
@@ -327,15 +334,8 @@ async def test_building_an_unserved_generations_index_holds_its_fillers_never_in
     # `reindex start` builds the index of a generation not served plainly (no second pass over the
     # table as CONCURRENTLY makes): it holds the table in SHARE mode, which only fillers write.
     # They must wait holding nothing, above all no document that ingestion wants to write.
-    env = fresh_env(stack)
+    env, _, generation = await with_new_generation(stack, 10, model="local-hash-ngram-v2", dimensions=256)
     events = upserts(range(10), 1)
-    await produce(env, events)
-    await run_worker(env)
-    async with Store(env.settings) as base:
-        served = generations.served(await base.generations())
-        generation = await base.register_generation(
-            dataclasses.replace(served, id=0, model="local-hash-ngram-v2", dimensions=256)
-        )
     table = f"chunks_g{generation.id}"
     build = await connect(env)  # holds the table as the plain CREATE INDEX does
     holding = build.transaction()
@@ -407,12 +407,7 @@ async def test_a_fill_that_waited_for_a_writer_clears_what_the_writer_stored(sta
     # waits for such a write to a document (its share lock behind the writer's) must see, once
     # the write commits, the chunks it stored: it clears them before its COPY. Cleared with the
     # statement's snapshot taken before that wait, they were left, and the COPY collided with them.
-    env = fresh_env(stack)
-    await produce(env, upserts(range(1), 1))
-    await run_worker(env)
-    async with Store(env.settings) as base:
-        served = generations.served(await base.generations())
-        generation = await base.register_generation(dataclasses.replace(served, id=0, model="m-v2"))
+    env, served, generation = await with_new_generation(stack, 1, model="m-v2")
     table = f"{env.schema}.chunks_g{generation.id}"
     writer = await connect(env)
     try:
