@@ -25,7 +25,7 @@ from worker.errors import (
     InputRejected,
     RecordError,
 )
-from worker.retry import ShuttingDown
+from worker.retry import Backoff, ShuttingDown
 
 _names = itertools.count()
 
@@ -47,6 +47,7 @@ class Dependencies:
         probe: Callable[[], Awaitable[object]] | None = None,
         stop: asyncio.Event | None = None,
         threshold: int = 5,
+        backoff: Backoff = fast_backoff,
     ) -> Dependency:
         stop = stop or asyncio.Event()
         dep = Dependency(  # the real retry logic, its jittered waits short (the prober adds 0.1 s a round)
@@ -54,7 +55,7 @@ class Dependencies:
             probe=probe or _healthy,
             stop=stop,
             threshold=threshold,
-            backoff=fast_backoff,
+            backoff=backoff,
         )
         self.made.append((dep, stop))
         return dep
@@ -371,7 +372,9 @@ async def test_a_poisonous_input_is_exhausted_even_with_threshold_one(
 
 
 async def test_cancelling_a_waiting_caller_leaves_no_tasks_behind(make_dependency: Dependencies) -> None:
-    dep = make_dependency(probe=GatedProbe(), threshold=1)
+    # The prober's rounds far apart: a round it began during the test (every 0.1 s with the fast
+    # backoff, and a loaded machine can stretch the test past that) would count as the caller's.
+    dep = make_dependency(probe=GatedProbe(), threshold=1, backoff=lambda attempt, **_: 60.0)
     await make_dependency.trip(dep, threshold=1)
     before = asyncio.all_tasks()
     caller = asyncio.create_task(dep.call(Flaky([])))
