@@ -372,8 +372,9 @@ async def test_a_poisonous_input_is_exhausted_even_with_threshold_one(
 
 
 async def test_cancelling_a_waiting_caller_leaves_no_tasks_behind(make_dependency: Dependencies) -> None:
-    # The prober's rounds far apart: a round it began during the test (every 0.1 s with the fast
-    # backoff, and a loaded machine can stretch the test past that) would count as the caller's.
+    # Retries and probes far apart: the tripping caller's retry (1 ms later with the fast backoff)
+    # or a new probe round (0.1 s) begun during the test, which a loaded machine stretches, made
+    # tasks that counted as this caller's (two Event.wait tasks, in one clean-clone CI).
     dep = make_dependency(probe=GatedProbe(), threshold=1, backoff=lambda attempt, **_: 60.0)
     await make_dependency.trip(dep, threshold=1)
     before = asyncio.all_tasks()
