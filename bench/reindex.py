@@ -394,7 +394,7 @@ def per(amount: float, by: float) -> float:
 
 def pair_ratio(run: ReindexRun, ceiling: Ceiling) -> float:
     """A reindex's rate over its own work against the COPY + HNSW ceiling measured before it."""
-    return per(run.work_chunks_per_s, per(ceiling.items, ceiling.seconds + ceiling.build_seconds))
+    return per(run.work_chunks_per_s, ceiling.with_build().per_s)
 
 
 def gap(run: ReindexRun, ceiling: Ceiling) -> str:

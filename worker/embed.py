@@ -220,21 +220,9 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> Embeddings:
         answer = orjson.loads(payload)
         data = answer["data"]
         vectors: list[Vector | None] = [None] * count
-        if (joined := _decode_together(data, dimensions)) is not None:
-            for item, vector in zip(data, joined, strict=True):
-                index = item["index"]
-                if not isinstance(index, int) or not 0 <= index < count:
-                    raise _bad_index(index, count)
-                vectors[index] = vector
-            data = ()
-        for item in data:
-            embedding = item["embedding"]
-            if isinstance(embedding, str):
-                vector = np.frombuffer(pybase64.b64decode(embedding), dtype="<f4").astype(
-                    np.float32, copy=False
-                )
-            else:
-                vector = np.asarray(embedding, dtype=np.float32)
+        joined = _decode_together(data, dimensions)
+        for i, item in enumerate(data):
+            vector = joined[i] if joined is not None else _decode(item["embedding"])
             index = item["index"]
             if not isinstance(index, int) or not 0 <= index < count:
                 raise _bad_index(index, count)
@@ -257,12 +245,19 @@ def parse_embeddings(payload: bytes, count: int, dimensions: int) -> Embeddings:
     return result
 
 
+def _decode(embedding: Any) -> Vector:
+    """One answer's vector: base64 of little-endian float32 (decoded leniently, as base64 does), or a list."""
+    if isinstance(embedding, str):
+        return np.frombuffer(pybase64.b64decode(embedding), dtype="<f4").astype(np.float32, copy=False)
+    return np.asarray(embedding, dtype=np.float32)
+
+
 def _decode_together(data: list[Any], dimensions: int) -> np.ndarray | None:
     """The answer's base64 vectors decoded in one call, one row each, where each is the exact
     encoding of ``dimensions`` floats and needs no padding (dimensions a multiple of 3, as 384,
     768, 1536 and 3072 are): base64.b64decode of each cost a filler a tenth of its CPU on an
     instant embedder, pybase64 (SIMD) of them all together a fifteenth of that. None where that
-    does not hold: each is then decoded (leniently, as base64 does) and checked alone."""
+    does not hold: each is then decoded (``_decode``) and checked alone."""
     size = dimensions * 4
     if not data or size % 3 or not isinstance(data, list):
         return None

@@ -649,19 +649,16 @@ LOCK_FILLED_SQL: Final = """
 SELECT id, content_sha256, deleted FROM {schema}.documents
 WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
 """
-# Then, one round trip for what took three: the documents kept ($2: unchanged since read) have
+# Then, one round trip for what took two: the documents kept ($2: unchanged since read) have
 # their old chunks in this generation cleared (their new ones are copied next) and are taken off
-# its pending list; the changed ones ($3) are given back by buyer $4, pending still. A statement
-# of its own after the locks, not a CTE beside them: its snapshot must be taken after any wait
-# for a writer, whose chunks it has to clear (a worker may ingest into the generation built).
+# its pending list (the changed ones go back through RELEASE_PENDING_SQL). A statement of its own
+# after the locks, not a CTE beside them: its snapshot must be taken after any wait for a writer,
+# whose chunks it has to clear (a worker may ingest into the generation built).
 SETTLE_FILL_SQL: Final = """
 WITH cleared AS (
     DELETE FROM {chunks} WHERE doc_id = ANY($2::text[])
-), finished AS (
-    DELETE FROM {schema}.generation_pending WHERE generation = $1 AND doc_id = ANY($2::text[])
 )
-UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = NULL
-WHERE generation = $1 AND doc_id = ANY($3::text[]) AND claimed_by = $4
+DELETE FROM {schema}.generation_pending WHERE generation = $1 AND doc_id = ANY($2::text[])
 """
 RELEASE_PENDING_SQL: Final = """
 UPDATE {schema}.generation_pending SET claimed_by = NULL, claimed_at = NULL, problem = $4

@@ -564,10 +564,7 @@ class Store:
                     for r in await conn.fetch(self._sql.lock_filled, ids)
                 }
                 kept = {f.doc_id for f in fills if now.get(f.doc_id) == (f.content_sha256, f.deleted)}
-                changed = sorted(set(ids) - kept)
-                await conn.execute(
-                    self._sql.settle_fill, self.generation.id, sorted(kept), changed, self._ledger.buyer
-                )
+                await conn.execute(self._sql.settle_fill, self.generation.id, sorted(kept))
                 rows = [
                     (f.doc_id, c.index, c.content, e, c.char_start, c.char_end, model, c.digest)
                     for f in fills
@@ -576,6 +573,11 @@ class Store:
                 ]
                 if rows:
                     await self._copy_chunks(conn, rows)
+                changed = sorted(set(ids) - kept)
+                if changed:
+                    await conn.execute(
+                        self._sql.release_pending, self.generation.id, changed, self._ledger.buyer, None
+                    )
                 await carry(conn)
         except OUTAGE_ERRORS as exc:
             raise DatabaseUnavailable(f"generation fill failed: {describe(exc)}") from exc
